@@ -1,0 +1,1 @@
+"""Dice-loss training of the Improved UNet: `python train.py` (see README.md)."""
