@@ -1,0 +1,65 @@
+# shellcheck shell=bash
+# Shared by the job scripts in slurm/: activate the Python environment and set job defaults.
+# Sourced, not run.
+
+# PYTHON_ENV: a conda environment name, or the path of a virtual environment (e.g. ~/venvs/unet).
+# Empty: use whatever python is on PATH.
+activate_python_env() {
+    local env="${PYTHON_ENV:-}"
+    if [[ -z "$env" ]]; then
+        return 0
+    fi
+    if [[ -f "$env/bin/activate" ]]; then
+        # shellcheck disable=SC1091
+        source "$env/bin/activate"
+    elif command -v conda >/dev/null 2>&1; then
+        eval "$(conda shell.bash hook)"
+        if ! conda activate "$env"; then
+            echo "error: could not activate conda environment '$env' (PYTHON_ENV); check 'conda env list'" >&2
+            exit 1
+        fi
+    else
+        echo "error: PYTHON_ENV='$env' is neither a virtual environment (no $env/bin/activate) nor a conda" \
+             "environment (conda is not on PATH; try 'module load conda' first)" >&2
+        exit 1
+    fi
+    if ! python -c "import torch" 2>/dev/null; then
+        echo "error: the environment '$env' has no torch; run 'pip install -r requirements.txt' in it" >&2
+        exit 1
+    fi
+}
+
+# Compute nodes usually have no internet: log wandb runs locally unless told otherwise.
+# Upload them later from a login node with 'wandb sync runs/<name>/wandb/offline-run-*'.
+export WANDB_MODE="${WANDB_MODE:-offline}"
+
+# Run the given command in the background, forward SLURM's warning signal (USR1, or TERM on
+# preemption) to it, and wait until it has written its checkpoint and exited. Returns its status;
+# sets SIGNALLED=1 when a signal arrived.
+SIGNALLED=0
+run_forwarding_signals() {
+    "$@" &
+    local pid=$!
+    trap 'SIGNALLED=1; echo "$(date +%T) job script: got USR1, asking pid '"$pid"' to save and stop"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
+    trap 'SIGNALLED=1; echo "$(date +%T) job script: got TERM, asking pid '"$pid"' to save and stop"; kill -TERM '"$pid"' 2>/dev/null || true' TERM
+    local status=0
+    # wait returns early when a trapped signal arrives; keep waiting until the process has exited
+    while true; do
+        wait "$pid" && status=0 || status=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+    return "$status"
+}
+
+# A job that was warned before its time limit goes back in the queue and resumes from last.pt.
+requeue_if_signalled() {
+    if [[ "$SIGNALLED" == 1 && -n "${SLURM_JOB_ID:-}" ]]; then
+        if command -v scontrol >/dev/null 2>&1; then
+            echo "requeueing job $SLURM_JOB_ID; it will resume from its last checkpoint"
+            scontrol requeue "$SLURM_JOB_ID"
+        else
+            echo "no scontrol here: resubmit with the same RUN_NAME to resume"
+        fi
+    fi
+}

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Train on several GPUs with DistributedDataParallel: all GPUs of each node, across the job's nodes.
+#   mkdir -p logs && sbatch slurm/train_multigpu.sh [train.py flags]
+#   sbatch --nodes=2 slurm/train_multigpu.sh ...      # two nodes
+# One srun task per node starts torchrun, which starts one process per GPU; the nodes meet at a
+# c10d rendezvous on the first node of the allocation. --batch-size is per GPU.
+#SBATCH --job-name=improved-unet-ddp
+#SBATCH --partition=a100
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:2
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=64G
+#SBATCH --time=04:00:00
+#SBATCH --output=logs/%x-%j.out
+#SBATCH --signal=B:USR1@120
+#SBATCH --requeue
+set -euo pipefail
+
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+# shellcheck source=slurm/common.sh
+source slurm/common.sh
+activate_python_env
+
+RUN_NAME="${RUN_NAME:-${SLURM_JOB_NAME:-improved-unet-ddp}-${SLURM_JOB_ID:-local}}"
+NNODES="${SLURM_NNODES:-1}"
+# GPUs per node: SLURM's count, else what the node shows; NPROC_PER_NODE overrides (e.g. CPU tests).
+NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}}"
+if [[ "$NPROC_PER_NODE" -lt 1 ]]; then
+    echo "error: no GPUs found on $(hostname); request them with --gres=gpu:N or set NPROC_PER_NODE" >&2
+    exit 1
+fi
+if command -v scontrol >/dev/null 2>&1 && [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
+    MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+else
+    MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
+fi
+MASTER_PORT="${MASTER_PORT:-29500}"
+echo "$(date +%T) job ${SLURM_JOB_ID:-local}: $NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous" \
+     "$MASTER_ADDR:$MASTER_PORT, run folder runs/$RUN_NAME"
+
+launch=(torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv_id="${SLURM_JOB_ID:-local}"
+        --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
+        train.py --resume auto --name "$RUN_NAME" "$@")
+if command -v srun >/dev/null 2>&1 && [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    launch=(srun --kill-on-bad-exit=1 "${launch[@]}")
+fi
+
+status=0
+run_forwarding_signals "${launch[@]}" || status=$?
+requeue_if_signalled
+exit "$status"
