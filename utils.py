@@ -1,7 +1,7 @@
-"""Small pieces shared by every script: seeding, device choice and rank-0 printing.
+"""Small pieces shared by every script: seeding, devices, losses and metrics, checkpoints, DDP set-up.
 
-Losses, metrics and checkpoint helpers live here too as they are added; nothing in this file
-knows about data layouts or the network.
+The loss and metric code lives in losses.py and is re-exported here, so scripts only import utils.
+Nothing in this file knows about data layouts or the network.
 """
 
 from __future__ import annotations
@@ -11,6 +11,13 @@ import random
 
 import numpy as np
 import torch
+
+from losses import METRIC_NAMES, MetricAverager, SegmentationLoss, dice_loss, segmentation_metrics
+
+__all__ = [
+    "METRIC_NAMES", "MetricAverager", "SegmentationLoss", "dice_loss", "segmentation_metrics",
+    "seed_everything", "select_device", "available_devices", "get_rank", "is_main_process", "print0",
+]
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -1,0 +1,185 @@
+"""Soft Dice loss for training and the ISIC 2018 Task 1 metrics for evaluation.
+
+The metrics follow the official scorer (`isic-challenge-scoring`, SegmentationScore) exactly: a
+confusion matrix per image, six metrics per image, then the plain mean over images. utils.py
+re-exports everything here, so `utils.dice_loss` and `losses.dice_loss` are the same function.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")
+JACCARD_THRESHOLD = 0.65  # ISIC 2018 ranking metric: per-image Jaccard counts as 0 below this
+
+
+def _target_like(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Return the target as float32 of the logits' shape (one-hot over classes when C > 1)."""
+    num_classes = logits.shape[1]
+    if target.shape == logits.shape:
+        return target.float()
+    spatial = logits.shape[:1] + logits.shape[2:]  # (B, H, W)
+    labels = target.squeeze(1) if target.dim() == logits.dim() and target.shape[1] == 1 else target
+    if labels.shape == spatial:
+        if num_classes == 1:
+            return labels.unsqueeze(1).float()  # (B, 1, H, W)
+        return F.one_hot(labels.long(), num_classes).movedim(-1, 1).float()  # class indices -> (B, C, H, W)
+    raise ValueError(
+        f"target of shape {tuple(target.shape)} does not match logits of shape {tuple(logits.shape)}; "
+        "pass a (B, 1, H, W) mask for one class, or a (B, C, H, W) one-hot / (B, H, W) class-index target"
+    )
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """1 - soft Dice, computed per image and per class, then averaged.
+
+    logits: (B, C, H, W) raw network output, any float dtype. C == 1: sigmoid, target (B, 1, H, W)
+    in [0, 1]. C > 1: softmax over classes, target one-hot (B, C, H, W) or class indices (B, H, W).
+
+    Dice_bc = (2 sum(p t) + smooth) / (sum(p) + sum(t) + smooth). The smoothing term keeps an image
+    with an empty mask defined (0/0 otherwise): an empty prediction there scores 1, as in the ISIC
+    scorer, and stray positive pixels cost smooth / (sum(p) + smooth), a loss that still has a
+    useful gradient. With smooth = 1 (one pixel's worth) it barely moves Dice on a real lesion of
+    thousands of pixels.
+
+    Always float32: the logits are cast before the sigmoid, so bf16/fp16 autocast cannot round the
+    sums over 65k pixels (nnU-Net and MONAI cast before the loss as well).
+    """
+    if logits.dim() < 3:
+        raise ValueError(f"logits must be (B, C, ...) with spatial dimensions, got shape {tuple(logits.shape)}")
+    logits = logits.float()
+    target = _target_like(logits, target)
+    probs = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+    dims = tuple(range(2, logits.dim()))
+    intersection = (probs * target).sum(dims)  # (B, C)
+    denominator = probs.sum(dims) + target.sum(dims)  # (B, C)
+    dice = (2 * intersection + smooth) / (denominator + smooth)
+    return 1 - dice.mean()
+
+
+class SegmentationLoss(nn.Module):
+    """The training loss: "dice" (soft Dice) or "dice+bce" (soft Dice + cross-entropy, equal weights).
+
+    The cross-entropy term is binary (on the logits) for one class and softmax cross-entropy for
+    more; both run in float32.
+    """
+
+    KINDS = ("dice", "dice+bce")
+
+    def __init__(self, kind: str = "dice", smooth: float = 1.0):
+        super().__init__()
+        if kind not in self.KINDS:
+            raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(self.KINDS)}")
+        self.kind = kind
+        self.smooth = smooth
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = dice_loss(logits, target, self.smooth)
+        if self.kind == "dice+bce":
+            logits = logits.float()
+            target = _target_like(logits, target)
+            if logits.shape[1] == 1:
+                loss = loss + F.binary_cross_entropy_with_logits(logits, target)
+            else:
+                loss = loss + F.cross_entropy(logits, target)  # soft-label form takes the one-hot target
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, smooth={self.smooth}"
+
+
+def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-image ISIC metrics of boolean masks, exactly as isic-challenge-scoring computes them.
+
+    pred, target: bool (B, H, W) (any (B, ...) shape works; each image is flattened). Returns the six
+    METRIC_NAMES, each a (B,) tensor on the masks' device; nothing is copied to the host.
+
+    The scorer's conventions for empty masks (isic_challenge_scoring/metrics.py):
+      sensitivity = 1 when the truth has no lesion (TP + FN == 0), "a freebie";
+      specificity = 1 when the truth is all lesion (TN + FP == 0);
+      jaccard = dice = 1 when truth and prediction are both empty (TP + FP + FN == 0);
+      threshold_jaccard = jaccard if jaccard >= 0.65 else 0.
+    An empty truth with a non-empty prediction therefore scores jaccard = dice = 0.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
+    if pred.dtype != torch.bool or target.dtype != torch.bool:
+        raise TypeError(
+            f"segmentation_metrics takes boolean masks, got {pred.dtype} and {target.dtype}; "
+            "threshold first, e.g. pred = logits > 0 and target = mask > 0.5"
+        )
+    if pred.dim() < 2 or pred[0].numel() == 0:
+        raise ValueError(f"masks must be (B, H, W) with at least one pixel, got shape {tuple(pred.shape)}")
+    pred = pred.reshape(pred.shape[0], -1)
+    target = target.reshape(target.shape[0], -1)
+    # exact integer counts per image; float64 ratios (MPS has no float64, float32 is exact below 2^24 pixels)
+    tp = (pred & target).sum(1)
+    fp = (pred & ~target).sum(1)
+    fn = (~pred & target).sum(1)
+    tn = pred.shape[1] - tp - fp - fn
+    dtype = torch.float32 if pred.device.type == "mps" else torch.float64
+
+    def ratio(num, den):
+        # the scorer's "freebie": an undefined ratio (den == 0) counts as a perfect 1
+        return torch.where(den > 0, num.to(dtype) / den.clamp(min=1).to(dtype), 1.0)
+
+    jaccard = ratio(tp, tp + fp + fn)
+    return {
+        "accuracy": (tp + tn).to(dtype) / pred.shape[1],
+        "sensitivity": ratio(tp, tp + fn),
+        "specificity": ratio(tn, tn + fp),
+        "jaccard": jaccard,
+        "threshold_jaccard": torch.where(jaccard >= JACCARD_THRESHOLD, jaccard, torch.zeros_like(jaccard)),
+        "dice": ratio(2 * tp, 2 * tp + fp + fn),
+    }
+
+
+class MetricAverager:
+    """Mean of per-image values over an evaluation, across all ranks when distributed.
+
+    update() adds sums and counts on the values' device (no host sync per batch). compute()
+    all-reduces the sums and counts of every key when torch.distributed is initialised, so the
+    result equals a single-process mean over the same images however unevenly they are split
+    (not a mean of per-rank means). Every rank must call compute(); a rank that saw no images
+    contributes zeros.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def update(self, per_image: dict[str, torch.Tensor]) -> None:
+        for name, values in per_image.items():
+            values = torch.as_tensor(values).detach()
+            dtype = torch.float32 if values.device.type == "mps" else torch.float64
+            total = values.to(dtype).sum()
+            self._sums[name] = self._sums[name] + total if name in self._sums else total
+            self._counts[name] = self._counts.get(name, 0) + values.numel()
+
+    def compute(self) -> dict[str, float]:
+        names = sorted(self._sums)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:
+            # ranks may have seen different keys (or none): agree on the union first
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, names)
+            names = sorted(set().union(*gathered))
+        sums = [self._sums[n].double().cpu() if n in self._sums else torch.zeros((), dtype=torch.float64) for n in names]
+        counts = [float(self._counts.get(n, 0)) for n in names]
+        totals = torch.cat([torch.stack(sums), torch.tensor(counts, dtype=torch.float64)]) if names else None
+        if distributed and totals is not None:
+            # NCCL only reduces CUDA tensors; gloo takes CPU ones
+            on_cuda = torch.distributed.get_backend() == "nccl"
+            buffer = totals.cuda() if on_cuda else totals
+            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
+            totals = buffer.cpu()
+        result = {}
+        for i, name in enumerate(names):
+            count = totals[len(names) + i].item()
+            result[name] = totals[i].item() / count if count else float("nan")
+        return result

@@ -1,0 +1,254 @@
+"""Dice loss and ISIC metrics: known values, the empty-mask conventions, and the official scorer."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import utils
+
+
+def masks(*rows_per_image):
+    """Bool (B, H, W) from lists of strings like "1100" (1 = lesion)."""
+    return torch.tensor([[[c == "1" for c in row] for row in image] for image in rows_per_image])
+
+
+# --- dice_loss -------------------------------------------------------------------------------
+
+
+def test_dice_loss_hand_computed():
+    logits = torch.zeros(1, 1, 2, 2)  # p = 0.5 everywhere
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
+    # intersection 0.5, sum(p) + sum(t) = 2 + 1: Dice = (1 + 1) / (3 + 1) = 0.5
+    assert utils.dice_loss(logits, target).item() == pytest.approx(0.5)
+    # without smoothing: Dice = 1 / 3
+    assert utils.dice_loss(logits, target, smooth=0.0).item() == pytest.approx(2 / 3)
+
+
+def test_dice_loss_is_a_mean_over_images():
+    target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]], [[[1.0, 1.0], [0.0, 0.0]]]])
+    logits = torch.zeros(2, 1, 2, 2)
+    logits[1] = (target[1] * 2 - 1) * 40  # second image predicted perfectly
+    # image 0: 0.5 as above; image 1: Dice (4 + 1) / (4 + 1) = 1, loss 0; mean 0.25 (not pooled pixels)
+    assert utils.dice_loss(logits, target).item() == pytest.approx(0.25)
+
+
+def test_dice_loss_softmax_hand_computed_and_target_forms():
+    logits = torch.zeros(1, 2, 2, 2)  # p = 0.5 for both classes
+    labels = torch.tensor([[[1, 0], [0, 0]]])
+    # class 0: (2*1.5 + 1) / (2 + 3 + 1) = 2/3; class 1: (2*0.5 + 1) / (2 + 1 + 1) = 1/2
+    expected = 1 - (2 / 3 + 1 / 2) / 2
+    one_hot = F.one_hot(labels, 2).permute(0, 3, 1, 2).float()
+    for target in (labels, labels[:, None], one_hot):
+        assert utils.dice_loss(logits, target).item() == pytest.approx(expected)
+
+
+def test_dice_loss_empty_mask_needs_the_smoothing():
+    target = torch.zeros(1, 1, 4, 4)
+    logits = torch.full((1, 1, 4, 4), -40.0, requires_grad=True)
+    loss = utils.dice_loss(logits, target)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)  # empty prediction of an empty mask is perfect
+    loss.backward()
+    assert torch.isfinite(logits.grad).all()
+    # without it the same near-perfect prediction (sigmoid(-40) > 0) scores the worst loss, 1
+    assert utils.dice_loss(logits.detach(), target, smooth=0.0).item() == pytest.approx(1.0)
+
+
+def test_dice_loss_is_float32_under_bf16_autocast():
+    logits = torch.randn(2, 1, 16, 16).bfloat16()
+    target = (torch.rand(2, 1, 16, 16) > 0.5).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = utils.dice_loss(logits, target)
+        bce = utils.SegmentationLoss("dice+bce")(logits, target)
+    assert loss.dtype == torch.float32 and bce.dtype == torch.float32
+    assert loss.item() == pytest.approx(utils.dice_loss(logits.float(), target).item(), abs=1e-7)
+
+
+def test_dice_loss_matches_hard_dice_metric():
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(3, 1, 8, 8, generator=gen) > 0.5
+    pred = torch.rand(3, 1, 8, 8, generator=gen) > 0.5
+    logits = (pred.float() * 2 - 1) * 40  # sigmoid = 0 or 1 to float precision
+    hard = utils.segmentation_metrics(pred[:, 0], target[:, 0])["dice"].mean().item()
+    assert utils.dice_loss(logits, target.float(), smooth=0.0).item() == pytest.approx(1 - hard, abs=1e-6)
+
+
+@pytest.mark.slow  # importing monai takes over 10 s
+def test_dice_loss_matches_monai():
+    monai_losses = pytest.importorskip("monai.losses")
+    logits = torch.randn(2, 1, 8, 8)
+    target = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    reference = monai_losses.DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(logits, target)
+    assert utils.dice_loss(logits, target).item() == pytest.approx(reference.item(), abs=1e-6)
+
+
+def test_dice_loss_rejects_mismatched_target():
+    with pytest.raises(ValueError, match="does not match logits"):
+        utils.dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))
+
+
+def test_segmentation_loss_kinds():
+    logits = torch.randn(2, 1, 8, 8, requires_grad=True)
+    target = (torch.rand(2, 1, 8, 8) > 0.5).float()
+    dice = utils.SegmentationLoss("dice")(logits, target)
+    both = utils.SegmentationLoss("dice+bce")(logits, target)
+    bce = F.binary_cross_entropy(torch.sigmoid(logits), target)  # from probabilities, not logits
+    assert dice.item() == pytest.approx(utils.dice_loss(logits, target).item())
+    assert both.item() == pytest.approx(dice.item() + bce.item(), abs=1e-6)
+    both.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="dice, dice\\+bce"):
+        utils.SegmentationLoss("focal")
+
+
+# --- segmentation_metrics ----------------------------------------------------------------------
+
+
+def test_metrics_known_values():
+    truth = masks(["1100", "1100"], ["1100", "0000"], ["1111", "0000"])
+    pred = masks(["1100", "1100"], ["0011", "0000"], ["1100", "0000"])
+    m = utils.segmentation_metrics(pred, truth)
+    assert set(m) == set(utils.METRIC_NAMES)
+    assert all(v.shape == (3,) and v.dtype == torch.float64 for v in m.values())
+    # perfect
+    assert [m[k][0].item() for k in utils.METRIC_NAMES] == [1.0] * 6
+    # disjoint: TP 0, FP 2, FN 2, TN 4
+    assert m["dice"][1].item() == 0 and m["jaccard"][1].item() == 0 and m["sensitivity"][1].item() == 0
+    assert m["specificity"][1].item() == pytest.approx(4 / 6) and m["accuracy"][1].item() == pytest.approx(0.5)
+    # prediction covers half the lesion: Dice 2/3, Jaccard 1/2, so thresholded Jaccard 0
+    assert m["dice"][2].item() == pytest.approx(2 / 3)
+    assert m["jaccard"][2].item() == pytest.approx(0.5) and m["threshold_jaccard"][2].item() == 0
+    assert m["sensitivity"][2].item() == pytest.approx(0.5) and m["specificity"][2].item() == 1
+
+
+def test_metrics_empty_mask_conventions():
+    empty, some, full = ["0000", "0000"], ["0110", "0000"], ["1111", "1111"]
+    truth = masks(empty, empty, some, full)
+    pred = masks(empty, some, empty, full)
+    m = {k: v.tolist() for k, v in utils.segmentation_metrics(pred, truth).items()}
+    # both empty: a perfect score in every metric
+    assert [m[k][0] for k in utils.METRIC_NAMES] == [1.0] * 6
+    # empty truth, lesion predicted: Jaccard and Dice 0, sensitivity a "freebie" 1
+    assert (m["jaccard"][1], m["dice"][1], m["sensitivity"][1]) == (0.0, 0.0, 1.0)
+    assert m["specificity"][1] == pytest.approx(6 / 8)
+    # lesion missed entirely: Dice 0, sensitivity 0, specificity 1
+    assert (m["dice"][2], m["sensitivity"][2], m["specificity"][2]) == (0.0, 0.0, 1.0)
+    # all-lesion truth: specificity (no negatives) is the freebie 1
+    assert m["specificity"][3] == 1.0 and m["dice"][3] == 1.0
+
+
+def test_threshold_jaccard_keeps_exactly_065():
+    # Jaccard 13/20 = 0.65 is kept (the scorer tests >= 0.65); 12/20 = 0.6 counts as 0
+    truth = torch.zeros(2, 4, 5, dtype=torch.bool)
+    pred = torch.zeros(2, 4, 5, dtype=torch.bool)
+    truth.view(2, -1)[0, :13] = True
+    pred.view(2, -1)[0, :20] = True
+    truth.view(2, -1)[1, :12] = True
+    pred.view(2, -1)[1, :20] = True
+    m = utils.segmentation_metrics(pred, truth)
+    assert m["threshold_jaccard"].tolist() == [0.65, 0.0]
+
+
+def test_metrics_accept_channel_dim_and_reject_non_bool():
+    truth = torch.rand(2, 1, 8, 8) > 0.5
+    flat = utils.segmentation_metrics(truth[:, 0], truth[:, 0])
+    with_channel = utils.segmentation_metrics(truth, truth)
+    assert all(torch.equal(flat[k], with_channel[k]) for k in flat)
+    with pytest.raises(TypeError, match="threshold first"):
+        utils.segmentation_metrics(truth.float(), truth)
+    with pytest.raises(ValueError, match="differs"):
+        utils.segmentation_metrics(truth, truth[:, :, :4])
+
+
+# --- the official scorer -----------------------------------------------------------------------
+
+
+def cross_check_cases(height=24, width=40, n_random=6, seed=0):
+    """Truth/prediction pairs covering every convention, plus random blobs with shifted predictions."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:height, :width]
+
+    def blob():
+        cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+        ry, rx = rng.uniform(3, height / 2), rng.uniform(3, width / 2)
+        return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+
+    empty, full = np.zeros((height, width), bool), np.ones((height, width), bool)
+    left = xx < width // 3
+    right = xx >= 2 * width // 3
+    exact = np.zeros(height * width, bool)
+    exact[:13] = True
+    exact_pred = np.zeros(height * width, bool)
+    exact_pred[:20] = True  # Jaccard exactly 0.65
+    cases = [
+        (left, left),  # perfect
+        (left, right),  # disjoint
+        (empty, left),  # empty truth
+        (left, empty),  # empty prediction
+        (empty, empty),  # both empty
+        (full, full),  # no negatives at all
+        (full, left),
+        (exact.reshape(height, width), exact_pred.reshape(height, width)),
+    ]
+    for _ in range(n_random):
+        truth = blob()
+        pred = np.roll(truth, (rng.integers(-3, 4), rng.integers(-4, 5)), axis=(0, 1)) | (rng.random(truth.shape) > 0.97)
+        cases.append((truth, pred))
+    return cases
+
+
+def write_scorer_folders(cases, root):
+    """The layout the scorer reads: ISIC_<7 digits>_segmentation.png, greyscale 0/255, per folder."""
+    truth_dir, pred_dir = root / "truth", root / "pred"
+    truth_dir.mkdir()
+    pred_dir.mkdir()
+    for i, (truth, pred) in enumerate(cases):
+        name = f"ISIC_{1000000 + i}_segmentation.png"
+        Image.fromarray(truth.astype(np.uint8) * 255, mode="L").save(truth_dir / name)
+        Image.fromarray(pred.astype(np.uint8) * 255, mode="L").save(pred_dir / name)
+    return truth_dir, pred_dir
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:isic_challenge_scoring.*")  # its pandas use
+def test_metrics_equal_official_isic_scorer(tmp_path):
+    scoring = pytest.importorskip("isic_challenge_scoring.segmentation")
+    load_image = pytest.importorskip("isic_challenge_scoring.load_image")
+    cases = cross_check_cases()
+    truth_dir, pred_dir = write_scorer_folders(cases, tmp_path)
+
+    truth = torch.from_numpy(np.stack([t for t, _ in cases]))
+    pred = torch.from_numpy(np.stack([p for _, p in cases]))
+    ours = utils.segmentation_metrics(pred, truth)
+
+    # per image: the scorer's own SegmentationScore on one image pair at a time
+    pairs = list(load_image.iter_image_pairs(truth_dir, pred_dir))
+    assert len(pairs) == len(cases)
+    for i, pair in enumerate(pairs):
+        theirs = scoring.SegmentationScore([pair]).macro_average
+        for name in utils.METRIC_NAMES:
+            assert ours[name][i].item() == pytest.approx(theirs[name], rel=0, abs=1e-12), (i, name)
+
+    # means: the scorer's result for the whole folder against MetricAverager over uneven batches
+    theirs = scoring.SegmentationScore.from_dir(truth_dir, pred_dir).macro_average
+    averager = utils.MetricAverager()
+    for start, stop in [(0, 5), (5, 6), (6, len(cases))]:
+        averager.update(utils.segmentation_metrics(pred[start:stop], truth[start:stop]))
+    means = averager.compute()
+    assert set(means) == set(utils.METRIC_NAMES)
+    for name in utils.METRIC_NAMES:
+        assert means[name] == pytest.approx(theirs[name], rel=0, abs=1e-12), name
+    # the random cases must span the threshold, or the thresholded Jaccard check proves little
+    assert 0 < means["threshold_jaccard"] < means["jaccard"]
+
+
+# --- MetricAverager ----------------------------------------------------------------------------
+
+
+def test_metric_averager_means_over_images_not_batches():
+    averager = utils.MetricAverager()
+    averager.update({"dice": torch.tensor([1.0, 1.0, 1.0]), "loss": torch.tensor([0.5])})
+    averager.update({"dice": torch.tensor([0.0]), "loss": torch.tensor([1.5])})
+    assert averager.compute() == {"dice": 0.75, "loss": 1.0}
+    averager.reset()
+    assert averager.compute() == {}
