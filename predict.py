@@ -1,1 +1,757 @@
-"""Segment new images with a trained checkpoint and score them: `python predict.py`."""
+"""Segment dermoscopy images with a trained Improved UNet, at their original size, and score them.
+
+    python predict.py                                  # the last run's best.pt on that run's held-out test split
+    python predict.py --input photos/ --output masks/  # a file, a folder or a glob of any images Pillow reads
+    python predict.py --input imgs/ --masks truth/     # also metrics.csv, metrics.json and cases.png
+    python predict.py --export-onnx model.onnx         # write an ONNX model (dynamic batch and size) and exit
+
+Exit status: 0 when every file was segmented (and scored), 1 when some files failed (each is named),
+2 when nothing could run (a missing or foreign checkpoint, no inputs, an unusable flag).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import glob
+import inspect
+import json
+import re
+import sys
+import threading
+import time
+import warnings
+from collections import defaultdict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import dataset
+import utils
+from modules import ImprovedUNet, ModelConfig
+
+METRICS = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")  # the scorer's names
+ISIC_ID = re.compile(r"ISIC_\d{7}")
+
+
+@dataclass
+class PredictConfig:
+    """Every setting of predict.py; each field is a --kebab-case flag."""
+
+    checkpoint: str | None = None  # checkpoint written by train.py; default: best.pt of the newest run in --runs-dir
+    runs_dir: str = "runs"  # folder of train.py's run folders, searched when --checkpoint is not given
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
+    batch_size: int = 8  # images per forward pass
+    workers: int = 2  # threads that decode, resize and write images while the network runs; 0: none
+    input: str | None = None  # image file, folder or glob; default: the test split held out by the checkpoint's run
+    masks: str | None = None  # ground truth to score against: a folder of <id>_segmentation.png, or an ISIC root
+    output: str | None = None  # output folder; default: predictions/ in the checkpoint's run folder, else predict_out
+    threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
+    tta: bool = False  # test-time augmentation: average over the image and its horizontal, vertical and double flip
+    postprocess: bool = False  # keep the largest connected region, holes filled, at the network resolution (lesions are one region)
+    overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
+    save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
+    export_onnx: str | None = None  # write the model to this ONNX file (dynamic batch, height and width) and exit
+
+
+GROUPS = {
+    "model": ["checkpoint", "runs_dir", "device", "batch_size", "workers"],
+    "data": ["input", "masks", "output"],
+    "inference": ["threshold", "tta", "postprocess"],
+    "extra outputs": ["overlay", "save_probabilities", "export_onnx"],
+}
+METAVARS = {"checkpoint": "FILE", "runs_dir": "DIR", "input": "PATH", "masks": "DIR", "output": "DIR",
+            "export_onnx": "FILE", "device": "NAME"}
+
+
+class PredictError(RuntimeError):
+    """Nothing can be predicted as asked; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def field_help(cls) -> dict[str, str]:
+    """The one-line comment after each field of a dataclass, used as that flag's help text."""
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2).strip()
+    return helps
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """argparse generated from PredictConfig: one --kebab-case flag per field, grouped."""
+    parser = argparse.ArgumentParser(
+        prog="predict.py", description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help(PredictConfig)
+    fields = {f.name: f for f in dataclasses.fields(PredictConfig)}
+    for title, names in GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            flag = "--" + name.replace("_", "-")
+            kind = str(f.type).replace("| None", "").strip()
+            if kind == "bool":
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                   help=f"{helps[name]} (default: {'on' if f.default else 'off'})")
+                continue
+            shown = "" if f.default is None else f" (default: {f.default})"
+            group.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=f.default,
+                               metavar=METAVARS.get(name, kind.upper()), help=helps[name] + shown)
+    return parser
+
+
+def check_config(config: PredictConfig) -> list[str]:
+    """Settings that cannot work, as messages (empty when the config is usable)."""
+    problems = []
+    if config.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, got {config.batch_size}")
+    if config.workers < 0:
+        problems.append(f"--workers must not be negative, got {config.workers}")
+    if not 0 < config.threshold < 1:
+        problems.append(f"--threshold must be between 0 and 1 (exclusive), got {config.threshold}")
+    return problems
+
+
+def main(argv=None) -> PredictResult:
+    """Run predict.py with command-line arguments; exits with status 1 or 2 on failure (see the docstring)."""
+    parser = build_parser()
+    config = PredictConfig(**vars(parser.parse_args(argv)))
+    problems = check_config(config)
+    if problems:
+        parser.error("; ".join(problems))
+    try:
+        result = run(config)
+    except (PredictError, utils.CheckpointError, dataset.DataError) as err:
+        print(f"predict.py: error: {err}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if result.failures:
+        print(f"predict.py: {len(result.failures)} of {result.total} files failed: "
+              + ", ".join(name for name, _ in result.failures), file=sys.stderr, flush=True)
+        raise SystemExit(1)
+    return result
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class LoadedModel:
+    model: ImprovedUNet  # in eval mode, on its device
+    image_size: int  # side of the square the network sees (from the checkpoint)
+    mean: tuple[float, float, float]  # normalisation statistics of the training split, [0, 1] units
+    std: tuple[float, float, float]
+    train_config: dict  # the run's settings (data_dir and split fractions locate its test split)
+    path: Path
+
+
+def latest_checkpoint(runs_dir: str | Path) -> Path:
+    """best.pt of the most recently updated run under runs_dir."""
+    candidates = [p for p in Path(runs_dir).rglob("best.pt") if p.is_file()]
+    if not candidates:
+        raise PredictError(f"no --checkpoint given and no best.pt under {runs_dir}/; train a model first "
+                           f"(python train.py) or pass --checkpoint FILE")
+    return max(candidates, key=lambda p: p.stat().st_mtime)
+
+
+def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+    """Rebuild the network from a checkpoint: architecture, weights, normalisation and image size."""
+    path = Path(path)
+    state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
+    try:
+        model = ImprovedUNet(ModelConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+        image_size = int(state["image_size"])
+        mean = tuple(float(v) for v in state["norm_stats"]["mean"])
+        std = tuple(float(v) for v in state["norm_stats"]["std"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise utils.CheckpointError(
+            f"{path} does not fit this version of the model ({type(err).__name__}: {detail}); use a checkpoint "
+            f"written by this train.py, or retrain") from None
+    model.eval().to(device)
+    return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path)
+
+
+@torch.no_grad()
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Lesion probabilities in [0, 1], float32 (B, S, S), for normalised images float32 (B, 3, S, S).
+
+    With tta, the mean over the image and its horizontal, vertical and double flip (each mapped back).
+    bf16 autocast on CUDA; the sigmoid runs in float32.
+    """
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.device.type == "cuda" else nullcontext()
+    flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
+    total = None
+    for dims in flips:
+        with autocast:
+            logits = model(images.flip(dims) if dims else images)  # (B, K, S, S)
+        logits = logits.float()
+        # one output channel: sigmoid; several (background first): softmax, lesion = channel 1
+        probs = logits[:, 0].sigmoid() if logits.shape[1] == 1 else logits.softmax(1)[:, 1]  # (B, S, S)
+        probs = probs.flip(dims) if dims else probs
+        total = probs if total is None else total + probs
+    return total / len(flips)
+
+
+def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A probability map (S, S) resized to the original (H, W), bilinear (antialiased when shrinking)."""
+    return F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+
+
+# ----------------------------------------------------------------------------- post-processing
+
+
+def label_regions(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
+    """Connected regions of a boolean mask (H, W): labels int64 (H, W), 0 for background, 1..n in raster order.
+
+    Union-find over neighbouring pixel pairs, vectorised: every round hooks each root onto the smallest
+    root next to it, then pointer jumping flattens the trees; a few rounds suffice for lesion shapes.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    h, w = mask.shape
+    index = np.arange(h * w).reshape(h, w)
+    neighbours = [(np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :])]  # right, down
+    if connectivity == 8:
+        neighbours += [(np.s_[:-1, :-1], np.s_[1:, 1:]), (np.s_[:-1, 1:], np.s_[1:, :-1])]  # both diagonals
+    first, second = [], []
+    for a, b in neighbours:
+        both = mask[a] & mask[b]
+        first.append(index[a][both])
+        second.append(index[b][both])
+    first, second = np.concatenate(first), np.concatenate(second)
+    parent = np.arange(h * w)
+    while True:
+        root_a, root_b = parent[first], parent[second]
+        differ = root_a != root_b
+        if not differ.any():
+            break
+        root_a, root_b = root_a[differ], root_b[differ]
+        np.minimum.at(parent, np.maximum(root_a, root_b), np.minimum(root_a, root_b))
+        while True:  # parent[i] <= i throughout, so this ends with every pixel pointing at its root
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                break
+            parent = grand
+    labels = np.zeros((h, w), dtype=np.int64)
+    roots, numbered = np.unique(parent[index[mask]], return_inverse=True)  # roots are each region's first pixel
+    labels[mask] = numbered + 1
+    return labels, len(roots)
+
+
+def largest_region_filled(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean mask (H, W) with its holes filled; empty stays empty."""
+    labels, count = label_regions(mask, connectivity=8)
+    if count == 0:
+        return mask.copy()
+    region = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+    # holes: background regions (4-connected, the complement of 8-connected) that do not touch the border
+    background, _ = label_regions(~region, connectivity=4)
+    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
+    return region | ~np.isin(background, border)
+
+
+def postprocess_probabilities(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """Probabilities (S, S) edited so that thresholding gives one filled region, at the network's resolution.
+
+    Other regions drop to 0 and holes rise to 1, while the kept region's own probabilities stay, so its
+    outline after the bilinear resize to the original size is the same as without post-processing.
+    """
+    mask = probs > threshold
+    kept = largest_region_filled(mask)
+    out = probs.copy()
+    out[mask & ~kept] = 0.0
+    out[kept & ~mask] = 1.0
+    return out
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Item:
+    id: str  # output name: the ISIC id in the file name, else the file's stem
+    image: Path
+    mask: Path | None = None  # ground truth, when known
+
+
+def image_suffixes() -> set[str]:
+    """File extensions of every format Pillow can open."""
+    Image.init()
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def image_id(path: Path) -> str:
+    stem = path.stem.removesuffix("_segmentation")
+    match = ISIC_ID.search(stem)
+    return match.group(0) if match else stem
+
+
+def find_inputs(spec: str) -> list[Path]:
+    """Image files named by --input: one file (any extension), a folder's images, or a glob's images."""
+    path = Path(spec)
+    suffixes = image_suffixes()
+
+    def images(paths):  # ground-truth masks next to the images are not inputs
+        return sorted(p for p in paths if p.is_file() and p.suffix.lower() in suffixes
+                      and not p.stem.endswith("_segmentation"))
+
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        found = images(path.iterdir())
+        if not found:
+            raise PredictError(f"--input {spec}: no image files in this folder; point it at the folder that holds "
+                               f"the images (e.g. {spec}/ISIC2018_Task1-2_Test_Input)")
+        return found
+    if any(c in spec for c in "*?["):
+        found = images(Path(p) for p in glob.glob(spec, recursive=True))
+        if not found:
+            raise PredictError(f"--input {spec}: the pattern matches no image files")
+        return found
+    raise PredictError(f"--input {spec}: no such file or folder")
+
+
+def find_masks(spec: str) -> dict[str, Path]:
+    """Ground-truth masks by image id, from a folder of <id>_segmentation.png files or an ISIC root."""
+    path = Path(spec)
+    if not path.is_dir():
+        raise PredictError(f"--masks {spec}: no such folder; pass the folder of <id>_segmentation.png files "
+                           f"or the ISIC root that holds the ground truth")
+    suffixes = image_suffixes()
+    masks = {image_id(p): p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() in suffixes}
+    if not masks:
+        pairs = dataset.find_pairs(path)  # an ISIC root: the ground truth of every split
+        masks = {s.id: Path(s.mask) for split in pairs.values() for s in split if s.mask is not None}
+    if not masks:
+        raise PredictError(f"--masks {spec}: no ground-truth masks found; expected <id>_segmentation.png files "
+                           f"or an ISIC root with ground-truth folders")
+    return masks
+
+
+def held_out_test_split(loaded: LoadedModel) -> tuple[list[Item], str]:
+    """The test split the checkpoint's run held out (with its ground truth), and where it lives."""
+    config = loaded.train_config
+    data_dir = config.get("data_dir")
+    if not data_dir or not Path(data_dir).is_dir():
+        raise PredictError(f"no --input given and the data {loaded.path} was trained on ({data_dir}) is not here; "
+                           f"pass --input FILE, FOLDER or GLOB")
+    names = {f.name for f in dataclasses.fields(dataset.DataConfig)}
+    data_config = dataset.DataConfig(**{k: v for k, v in config.items() if k in names})
+    samples = dataset.split_samples(data_config)["test"]
+    if not samples:
+        raise PredictError(f"no --input given and the run of {loaded.path} held out no test images in {data_dir}; "
+                           f"pass --input FILE, FOLDER or GLOB")
+    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in samples], data_dir
+
+
+def gather_items(config: PredictConfig, loaded: LoadedModel) -> list[Item]:
+    """What to segment (and the ground truth to score it against), from --input and --masks."""
+    if config.input is None:
+        items, data_dir = held_out_test_split(loaded)
+        print(f"No --input: segmenting the {len(items)} test images held out from {data_dir} by that run")
+    else:
+        items = [Item(image_id(p), p) for p in find_inputs(config.input)]
+    if config.masks is not None:
+        masks = find_masks(config.masks)
+        items = [dataclasses.replace(item, mask=masks.get(item.id)) for item in items]
+        missing = [item.image.name for item in items if item.mask is None]
+        if missing:
+            print(f"warning: {len(missing)} of {len(items)} images have no ground truth in {config.masks} and are "
+                  f"not scored: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
+    seen: dict[str, Path] = {}
+    for item in items:
+        if item.id in seen:
+            raise PredictError(f"{seen[item.id]} and {item.image} would both be written as "
+                               f"{item.id}_segmentation.png; rename one or predict them separately")
+        seen[item.id] = item.image
+    return items
+
+
+def default_output(checkpoint: Path, runs_dir: str) -> Path:
+    """predictions/ in the checkpoint's run folder when it is one, else predict_out."""
+    try:
+        checkpoint.resolve().relative_to(Path(runs_dir).resolve())
+        return checkpoint.parent / "predictions"
+    except ValueError:
+        return Path("predict_out")
+
+
+# ----------------------------------------------------------------------------- the pipeline
+
+
+class StageTimer:
+    """Seconds spent per stage, summed over threads (so with --workers they can exceed wall time)."""
+
+    def __init__(self, device: torch.device):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = device.type == "cuda"  # CUDA runs asynchronously: wait so time lands on the right stage
+        self.lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        yield
+        if self.sync and stage in ("forward", "resize back"):
+            torch.cuda.synchronize()
+        with self.lock:
+            self.seconds[stage] += time.perf_counter() - start
+
+    def summary(self) -> str:
+        return ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in self.seconds.items())
+
+
+@dataclass
+class Loaded:
+    item: Item
+    size: tuple[int, int] | None = None  # original (H, W)
+    small: np.ndarray | None = None  # uint8 (S, S, 3): what the network sees
+    image: np.ndarray | None = None  # uint8 (H, W, 3), kept only for overlays
+    truth: np.ndarray | None = None  # uint8 (H, W) {0, 1}
+    error: str | None = None  # why the image could not be read
+    truth_error: str | None = None  # why its ground truth could not be used
+
+
+def load_item(item: Item, image_size: int, keep_image: bool, timer: StageTimer) -> Loaded:
+    """Decode and resize one image (and decode its ground truth); errors are recorded, not raised."""
+    out = Loaded(item)
+    try:
+        with timer("decode"):
+            image = dataset.load_image(item.image)
+        with timer("resize"):
+            out.small = dataset.resize_image(image, image_size)
+    except (dataset.DataError, OSError, ValueError) as err:
+        out.error = str(err) or type(err).__name__
+        return out
+    out.size = image.shape[:2]
+    out.image = image if keep_image else None
+    if item.mask is not None:
+        try:
+            with timer("decode"):
+                out.truth = dataset.load_mask(item.mask)
+            if out.truth.shape != out.size:
+                out.truth_error = (f"ground truth {item.mask} is {out.truth.shape[1]}x{out.truth.shape[0]} but the "
+                                   f"image is {out.size[1]}x{out.size[0]}; pair each image with its own mask")
+                out.truth = None
+        except (dataset.DataError, OSError, ValueError) as err:
+            out.truth_error = str(err) or type(err).__name__
+    return out
+
+
+def prefetch(fn, items: list, pool: ThreadPoolExecutor | None, ahead: int):
+    """fn(item) for each item in order, computed up to `ahead` items in advance on the pool."""
+    if pool is None:
+        yield from map(fn, items)
+        return
+    pending: deque[Future] = deque()
+    queue = iter(items)
+    for item in queue:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            break
+    while pending:
+        result = pending.popleft().result()
+        for item in queue:
+            pending.append(pool.submit(fn, item))
+            break
+        yield result
+
+
+class Writer:
+    """Writes files on the pool (PNG encoding releases the GIL), a bounded number in flight."""
+
+    def __init__(self, pool: ThreadPoolExecutor | None, timer: StageTimer, max_pending: int = 8):
+        self.pool, self.timer, self.max_pending = pool, timer, max_pending
+        self.pending: deque[tuple[str, Future]] = deque()
+        self.failures: list[tuple[str, str]] = []
+
+    def _write(self, save, path: Path):
+        with self.timer("write"):
+            save(path)
+
+    def submit(self, name: str, save, path: Path) -> None:
+        if self.pool is None:
+            try:
+                self._write(save, path)
+            except OSError as err:
+                self.failures.append((name, f"could not write {path}: {err}"))
+            return
+        self.pending.append((name, self.pool.submit(self._write, save, path)))
+        while len(self.pending) > self.max_pending:
+            self._collect()
+
+    def _collect(self) -> None:
+        name, future = self.pending.popleft()
+        try:
+            future.result()
+        except OSError as err:
+            self.failures.append((name, f"could not write: {err}"))
+
+    def close(self) -> list[tuple[str, str]]:
+        while self.pending:
+            self._collect()
+        return self.failures
+
+
+def save_png(array: np.ndarray):
+    """A saver writing a uint8 (H, W) array as a single-channel 8-bit PNG (fast zlib level: masks compress well)."""
+    return lambda path: Image.fromarray(array).save(path, compress_level=1)
+
+
+def outline(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """The boundary band of a boolean mask (H, W), about `width` pixels each side of the edge."""
+    x = mask[None, None].float()
+    k = 2 * width + 1
+    dilated = F.max_pool2d(x, k, stride=1, padding=width)
+    eroded = -F.max_pool2d(-x, k, stride=1, padding=width)
+    return (dilated > eroded)[0, 0]
+
+
+def overlay_image(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
+    """The image (H, W, 3) with the predicted contour in red and the ground truth's in green."""
+    width = max(1, round(max(image.shape[:2]) / 400))
+    out = image.copy()
+    if truth is not None:
+        out[outline(torch.from_numpy(truth.astype(bool)), width).numpy()] = (0, 255, 0)
+    out[outline(torch.from_numpy(prediction), width).numpy()] = (255, 0, 0)
+    return out
+
+
+@dataclass
+class PredictResult:
+    output_dir: Path | None
+    total: int  # input files
+    written: list[Path]  # masks written
+    failures: list[tuple[str, str]]  # (file name, reason), one per problem
+    metrics: dict[str, float] | None = None  # means over the scored images, keyed as the scorer names them
+    per_image: list[dict] = dataclasses.field(default_factory=list)  # image_id and the six metrics per image
+    seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per stage (summed over threads) and total
+
+
+class Segmenter:
+    """Runs the pipeline over a list of items: decode, resize, forward, resize back, write, score."""
+
+    def __init__(self, loaded: LoadedModel, config: PredictConfig, output_dir: Path, device: torch.device):
+        self.loaded, self.config, self.output_dir = loaded, config, output_dir
+        self.timer = StageTimer(device)
+        self.device = device
+        self.failures: list[tuple[str, str]] = []
+        self.written: list[Path] = []
+        self.rows: list[dict] = []
+        self.averager = utils.MetricAverager()
+
+    def fail(self, name: str, reason: str) -> None:
+        self.failures.append((name, reason))
+        tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
+
+    def load(self, item: Item) -> Loaded:
+        return load_item(item, self.loaded.image_size, self.config.overlay, self.timer)
+
+    def __call__(self, items: list[Item]) -> None:
+        config = self.config
+        pool = ThreadPoolExecutor(config.workers) if config.workers else None
+        self.writer = Writer(pool, self.timer, max_pending=2 * max(1, config.workers))
+        stream = prefetch(self.load, items, pool, ahead=2 * config.batch_size)
+        try:
+            with tqdm(total=len(items), unit="img", desc="predict", disable=None) as bar:
+                while batch := [entry for _, entry in zip(range(config.batch_size), stream)]:
+                    self.segment_batch(batch)
+                    bar.update(len(batch))
+        finally:
+            self.failures += self.writer.close()
+            if pool is not None:
+                pool.shutdown()
+
+    def segment_batch(self, batch: list[Loaded]) -> None:
+        good = []
+        for entry in batch:
+            if entry.error is not None:
+                self.fail(entry.item.image.name, entry.error)
+            else:
+                good.append(entry)
+        if not good:
+            return
+        images = torch.from_numpy(np.stack([entry.small for entry in good]))  # (B, S, S, 3) uint8
+        x = dataset.normalize(images, self.loaded.mean, self.loaded.std).to(self.device)  # (B, 3, S, S)
+        with self.timer("forward"):
+            probs = predict_probabilities(self.loaded.model, x, self.config.tta)  # (B, S, S)
+        if self.config.postprocess:
+            with self.timer("postprocess"):
+                edited = [postprocess_probabilities(p, self.config.threshold) for p in probs.cpu().numpy()]
+                probs = torch.from_numpy(np.stack(edited)).to(self.device)
+        for entry, prob in zip(good, probs):
+            self.finish(entry, prob)
+
+    def finish(self, entry: Loaded, prob: torch.Tensor) -> None:
+        """Resize one probability map (S, S) back to the original size, threshold, queue its files, score."""
+        config, item, name = self.config, entry.item, entry.item.image.name
+        with self.timer("resize back"):
+            full = resize_probabilities(prob, entry.size)  # (H, W) float32
+            prediction = (full > config.threshold).cpu().numpy()  # (H, W) bool
+            probability = (full * 255).round().to(torch.uint8).cpu().numpy() if config.save_probabilities else None
+        path = self.output_dir / f"{item.id}_segmentation.png"
+        self.writer.submit(name, save_png(prediction.astype(np.uint8) * 255), path)
+        self.written.append(path)
+        if probability is not None:
+            self.writer.submit(name, save_png(probability),
+                               self.output_dir / "probabilities" / f"{item.id}_probability.png")
+        if config.overlay:
+            with self.timer("overlay"):
+                picture = overlay_image(entry.image, prediction, entry.truth)
+            self.writer.submit(name, lambda p: Image.fromarray(picture).save(p, quality=90),
+                               self.output_dir / "overlays" / f"{item.id}_overlay.jpg")
+        if entry.truth_error is not None:
+            self.fail(name, entry.truth_error)
+        elif entry.truth is not None:
+            with self.timer("score"):  # at the original resolution, as the challenge scores
+                scores = utils.segmentation_metrics(torch.from_numpy(prediction)[None],
+                                                    torch.from_numpy(entry.truth.astype(bool))[None])
+            self.averager.update(scores)
+            self.rows.append({"image_id": item.id, **{key: float(scores[key][0]) for key in METRICS}})
+
+
+def run(config: PredictConfig) -> PredictResult:
+    """Everything main() does after parsing: returns what was written, what failed and the scores."""
+    try:
+        device = utils.select_device(config.device)
+    except ValueError as err:
+        raise PredictError(str(err)) from None
+    if config.checkpoint is None:
+        checkpoint = latest_checkpoint(config.runs_dir)
+        print(f"No --checkpoint: using {checkpoint} (the most recent run under {config.runs_dir}/)")
+    else:
+        checkpoint = Path(config.checkpoint)
+    loaded = load_model(checkpoint, device)
+
+    if config.export_onnx:
+        export_onnx(loaded, config.export_onnx)
+        print(f"Wrote {config.export_onnx}: input 'image' float32 (batch, 3, height, width), normalised with "
+              f"mean {loaded.mean} and std {loaded.std} (also in its metadata); output 'logits' (batch, 1, height, "
+              f"width); height and width multiples of 16, trained at {loaded.image_size}")
+        return PredictResult(None, 0, [Path(config.export_onnx)], [])
+
+    items = gather_items(config, loaded)
+    output_dir = Path(config.output) if config.output else default_output(checkpoint, config.runs_dir)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):
+            if wanted:
+                (output_dir / sub).mkdir(exist_ok=True)
+    except OSError as err:
+        raise PredictError(f"cannot create the output folder {output_dir}: {err}; choose another --output") from None
+    print(f"Segmenting {len(items)} images on {device} with {checkpoint} "
+          f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"
+          f"{', post-processing' if config.postprocess else ''}) into {output_dir}/")
+
+    start = time.perf_counter()
+    segmenter = Segmenter(loaded, config, output_dir, device)
+    segmenter(items)
+    seconds = dict(segmenter.timer.seconds, total=time.perf_counter() - start)
+    done = len(items) - len({name for name, _ in segmenter.failures})
+    print(f"Segmented {done} of {len(items)} images in {seconds['total']:.1f} s "
+          f"({done / seconds['total']:.2f} images/s); per stage, summed over threads: {segmenter.timer.summary()}")
+
+    rows, metrics = segmenter.rows, None
+    if rows:
+        metrics = segmenter.averager.compute()
+        write_metrics(rows, metrics, output_dir)
+        print(metrics_table(rows, metrics))
+        plot_cases(rows, {item.id: item for item in items}, output_dir)
+        print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
+    return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds)
+
+
+# ----------------------------------------------------------------------------- evaluation outputs
+
+
+def write_metrics(rows: list[dict], means: dict[str, float], output_dir: Path) -> None:
+    """metrics.csv (one row per image) and metrics.json (the means, keyed as the ISIC scorer names them)."""
+    with open(output_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_id", *METRICS])
+        writer.writeheader()
+        writer.writerows(rows)
+    (output_dir / "metrics.json").write_text(json.dumps({key: means[key] for key in METRICS}, indent=2) + "\n")
+
+
+def metrics_table(rows: list[dict], means: dict[str, float]) -> str:
+    """The means (the challenge's numbers) with the median and range over images, as printable text."""
+    lines = [f"{'metric':<18}{'mean':>8}{'median':>8}{'min':>8}{'max':>8}"]
+    for key in METRICS:
+        values = np.array([row[key] for row in rows])
+        lines.append(f"{key:<18}{means[key]:>8.4f}{np.median(values):>8.4f}{values.min():>8.4f}{values.max():>8.4f}")
+    lines.append(f"{len(rows)} images; the challenge ranks by the mean threshold_jaccard")
+    return "\n".join(lines)
+
+
+def plot_cases(rows: list[dict], items: dict[str, Item], output_dir: Path, max_side: int = 600) -> None:
+    """cases.png: the best, median and worst image by Jaccard, each as image, ground truth, prediction."""
+    from matplotlib.figure import Figure  # Figure without pyplot draws with Agg: no display needed
+
+    ranked = sorted(rows, key=lambda row: (row["jaccard"], row["image_id"]))
+    picks = {"best": ranked[-1], "median": ranked[(len(ranked) - 1) // 2], "worst": ranked[0]}
+    shown: dict[str, dict] = {}
+    for label, row in picks.items():  # fewer than three images: show each once
+        if all(row is not other for other in shown.values()):
+            shown[label] = row
+    fig = Figure(figsize=(9, 3 * len(shown)), layout="constrained")
+    axes = fig.subplots(len(shown), 3, squeeze=False)
+    for (label, row), ax in zip(shown.items(), axes):
+        item = items[row["image_id"]]
+        image = dataset.load_image(item.image)
+        step = max(1, -(-max(image.shape[:2]) // max_side))  # subsample large images for the figure
+        panels = [image, dataset.load_mask(item.mask),
+                  np.asarray(Image.open(output_dir / f"{item.id}_segmentation.png"))]
+        titles = [f"{label}: {item.id}", "ground truth", f"prediction (Jaccard {row['jaccard']:.3f})"]
+        for axis, panel, title in zip(ax, panels, titles):
+            axis.imshow(panel[::step, ::step], cmap="gray", interpolation="nearest")
+            axis.set_title(title, fontsize=9)
+            axis.set_axis_off()
+    fig.savefig(output_dir / "cases.png", dpi=100)
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
+    """Write the network as ONNX with dynamic batch, height and width, and its preprocessing as metadata."""
+    path = Path(path)
+    model = loaded.model.cpu().float().eval()
+    example = torch.zeros(1, model.config.in_channels, loaded.image_size, loaded.image_size)
+    axes = {0: "batch", 2: "height", 3: "width"}
+    try:
+        with warnings.catch_warnings():
+            # the tracer warns about the size check in forward(); sizes stay dynamic (the tests check that)
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            # the TorchScript exporter is deprecated, but the newer one needs onnxscript, not a requirement here
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["image"],
+                              output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
+                              opset_version=17)
+    except OSError as err:
+        raise PredictError(f"cannot write {path}: {err}; choose another --export-onnx path") from None
+    import onnx
+
+    exported = onnx.load(str(path))
+    metadata = {"format": "improved-unet-isic/1", "image_size": str(loaded.image_size),
+                "mean": json.dumps(loaded.mean), "std": json.dumps(loaded.std),
+                "preprocessing": "RGB uint8 resized to image_size x image_size, x = (uint8 / 255 - mean) / std",
+                "output": "logits; sigmoid gives the lesion probability"}
+    for key, value in metadata.items():
+        exported.metadata_props.add(key=key, value=value)
+    onnx.save(exported, str(path))
+
+
+if __name__ == "__main__":
+    main()
