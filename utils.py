@@ -6,8 +6,14 @@ Nothing in this file knows about data layouts or the network.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
+import pickle
 import random
+import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,6 +23,7 @@ from losses import METRIC_NAMES, MetricAverager, SegmentationLoss, dice_loss, se
 __all__ = [
     "METRIC_NAMES", "MetricAverager", "SegmentationLoss", "dice_loss", "segmentation_metrics",
     "seed_everything", "select_device", "available_devices", "get_rank", "is_main_process", "print0",
+    "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
 ]
 
 
@@ -86,3 +93,142 @@ def print0(*args, **kwargs) -> None:
     """print() on rank 0 only, so a multi-GPU run prints each line once."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+# --- checkpoints --------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "improved-unet-isic/1"
+# what torch.load(weights_only=True) rebuilds without running code (exact types: a defaultdict, a namedtuple
+# or an IntEnum is refused when loading); anything else is refused at save time, not when resuming
+_PLAIN_TYPES = (str, bytes, int, float, complex, bool, type(None), torch.Size, torch.dtype, torch.device)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the file and what to do."""
+
+
+def _check_plain(value, where: str) -> None:
+    if type(value) in (dict, collections.OrderedDict):
+        for key, item in value.items():
+            _check_plain(key, f"{where} key {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif type(value) in (list, tuple, set):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not (isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES):
+        raise TypeError(
+            f"checkpoint{where} holds a {type(value).__module__}.{type(value).__qualname__}; store plain "
+            "python values and tensors only (e.g. str(path), float(x), array.tolist()) so it loads with weights_only=True"
+        )
+
+
+def save_checkpoint(state: dict, path) -> None:
+    """Write `state` to `path` atomically: a reader sees the old file or the new one, never half of one.
+
+    torch.save goes to a temporary file in the same folder (so os.replace is a rename on one file
+    system), which is flushed and fsynced before it replaces `path`. Any OSError (a full disk, a lost
+    mount, no permission) raises CheckpointError naming the path; the temporary file is removed and
+    the previous checkpoint stays as it was. A process killed mid-write can leave a hidden
+    `.<name>.*.tmp` file behind, never a damaged `path`.
+    """
+    path = Path(path)
+    _check_plain(state, "")
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+        tmp_name = None
+        _fsync_dir(path.parent)  # make the rename itself durable
+    except OSError as err:
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {err.strerror or err}. The previous checkpoint there (if any) "
+            "is unchanged; free disk space or choose another --out-dir, then resume"
+        ) from err
+    finally:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+
+
+def _fsync_dir(folder: Path) -> None:
+    if os.name != "posix":
+        return  # directories cannot be opened for fsync on Windows
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Read a checkpoint written by save_checkpoint, safely (weights_only: a checkpoint cannot run code).
+
+    Raises CheckpointError naming the file when it is missing, unreadable, truncated, not a
+    PyTorch file, holds objects other than tensors and plain values, or is not a checkpoint of
+    this project (state["format"] != CHECKPOINT_FORMAT).
+    """
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise CheckpointError(f"checkpoint {path} {what}; pass the path of a last.pt or best.pt written by train.py")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file ({err}); use another checkpoint") from err
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise CheckpointError(
+            f"refused to load checkpoint {path}: it holds {found.group(1) if found else 'objects'} besides tensors "
+            "and plain values, and loading it could run code. Use a checkpoint written by train.py; load this one "
+            "only if you trust its source, with torch.load(weights_only=False)"
+        ) from err
+    except PermissionError as err:
+        raise CheckpointError(f"could not read checkpoint {path}: permission denied; check the file's permissions") from err
+    except Exception as err:  # damaged files raise RuntimeError, EOFError, KeyError, OSError(EINVAL), ...
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or not a PyTorch file ({type(err).__name__}: {str(err)[:120]}); "
+            "the copy may be incomplete: copy it again, or resume from another checkpoint such as best.pt"
+        ) from err
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is not a checkpoint of this project (format {found!r}, expected {CHECKPOINT_FORMAT!r}); "
+            "pass a last.pt or best.pt written by train.py"
+        )
+    return state
+
+
+def rng_state() -> dict:
+    """States of the Python, NumPy, torch CPU and current CUDA generators, as plain values and tensors.
+
+    Only the current CUDA device is saved: get_rng_state_all() would create a context on every GPU
+    in every torchrun process.
+    """
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    return {
+        "python": [version, list(mt), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what rng_state() returned; missing entries (and CUDA's, without a GPU) are left alone."""
+    if state.get("python") is not None:
+        version, mt, gauss = state["python"]
+        random.setstate((version, tuple(mt), gauss))
+    if state.get("numpy") is not None:
+        kind, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if state.get("torch") is not None:
+        torch.set_rng_state(state["torch"].cpu())
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
