@@ -38,7 +38,7 @@ import dataset
 import utils
 from modules import ImprovedUNet, ModelConfig
 
-METRICS = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")  # the scorer's names
+METRICS = utils.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
 ISIC_ID = re.compile(r"ISIC_\d{7}")
 
 
@@ -207,7 +207,8 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: boo
 
 def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A probability map (S, S) resized to the original (H, W), bilinear (antialiased when shrinking)."""
-    return F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    shrink = size[0] < probs.shape[0] or size[1] < probs.shape[1]  # antialiasing costs 2x and changes no upsampling
+    return F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0, 0]
 
 
 # ----------------------------------------------------------------------------- post-processing
@@ -333,7 +334,7 @@ def find_masks(spec: str) -> dict[str, Path]:
     suffixes = image_suffixes()
     masks = {image_id(p): p for p in sorted(path.iterdir()) if p.is_file() and p.suffix.lower() in suffixes}
     if not masks:
-        pairs = dataset.find_pairs(path)  # an ISIC root: the ground truth of every split
+        pairs = dataset.find_pairs(path, log=lambda *a: None)  # an ISIC root: the ground truth of every split
         masks = {s.id: Path(s.mask) for split in pairs.values() for s in split if s.mask is not None}
     if not masks:
         raise PredictError(f"--masks {spec}: no ground-truth masks found; expected <id>_segmentation.png files "
@@ -348,13 +349,16 @@ def held_out_test_split(loaded: LoadedModel) -> tuple[list[Item], str]:
     if not data_dir or not Path(data_dir).is_dir():
         raise PredictError(f"no --input given and the data {loaded.path} was trained on ({data_dir}) is not here; "
                            f"pass --input FILE, FOLDER or GLOB")
-    names = {f.name for f in dataclasses.fields(dataset.DataConfig)}
-    data_config = dataset.DataConfig(**{k: v for k, v in config.items() if k in names})
-    samples = dataset.split_samples(data_config)["test"]
-    if not samples:
+    defaults = dataset.DataConfig()
+    pairs = dataset.find_pairs(data_dir, skip_bad=config.get("skip_bad", defaults.skip_bad), log=lambda *a: None)
+    # the same seeded hold-out as the run's (no cache is built)
+    assigned, _ = dataset.split_samples(pairs, config.get("val_fraction", defaults.val_fraction),
+                                        config.get("test_fraction", defaults.test_fraction),
+                                        config.get("split_seed", defaults.split_seed))
+    if not assigned["test"]:
         raise PredictError(f"no --input given and the run of {loaded.path} held out no test images in {data_dir}; "
                            f"pass --input FILE, FOLDER or GLOB")
-    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in samples], data_dir
+    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in assigned["test"]], data_dir
 
 
 def gather_items(config: PredictConfig, loaded: LoadedModel) -> list[Item]:
@@ -424,19 +428,28 @@ class Loaded:
     truth_error: str | None = None  # why its ground truth could not be used
 
 
+def original_size(path: Path) -> tuple[int, int]:
+    """(H, W) of an image file as displayed (EXIF orientation applied), from its header alone."""
+    with Image.open(path) as image:
+        width, height = image.size
+        rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap the sides
+    return (width, height) if rotated else (height, width)
+
+
 def load_item(item: Item, image_size: int, keep_image: bool, timer: StageTimer) -> Loaded:
     """Decode and resize one image (and decode its ground truth); errors are recorded, not raised."""
     out = Loaded(item)
     try:
         with timer("decode"):
-            image = dataset.load_image(item.image)
+            # with a size, JPEGs decode at a reduced scale (Pillow's draft), as for the training cache
+            image = dataset.load_image(item.image, size=image_size)
+            out.size = original_size(item.image)
+            out.image = dataset.load_image(item.image) if keep_image else None
         with timer("resize"):
             out.small = dataset.resize_image(image, image_size)
     except (dataset.DataError, OSError, ValueError) as err:
         out.error = str(err) or type(err).__name__
         return out
-    out.size = image.shape[:2]
-    out.image = image if keep_image else None
     if item.mask is not None:
         try:
             with timer("decode"):
