@@ -14,6 +14,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "METRIC_NAMES", "MetricAverager", "SegmentationLoss", "dice_loss", "segmentation_metrics",
     "seed_everything", "select_device", "available_devices", "get_rank", "is_main_process", "print0",
     "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+    "DistInfo", "init_distributed", "cleanup_distributed",
 ]
 
 
@@ -232,3 +234,58 @@ def set_rng_state(state: dict) -> None:
         torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# --- distributed --------------------------------------------------------------------------------
+
+
+class DistInfo(NamedTuple):
+    rank: int  # global rank, 0 .. world_size - 1
+    local_rank: int  # rank within this node: the GPU index
+    world_size: int  # number of processes
+    is_distributed: bool  # False for a plain single-process run
+
+
+def init_distributed(device: str | torch.device | None = None) -> DistInfo:
+    """Join the process group that torchrun describes in RANK, LOCAL_RANK and WORLD_SIZE.
+
+    A no-op returning DistInfo(0, 0, 1, False) when WORLD_SIZE is unset or 1. Otherwise NCCL on
+    CUDA (each process pinned to GPU LOCAL_RANK) and gloo on CPU; `device` ("auto", "cpu", "cuda",
+    as for select_device) lets a CPU run on a GPU machine use gloo. Calling it again returns the same information.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return DistInfo(0, 0, 1, False)
+    try:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    except (KeyError, ValueError) as err:
+        raise RuntimeError(
+            f"WORLD_SIZE={world_size} is set but RANK or LOCAL_RANK is missing or not a number; "
+            "launch with torchrun --nproc_per_node=N train.py ..., or unset WORLD_SIZE for one process"
+        ) from err
+    info = DistInfo(rank, local_rank, world_size, True)
+    if not torch.distributed.is_available():
+        raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; run one process")
+    if torch.distributed.is_initialized():
+        return info
+    if device is None or str(device) == "auto":
+        use_cuda = torch.cuda.is_available()
+    else:
+        use_cuda = torch.device(device).type == "cuda"
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} visible GPU(s); "
+                "start at most that many processes per node (torchrun --nproc_per_node)"
+            )
+        torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank owns one GPU
+        torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
+    else:
+        torch.distributed.init_process_group("gloo")
+    return info
+
+
+def cleanup_distributed() -> None:
+    """Leave the process group (if any), so the process exits without NCCL warnings."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

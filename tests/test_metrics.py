@@ -1,5 +1,12 @@
 """Dice loss and ISIC metrics: known values, the empty-mask conventions, and the official scorer."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -252,3 +259,57 @@ def test_metric_averager_means_over_images_not_batches():
     assert averager.compute() == {"dice": 0.75, "loss": 1.0}
     averager.reset()
     assert averager.compute() == {}
+
+
+WORKER = """
+import json, sys, torch, utils
+info = utils.init_distributed()
+assert info.is_distributed and info.world_size == 2 and torch.distributed.get_backend() == "gloo", info
+gen = torch.Generator().manual_seed(0)
+pred, truth = torch.rand(10, 8, 8, generator=gen) > 0.5, torch.rand(10, 8, 8, generator=gen) > 0.6
+batches = [(0, 3), (3, 6), (6, 7)] if info.rank == 0 else [(7, 9), (9, 10)]  # 7 images and 3
+averager = utils.MetricAverager()
+for start, stop in batches:
+    averager.update(utils.segmentation_metrics(pred[start:stop], truth[start:stop]))
+if info.rank == 1:
+    averager.update({"extra": torch.tensor([2.0, 4.0])})  # a key the other rank never saw
+result = averager.compute()
+utils.cleanup_distributed()
+json.dump({"rank": info.rank, "means": result}, open(sys.argv[1], "w"))
+"""
+
+
+@pytest.mark.slow  # two fresh Python processes importing torch
+def test_metric_averager_all_reduces_across_two_gloo_processes(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / f"rank{rank}.json")], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+
+    gen = torch.Generator().manual_seed(0)
+    pred, truth = torch.rand(10, 8, 8, generator=gen) > 0.5, torch.rand(10, 8, 8, generator=gen) > 0.6
+    single = {k: v.mean().item() for k, v in utils.segmentation_metrics(pred, truth).items()}
+    single["extra"] = 3.0
+    for rank in range(2):
+        means = json.loads((tmp_path / f"rank{rank}.json").read_text())["means"]
+        assert means.keys() == single.keys()
+        for name in single:
+            assert means[name] == pytest.approx(single[name], rel=1e-12), (rank, name)
+    # a mean of the two ranks' means would differ: the split is uneven and the ranks' values are not equal
+    first = utils.segmentation_metrics(pred[:7], truth[:7])["dice"].mean().item()
+    second = utils.segmentation_metrics(pred[7:], truth[7:])["dice"].mean().item()
+    assert (first + second) / 2 != pytest.approx(single["dice"], rel=1e-6)

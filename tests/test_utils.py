@@ -47,3 +47,33 @@ def test_print0_prints_on_rank0_only(capsys, monkeypatch):
 @pytest.mark.gpu
 def test_cuda_device_selected_when_present():
     assert utils.select_device("auto").type == "cuda"
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    def draw():
+        return random.random(), np.random.rand(), np.random.randn(), torch.rand(3).tolist()
+
+    utils.seed_everything(7)
+    np.random.randn()  # leaves a cached Gaussian in NumPy's state
+    saved = utils.rng_state()
+    expected = draw()
+    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "rng": saved}, tmp_path / "last.pt")
+    utils.seed_everything(8)
+    utils.set_rng_state(utils.load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert draw() == expected
+
+
+def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert utils.init_distributed() == utils.DistInfo(0, 0, 1, False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert utils.init_distributed() == (0, 0, 1, False)
+    assert not torch.distributed.is_initialized()
+    utils.cleanup_distributed()  # nothing to leave: must not raise
+
+
+def test_init_distributed_says_how_to_launch(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(RuntimeError, match="RANK or LOCAL_RANK is missing.*torchrun"):
+        utils.init_distributed()
