@@ -56,7 +56,7 @@ class PredictConfig:
     output: str | None = None  # output folder; default: predictions/ in the checkpoint's run folder, else predict_out
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
     tta: bool = False  # test-time augmentation: average over the image and its horizontal, vertical and double flip
-    postprocess: bool = False  # keep the largest connected region, holes filled, at the network resolution (lesions are one region)
+    postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
     export_onnx: str | None = None  # write the model to this ONNX file (dynamic batch, height and width) and exit
@@ -524,12 +524,15 @@ def save_png(array: np.ndarray):
 
 
 def outline(mask: torch.Tensor, width: int) -> torch.Tensor:
-    """The boundary band of a boolean mask (H, W), about `width` pixels each side of the edge."""
-    x = mask[None, None].float()
-    k = 2 * width + 1
-    dilated = F.max_pool2d(x, k, stride=1, padding=width)
-    eroded = -F.max_pool2d(-x, k, stride=1, padding=width)
-    return (dilated > eroded)[0, 0]
+    """The edge of a boolean mask (H, W) as a band about `width` pixels wide, for drawing.
+
+    The edge (a 3x3 dilation differing from the 3x3 erosion) is found on every width-th pixel and
+    each hit drawn as a width x width block: a 12-megapixel overlay costs milliseconds, not seconds.
+    """
+    height, full_width = mask.shape
+    x = mask[::width, ::width][None, None].float()
+    edge = (F.max_pool2d(x, 3, stride=1, padding=1) > -F.max_pool2d(-x, 3, stride=1, padding=1))[0, 0]
+    return edge.repeat_interleave(width, 0).repeat_interleave(width, 1)[:height, :full_width]
 
 
 def overlay_image(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
