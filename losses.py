@@ -155,7 +155,7 @@ class MetricAverager:
 
     def update(self, per_image: dict[str, torch.Tensor]) -> None:
         for name, values in per_image.items():
-            values = torch.as_tensor(values).detach()
+            values = values.detach() if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
             dtype = torch.float32 if values.device.type == "mps" else torch.float64
             total = values.to(dtype).sum()
             self._sums[name] = self._sums[name] + total if name in self._sums else total
@@ -169,7 +169,8 @@ class MetricAverager:
             gathered = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(gathered, names)
             names = sorted(set().union(*gathered))
-        sums = [self._sums[n].double().cpu() if n in self._sums else torch.zeros((), dtype=torch.float64) for n in names]
+        zero = torch.zeros((), dtype=torch.float64)
+        sums = [self._sums[n].double().cpu() if n in self._sums else zero for n in names]
         counts = [float(self._counts.get(n, 0)) for n in names]
         totals = torch.cat([torch.stack(sums), torch.tensor(counts, dtype=torch.float64)]) if names else None
         if distributed and totals is not None:

@@ -109,18 +109,19 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or read; the message names the file and what to do."""
 
 
-def _check_plain(value, where: str) -> None:
+def _check_plain(value, where: str, path: Path) -> None:
     if type(value) in (dict, collections.OrderedDict):
         for key, item in value.items():
-            _check_plain(key, f"{where} key {key!r}")
-            _check_plain(item, f"{where}[{key!r}]")
+            _check_plain(key, f"{where} key {key!r}", path)
+            _check_plain(item, f"{where}[{key!r}]", path)
     elif type(value) in (list, tuple, set):
         for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
+            _check_plain(item, f"{where}[{i}]", path)
     elif not (isinstance(value, torch.Tensor) or type(value) in _PLAIN_TYPES):
         raise TypeError(
-            f"checkpoint{where} holds a {type(value).__module__}.{type(value).__qualname__}; store plain "
-            "python values and tensors only (e.g. str(path), float(x), array.tolist()) so it loads with weights_only=True"
+            f"checkpoint{where} holds a {type(value).__module__}.{type(value).__qualname__}, so {path} was not "
+            "written; store plain python values and tensors only (str(path), float(x), array.tolist()) so that "
+            "torch.load(weights_only=True) can read it"
         )
 
 
@@ -134,7 +135,7 @@ def save_checkpoint(state: dict, path) -> None:
     `.<name>.*.tmp` file behind, never a damaged `path`.
     """
     path = Path(path)
-    _check_plain(state, "")
+    _check_plain(state, "", path)
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -148,8 +149,8 @@ def save_checkpoint(state: dict, path) -> None:
         _fsync_dir(path.parent)  # make the rename itself durable
     except OSError as err:
         raise CheckpointError(
-            f"could not write checkpoint {path}: {err.strerror or err}. The previous checkpoint there (if any) "
-            "is unchanged; free disk space or choose another --out-dir, then resume"
+            f"could not write checkpoint {path}: {err.strerror or err}. The previous checkpoint there (if any) is "
+            "unchanged; free disk space or choose another --out-dir, then resume"
         ) from err
     finally:
         if tmp_name is not None:
@@ -158,13 +159,15 @@ def save_checkpoint(state: dict, path) -> None:
 
 
 def _fsync_dir(folder: Path) -> None:
+    """Best effort: Windows cannot open folders, and some network file systems refuse to fsync them."""
     if os.name != "posix":
-        return  # directories cannot be opened for fsync on Windows
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -180,21 +183,19 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} {what}; pass the path of a last.pt or best.pt written by train.py")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        if "Weights only load failed" not in str(err):
-            raise CheckpointError(f"checkpoint {path} is damaged or not a PyTorch file ({err}); use another checkpoint") from err
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        raise CheckpointError(
-            f"refused to load checkpoint {path}: it holds {found.group(1) if found else 'objects'} besides tensors "
-            "and plain values, and loading it could run code. Use a checkpoint written by train.py; load this one "
-            "only if you trust its source, with torch.load(weights_only=False)"
-        ) from err
     except PermissionError as err:
-        raise CheckpointError(f"could not read checkpoint {path}: permission denied; check the file's permissions") from err
+        raise CheckpointError(f"could not read checkpoint {path}: permission denied; check its permissions") from err
     except Exception as err:  # damaged files raise RuntimeError, EOFError, KeyError, OSError(EINVAL), ...
+        if isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err):
+            found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+            raise CheckpointError(
+                f"refused to load checkpoint {path}: it holds {found.group(1) if found else 'objects'} besides "
+                "tensors and plain values, and loading it could run code. Use a checkpoint written by train.py; "
+                "load this one only if you trust its source, with torch.load(weights_only=False)"
+            ) from err
         raise CheckpointError(
             f"checkpoint {path} is truncated or not a PyTorch file ({type(err).__name__}: {str(err)[:120]}); "
-            "the copy may be incomplete: copy it again, or resume from another checkpoint such as best.pt"
+            "if it was copied, copy it again, otherwise use the run's other checkpoint (last.pt or best.pt)"
         ) from err
     found = state.get("format") if isinstance(state, dict) else None
     if found != CHECKPOINT_FORMAT:

@@ -213,7 +213,8 @@ def partial_file(folder: Path, full_size: int) -> bool:
 @pytest.mark.slow
 def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.pt"
-    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "version": 0, "model": {"w": torch.zeros(2_000_000)}}, path)
+    first = {"format": utils.CHECKPOINT_FORMAT, "version": 0, "model": {"w": torch.zeros(2_000_000)}}
+    utils.save_checkpoint(first, path)
     full_size = path.stat().st_size
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)

@@ -200,7 +200,8 @@ def cross_check_cases(height=24, width=40, n_random=6, seed=0):
     ]
     for _ in range(n_random):
         truth = blob()
-        pred = np.roll(truth, (rng.integers(-3, 4), rng.integers(-4, 5)), axis=(0, 1)) | (rng.random(truth.shape) > 0.97)
+        shifted = np.roll(truth, (rng.integers(-3, 4), rng.integers(-4, 5)), axis=(0, 1))
+        pred = shifted | (rng.random(truth.shape) > 0.97)  # plus scattered false positives
         cases.append((truth, pred))
     return cases
 
@@ -313,3 +314,23 @@ def test_metric_averager_all_reduces_across_two_gloo_processes(tmp_path):
     first = utils.segmentation_metrics(pred[:7], truth[:7])["dice"].mean().item()
     second = utils.segmentation_metrics(pred[7:], truth[7:])["dice"].mean().item()
     assert (first + second) / 2 != pytest.approx(single["dice"], rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_loss_and_metrics_on_cuda_match_cpu():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 32, 32, generator=gen)
+    target = (torch.rand(2, 1, 32, 32, generator=gen) > 0.5).float()
+    with torch.autocast("cuda", dtype=torch.float16):
+        loss = utils.dice_loss(logits.cuda().half(), target.cuda())
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(utils.dice_loss(logits.half().float(), target).item(), abs=1e-6)
+    pred, truth = logits[:, 0] > 0, target[:, 0] > 0.5
+    on_gpu = utils.segmentation_metrics(pred.cuda(), truth.cuda())
+    on_cpu = utils.segmentation_metrics(pred, truth)
+    averager = utils.MetricAverager()
+    averager.update(on_gpu)
+    means = averager.compute()
+    for name in utils.METRIC_NAMES:
+        assert torch.equal(on_gpu[name].cpu(), on_cpu[name])
+        assert means[name] == pytest.approx(on_cpu[name].mean().item())

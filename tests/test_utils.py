@@ -77,3 +77,14 @@ def test_init_distributed_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="RANK or LOCAL_RANK is missing.*torchrun"):
         utils.init_distributed()
+
+
+@pytest.mark.gpu
+def test_rng_state_restores_cuda_generator():
+    torch.zeros(1, device="cuda")  # rng_state() skips CUDA until something has initialised it
+    torch.cuda.manual_seed(1)
+    saved = utils.rng_state()
+    assert saved["cuda"] is not None
+    expected = torch.rand(3, device="cuda")
+    utils.set_rng_state(saved)
+    assert torch.equal(torch.rand(3, device="cuda"), expected)
