@@ -1,1 +1,884 @@
-"""Dice-loss training of the Improved UNet: `python train.py` (see README.md)."""
+"""Dice-loss training of the Improved UNet on ISIC 2018 Task 1.
+
+    python train.py                                  # built-in synthetic lesions when no ISIC data
+    python train.py --data-dir data/ISIC2018 --epochs 100
+    torchrun --nproc_per_node=4 train.py ...          # several GPUs (DistributedDataParallel)
+
+Everything a run produces goes to runs/<name>/: config.json, metrics.csv, summary.json, curves.png,
+predictions.png, last.pt and best.pt. `--resume auto` continues a run from its last.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import socket
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+import dataset
+import utils
+import modules
+
+CHECKPOINT_FORMAT = "improved-unet-isic/1"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; each field is a --kebab-case flag of train.py."""
+
+    # --- data ---
+    data_dir: str = "data/ISIC2018"  # ISIC root (official folders or images/ + masks/); synthetic set when absent
+    image_size: int = 256  # side of the square the images are resized to (multiple of 16)
+    val_fraction: float = 0.1  # share of the training folder held out for validation when there is no official one
+    test_fraction: float = 0.1  # share held out for testing when there is no official test ground truth
+    split_seed: int = 0  # seed of the train/val/test split (kept fixed across runs to compare them)
+    skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
+    synthetic_images: int = 400  # size of the built-in synthetic lesion set
+    # --- model ---
+    base_channels: int = 16  # feature maps at the first level (the paper: 16, doubling per level)
+    norm: str = "batch"  # "batch" or "instance" (the paper's choice)
+    dropout: float = 0.3  # dropout inside the context modules (the paper: 0.3)
+    sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
+    # --- optimisation ---
+    epochs: int = 100  # passes over the training split
+    batch_size: int = 16  # images per step on each GPU
+    lr: float = 5e-4  # initial learning rate (the paper: 5e-4)
+    weight_decay: float = 1e-5  # Adam's L2 penalty (the paper: 1e-5)
+    schedule: str = "paper"  # "paper": lr x lr_decay every epoch; "cosine": cosine decay after warm-up
+    lr_decay: float = 0.985  # per-epoch factor of the paper schedule
+    warmup_epochs: int = 0  # linear warm-up epochs (cosine schedule)
+    grad_clip: float = 0.0  # clip the gradient norm to this value; 0 turns clipping off
+    loss: str = "dice"  # "dice" or "dice+bce"
+    # --- hardware ---
+    device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
+    amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
+    channels_last: bool | None = None  # NHWC memory format; default on for CUDA
+    compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
+    seed: int = 0  # seed for weights, shuffling and augmentation (each rank adds its rank)
+    deterministic: bool = False  # deterministic kernels (slower; for exact reproduction)
+    # --- run ---
+    out_dir: str = "runs"  # parent folder of run folders
+    name: str | None = None  # run folder name; default: date and time
+    resume: str | None = None  # "auto" (this run's last.pt, if any) or a checkpoint path
+    config: str | None = None  # JSON or YAML file of these settings; flags override it
+    num_preview: int = 4  # validation images shown in predictions.png and wandb
+    progress: bool = True  # tqdm progress bars
+    # --- wandb ---
+    wandb: str | None = None  # online, offline or disabled; default: WANDB_MODE, else online with an API key, else offline
+    wandb_project: str = "improved-unet-isic"  # wandb project
+    wandb_entity: str | None = None  # wandb team or user
+    wandb_tags: list[str] = field(default_factory=list)  # wandb tags
+    # --- debugging ---
+    max_steps: int = 0  # stop each epoch after this many steps; 0 means the whole epoch
+    limit_samples: int = 0  # use only the first N training images; 0 means all
+    overfit_batch: bool = False  # train and validate on one fixed batch (a quick check that the model can learn)
+
+
+# Used for the fields a user did not set when no ISIC data is present: a run that finishes in
+# minutes on a laptop CPU and still learns the synthetic lesions well.
+SYNTHETIC_DEFAULTS = {"image_size": 96, "epochs": 15, "batch_size": 8}
+
+GROUPS = {
+    "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "skip_bad", "synthetic_images"],
+    "model": ["base_channels", "norm", "dropout", "sync_batchnorm"],
+    "optimisation": ["epochs", "batch_size", "lr", "weight_decay", "schedule", "lr_decay", "warmup_epochs",
+                     "grad_clip", "loss"],
+    "hardware": ["device", "amp", "channels_last", "compile", "seed", "deterministic"],
+    "run": ["out_dir", "name", "resume", "config", "num_preview", "progress"],
+    "wandb": ["wandb", "wandb_project", "wandb_entity", "wandb_tags"],
+    "debugging": ["max_steps", "limit_samples", "overfit_batch"],
+}
+CHOICES = {
+    "norm": ["batch", "instance"],
+    "schedule": ["paper", "cosine"],
+    "loss": ["dice", "dice+bce"],
+    "amp": ["auto", "bf16", "fp16", "off"],
+    "wandb": ["online", "offline", "disabled"],
+}
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag that cannot be used; the message says which and why."""
+
+
+def field_help(cls) -> dict[str, str]:
+    """The one-line comment after each field of a dataclass, used as that flag's help text."""
+    import inspect
+    import re
+
+    helps = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+        if match:
+            helps[match.group(1)] = match.group(2).strip()
+    return helps
+
+
+def _base_type(annotation: str) -> str:
+    parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
+    return parts[0]
+
+
+def _coerce(name: str, annotation: str, value, source: str):
+    """Check a value from a config file against the field's type (ints are accepted as floats)."""
+    kind = _base_type(annotation)
+    if value is None and "None" in str(annotation):
+        return None
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "str": isinstance(value, str),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }.get(kind, True)
+    if not ok:
+        raise ConfigError(f"{source}: {name} must be {kind}, got {value!r} ({type(value).__name__})")
+    return float(value) if kind == "float" else value
+
+
+def read_config_file(path: str | os.PathLike, cls) -> dict:
+    """Settings from a JSON or YAML file, checked against the dataclass (unknown keys, types)."""
+    import difflib
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in {".yaml", ".yml"}:
+            import yaml
+
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as err:  # both parsers raise their own error types
+        raise ConfigError(f"config file {path} could not be parsed: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    checked = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in fields:
+            close = difflib.get_close_matches(name, list(fields), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
+        checked[name] = _coerce(name, fields[name].type, value, f"config file {path}")
+    return checked
+
+
+def build_parser(cls, description: str, groups: dict[str, list[str]], choices: dict[str, list[str]],
+                 suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """An argparse parser generated from a dataclass: one --kebab-case flag per field, grouped."""
+    parser = argparse.ArgumentParser(
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+    )
+    helps = field_help(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    grouped = [name for names in groups.values() for name in names]
+    missing = set(fields) - set(grouped)
+    assert not missing, f"fields without a help group: {missing}"
+    for title, names in groups.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            kind = _base_type(f.type)
+            flag = "--" + name.replace("_", "-")
+            kwargs = {"help": helps.get(name, "")}
+            if not suppress_defaults:
+                kwargs["default"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if kind == "bool":
+                kwargs["action"] = argparse.BooleanOptionalAction
+            elif kind == "list[str]":
+                kwargs["nargs"] = "*"
+                kwargs["metavar"] = "TAG"
+            else:
+                kwargs["type"] = {"int": int, "float": float}.get(kind, str)
+                kwargs["metavar"] = kind.upper() if kind != "str" else name.split("_")[-1].upper()
+            if name in choices:
+                kwargs["choices"] = choices[name]
+                kwargs.pop("metavar", None)
+            group.add_argument(flag, **kwargs)
+    return parser
+
+
+def parse_config(cls, argv, description: str, groups, choices):
+    """Two-stage parse: a --config file sets defaults, flags override them.
+
+    Returns the config and the set of fields the user set (in the file or as flags).
+    """
+    parser = build_parser(cls, description, groups, choices)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    file_values = {}
+    if known.config:
+        try:
+            file_values = read_config_file(known.config, cls)
+        except ConfigError as err:
+            parser.error(str(err))
+        parser.set_defaults(**file_values)
+    args = parser.parse_args(argv)
+    given = vars(build_parser(cls, description, groups, choices, suppress_defaults=True).parse_args(argv))
+    return cls(**vars(args)), set(file_values) | set(given), parser
+
+
+def check_config(config: TrainConfig) -> list[str]:
+    """Settings that cannot work, as messages (empty when the config is usable)."""
+    problems = []
+    if config.image_size < 16 or config.image_size % 16:
+        nearest = max(16, round(config.image_size / 16) * 16)
+        problems.append(f"--image-size must be a positive multiple of 16 (the network halves it four times); "
+                        f"try {nearest}")
+    for name in ("batch_size", "epochs", "base_channels", "synthetic_images"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not config.lr > 0 or not math.isfinite(config.lr):
+        problems.append(f"--lr must be a positive number, got {config.lr}")
+    if config.weight_decay < 0:
+        problems.append(f"--weight-decay must not be negative, got {config.weight_decay}")
+    if not 0 < config.lr_decay <= 1:
+        problems.append(f"--lr-decay must be in (0, 1], got {config.lr_decay}")
+    if not 0 <= config.dropout < 1:
+        problems.append(f"--dropout must be in [0, 1), got {config.dropout}")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 <= getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+    if config.val_fraction + config.test_fraction >= 1:
+        problems.append("--val-fraction plus --test-fraction must leave images for training")
+    for name in ("grad_clip", "warmup_epochs", "max_steps", "limit_samples", "num_preview"):
+        if getattr(config, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+    return problems
+
+
+# ----------------------------------------------------------------------------- run folder
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+class RunLock:
+    """A lock file in the run folder, so two runs never write the same checkpoints.
+
+    It records host and pid; a lock left by a process that no longer exists on this host is taken
+    over, so a crashed run does not block its own resumption forever.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        host = socket.gethostname()
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner_host, owner_pid = self._owner()
+                if owner_host == host and owner_pid is not None and not _pid_alive(owner_pid):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise RunInUseError(
+                    f"{self.path.parent} is in use by another run (pid {owner_pid} on {owner_host}). "
+                    f"Choose another --name, or wait for that run to finish; if it is no longer "
+                    f"running, delete {self.path}.") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{host} {os.getpid()}\n")
+            self.held = True
+            return
+
+    def _owner(self):
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None, None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_jaccard", "val_threshold_jaccard",
+                  "val_accuracy", "val_sensitivity", "val_specificity", "lr", "images_per_s", "seconds"]
+
+
+def write_metrics_csv(path: Path, history: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss, validation Dice and learning rate per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [row["train_loss"] for row in history], label="train")
+    axes[0].plot(epochs, [row["val_loss"] for row in history], label="validation")
+    axes[0].set_title("Dice loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [row["val_dice"] for row in history], label="Dice")
+    axes[1].plot(epochs, [row["val_jaccard"] for row in history], label="Jaccard")
+    axes[1].set_title("validation")
+    axes[1].legend()
+    axes[2].plot(epochs, [row["lr"] for row in history])
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_predictions(images, masks, predictions, path: Path, titles=None) -> None:
+    """Rows of image | ground truth | prediction (uint8 images (N,H,W,3), masks (N,H,W) {0,1})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i])
+        axes[i, 1].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
+        axes[i, 2].imshow(images[i])
+        axes[i, 2].contour(masks[i], levels=[0.5], colors="lime", linewidths=1)
+        axes[i, 2].contour(predictions[i], levels=[0.5], colors="red", linewidths=1)
+        if titles:
+            axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    for ax, title in zip(axes[0], ["image", "ground truth", "prediction (red) vs truth (green)"]):
+        ax.set_title(title, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- wandb
+
+
+def wandb_mode(config: TrainConfig) -> str:
+    """Flag, then WANDB_MODE, then online only when an API key is configured (else offline)."""
+    if config.wandb:
+        return config.wandb
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def start_wandb(config: TrainConfig, run_dir: Path, run_id: str | None):
+    """A wandb run (resumed when run_id is known), or None; never lets wandb stop training."""
+    mode = wandb_mode(config)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        return wandb.init(
+            project=config.wandb_project, entity=config.wandb_entity, name=run_dir.name,
+            tags=config.wandb_tags or None, config=dataclasses.asdict(config), dir=str(run_dir),
+            id=run_id, resume="allow" if run_id else None, mode=mode,
+        )
+    except Exception as err:  # wandb raises many error types when it cannot start; none may stop training
+        warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); training goes on without it. "
+                      f"Use --wandb offline to log locally and `wandb sync` later.", stacklevel=2)
+        return None
+
+
+def wandb_log(run, values: dict, step: int) -> None:
+    if run is None:
+        return
+    try:
+        run.log(values, step=step)
+    except Exception as err:  # a lost connection must not stop training
+        warnings.warn(f"wandb.log failed ({err}); continuing", stacklevel=2)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss became NaN); the message says what to try."""
+
+
+class Preemption:
+    """Turns SIGUSR1/SIGTERM (SLURM's warning before a time limit or preemption) into a flag.
+
+    The loop finishes the current step, writes last.pt and exits, so a requeued job resumes.
+    """
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving last.pt after this step", file=sys.stderr, flush=True)
+
+    def requested(self, distributed: bool, device: torch.device) -> bool:
+        """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
+        if not distributed:
+            return self.signum is not None
+        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
+        torch.distributed.all_reduce(flag)
+        return flag.item() > 0
+
+
+def make_scheduler(optimizer, config: TrainConfig):
+    """Per-epoch learning-rate factor. LambdaLR multiplies the *initial* lr by the returned factor,
+    so the paper's "lr x 0.985 every epoch" is 0.985 ** epoch, not a running product."""
+    if config.schedule == "paper":
+        def factor(epoch):
+            return config.lr_decay ** epoch
+    else:
+        def factor(epoch):
+            if epoch < config.warmup_epochs:
+                return (epoch + 1) / (config.warmup_epochs + 1)
+            progress = (epoch - config.warmup_epochs) / max(1, config.epochs - config.warmup_epochs)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def amp_settings(amp: str, device: torch.device):
+    """(autocast context factory, GradScaler or None). GradScaler only for fp16: bf16 has fp32's
+    exponent range and needs no loss scaling."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    if amp == "off":
+        return nullcontext, None
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+def train_one_epoch(model, loader, optimizer, loss_fn, *, autocast, scaler, config: TrainConfig, epoch: int,
+                    start_step: int, loss_sum: float, images_seen: int, preemption: Preemption,
+                    distributed: bool, device: torch.device) -> dict:
+    """One pass over the training loader from `start_step`; stops early on a preemption signal.
+
+    The loss is summed on the device and read back only for the progress bar, so the step itself
+    never waits for the GPU.
+    """
+    from tqdm import tqdm
+
+    model.train()
+    steps = len(loader) if config.max_steps == 0 else min(len(loader), config.max_steps)
+    total_loss = torch.tensor(loss_sum, device=device, dtype=torch.float64)
+    seen = images_seen
+    check_every = 1 if device.type == "cpu" else 25  # a finiteness check is a host sync on GPUs
+    bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
+               disable=not (config.progress and utils.is_main_process()), dynamic_ncols=True, unit="step")
+    started, timed_images = time.perf_counter(), 0
+    step = start_step
+    stopped = False
+    for step_index, (images, masks) in enumerate(loader):
+        if step_index < start_step:
+            continue  # resuming mid-epoch: the loader replays the same batches, already trained on
+        if step_index >= steps:
+            break
+        with autocast():
+            logits = model(images)
+        loss = loss_fn(logits.float(), masks)  # float32 loss even under autocast
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if config.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        total_loss += loss.detach().double() * images.shape[0]
+        seen += images.shape[0]
+        timed_images += images.shape[0]
+        step = step_index + 1
+        if step % check_every == 0 and not torch.isfinite(total_loss):
+            raise TrainingError(
+                f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within the "
+                f"{check_every} steps before it). The last good checkpoint is kept. Try a lower --lr, "
+                f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
+        if bar.n % 10 == 0 or step == steps:
+            rate = timed_images / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{total_loss.item() / max(seen, 1):.4f}", img_s=f"{rate:.1f}")
+        bar.update(1)
+        if preemption.requested(distributed, device):
+            stopped = step < steps
+            break
+    bar.close()
+    if not torch.isfinite(total_loss):
+        raise TrainingError(f"the training loss became {total_loss.item()} during epoch {epoch + 1}. The last good "
+                            f"checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --amp bf16/off.")
+    seconds = time.perf_counter() - started
+    return {"loss_sum": total_loss.item(), "images": seen, "step": step, "stopped": stopped,
+            "images_per_s": timed_images / max(seconds, 1e-9) * (torch.distributed.get_world_size() if distributed else 1)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, loss_fn, *, autocast) -> dict:
+    """Mean loss and ISIC metrics over a split (per image, then averaged across all ranks)."""
+    model.eval()
+    averager = utils.MetricAverager()
+    for images, masks in loader:
+        with autocast():
+            logits = model(images)
+        logits = logits.float()
+        per_image = utils.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5)
+        per_image["loss"] = loss_fn(logits, masks).detach().expand(images.shape[0])
+        averager.update(per_image)
+    return averager.compute()
+
+
+@torch.no_grad()
+def predict_preview(model, split, mean, std, count: int, device, autocast):
+    """Predictions on the first `count` images of a split (uint8 images, masks, predictions)."""
+    count = min(count, len(split.ids))
+    images = torch.from_numpy(split.images[:count].copy())
+    batch = dataset.normalize(images.to(device), mean, std)
+    model.eval()
+    with autocast():
+        logits = model(batch).float()
+    predictions = (logits[:, 0] > 0).to(torch.uint8).cpu().numpy()
+    return images.numpy(), split.masks[:count].copy(), predictions, list(split.ids[:count])
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def resolve_data(config: TrainConfig, explicit: set[str], resuming: bool) -> tuple[TrainConfig, bool]:
+    """Use the ISIC data when present; otherwise the built-in synthetic set with laptop-sized settings."""
+    if Path(config.data_dir).exists():
+        return config, False
+    if "data_dir" in explicit or resuming:
+        raise dataset.DataError(
+            f"--data-dir {config.data_dir} does not exist. Get ISIC 2018 with "
+            f"`python dataset.py download --root {config.data_dir}`, or point --data-dir at your copy.")
+    overrides = {k: v for k, v in SYNTHETIC_DEFAULTS.items() if k not in explicit}
+    config = dataclasses.replace(config, data_dir=dataset.SYNTHETIC_DIR, **overrides)
+    utils.print0(f"No ISIC data at {TrainConfig.data_dir}: training on the built-in synthetic lesion set in "
+                 f"{dataset.SYNTHETIC_DIR} ({', '.join(f'{k}={v}' for k, v in overrides.items())}). "
+                 f"For the real data run `python dataset.py download` or pass --data-dir.")
+    return config, True
+
+
+def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Path | None):
+    """The checkpoint to resume from (or None) and the config merged with it: the saved settings,
+    overridden by the ones given now (e.g. more --epochs)."""
+    if not config.resume:
+        return None, config
+    if config.resume == "auto":
+        path = run_dir / "last.pt"
+        if not path.exists():
+            utils.print0(f"--resume auto: no {path} yet, starting a new run")
+            return None, config
+    else:
+        path = Path(config.resume)
+    checkpoint = utils.load_checkpoint(path)
+    saved = {k: v for k, v in checkpoint["train_config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    merged = TrainConfig(**{**saved, **{k: getattr(config, k) for k in explicit | {"resume"}}})
+    if "name" not in explicit:
+        merged = dataclasses.replace(merged, name=path.parent.name, out_dir=str(path.parent.parent))
+    utils.print0(f"resuming from {path} (epoch {checkpoint['epoch'] + 1}, step {checkpoint.get('step', 0)})")
+    return checkpoint, merged
+
+
+def run_name(config: TrainConfig, distributed: bool) -> str:
+    """The run folder name; ranks agree on it (rank 0's clock decides)."""
+    name = [config.name or time.strftime("%Y%m%d-%H%M%S")]
+    if distributed:
+        torch.distributed.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+def train(config: TrainConfig, explicit: set[str] = frozenset()) -> dict:
+    """Run (or resume) training; returns the summary that is also written to summary.json."""
+    dist = utils.init_distributed()
+    try:
+        return _train(config, set(explicit), dist)
+    finally:
+        utils.cleanup_distributed()
+
+
+def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
+    main_process = dist.rank == 0
+    config = dataclasses.replace(config, name=run_name(config, dist.is_distributed))
+    checkpoint, config = load_resume_checkpoint(config, explicit, Path(config.out_dir) / config.name)
+    config, synthetic = resolve_data(config, explicit, resuming=checkpoint is not None)
+    if synthetic and main_process:
+        dataset.ensure_synthetic(config.synthetic_images, seed=0, log=utils.print0)
+
+    device = utils.select_device(config.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not config.deterministic
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    utils.seed_everything(config.seed + dist.rank, deterministic=config.deterministic)
+
+    # The cache is built once, by rank 0; the other ranks wait and then read it.
+    data_config = dataset.DataConfig(
+        data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction, split_seed=config.split_seed, skip_bad=config.skip_bad)
+    if main_process:
+        splits = dataset.prepare_splits(data_config, log=utils.print0)
+    if dist.is_distributed:
+        torch.distributed.barrier()
+    if not main_process:
+        splits = dataset.prepare_splits(data_config, log=lambda *a, **k: None)
+    train_split = splits.train
+    if config.limit_samples:
+        train_split = dataset.CachedSplit(train_split.ids[:config.limit_samples],
+                                          train_split.images[:config.limit_samples],
+                                          train_split.masks[:config.limit_samples])
+    if config.overfit_batch:
+        n = min(config.batch_size, len(train_split.ids))
+        train_split = dataset.CachedSplit(train_split.ids[:n], train_split.images[:n], train_split.masks[:n])
+    val_split = train_split if config.overfit_batch else splits.val
+    mean, std = splits.mean, splits.std
+    loader_args = dict(mean=mean, std=std, device=device, rank=dist.rank, world_size=dist.world_size)
+    train_loader = dataset.make_loader(train_split, config.batch_size, train=True, seed=config.seed, **loader_args)
+    val_loader = dataset.make_loader(val_split, config.batch_size, train=False, seed=config.seed, **loader_args)
+    if len(train_loader) == 0:
+        raise dataset.DataError(f"{config.data_dir}: {len(train_split.ids)} training images make no full batch of "
+                                f"{config.batch_size}; lower --batch-size")
+
+    model_config = modules.ModelConfig(base_channels=config.base_channels, norm=config.norm, dropout=config.dropout)
+    model = modules.ImprovedUNet(model_config)
+    if checkpoint is not None:
+        if checkpoint["model_config"] != dataclasses.asdict(model_config):
+            raise utils.CheckpointError(
+                f"{config.resume}: the checkpoint's model {checkpoint['model_config']} differs from this run's "
+                f"{dataclasses.asdict(model_config)}; drop the conflicting flags or start a new --name")
+        model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    raw_model = model  # checkpoints always hold the plain model, without DDP or compile wrappers
+    if dist.is_distributed:
+        if config.sync_batchnorm and config.norm == "batch":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            raw_model = model
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        model = torch.compile(model)
+
+    optimizer = torch.optim.Adam(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = make_scheduler(optimizer, config)
+    autocast, scaler = amp_settings(config.amp, device)
+    loss_fn = utils.SegmentationLoss(config.loss)
+
+    start_epoch, start_step, loss_sum, images_seen = 0, 0, 0.0, 0
+    best_metric, best_epoch, history, wandb_id = -1.0, -1, [], None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if scaler is not None and checkpoint.get("scaler"):
+            scaler.load_state_dict(checkpoint["scaler"])
+        start_epoch, start_step = checkpoint["epoch"], checkpoint.get("step", 0)
+        loss_sum, images_seen = checkpoint.get("epoch_loss", (0.0, 0))
+        best_metric, best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
+        history, wandb_id = list(checkpoint.get("history", [])), checkpoint.get("wandb_run_id")
+        if main_process:  # other ranks keep their own per-rank streams
+            utils.set_rng_state(checkpoint["rng"])
+
+    run_dir = Path(config.out_dir) / config.name
+    lock = RunLock(run_dir)
+    wandb_run = None
+    if main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    preemption = Preemption()
+    preemption.install()
+    try:
+        if main_process:
+            write_json(run_dir / "config.json", {"train": dataclasses.asdict(config),
+                                                 "model": dataclasses.asdict(model_config),
+                                                 "norm_stats": {"mean": list(mean), "std": list(std)}})
+            wandb_run = start_wandb(config, run_dir, wandb_id)
+            wandb_id = wandb_run.id if wandb_run is not None else wandb_id
+            utils.print0(f"run folder {run_dir} | {len(train_split.ids)} train / {len(val_split.ids)} val images at "
+                         f"{config.image_size}px | device {device} | {modules.count_parameters(raw_model):,} parameters")
+
+        def state(epoch: int, step: int, epoch_loss) -> dict:
+            return {
+                "format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+                "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
+                "image_size": config.image_size, "norm_stats": {"mean": list(mean), "std": list(std)},
+                "epoch": epoch, "step": step, "epoch_loss": list(epoch_loss),
+                "best_metric": best_metric, "best_epoch": best_epoch, "history": history,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": utils.rng_state(), "wandb_run_id": wandb_id,
+            }
+
+        for epoch in range(start_epoch, config.epochs):
+            epoch_started = time.perf_counter()
+            train_loader.set_epoch(epoch)
+            result = train_one_epoch(
+                model, train_loader, optimizer, loss_fn, autocast=autocast, scaler=scaler, config=config,
+                epoch=epoch, start_step=start_step, loss_sum=loss_sum, images_seen=images_seen,
+                preemption=preemption, distributed=dist.is_distributed, device=device)
+            if result["stopped"]:
+                if main_process:
+                    utils.save_checkpoint(state(epoch, result["step"], (result["loss_sum"], result["images"])),
+                                          run_dir / "last.pt")
+                    utils.print0(f"stopped by {signal.Signals(preemption.signum).name} at epoch {epoch + 1}, step "
+                                 f"{result['step']}; resume with --resume auto --name {config.name}")
+                raise SystemExit(128 + (preemption.signum or 0))
+            start_step, loss_sum, images_seen = 0, 0.0, 0
+            if dist.is_distributed:
+                # Each rank updated its own batch-norm statistics; evaluate (and save) rank 0's.
+                for buffer in raw_model.buffers():
+                    torch.distributed.broadcast(buffer, src=0)
+            # The plain model: a DDP forward is a collective, and ranks may hold unequal batch counts.
+            val = evaluate(raw_model, val_loader, loss_fn, autocast=autocast)
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            row = {"epoch": epoch + 1, "train_loss": result["loss_sum"] / max(result["images"], 1),
+                   "val_loss": val["loss"], "lr": lr, "images_per_s": result["images_per_s"],
+                   **{f"val_{k}": v for k, v in val.items() if k != "loss"}}
+            improved = row["val_dice"] > best_metric
+            if improved:
+                best_metric, best_epoch = row["val_dice"], epoch + 1
+            if main_process:
+                row["seconds"] = round(time.perf_counter() - epoch_started, 2)
+                history.append(row)
+                utils.save_checkpoint(state(epoch + 1, 0, (0.0, 0)), run_dir / "last.pt")
+                if improved:
+                    utils.save_checkpoint(state(epoch + 1, 0, (0.0, 0)), run_dir / "best.pt")
+                write_metrics_csv(run_dir / "metrics.csv", history)
+                plot_curves(history, run_dir / "curves.png")
+                utils.print0(f"epoch {epoch + 1:>3}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                             f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "
+                             f"{row['images_per_s']:.1f} img/s" + ("  *best" if improved else ""))
+                wandb_log(wandb_run, {k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, epoch + 1)
+            if preemption.requested(dist.is_distributed, device):
+                utils.print0(f"stopped by a signal after epoch {epoch + 1}; resume with --resume auto --name {config.name}")
+                raise SystemExit(128 + (preemption.signum or 0))
+
+        summary = {"run_dir": str(run_dir), "best_epoch": best_epoch, "best_val_dice": best_metric,
+                   "epochs": config.epochs, "data_dir": config.data_dir, "synthetic": synthetic}
+        if main_process:
+            best = history[best_epoch - 1] if 0 < best_epoch <= len(history) else {}
+            summary["best_metrics"] = {k: v for k, v in best.items() if k.startswith("val_")}
+            images, masks, predictions, ids = predict_preview(raw_model, val_split, mean, std, config.num_preview,
+                                                              device, autocast)
+            if len(ids):
+                plot_predictions(images, masks, predictions, run_dir / "predictions.png", titles=ids)
+                log_wandb_predictions(wandb_run, images, masks, predictions, ids, config.epochs)
+            write_json(run_dir / "summary.json", summary)
+            utils.print0(f"\nbest validation Dice {best_metric:.4f} at epoch {best_epoch}\n"
+                         f"  checkpoints  {run_dir / 'best.pt'}, {run_dir / 'last.pt'}\n"
+                         f"  metrics      {run_dir / 'metrics.csv'}, {run_dir / 'summary.json'}\n"
+                         f"  figures      {run_dir / 'curves.png'}, {run_dir / 'predictions.png'}\n"
+                         f"  predict with python predict.py --checkpoint {run_dir / 'best.pt'}")
+        return summary
+    finally:
+        preemption.uninstall()
+        if wandb_run is not None:
+            try:
+                wandb_run.finish()
+            except Exception:  # a wandb failure at shutdown must not hide the run's result
+                pass
+        lock.release()
+
+
+def log_wandb_predictions(run, images, masks, predictions, ids, step: int) -> None:
+    """Prediction images with the ground truth and the prediction as wandb mask overlays."""
+    if run is None:
+        return
+    import wandb
+
+    labels = {0: "background", 1: "lesion"}
+    panels = [wandb.Image(image, caption=name, masks={
+        "prediction": {"mask_data": prediction, "class_labels": labels},
+        "ground_truth": {"mask_data": mask, "class_labels": labels}})
+        for image, mask, prediction, name in zip(images, masks, predictions, ids)]
+    wandb_log(run, {"predictions": panels}, step)
+
+
+def main(argv=None) -> dict:
+    config, explicit, parser = parse_config(
+        TrainConfig, argv, "Train the Improved UNet (Isensee et al. 2017) on ISIC 2018 Task 1 with a Dice loss.",
+        GROUPS, CHOICES)
+    problems = check_config(config)
+    if problems:
+        parser.error("\n  ".join(problems))
+    try:
+        return train(config, explicit)
+    except (dataset.DataError, utils.CheckpointError, TrainingError, ConfigError, RunInUseError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -21,3 +21,30 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def write_isic_folder(root: Path, n: int = 16, size: int = 48, seed: int = 0) -> Path:
+    """A tiny data set in the official ISIC 2018 Task 1 layout: a dark disc on lighter skin."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = root / "ISIC2018_Task1-2_Training_Input"
+    masks = root / "ISIC2018_Task1_Training_GroundTruth"
+    images.mkdir(parents=True, exist_ok=True)
+    masks.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:size, :size]
+    for i in range(n):
+        cy, cx = rng.uniform(0.3, 0.7, 2) * size
+        radius = rng.uniform(0.15, 0.3) * size
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 < radius**2
+        skin = np.array([220, 180, 160]) + rng.normal(0, 10, (size, size, 3))
+        image = np.where(mask[..., None], skin * 0.45, skin).clip(0, 255).astype(np.uint8)
+        Image.fromarray(image).save(images / f"ISIC_{i:07d}.jpg", quality=95)
+        Image.fromarray(mask.astype(np.uint8) * 255).save(masks / f"ISIC_{i:07d}_segmentation.png")
+    return root
+
+
+@pytest.fixture
+def isic_folder(tmp_path):
+    return write_isic_folder(tmp_path / "isic")

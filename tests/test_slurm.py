@@ -1,0 +1,102 @@
+"""The SLURM job scripts, run with bash (no sbatch) and the variables SLURM would set, on CPU."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
+
+
+def slurm_env(job_id="4242", **extra):
+    env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "unet", "SLURM_SUBMIT_DIR": str(ROOT),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "WANDB_MODE": "disabled"}
+    env.update(extra)
+    return env
+
+
+def tiny_flags(data_dir, out_dir, epochs="2"):
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--image-size", "32", "--base-channels", "4",
+            "--batch-size", "1", "--epochs", epochs, "--device", "cpu", "--no-progress", "--num-preview", "1",
+            "--val-fraction", "0.25", "--test-fraction", "0.125"]
+
+
+def test_scripts_use_strict_mode_and_rangpur_header():
+    for script in SCRIPTS:
+        text = script.read_text()
+        if script.name != "common.sh":
+            assert "set -euo pipefail" in text, script.name
+            assert "#SBATCH --partition=a100" in text and "#SBATCH --output=logs/%x-%j.out" in text, script.name
+    for name in ("train.sh", "train_multigpu.sh"):
+        text = (ROOT / "slurm" / name).read_text()
+        assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
+        assert "--resume auto" in text
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+def test_scripts_pass_shellcheck():
+    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+def test_train_script_resumes_after_usr1(isic_folder, tmp_path):
+    """SLURM's warning signal reaches the batch shell; the script forwards it, python saves last.pt,
+    and the requeued job (same job id) resumes and finishes."""
+    command = ["bash", str(ROOT / "slurm" / "train.sh"), *tiny_flags(isic_folder, tmp_path, epochs="3")]
+    process = subprocess.Popen(command, env=slurm_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "unet-4242" / "metrics.csv"
+    deadline = time.time() + 120
+    while not metrics.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert "got USR1" in output, output
+    assert process.returncode == 128 + signal.SIGUSR1, output
+    stopped = utils.load_checkpoint(tmp_path / "unet-4242" / "last.pt")
+    assert stopped["epoch"] < 3
+
+    again = subprocess.run(command, env=slurm_env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from" in again.stdout
+    assert utils.load_checkpoint(tmp_path / "unet-4242" / "last.pt")["epoch"] == 3
+
+
+def test_bad_python_env_fails_with_a_message(tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "train.sh"), "--help"],
+                            env=slurm_env(PYTHON_ENV=str(tmp_path / "no-such-env"), PATH="/usr/bin:/bin"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "no-such-env" in result.stderr and "PYTHON_ENV" in result.stderr
+
+
+@pytest.mark.slow
+def test_multigpu_script_runs_two_processes_on_cpu(isic_folder, tmp_path):
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "train_multigpu.sh"),
+                             *tiny_flags(isic_folder, tmp_path, epochs="1")],
+                            env=slurm_env(job_id="77", NPROC_PER_NODE="2", MASTER_PORT="29517", OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1 node(s) x 2 process(es)" in result.stdout
+    assert (tmp_path / "unet-77" / "best.pt").is_file()
+
+
+def test_predict_script_writes_masks_and_scores(isic_folder, tmp_path):
+    import train
+
+    train.main([*tiny_flags(isic_folder, tmp_path, epochs="1"), "--name", "run", "--wandb", "disabled"])
+    out = tmp_path / "predictions"
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "predict.sh"), "--checkpoint", str(tmp_path / "run" / "best.pt"),
+                             "--input", str(isic_folder / "ISIC2018_Task1-2_Training_Input"), "--output", str(out),
+                             "--masks", str(isic_folder / "ISIC2018_Task1_Training_GroundTruth"), "--device", "cpu"],
+                            env=slurm_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(list(out.glob("*_segmentation.png"))) == 16
+    assert (out / "metrics.json").is_file()

@@ -1,0 +1,294 @@
+"""train.py end to end on tiny generated data: files written, resume, preemption, bad settings."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+import utils
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(data_dir, out_dir, *extra):
+    return ["--data-dir", str(data_dir), "--out-dir", str(out_dir), "--image-size", "32", "--base-channels", "4",
+            "--batch-size", "4", "--device", "cpu", "--wandb", "disabled", "--no-progress", "--num-preview", "2",
+            "--val-fraction", "0.25", "--test-fraction", "0.125", *extra]
+
+
+def weights(path):
+    return utils.load_checkpoint(path)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6, rtol=0), key
+
+
+def test_help_lists_grouped_flags(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for heading in ("data:", "model:", "optimisation:", "hardware:", "run:", "wandb:", "debugging:"):
+        assert heading in out
+    assert "--resume RESUME" in out and "--no-progress" in out
+
+
+def test_tiny_run_writes_the_run_folder(isic_folder, tmp_path, capsys):
+    summary = train.main(tiny_args(isic_folder, tmp_path / "runs", "--epochs", "2", "--name", "tiny"))
+    run = tmp_path / "runs" / "tiny"
+    for name in ("config.json", "metrics.csv", "summary.json", "curves.png", "predictions.png", "best.pt", "last.pt"):
+        assert (run / name).is_file(), name
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    for column in ("train_loss", "val_dice", "val_jaccard", "lr", "seconds"):
+        assert all(0 <= float(r[column]) < 1e6 for r in rows), column
+    assert float(rows[1]["lr"]) == pytest.approx(5e-4 * 0.985)
+    saved = json.loads((run / "summary.json").read_text())
+    assert saved["best_epoch"] == summary["best_epoch"] in (1, 2)
+    assert saved["best_val_dice"] == pytest.approx(max(float(r["val_dice"]) for r in rows))
+    checkpoint = utils.load_checkpoint(run / "last.pt")
+    assert checkpoint["epoch"] == 2 and checkpoint["image_size"] == 32
+    assert checkpoint["model_config"]["base_channels"] == 4
+    assert len(checkpoint["norm_stats"]["mean"]) == 3
+    assert checkpoint["train_config"]["data_dir"] == str(isic_folder)
+    out = capsys.readouterr().out
+    assert "best validation Dice" in out and str(run / "best.pt") in out
+
+
+def test_paper_schedule_multiplies_initial_lr():
+    config = train.TrainConfig(lr=1.0, lr_decay=0.5)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    scheduler = train.make_scheduler(optimizer, config)
+    seen = []
+    for _ in range(4):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen == [1.0, 0.5, 0.25, 0.125]
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    config = train.TrainConfig(lr=1.0, schedule="cosine", warmup_epochs=2, epochs=6)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
+    scheduler = train.make_scheduler(optimizer, config)
+    seen = []
+    for _ in range(6):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] < seen[1] < seen[2] == 1.0
+    assert seen[2] > seen[3] > seen[4] > seen[5] > 0
+
+
+def test_resume_after_epoch_matches_uninterrupted_run(isic_folder, tmp_path):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "whole"))
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "split"))
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "split", "--resume", "auto"))
+    assert_same_weights(weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "split" / "last.pt"))
+    rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+
+
+def test_signal_mid_epoch_saves_and_resume_matches(isic_folder, tmp_path):
+    """A real subprocess gets SIGUSR1 mid-run, writes last.pt and exits; the resumed run ends with the
+    weights of an uninterrupted one."""
+    args = tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "preempted")
+    # One-image batches make an epoch long enough to be interrupted inside it.
+    args[args.index("--batch-size") + 1] = "1"
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "preempted" / "metrics.csv"
+    deadline = time.time() + 120
+    while not metrics.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGUSR1, output
+    assert "received SIGUSR1" in output
+    stopped = utils.load_checkpoint(tmp_path / "preempted" / "last.pt")
+    assert (stopped["epoch"], stopped["step"]) < (3, 0)
+
+    train.main([*args, "--resume", "auto"])
+    reference = tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "reference")
+    reference[reference.index("--batch-size") + 1] = "1"
+    train.main(reference)
+    assert_same_weights(weights(tmp_path / "reference" / "last.pt"), weights(tmp_path / "preempted" / "last.pt"))
+
+
+def test_resume_from_a_checkpoint_path_extends_training(isic_folder, tmp_path):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--resume", str(tmp_path / "run" / "last.pt")))
+    assert utils.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+
+
+def test_resume_with_a_different_model_is_refused(isic_folder, tmp_path, capsys):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "run", "--resume", "auto",
+                             "--base-channels", "8"))
+    assert exit_info.value.code == 1
+    assert "differs from this run" in capsys.readouterr().err
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(isic_folder, tmp_path, monkeypatch, capsys):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
+    before = weights(tmp_path / "run" / "last.pt")
+
+    class NanLoss(torch.nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+
+        def forward(self, logits, target):
+            return logits.sum() * float("nan")
+
+    monkeypatch.setattr(utils, "SegmentationLoss", NanLoss)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "run", "--resume", "auto"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "loss became nan at epoch 2, step 1" in err and "last good checkpoint is kept" in err
+    assert_same_weights(before, weights(tmp_path / "run" / "last.pt"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--image-size", "100"], "multiple of 16"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--norm", "group"], "invalid choice"),
+])
+def test_nonsensical_flags_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_file_sets_defaults_and_flags_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 7\nlr: 0.001\nnorm: instance\n")
+    config, explicit, _ = train.parse_config(train.TrainConfig, ["--config", str(path), "--epochs", "3"], "",
+                                             train.GROUPS, train.CHOICES)
+    assert (config.epochs, config.lr, config.norm) == (3, 0.001, "instance")
+    assert {"epochs", "lr", "norm"} <= explicit
+    json_path = tmp_path / "run.json"
+    json_path.write_text(json.dumps({"batch-size": 2}))
+    config, _, _ = train.parse_config(train.TrainConfig, ["--config", str(json_path)], "", train.GROUPS, train.CHOICES)
+    assert config.batch_size == 2
+
+
+@pytest.mark.parametrize("content, message", [
+    ("epoch: 3\n", "unknown setting 'epoch'; did you mean 'epochs'?"),
+    ("epochs: three\n", "epochs must be int"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+])
+def test_bad_config_file_names_file_and_problem(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(content)
+    with pytest.raises(SystemExit):
+        train.main(["--config", str(path)])
+    err = capsys.readouterr().err
+    assert str(path) in err and message in err
+
+
+def test_missing_data_dir_says_how_to_get_data(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(tmp_path / "nowhere", tmp_path))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "nowhere does not exist" in err and "python dataset.py download" in err
+
+
+def test_second_run_on_the_same_folder_is_refused(isic_folder, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    # pid 1 is alive for as long as this machine is up: a live owner
+    (run / ".lock").write_text(f"{train.socket.gethostname()} 1\n")
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
+    assert "is in use by another run" in capsys.readouterr().err
+    assert not (run / "last.pt").exists()
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(isic_folder, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run / ".lock").write_text(f"{train.socket.gethostname()} {dead.pid}\n")
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
+    assert (run / "last.pt").is_file() and not (run / ".lock").exists()
+
+
+def test_zero_argument_run_falls_back_to_synthetic_data(tmp_path, monkeypatch, capsys):
+    """With no ISIC data, the default command generates the synthetic set and trains on it."""
+    monkeypatch.chdir(tmp_path)
+    summary = train.main(["--synthetic-images", "12", "--epochs", "1", "--image-size", "32", "--base-channels", "4",
+                          "--batch-size", "4", "--device", "cpu", "--wandb", "disabled", "--no-progress",
+                          "--val-fraction", "0.25", "--test-fraction", "0.25"])
+    out = capsys.readouterr().out
+    assert "built-in synthetic lesion set" in out
+    assert summary["synthetic"] and Path(summary["run_dir"], "best.pt").is_file()
+    assert any((tmp_path / "data" / "synthetic").rglob("*.jpg"))
+
+
+def test_wandb_offline_writes_the_run_locally(isic_folder, tmp_path):
+    pytest.importorskip("wandb")
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "logged", "--wandb", "offline"))
+    runs = list((tmp_path / "logged" / "wandb").glob("offline-run-*"))
+    assert runs, "no offline wandb run folder"
+    assert any(runs[0].rglob("*.wandb"))
+    assert utils.load_checkpoint(tmp_path / "logged" / "last.pt")["wandb_run_id"]
+
+
+def test_wandb_failure_falls_back_with_a_warning(isic_folder, tmp_path, monkeypatch):
+    import wandb
+
+    def broken_init(**kwargs):
+        raise ConnectionError("unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.warns(UserWarning, match="wandb could not start"):
+        train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run", "--wandb", "online"))
+    assert (tmp_path / "run" / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path):
+    """torchrun with 2 gloo processes: validation metrics all-reduced over ranks equal a single
+    process's evaluation of the saved model on the same split."""
+    args = tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "ddp")
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", "0", str(ROOT / "train.py"), *args],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("best validation Dice") == 1  # only rank 0 prints
+    row = next(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
+
+    import dataset
+    import modules
+
+    checkpoint = utils.load_checkpoint(tmp_path / "ddp" / "last.pt")
+    model = modules.ImprovedUNet(modules.ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    config = train.TrainConfig(**checkpoint["train_config"])
+    splits = dataset.prepare_splits(dataset.DataConfig(
+        data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction, split_seed=config.split_seed), log=lambda *a, **k: None)
+    loader = dataset.make_loader(splits.val, 3, splits.mean, splits.std, device=torch.device("cpu"),
+                                 train=False, seed=0)
+    single = train.evaluate(model, loader, utils.SegmentationLoss("dice"), autocast=train.nullcontext)
+    assert float(row["val_dice"]) == pytest.approx(single["dice"], abs=1e-5)
+    assert float(row["val_jaccard"]) == pytest.approx(single["jaccard"], abs=1e-5)
