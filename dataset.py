@@ -1,1 +1,916 @@
-"""Finding, checking, caching, splitting and augmenting ISIC 2018 Task 1 data."""
+"""ISIC 2018 Task 1 data: finding and checking pairs, a uint8 cache, splits, batched augmentation.
+
+    python dataset.py synthetic --out data/synthetic -n 400        # built-in dermoscopy-like lesions
+    python dataset.py download --root data/ISIC2018 --splits train val test
+    python dataset.py cache --data-dir data/ISIC2018 --image-size 256     # check every pair, build the cache
+    python dataset.py bench --data-dir data/ISIC2018                        # cached pipeline vs decoding JPEGs
+
+The synthetic set lives in synthetic.py and the download in download.py; their public names are
+re-exported here, so `import dataset` is all the other scripts need.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from download import BASE_URL, EXPECTED_COUNTS, DownloadError, download_isic  # noqa: F401 (re-exported)
+from synthetic import SYNTHETIC_DIR, ensure_synthetic, make_synthetic  # noqa: F401 (re-exported)
+
+CACHE_FORMAT = "isic-cache/1"  # bump when the cache layout or the preprocessing changes
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff"}
+MASK_SUFFIX = "_segmentation"  # ISIC 2018 writes _segmentation, ISIC 2016/2017 _Segmentation
+
+# Official folders, e.g. ISIC2018_Task1-2_Training_Input and ISIC2018_Task1_Training_GroundTruth
+# (ISIC 2017: ISIC-2017_Training_Data / ISIC-2017_Training_Part1_GroundTruth).
+_OFFICIAL_IMAGES = re.compile(r"^IS[IB].*?(Training|Validation|Test)_(Input|Data)$", re.IGNORECASE)
+_OFFICIAL_MASKS = re.compile(r"^IS[IB].*?(Training|Validation|Test).*_GroundTruth$", re.IGNORECASE)
+_OTHER_TASKS = re.compile(r"task[23]_|part[23]_", re.IGNORECASE)  # lesion attributes, diagnosis
+_SPLIT_OF = {"training": "train", "validation": "val", "test": "test"}
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and what to do about it."""
+
+
+@dataclass
+class DataConfig:
+    data_dir: str = "data/ISIC2018"  # ISIC root: official folders, or images/ + masks/
+    image_size: int = 256  # side of the square every image and mask is resized to
+    cache_dir: str | None = None  # where the uint8 cache goes; None -> <data_dir>/.cache
+    val_fraction: float = 0.1  # share of the training folder held out when there is no official validation set
+    test_fraction: float = 0.1  # likewise for the test set
+    split_seed: int = 0  # seed of that hold-out split
+    skip_bad: bool = False  # skip and count unreadable or unpaired files instead of stopping
+    num_workers: int = 0  # threads decoding files for the cache; 0 -> os.cpu_count()
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    image: Path
+    mask: Path | None
+
+
+@dataclass
+class CachedSplit:
+    """One split held in memory-mapped uint8 arrays: images (N, S, S, 3) RGB, masks (N, S, S) in {0, 1}."""
+
+    ids: list[str]
+    images: np.ndarray
+    masks: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Splits:
+    train: CachedSplit
+    val: CachedSplit
+    test: CachedSplit
+    mean: tuple[float, float, float]  # per channel, [0, 1] units, training split only
+    std: tuple[float, float, float]
+    image_size: int = 256
+    description: str = ""  # how the splits were made, for logs and run folders
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading one file
+
+
+def _open(path: Path) -> Image.Image:
+    try:
+        nbytes = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist; check the path or re-copy the data") from None
+    if nbytes == 0:
+        raise DataError(f"{path} is empty (0 bytes); re-copy or re-download it, or pass --skip-bad")
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        raise DataError(f"{path} is not an image Pillow can read, whatever its extension says; "
+                        "replace it or pass --skip-bad") from None
+    except Image.DecompressionBombError as err:
+        raise DataError(f"{path} is too large to decode safely ({err}); downscale it first") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path} could not be decoded (truncated or corrupt: {err}); "
+                        "re-copy or re-download it, or pass --skip-bad") from None
+
+
+def _decode(img: Image.Image, path: Path) -> Image.Image:
+    """Decode pixels and apply EXIF orientation; truncated or corrupt files become a DataError."""
+    try:
+        img.load()
+        ImageOps.exif_transpose(img, in_place=True)
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path} could not be decoded (truncated or corrupt: {err}); "
+                        "re-copy or re-download it, or pass --skip-bad") from None
+    return img
+
+
+def _oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) at full resolution after EXIF orientation, read before any draft()."""
+    w, h = img.size
+    return (h, w) if img.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
+
+
+def _high_bit_depth_to_uint8(img: Image.Image) -> np.ndarray:
+    a = np.asarray(img).astype(np.float32)
+    if a.max() > 255:  # 16-bit data
+        a = a / 257.0
+    return np.clip(a + 0.5, 0, 255).astype(np.uint8)
+
+
+def _read_image(path, size: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    path = Path(path)
+    with _open(path) as img:
+        full_size = _oriented_size(img)
+        if size and img.format == "JPEG":
+            # decode at 1/2, 1/4 or 1/8 scale while still >= size: a 6000x4000 photo never needs its
+            # 72 MB full-resolution buffer, and decoding is several times faster
+            img.draft("RGB", (size, size))
+        img = _decode(img, path)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            gray = _high_bit_depth_to_uint8(img)
+            return np.repeat(gray[:, :, None], 3, axis=2), full_size
+        if img.mode != "RGB":
+            if img.mode == "P" and "transparency" in img.info:
+                img = img.convert("RGBA")
+            img = img.convert("RGB")  # gray, RGBA (alpha dropped), CMYK, palette
+        return np.asarray(img), full_size
+
+
+def load_image(path, size: int | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) RGB, EXIF orientation applied; gray, RGBA and 16-bit inputs converted.
+
+    With `size`, a JPEG is decoded at the smallest of 1/2, 1/4, 1/8 scale that keeps both sides
+    >= size (Pillow's draft), for a later resize to size x size. Raises DataError if unreadable.
+    """
+    return _read_image(path, size)[0]
+
+
+def _read_mask(path) -> tuple[np.ndarray, tuple[int, int], bool]:
+    """(mask in {0, 1}, (width, height), whether values other than 0/255 were found)."""
+    path = Path(path)
+    with _open(path) as img:
+        size = _oriented_size(img)
+        img = _decode(img, path)
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            a = _high_bit_depth_to_uint8(img)
+        elif img.mode == "1":
+            a = np.asarray(img).astype(np.uint8) * 255
+        elif img.mode in ("L", "LA"):
+            a = np.asarray(img.getchannel(0))
+        else:
+            rgb = np.asarray(img.convert("RGB")).astype(np.int16)
+            # a gray mask stored as RGB is fine (JPEG copies shift channels a little); colour is not
+            if np.abs(rgb - rgb[:, :, :1]).max() > 16:
+                raise DataError(f"mask {path} is a colour image; masks must be single-channel 0/255 PNGs "
+                                "(were images and masks swapped, or the wrong folder given?)")
+            a = rgb[:, :, 0].astype(np.uint8)
+    nonbinary = bool(np.any((a != 0) & (a != 255)))
+    if nonbinary and a.max() <= 1:
+        return a.astype(np.uint8), size, True  # a 0/1 label image: >127 would empty it
+    if nonbinary and np.count_nonzero((a > 32) & (a < 223)) > 0.2 * a.size:
+        raise DataError(f"mask {path} is mostly grey values, not a 0/255 mask "
+                        "(is it an image?); replace it or pass --skip-bad")
+    return (a > 127).astype(np.uint8), size, nonbinary
+
+
+def load_mask(path) -> np.ndarray:
+    """uint8 (H, W) in {0, 1}, binarised at > 127 (0/1 label images are kept as they are)."""
+    return _read_mask(path)[0]
+
+
+def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def resize_image(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Antialiased (Lanczos) resize of uint8 (H, W, 3) to (size, size, 3); a tuple is (height, width)."""
+    h, w = _hw(size)
+    if image.shape[:2] == (h, w):
+        return np.ascontiguousarray(image)
+    pil = Image.fromarray(image).resize((w, h), Image.Resampling.LANCZOS, reducing_gap=3.0)
+    return np.asarray(pil)
+
+
+def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour resize of a {0, 1} mask, so it stays binary; a tuple is (height, width)."""
+    h, w = _hw(size)
+    if mask.shape[:2] == (h, w):
+        return np.ascontiguousarray(mask, dtype=np.uint8)
+    pil = Image.fromarray(mask.astype(np.uint8)).resize((w, h), Image.Resampling.NEAREST)
+    return np.asarray(pil)
+
+
+def load_pair(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Decode, check and resize one pair: (image (S, S, 3), mask (S, S) {0, 1}, mask had other values)."""
+    image, image_size = _read_image(sample.image, size)
+    mask, mask_size, nonbinary = _read_mask(sample.mask)
+    if image_size != mask_size:
+        raise DataError(f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.image} "
+                        f"is {image_size[0]}x{image_size[1]}; fix the pair or pass --skip-bad")
+    return resize_image(image, size), resize_mask(mask, size), nonbinary
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding pairs
+
+
+def _is_candidate(p: Path) -> bool:
+    """Image-like files; LICENSE.txt, ATTRIBUTION.md, .DS_Store, ._ files and superpixels are not."""
+    return (p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+            and not p.stem.lower().endswith("_superpixels") and p.is_file())
+
+
+def _list_dir(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if _is_candidate(p))
+
+
+def _find_layout(root: Path) -> tuple[str, dict[str, tuple[Path, Path | None]]]:
+    """('official' | 'plain', {split: (image folder, mask folder or None)})."""
+    official_images: dict[str, Path] = {}
+    official_masks: dict[str, Path] = {}
+    children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for child in children:
+        for pattern, found in ((_OFFICIAL_IMAGES, official_images), (_OFFICIAL_MASKS, official_masks)):
+            m = pattern.match(child.name)
+            if not m or _OTHER_TASKS.search(child.name):
+                continue
+            split = _SPLIT_OF[m.group(1).lower()]
+            if split in found:
+                raise DataError(f"{root} holds two {split} folders, {found[split].name} and {child.name}; "
+                                "keep one data set per folder")
+            found[split] = child
+    plain: dict[str, tuple[Path, Path | None]] = {}
+    if (root / "images").is_dir() or (root / "masks").is_dir():
+        plain["train"] = (root / "images", root / "masks")
+    for split in SPLITS:
+        if (root / split / "images").is_dir():
+            plain[split] = (root / split / "images", root / split / "masks")
+    if (official_images or official_masks) and plain:
+        raise DataError(f"{root} mixes layouts: official ISIC folders ({', '.join(p.name for p in children)}) and "
+                        "images/ + masks/; keep one layout per data folder")
+    if plain:
+        for split, (images, masks) in plain.items():
+            if not images.is_dir():
+                raise DataError(f"{masks} has no matching {images} folder; put the images there")
+            if not masks.is_dir():
+                plain[split] = (images, None)
+        return "plain", plain
+    if official_images or official_masks:
+        layout: dict[str, tuple[Path, Path | None]] = {}
+        for split, masks in official_masks.items():
+            if split not in official_images:
+                raise DataError(f"{masks} has no matching image folder in {root} (e.g. "
+                                f"ISIC2018_Task1-2_{masks.name.split('_')[-2]}_Input); download or copy it")
+        for split, images in official_images.items():
+            layout[split] = (images, official_masks.get(split))
+        return "official", layout
+    raise DataError(_explain_missing_layout(root))
+
+
+def _explain_missing_layout(root: Path) -> str:
+    entries = [p for p in root.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        return (f"data folder {root} is empty; run `python dataset.py download --root {root}` or copy the "
+                "ISIC 2018 Task 1 folders there")
+    files = [p for p in entries if _is_candidate(p)]
+    if files:
+        if sum(p.stem.lower().endswith(MASK_SUFFIX) for p in files) > len(files) / 2:
+            return (f"{root} holds mask files (e.g. {files[0].name}), not an ISIC data folder; pass the folder "
+                    "above it, which holds both the image and the ground-truth folders")
+        return (f"{root} holds images directly (e.g. {files[0].name}); pass the folder above it, or put "
+                "images in images/ and masks in masks/")
+    names = ", ".join(sorted(p.name for p in entries)[:6])
+    return (f"no ISIC data layout in {root} (found: {names}); expected ISIC2018_Task1-2_Training_Input/ with "
+            "ISIC2018_Task1_Training_GroundTruth/, or images/ with masks/")
+
+
+def _pair_folder(images: Path, masks: Path | None, layout: str, skip_bad: bool,
+                 log: Callable) -> list[Sample]:
+    by_id: dict[str, Path] = {}
+    image_files = _list_dir(images)
+    if not image_files:
+        raise DataError(f"image folder {images} has no images; copy or download them there")
+    mask_named = [p for p in image_files if p.stem.lower().endswith(MASK_SUFFIX)]
+    if mask_named:
+        raise DataError(f"image folder {images} holds mask files (e.g. {mask_named[0].name}); were images and "
+                        "masks swapped, or the wrong folder given? Move masks to the ground-truth folder")
+    for p in image_files:
+        if p.stem in by_id:
+            raise DataError(f"{p} and {by_id[p.stem]} have the same id; keep one of them")
+        by_id[p.stem] = p
+    if masks is None:
+        return [Sample(i, p, None) for i, p in sorted(by_id.items())]
+
+    mask_of: dict[str, Path] = {}
+    mask_files = _list_dir(masks)
+    if not mask_files:
+        raise DataError(f"ground-truth folder {masks} has no masks; copy or download them there")
+    for p in mask_files:
+        stem = p.stem
+        if stem.lower().endswith(MASK_SUFFIX):
+            stem = stem[: -len(MASK_SUFFIX)]
+        elif layout == "official":
+            raise DataError(f"{p} in ground-truth folder {masks} is not named <id>{MASK_SUFFIX}.png; "
+                            "does that folder hold images? Put only the masks there")
+        if stem in mask_of:
+            raise DataError(f"masks {p} and {mask_of[stem]} belong to the same id; keep one of them")
+        mask_of[stem] = p
+
+    lonely_images = sorted(set(by_id) - set(mask_of))
+    lonely_masks = sorted(set(mask_of) - set(by_id))
+    problems = [f"image {by_id[i]} has no mask (expected {masks / (i + MASK_SUFFIX + '.png')})" for i in lonely_images]
+    problems += [f"mask {mask_of[i]} has no image (expected {images / (i + '.jpg')})" for i in lonely_masks]
+    if problems and not skip_bad:
+        more = f" ({len(problems) - 1} more unpaired files)" if len(problems) > 1 else ""
+        raise DataError(f"{problems[0]}{more}; add the missing files, remove the extras, or pass --skip-bad")
+    if problems:
+        log(f"data: skipped {len(problems)} unpaired files in {images.parent} (e.g. {problems[0]})")
+    return [Sample(i, by_id[i], mask_of[i]) for i in sorted(set(by_id) & set(mask_of))]
+
+
+def find_pairs(root, *, skip_bad: bool = False, log: Callable = print) -> dict[str, list[Sample]]:
+    """Pair images with masks by id under an ISIC-layout root.
+
+    Layouts: the official folders (ISIC2018_Task1-2_{Training,Validation,Test}_Input with
+    ISIC2018_Task1_*_GroundTruth/<id>_segmentation.png; ISIC 2016/2017 names too), or images/ +
+    masks/ (mask <id>.png, <id>_segmentation.png or <id>_Segmentation.png), optionally per split
+    under train/, val/, test/. Returns {split: samples sorted by id}; a split without a
+    ground-truth folder has Sample.mask None. Non-image files (LICENSE.txt, ATTRIBUTION.md) are ignored.
+    """
+    root = Path(root)
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; pass --data-dir, run `python dataset.py download "
+                        f"--root {root}`, or make synthetic data with `python dataset.py synthetic --out {root}`")
+    if not root.is_dir():
+        raise DataError(f"data folder {root} is a file, not a folder; pass the folder that holds the data")
+    layout, folders = _find_layout(root)
+    pairs = {split: _pair_folder(images, masks, layout, skip_bad, log)
+             for split, (images, masks) in sorted(folders.items(), key=lambda kv: SPLITS.index(kv[0]))}
+    seen: dict[str, Sample] = {}
+    for samples in pairs.values():
+        for s in samples:
+            if s.id in seen:
+                raise DataError(f"id {s.id} appears twice, as {seen[s.id].image} and {s.image}; "
+                                "an image may belong to one split only")
+            seen[s.id] = s
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_fraction: float,
+                  seed: int) -> tuple[dict[str, list[Sample]], str]:
+    """Official labelled validation/test folders when present; otherwise seeded hold-outs of train.
+
+    The hold-out is a permutation of the sorted training ids by numpy's default_rng(seed): the first
+    round(N * test_fraction) ids go to test, the next round(N * val_fraction) to val.
+    """
+    if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
+                         "and sum to less than 1")
+    if "train" not in pairs:
+        raise DataError("no training folder found; the data folder needs ISIC2018_Task1-2_Training_Input "
+                        "(with its ground truth) or images/ + masks/")
+    train = pairs["train"]
+    if any(s.mask is None for s in train):
+        raise DataError(f"the training folder {train[0].image.parent} has no ground-truth folder next to it; "
+                        "add ISIC2018_Task1_Training_GroundTruth (or masks/)")
+    official = {name: pairs[name] for name in ("val", "test")
+                if pairs.get(name) and all(s.mask is not None for s in pairs[name])}
+    order = np.random.default_rng(seed).permutation(len(train))
+    n_test = 0 if "test" in official else round(len(train) * test_fraction)
+    n_val = 0 if "val" in official else round(len(train) * val_fraction)
+    held = {"test": [train[i] for i in sorted(order[:n_test])],
+            "val": [train[i] for i in sorted(order[n_test:n_test + n_val])]}
+    out = {"train": [train[i] for i in sorted(order[n_test + n_val:])]}
+    if not out["train"]:
+        raise DataError(f"only {len(train)} training pairs: nothing is left to train on after the hold-out; "
+                        "add data or lower val_fraction/test_fraction")
+    notes = []
+    for name in ("val", "test"):
+        out[name] = official.get(name, held[name])
+        if name in official:
+            notes.append(f"{name}: official folder")
+        else:
+            unlabelled = " (the official folder has no ground truth)" if pairs.get(name) else ""
+            frac = val_fraction if name == "val" else test_fraction
+            notes.append(f"{name}: {frac:.0%} of training held out with split_seed {seed}{unlabelled}")
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in out.items())
+    return out, f"{sizes} ({'; '.join(notes)})"
+
+
+# ---------------------------------------------------------------------------------------------
+# The uint8 cache
+
+
+def _fingerprint(samples: Sequence[Sample], size: int, skip_bad: bool) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{skip_bad}\n".encode())
+    for s in samples:
+        for p in (s.image, s.mask):
+            st = os.stat(p)
+            h.update(f"{s.id}|{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _default_cache_dir(data_dir: Path) -> Path:
+    cache = data_dir / ".cache"
+    probe = cache if cache.exists() else data_dir
+    if os.access(probe, os.W_OK):
+        return cache
+    # read-only data (a shared copy): keep one cache per data folder in the user's cache directory
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "improved-unet-isic"
+    return base / hashlib.sha1(str(data_dir.resolve()).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """Serialise cache builds (e.g. every torchrun rank calling prepare_splits); released on exit or death."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent builds then just repeat work
+        yield
+        return
+    with open(folder / ".lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _file_record(path: Path) -> dict:
+    st = path.stat()
+    return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _open_cached(folder: Path, name: str, entry: dict, size: int) -> CachedSplit:
+    """Memory-map a split's arrays; DataError says why the cache cannot be used."""
+    n = len(entry["ids"])
+    if n == 0:
+        return _empty_split(size)
+    arrays = []
+    for key, shape in (("images", (n, size, size, 3)), ("masks", (n, size, size))):
+        rec = entry["files"][key]
+        path = folder / rec["name"]
+        st = path.stat()  # FileNotFoundError is handled by the caller
+        if (st.st_size, st.st_mtime_ns) != (rec["bytes"], rec["mtime_ns"]):
+            raise DataError(f"{path} changed after it was written")
+        arr = np.load(path, mmap_mode="c")  # copy-on-write: writable for torch, never written back
+        if arr.shape != shape or arr.dtype != np.uint8:
+            raise DataError(f"{path} holds {arr.dtype} {arr.shape}, expected uint8 {shape}")
+        arrays.append(arr)
+    return CachedSplit(list(entry["ids"]), arrays[0], arrays[1])
+
+
+def _empty_split(size: int) -> CachedSplit:
+    return CachedSplit([], np.zeros((0, size, size, 3), np.uint8), np.zeros((0, size, size), np.uint8))
+
+
+def _build_split(folder: Path, name: str, samples: Sequence[Sample], size: int, workers: int,
+                 skip_bad: bool, log: Callable) -> dict:
+    """Decode and resize every pair once into <name>_images.npy / <name>_masks.npy (atomic writes)."""
+    n = len(samples)
+    if n == 0:
+        return {"ids": [], "skipped": [], "nonbinary": 0}
+    tmp = {key: folder / f".{name}_{key}.{os.getpid()}.tmp.npy" for key in ("images", "masks")}
+    images = np.lib.format.open_memmap(tmp["images"], mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+    masks = np.lib.format.open_memmap(tmp["masks"], mode="w+", dtype=np.uint8, shape=(n, size, size))
+    kept, skipped, nonbinary = [], [], 0
+
+    def work(sample):
+        try:
+            return load_pair(sample, size)
+        except DataError as err:
+            return err
+
+    try:
+        # Pillow decodes and resizes with the GIL released, so threads scale without pickling arrays
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            results = pool.map(work, samples) if workers > 1 and n > 1 else map(work, samples)
+            bar = tqdm(results, total=n, desc=f"caching {name} at {size}px", unit="img", mininterval=1.0,
+                       dynamic_ncols=True, leave=False, disable=n < 64)
+            for sample, result in zip(samples, bar):
+                if isinstance(result, DataError):
+                    if not skip_bad:
+                        raise result
+                    skipped.append([sample.id, str(result)])
+                    continue
+                images[len(kept)], masks[len(kept)], was_nonbinary = result
+                nonbinary += was_nonbinary
+                kept.append(sample.id)
+        if skipped:
+            log(f"data: skipped {len(skipped)} bad {name} pairs (--skip-bad), e.g. {skipped[0][1]}")
+        records = {}
+        for key, arr in (("images", images), ("masks", masks)):
+            final = folder / f"{name}_{key}.npy"
+            if len(kept) < n:  # rewrite without the rows of skipped pairs
+                np.save(tmp[key], np.ascontiguousarray(arr[: len(kept)]))
+            else:
+                arr.flush()
+            del arr
+            with open(tmp[key], "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp[key], final)
+            records[key] = _file_record(final)
+    finally:
+        del images, masks
+        for p in tmp.values():
+            p.unlink(missing_ok=True)
+    if not kept:
+        raise DataError(f"every {name} pair was bad (e.g. {skipped[0][1]})")
+    return {"ids": kept, "skipped": skipped, "nonbinary": nonbinary, "files": records}
+
+
+def _channel_stats(images: np.ndarray, chunk: int = 64) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Exact per-channel mean and std in [0, 1] units from 256-bin histograms (no float copy of the data)."""
+    hist = np.zeros((3, 256), np.int64)
+    for start in range(0, len(images), chunk):
+        block = np.asarray(images[start:start + chunk])
+        for c in range(3):
+            hist[c] += np.bincount(block[..., c].ravel(), minlength=256)
+    values = np.arange(256, dtype=np.float64) / 255.0
+    count = hist.sum(axis=1)
+    mean = (hist * values).sum(axis=1) / count
+    var = (hist * values**2).sum(axis=1) / count - mean**2
+    return tuple(float(m) for m in mean), tuple(float(math.sqrt(max(v, 0.0))) for v in var)
+
+
+def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
+    """Find pairs, split them, and return every split from the uint8 cache (built or rebuilt as needed).
+
+    A split's cache is reused when the fingerprint of its files (paths, sizes, mtimes), the image
+    size and the cache format are unchanged and its arrays load with the expected shapes;
+    otherwise it is rebuilt. Mean and std come from the training split only.
+    """
+    data_dir = Path(config.data_dir)
+    size = int(config.image_size)
+    if size < 1:
+        raise ValueError(f"image_size must be positive, got {size}")
+    pairs = find_pairs(data_dir, skip_bad=config.skip_bad, log=log)
+    assigned, description = split_samples(pairs, config.val_fraction, config.test_fraction, config.split_seed)
+    log(f"data: {data_dir}: {description}")
+    cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir(data_dir)
+    folder = cache_root / f"size{size}"
+    workers = config.num_workers or os.cpu_count() or 1
+    out: dict[str, CachedSplit] = {}
+    with _locked(folder):
+        manifest_path = folder / "manifest.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("format") != CACHE_FORMAT or manifest.get("image_size") != size:
+                manifest = None
+        except (OSError, ValueError):
+            manifest = None
+        manifest = manifest or {"format": CACHE_FORMAT, "image_size": size, "splits": {}}
+        for name in SPLITS:
+            samples = assigned[name]
+            fingerprint = _fingerprint(samples, size, config.skip_bad)
+            entry = manifest["splits"].get(name)
+            if entry and entry.get("fingerprint") == fingerprint:
+                try:
+                    out[name] = _open_cached(folder, name, entry, size)
+                    continue
+                except (OSError, ValueError, KeyError) as err:
+                    log(f"data: cache for {name} is unusable ({err}); rebuilding")
+            elif entry:
+                log(f"data: cache for {name} is stale (files, split or image size changed); rebuilding")
+            start = time.perf_counter()
+            entry = _build_split(folder, name, samples, size, workers, config.skip_bad, log)
+            entry["fingerprint"] = fingerprint
+            if name == "train":
+                entry["mean"], entry["std"] = _channel_stats(np.load(folder / "train_images.npy", mmap_mode="r"))
+            manifest["splits"][name] = entry
+            _write_json(manifest_path, manifest)
+            if samples:
+                log(f"data: cached {len(entry['ids'])} {name} pairs at {size}px in "
+                    f"{time.perf_counter() - start:.1f}s -> {folder}")
+            if entry["nonbinary"]:
+                log(f"data: note: {entry['nonbinary']} {name} masks had values other than 0/255 "
+                    "(binarised at >127)")
+            out[name] = _open_cached(folder, name, entry, size)
+    train_entry = manifest["splits"]["train"]
+    return Splits(out["train"], out["val"], out["test"], tuple(train_entry["mean"]), tuple(train_entry["std"]),
+                  size, description)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches on the training device
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) with x = (uint8 / 255 - mean) / std."""
+    x = images.permute(0, 3, 1, 2).contiguous().float()
+    return _standardize(x.div_(255.0), mean, std)
+
+
+def _standardize(x: torch.Tensor, mean, std) -> torch.Tensor:
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+@dataclass
+class AugmentConfig:
+    flips: bool = True  # random flips and 90-degree turns (the 8 symmetries of the square)
+    rotate_deg: float = 15.0  # extra rotation drawn from [-rotate_deg, rotate_deg]
+    scale: tuple[float, float] = (0.9, 1.1)  # zoom factor range
+    affine_p: float = 1.0  # share of images that get the rotation/zoom (the rest only flips and turns)
+    brightness: float = 0.2  # factors drawn from [1 - x, 1 + x], per image
+    contrast: float = 0.2
+    saturation: float = 0.2
+
+
+def _mix_seed(*parts: int) -> int:
+    digest = hashlib.sha256("/".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+                  cfg: AugmentConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B, S, S, 3) and masks (B, S, S) -> float images (B, 3, S, S) in [0, 1], masks (B, 1, S, S).
+
+    Runs batched on the tensors' device; every random number comes from `generator` (CPU), so the
+    result depends only on its seed. Image and mask get the same geometry; the mask stays in {0, 1}.
+    """
+    b, s = images.shape[0], images.shape[1]
+    dev = images.device
+    u = torch.rand(b, 8, generator=generator)  # all draws up front: identical on every device
+    x = images.permute(0, 3, 1, 2).float().div_(255.0)  # (B, 3, S, S)
+    m = masks[:, None].float()  # (B, 1, S, S)
+
+    if cfg.flips:
+        # flip and transpose on the whole batch, then pick per sample: cheap memory moves, exact
+        for dims, flag in (((3,), u[:, 0] < 0.5), ((2,), u[:, 1] < 0.5)):
+            sel = flag.to(dev).view(b, 1, 1, 1)
+            x = torch.where(sel, x.flip(dims), x)
+            m = torch.where(sel, m.flip(dims), m)
+        sel = (u[:, 2] < 0.5).to(dev).view(b, 1, 1, 1)
+        x = torch.where(sel, x.transpose(2, 3), x)
+        m = torch.where(sel, m.transpose(2, 3), m)
+
+    todo = (u[:, 3] < cfg.affine_p).nonzero().flatten()
+    if len(todo) and (cfg.rotate_deg > 0 or cfg.scale != (1.0, 1.0)):
+        angle = (u[todo, 4] * 2 - 1) * math.radians(cfg.rotate_deg)
+        zoom = cfg.scale[0] + u[todo, 5] * (cfg.scale[1] - cfg.scale[0])
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.zeros(len(todo), 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos, -sin, sin, cos
+        theta = theta.to(dev)
+        grid = F.affine_grid(theta, [len(todo), 1, s, s], align_corners=False)
+        idx = todo.to(dev)
+        # reflection padding: no black corners, and the mask is reflected with the image
+        x[idx] = F.grid_sample(x[idx], grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        m[idx] = F.grid_sample(m[idx], grid, mode="nearest", padding_mode="reflection", align_corners=False)
+
+    jitter = torch.rand(b, 3, generator=generator).to(dev) * 2 - 1
+    bright = (1 + cfg.brightness * jitter[:, 0]).view(b, 1, 1, 1)
+    contrast = (1 + cfg.contrast * jitter[:, 1]).view(b, 1, 1, 1)
+    sat = (1 + cfg.saturation * jitter[:, 2]).view(b, 1, 1, 1)
+    weights = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1)
+    gray = (x * weights).sum(1, keepdim=True).mul_(bright)  # luminance after the brightness change
+    mean_gray = gray.mean((2, 3), keepdim=True)
+    # brightness, contrast around the mean luminance, then saturation around the pixel's luminance
+    x.mul_(bright).sub_(mean_gray).mul_(contrast).add_(mean_gray)
+    gray.sub_(mean_gray).mul_(contrast).add_(mean_gray)
+    x.sub_(gray).mul_(sat).add_(gray).clamp_(0.0, 1.0)
+    return x, m
+
+
+class BatchLoader:
+    """Batches straight from the uint8 cache, with no DataLoader workers.
+
+    The cache is held as one tensor (on the GPU when the device is CUDA and it fits in 40% of the
+    free memory, else in host memory with pinned staging buffers); a batch is an index_select, a
+    copy to the device and batched augmentation there.
+    """
+
+    def __init__(self, split: CachedSplit, batch_size: int, mean, std, *, device, train: bool, seed: int,
+                 rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
+                 keep_on_device: str | bool = "auto"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.device = torch.device(device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
+        self.augment = (augment or AugmentConfig()) if train else None
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.ids = list(split.ids)
+        self.n = len(split)
+        self.images, self.masks = self._place(split, keep_on_device)
+        self.epoch, self.start_batch = 0, 0
+        if train:
+            self.per_rank = math.ceil(self.n / world_size)  # padded by wrapping, like DistributedSampler
+            # drop_last, except that a tiny split still yields its one partial batch
+            self.num_batches = self.per_rank // batch_size or int(self.per_rank > 0)
+        else:
+            self.per_rank = len(range(rank, self.n, world_size))
+            self.num_batches = math.ceil(self.per_rank / batch_size)
+
+    def _place(self, split: CachedSplit, keep_on_device) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = (torch.from_numpy(a if a.flags.writeable else a.copy()) for a in (split.images, split.masks))
+        if self.device.type == "cuda":
+            need = images.nbytes + masks.nbytes
+            fits = keep_on_device is True or (
+                keep_on_device == "auto" and need < 0.4 * torch.cuda.mem_get_info(self.device)[0])
+            if fits:
+                return images.to(self.device), masks.to(self.device)
+        elif self.device.type != "cpu" and keep_on_device is not False:
+            return images.to(self.device), masks.to(self.device)
+        return images, masks
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Fix the epoch (shuffle and augmentation follow from seed, epoch, rank); start_batch resumes mid-epoch."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in batch order."""
+        if not self.train:
+            return torch.arange(self.rank, self.n, self.world_size)
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))  # same order on every rank
+        perm = torch.randperm(self.n, generator=g)
+        total = self.per_rank * self.world_size
+        perm = perm.repeat(math.ceil(total / self.n))[:total]
+        mine = perm[self.rank::self.world_size]
+        return mine[: min(len(mine), self.num_batches * self.batch_size)]
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images.device == self.device:
+            idx = idx.to(self.device)
+            return self.images[idx], self.masks[idx]
+        pin = self.device.type == "cuda"
+        img = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        msk = torch.empty((len(idx), *self.masks.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        torch.index_select(self.images, 0, idx, out=img)
+        torch.index_select(self.masks, 0, idx, out=msk)
+        return img.to(self.device, non_blocking=True), msk.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices()
+        start, self.start_batch = self.start_batch, 0
+        for b in range(start, self.num_batches):
+            images, masks = self._fetch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            if self.train:
+                g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, b))
+                x, m = augment_batch(images, masks, g, self.augment)
+                yield _standardize(x, self.mean, self.std), m
+            else:
+                yield normalize(images, self.mean, self.std), masks[:, None].float()
+
+
+def make_loader(split: CachedSplit, batch_size: int, mean, std, *, device, train: bool, seed: int,
+                rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
+                keep_on_device: str | bool = "auto") -> BatchLoader:
+    """Batches of (images float32 (B, 3, S, S) normalised, masks float32 (B, 1, S, S) {0, 1}) on `device`.
+
+    train=True: shuffled, augmented, drop_last, sharded over ranks like DistributedSampler.
+    train=False: fixed order, rank r takes samples r::world_size (no padding, no duplicates).
+    """
+    return BatchLoader(split, batch_size, mean, std, device=device, train=train, seed=seed, rank=rank,
+                       world_size=world_size, augment=augment, keep_on_device=keep_on_device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def bench(config: DataConfig, batch_size: int = 16, images: int = 128, rounds: int = 3,
+          log: Callable = print) -> dict:
+    """Images/s of (A) decoding and resizing the files as every epoch would, and (B) the cached,
+    augmented batches; measured alternately on the same samples so shared-CPU noise hits both."""
+    splits = prepare_splits(config, log=log)
+    pairs = find_pairs(config.data_dir, skip_bad=config.skip_bad, log=log)
+    by_id = {s.id: s for samples in pairs.values() for s in samples}
+    samples = [by_id[i] for i in splits.train.ids[:images]]
+    size = config.image_size
+    loader = make_loader(splits.train, batch_size, splits.mean, splits.std, device="cpu", train=True, seed=0)
+    figures = {"decode_draft": [], "decode_full": [], "cached": []}
+
+    def decode(draft: bool):
+        for s in samples:
+            image = load_image(s.image, size if draft else None)
+            resize_image(image, size), resize_mask(load_mask(s.mask), size)
+        return len(samples)
+
+    def cached():
+        done, epoch = 0, 0
+        while done < len(samples):
+            loader.set_epoch(epoch)
+            for x, _ in loader:
+                done += len(x)
+                if done >= len(samples):
+                    break
+            epoch += 1
+        return done
+
+    for r in range(rounds):
+        for key, fn in (("decode_draft", lambda: decode(True)), ("cached", cached),
+                        ("decode_full", lambda: decode(False))):
+            start = time.perf_counter()
+            count = fn()
+            figures[key].append(count / (time.perf_counter() - start))
+        log(f"bench round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in figures.items()))
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    log(f"bench median (torch threads {torch.get_num_threads()}, batch {batch_size}, {size}px): "
+        f"decode+resize with draft {med['decode_draft']:.0f} img/s, without draft {med['decode_full']:.0f} img/s, "
+        f"cached+augmented {med['cached']:.0f} img/s -> {med['cached'] / med['decode_draft']:.1f}x / "
+        f"{med['cached'] / med['decode_full']:.1f}x")
+    return med
+
+
+def _data_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=DataConfig.data_dir, help="ISIC root (official folders or images/ + masks/)")
+    p.add_argument("--image-size", type=int, default=DataConfig.image_size, help="side of the cached squares")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default <data-dir>/.cache)")
+    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
+                   help="skip and count bad or unpaired files instead of stopping")
+    p.add_argument("--num-workers", type=int, default=0, help="decoding threads (0: one per CPU)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synthetic", help="write the synthetic ISIC-style set")
+    p.add_argument("--out", default=SYNTHETIC_DIR, help="output root (official ISIC folder layout)")
+    p.add_argument("-n", type=int, default=400, help="number of image/mask pairs")
+    p.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same files")
+    p.add_argument("--num-workers", type=int, default=0, help="generating threads (0: one per CPU)")
+    p = sub.add_parser("download", help="download and extract the official ISIC 2018 Task 1 zips")
+    p.add_argument("--root", default=DataConfig.data_dir, help="folder the zips are downloaded to and extracted in")
+    p.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits to fetch")
+    p.add_argument("--base-url", default=BASE_URL, help="where the zips are served from")
+    p.add_argument("--check-counts", action=argparse.BooleanOptionalAction, default=True,
+                   help="check the official image counts (2594 / 100 / 1000) after extraction")
+    p.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
+    p = sub.add_parser("cache", help="check every pair and build (or reuse) the cache")
+    _data_config_args(p)
+    p = sub.add_parser("bench", help="images/s: decoding JPEGs every epoch vs the cached augmented batches")
+    _data_config_args(p)
+    p.add_argument("--batch-size", type=int, default=16, help="batch size of the cached loader")
+    p.add_argument("--images", type=int, default=128, help="images per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "synthetic":
+            make_synthetic(args.out, args.n, args.seed, num_workers=args.num_workers)
+        elif args.command == "download":
+            download_isic(args.root, args.splits, base_url=args.base_url, retries=args.retries,
+                          expected_counts=EXPECTED_COUNTS if args.check_counts else None)
+        else:
+            config = DataConfig(data_dir=args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
+                                skip_bad=args.skip_bad, num_workers=args.num_workers)
+            if args.command == "cache":
+                start = time.perf_counter()
+                splits = prepare_splits(config)
+                print(f"cache ready in {time.perf_counter() - start:.1f}s: train {len(splits.train)}, "
+                      f"val {len(splits.val)}, test {len(splits.test)}; "
+                      f"mean {[round(v, 4) for v in splits.mean]}, std {[round(v, 4) for v in splits.std]}")
+            else:
+                bench(config, args.batch_size, args.images, args.rounds)
+    except (DataError, DownloadError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
