@@ -543,6 +543,12 @@ def no_colour(**kwargs):
     return dataset.AugmentConfig(brightness=0, contrast=0, saturation=0, **kwargs)
 
 
+def test_affine_grid_matches_torch():
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.affine_grid(theta, [5, 1, 12, 12], align_corners=False)
+    torch.testing.assert_close(dataset._affine_grid(theta, 12), expected)
+
+
 def test_flips_and_turns_move_image_and_mask_together_exactly():
     images, masks = aligned_batch()
     x, m = dataset.augment_batch(images, masks, torch.Generator().manual_seed(0), no_colour(rotate_deg=0, scale=(1, 1)))
@@ -552,6 +558,21 @@ def test_flips_and_turns_move_image_and_mask_together_exactly():
         src = masks[i].float()
         options = [torch.rot90(t, k) for t in (src, src.T) for k in range(4)]
         assert any(torch.equal(m[i, 0], o) for o in options)
+
+
+def test_affine_path_without_rotation_or_zoom_gives_the_8_symmetries():
+    images, masks = aligned_batch(16)
+    cfg = no_colour(rotate_deg=1e-7, scale=(1, 1))  # resampled, but with nothing but flips and turns
+    x, m = dataset.augment_batch(images, masks, torch.Generator().manual_seed(2), cfg)
+    found = set()
+    for i in range(len(m)):
+        src = masks[i].float()
+        options = [torch.rot90(t, k) for t in (src, src.T) for k in range(4)]
+        hits = [j for j, o in enumerate(options) if torch.equal(m[i, 0], o)]
+        assert hits, f"sample {i} is not a symmetry of its mask"
+        torch.testing.assert_close(x[i, 0], m[i, 0], atol=1e-4, rtol=0)
+        found.add(hits[0])
+    assert len(found) >= 5  # the draws reach most of the 8
 
 
 def test_affine_keeps_mask_binary_and_aligned():
@@ -574,6 +595,15 @@ def test_colour_jitter_changes_images_per_sample_and_stays_in_range():
     torch.testing.assert_close(m[:, 0], masks.float())
     ratio = (x.mean((1, 2, 3)) / plain.mean((1, 2, 3)))
     assert ratio.std() > 0.01  # a different factor per sample
+    # the closed form equals brightness, contrast and saturation applied one after the other
+    j = torch.rand(6, 9, generator=torch.Generator().manual_seed(0))[:, 5:8] * 2 - 1
+    b, c, s = (1 + 0.3 * j[:, k].view(6, 1, 1, 1) for k in range(3))
+    gray = lambda t: (t * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)  # noqa: E731
+    y = plain * b
+    mean = gray(y).mean((2, 3), keepdim=True)
+    y = (y - mean) * c + mean
+    y = ((y - gray(y)) * s + gray(y)).clamp(0, 1)
+    torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
