@@ -451,7 +451,12 @@ def _default_cache_dir(data_dir: Path) -> Path:
 @contextlib.contextmanager
 def _locked(folder: Path):
     """Serialise cache builds (e.g. every torchrun rank calling prepare_splits); released on exit or death."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        open(folder / ".lock", "a").close()
+    except OSError as err:
+        raise DataError(f"cannot create the cache folder {folder}: {err.strerror or err}; pass --cache-dir "
+                        "with a writable folder") from None
     try:
         import fcntl
     except ImportError:  # Windows: no advisory locks; concurrent builds then just repeat work
@@ -508,9 +513,23 @@ def _build_split(folder: Path, name: str, samples: Sequence[Sample], size: int, 
     n = len(samples)
     if n == 0:
         return {"ids": [], "skipped": [], "nonbinary": 0}
+    for stale in folder.glob(f".{name}_*.tmp.npy"):  # left by a build that was killed (we hold the lock)
+        stale.unlink(missing_ok=True)
     tmp = {key: folder / f".{name}_{key}.{os.getpid()}.tmp.npy" for key in ("images", "masks")}
-    images = np.lib.format.open_memmap(tmp["images"], mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-    masks = np.lib.format.open_memmap(tmp["masks"], mode="w+", dtype=np.uint8, shape=(n, size, size))
+    try:
+        images = np.lib.format.open_memmap(tmp["images"], mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+        masks = np.lib.format.open_memmap(tmp["masks"], mode="w+", dtype=np.uint8, shape=(n, size, size))
+        if hasattr(os, "posix_fallocate"):
+            # reserve the space now: a full disk under a memory map is a SIGBUS later, not an error
+            for path in tmp.values():
+                with open(path, "rb+") as f:
+                    os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+    except OSError as err:
+        for path in tmp.values():
+            path.unlink(missing_ok=True)
+        need = n * size * size * 4 / 2**20
+        raise DataError(f"cannot write the {name} cache ({need:.0f} MiB) in {folder}: {err.strerror or err}; "
+                        "free some space or pass --cache-dir") from None
     kept, skipped, nonbinary = [], [], 0
 
     def work(sample):

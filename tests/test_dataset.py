@@ -416,6 +416,34 @@ def test_cache_leaves_no_temporary_files(tmp_path):
     assert names == [".lock", "manifest.json", "train_images.npy", "train_masks.npy"]
 
 
+def test_unwritable_cache_folder(tmp_path):
+    make_set(tmp_path / "data", 3)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(DataError, match=r"cannot create the cache folder .*--cache-dir"):
+        dataset.prepare_splits(DataConfig(data_dir=str(tmp_path / "data"), cache_dir=str(tmp_path / "file" / "c")))
+
+
+def test_full_disk_while_caching_is_a_clear_error(tmp_path, monkeypatch):
+    make_set(tmp_path / "data", 3)
+
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space, raising=False)
+    with pytest.raises(DataError, match=r"cannot write the train cache .*No space left.*--cache-dir"):
+        dataset.prepare_splits(config(tmp_path / "data", tmp_path, val_fraction=0, test_fraction=0))
+    assert not list((tmp_path / "cache" / "size16").glob("*.npy"))
+
+
+def test_leftovers_of_a_killed_build_are_removed(tmp_path):
+    make_set(tmp_path / "data", 3)
+    folder = tmp_path / "cache" / "size16"
+    folder.mkdir(parents=True)
+    (folder / ".train_images.99999.tmp.npy").write_bytes(b"half written")
+    dataset.prepare_splits(config(tmp_path / "data", tmp_path, val_fraction=0, test_fraction=0))
+    assert not (folder / ".train_images.99999.tmp.npy").exists()
+
+
 def test_read_only_data_folder_gets_a_user_cache(tmp_path, monkeypatch):
     data = tmp_path / "data"
     make_set(data, 3)
