@@ -853,6 +853,16 @@ def make_loader(split: CachedSplit, batch_size: int, mean, std, *, device, train
                        world_size=world_size, augment=augment, keep_on_device=keep_on_device)
 
 
+def make_loaders(splits: Splits, batch_size: int, *, device, seed: int, rank: int = 0, world_size: int = 1,
+                 eval_batch_size: int | None = None, augment: AugmentConfig | None = None,
+                 keep_on_device: str | bool = "auto") -> dict[str, BatchLoader]:
+    """{"train", "val", "test"}: the training loader (shuffled, augmented) and two evaluation loaders."""
+    return {name: make_loader(getattr(splits, name), batch_size if name == "train" else eval_batch_size or batch_size,
+                              splits.mean, splits.std, device=device, train=name == "train", seed=seed, rank=rank,
+                              world_size=world_size, augment=augment, keep_on_device=keep_on_device)
+            for name in SPLITS}
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 

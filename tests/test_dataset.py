@@ -548,6 +548,16 @@ def test_tiny_train_split_still_yields_a_batch():
     assert len(loader) == 1 and [len(x) for x, _ in loader] == [3]
 
 
+def test_make_loaders_from_prepared_splits(tmp_path):
+    make_set(tmp_path / "data", 10)
+    splits = dataset.prepare_splits(config(tmp_path / "data", tmp_path))
+    loaders = dataset.make_loaders(splits, 4, device="cpu", seed=0, eval_batch_size=8)
+    assert {k: (len(v), v.train) for k, v in loaders.items()} == {"train": (2, True), "val": (1, False),
+                                                                 "test": (1, False)}
+    x, m = next(iter(loaders["train"]))
+    assert x.shape == (4, 3, 16, 16) and m.shape == (4, 1, 16, 16) and set(m.unique().tolist()) <= {0.0, 1.0}
+
+
 def test_loader_rejects_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         dataset.make_loader(tiny_split(3), 0, MEAN, STD, device="cpu", train=True, seed=0)
