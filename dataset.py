@@ -918,7 +918,13 @@ def bench(config: DataConfig, batch_size: int = 16, images: int = 128, rounds: i
 def _data_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=DataConfig.data_dir, help="ISIC root (official folders or images/ + masks/)")
     p.add_argument("--image-size", type=int, default=DataConfig.image_size, help="side of the cached squares")
-    p.add_argument("--cache-dir", default=None, help="cache folder (default <data-dir>/.cache)")
+    p.add_argument("--cache-dir", default=None,
+                   help="cache folder (default <data-dir>/.cache, or ~/.cache/improved-unet-isic if that is read-only)")
+    p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
+                   help="share of training held out for validation when there is no official validation folder")
+    p.add_argument("--test-fraction", type=float, default=DataConfig.test_fraction,
+                   help="share of training held out for testing when there is no labelled official test folder")
+    p.add_argument("--split-seed", type=int, default=DataConfig.split_seed, help="seed of the hold-out split")
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
                    help="skip and count bad or unpaired files instead of stopping")
     p.add_argument("--num-workers", type=int, default=0, help="decoding threads (0: one per CPU)")
@@ -957,7 +963,8 @@ def main(argv=None) -> None:
                           expected_counts=EXPECTED_COUNTS if args.check_counts else None)
         else:
             config = DataConfig(data_dir=args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
-                                skip_bad=args.skip_bad, num_workers=args.num_workers)
+                                val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                                split_seed=args.split_seed, skip_bad=args.skip_bad, num_workers=args.num_workers)
             if args.command == "cache":
                 start = time.perf_counter()
                 splits = prepare_splits(config)
