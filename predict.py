@@ -314,8 +314,10 @@ def find_inputs(spec: str) -> list[Path]:
     if path.is_dir():
         found = images(path.iterdir())
         if not found:
-            raise PredictError(f"--input {spec}: no image files in this folder; point it at the folder that holds "
-                               f"the images (e.g. {spec}/ISIC2018_Task1-2_Test_Input)")
+            inside = [p.name for p in sorted(path.iterdir()) if p.is_dir() and images(p.iterdir())]
+            hint = f"subfolders with images: {', '.join(inside)}" if inside else "nor in its subfolders"
+            raise PredictError(f"--input {spec}: no image files in this folder ({hint}); pass the folder that holds "
+                               f"the images, e.g. --input {path / (inside[0] if inside else 'images')}")
         return found
     if any(c in spec for c in "*?["):
         found = images(Path(p) for p in glob.glob(spec, recursive=True))
@@ -615,7 +617,8 @@ class Segmenter:
         config, item, name = self.config, entry.item, entry.item.image.name
         with self.timer("resize back"):
             full = resize_probabilities(prob, entry.size)  # (H, W) float32
-            prediction = (full > config.threshold).cpu().numpy()  # (H, W) bool
+            predicted = full > config.threshold  # (H, W) bool, on the device
+            prediction = predicted.cpu().numpy()
             probability = (full * 255).round().to(torch.uint8).cpu().numpy() if config.save_probabilities else None
         path = self.output_dir / f"{item.id}_segmentation.png"
         self.writer.submit(name, save_png(prediction.astype(np.uint8) * 255), path)
@@ -632,8 +635,8 @@ class Segmenter:
             self.fail(name, entry.truth_error)
         elif entry.truth is not None:
             with self.timer("score"):  # at the original resolution, as the challenge scores
-                scores = utils.segmentation_metrics(torch.from_numpy(prediction)[None],
-                                                    torch.from_numpy(entry.truth.astype(bool))[None])
+                truth = torch.from_numpy(entry.truth).to(self.device).bool()
+                scores = utils.segmentation_metrics(predicted[None], truth[None])
             self.averager.update(scores)
             self.rows.append({"image_id": item.id, **{key: float(scores[key][0]) for key in METRICS}})
 
@@ -727,11 +730,13 @@ def plot_cases(rows: list[dict], items: dict[str, Item], output_dir: Path, max_s
         item = items[row["image_id"]]
         image = dataset.load_image(item.image)
         step = max(1, -(-max(image.shape[:2]) // max_side))  # subsample large images for the figure
-        panels = [image, dataset.load_mask(item.mask),
-                  np.asarray(Image.open(output_dir / f"{item.id}_segmentation.png"))]
+        with Image.open(output_dir / f"{item.id}_segmentation.png") as written:
+            prediction = np.asarray(written) > 127
+        panels = [image, dataset.load_mask(item.mask) > 0, prediction]
         titles = [f"{label}: {item.id}", "ground truth", f"prediction (Jaccard {row['jaccard']:.3f})"]
         for axis, panel, title in zip(ax, panels, titles):
-            axis.imshow(panel[::step, ::step], cmap="gray", interpolation="nearest")
+            # fixed grey scale: an all-lesion or empty mask must not be stretched to another colour
+            axis.imshow(panel[::step, ::step], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axis.set_title(title, fontsize=9)
             axis.set_axis_off()
     fig.savefig(output_dir / "cases.png", dpi=100)
