@@ -670,9 +670,9 @@ class AugmentConfig:
     rotate_deg: float = 15.0  # extra rotation drawn from [-rotate_deg, rotate_deg]
     scale: tuple[float, float] = (0.9, 1.1)  # zoom factor range
     affine_p: float = 1.0  # share of images that get the rotation/zoom (the rest only flips and turns)
-    brightness: float = 0.2  # factors drawn from [1 - x, 1 + x], per image
-    contrast: float = 0.2
-    saturation: float = 0.2
+    brightness: float = 0.2  # brightness factor drawn from [1 - x, 1 + x] per image
+    contrast: float = 0.2  # contrast factor around the image's mean luminance, likewise
+    saturation: float = 0.2  # saturation factor around each pixel's luminance, likewise
 
 
 def _mix_seed(*parts: int) -> int:
@@ -809,7 +809,7 @@ class BatchLoader:
 
     def indices(self) -> torch.Tensor:
         """This rank's sample indices for the current epoch, in batch order."""
-        if not self.train:
+        if not self.train or self.n == 0:
             return torch.arange(self.rank, self.n, self.world_size)
         g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))  # same order on every rank
         perm = torch.randperm(self.n, generator=g)

@@ -558,6 +558,12 @@ def test_make_loaders_from_prepared_splits(tmp_path):
     assert x.shape == (4, 3, 16, 16) and m.shape == (4, 1, 16, 16) and set(m.unique().tolist()) <= {0.0, 1.0}
 
 
+@pytest.mark.parametrize("train", [True, False])
+def test_empty_split_gives_an_empty_loader(train):
+    loader = dataset.make_loader(tiny_split(0), 4, MEAN, STD, device="cpu", train=train, seed=0)
+    assert len(loader) == 0 and list(loader) == []
+
+
 def test_loader_rejects_bad_arguments():
     with pytest.raises(ValueError, match="batch_size"):
         dataset.make_loader(tiny_split(3), 0, MEAN, STD, device="cpu", train=True, seed=0)
