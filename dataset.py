@@ -22,7 +22,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -908,10 +908,11 @@ def bench(config: DataConfig, batch_size: int = 16, images: int = 128, rounds: i
             figures[key].append(count / (time.perf_counter() - start))
         log(f"bench round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in figures.items()) + " img/s")
     med = {k: statistics.median(v) for k, v in figures.items()}
-    log(f"bench median ({size}px, batch {batch_size}, torch threads {threads}): decode+resize {med['decode_draft']:.0f} "
-        f"img/s with JPEG draft, {med['decode_full']:.0f} without; cached+augmented {med['cached']:.0f} img/s "
-        f"({med['cached'] / med['decode_draft']:.1f}x / {med['cached'] / med['decode_full']:.1f}x); cached without "
-        f"augmentation {med['cached_noaug']:.0f} img/s ({med['cached_noaug'] / med['decode_draft']:.0f}x)")
+    log(f"bench median ({size}px, batch {batch_size}, torch threads {threads}): decode+resize "
+        f"{med['decode_draft']:.0f} img/s with JPEG draft, {med['decode_full']:.0f} without; cached+augmented "
+        f"{med['cached']:.0f} img/s ({med['cached'] / med['decode_draft']:.1f}x / "
+        f"{med['cached'] / med['decode_full']:.1f}x); cached without augmentation {med['cached_noaug']:.0f} img/s "
+        f"({med['cached_noaug'] / med['decode_draft']:.0f}x)")
     return med
 
 

@@ -9,7 +9,6 @@ Partial downloads resume with HTTP Range from <root>/downloads/<name>.zip.part; 
 from __future__ import annotations
 
 import http.client
-import os
 import shutil
 import socket
 import time

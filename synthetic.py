@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 SYNTHETIC_DIR = "data/synthetic"
@@ -61,7 +61,8 @@ def _render(index: int, seed: int) -> tuple[Image.Image, Image.Image]:
     # skin: base tone with mottling and a faint reddish blotch field
     tone = SKIN_TONES[rng.integers(len(SKIN_TONES))] * rng.uniform(0.93, 1.05, 3).astype(np.float32)
     skin = tone * (1 + 0.04 * _smooth_noise(rng, (h, w), 6)[..., None])
-    skin = skin + 0.05 * np.clip(_smooth_noise(rng, (h, w), 4), 0, None)[..., None] * np.array([1.0, -0.5, -0.5], np.float32)
+    redness = np.clip(_smooth_noise(rng, (h, w), 4), 0, None)[..., None]
+    skin = skin + 0.05 * redness * np.array([1.0, -0.5, -0.5], np.float32)
 
     # lesion: an irregular star-shaped outline plus noise; level < 1 inside
     cy, cx = rng.uniform(-0.25, 0.25, 2)
@@ -69,8 +70,9 @@ def _render(index: int, seed: int) -> tuple[Image.Image, Image.Image]:
     r = np.hypot(yy - cy, xx - cx)
     theta = np.arctan2(yy - cy, xx - cx)
     table = np.linspace(-math.pi, math.pi, 721)  # outline radius per angle, looked up per pixel
-    wobble = np.interp(theta, table, sum(rng.uniform(0, 0.22 / math.sqrt(k)) * np.cos(k * table + rng.uniform(0, 2 * math.pi))
-                                         for k in range(2, 8)))
+    outline = sum(rng.uniform(0, 0.22 / math.sqrt(k)) * np.cos(k * table + rng.uniform(0, 2 * math.pi))
+                  for k in range(2, 8))
+    wobble = np.interp(theta, table, outline)
     level = r / (radius * (1 + wobble)) + rng.uniform(0.05, 0.2) * _smooth_noise(rng, (h, w), 10)
     softness = rng.uniform(0.03, 0.18)  # fuzzy border width
     alpha = np.clip((1 - level) / softness + 0.5, 0, 1)[..., None]
