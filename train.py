@@ -241,6 +241,21 @@ def parse_config(cls, argv, description: str, groups, choices):
     return cls(**vars(args)), set(file_values) | set(given), parser
 
 
+def config_table(cls=None, groups=None) -> str:
+    """The configuration reference of README.md, as a Markdown table generated from the dataclass."""
+    cls, groups = cls or TrainConfig, groups or GROUPS
+    helps = field_help(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    lines = ["| group | flag | default | meaning |", "|---|---|---|---|"]
+    for title, names in groups.items():
+        for name in names:
+            f = fields[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            meaning = helps.get(name, "").replace("|", "\\|")
+            lines.append(f"| {title} | `--{name.replace('_', '-')}` | `{default!r}` | {meaning} |")
+    return "\n".join(lines)
+
+
 def check_config(config: TrainConfig) -> list[str]:
     """Settings that cannot work, as messages (empty when the config is usable)."""
     problems = []
@@ -537,9 +552,8 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, autocast, scaler, conf
     started, timed_images = time.perf_counter(), 0
     step = start_step
     stopped = False
-    for step_index, (images, masks) in enumerate(loader):
-        if step_index < start_step:
-            continue  # resuming mid-epoch: the loader replays the same batches, already trained on
+    loader.set_epoch(epoch, start_batch=start_step)  # mid-epoch resume: the same batches from start_step on
+    for step_index, (images, masks) in enumerate(loader, start=start_step):
         if step_index >= steps:
             break
         with autocast():
@@ -782,7 +796,6 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
 
         for epoch in range(start_epoch, config.epochs):
             epoch_started = time.perf_counter()
-            train_loader.set_epoch(epoch)
             result = train_one_epoch(
                 model, train_loader, optimizer, loss_fn, autocast=autocast, scaler=scaler, config=config,
                 epoch=epoch, start_step=start_step, loss_sum=loss_sum, images_seen=images_seen,
