@@ -1,0 +1,395 @@
+"""predict.py end to end on tiny generated images: outputs, failures, scores against the official scorer."""
+
+import csv
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import predict
+from modules import ImprovedUNet, ModelConfig
+
+IMAGE_SIZE = 32
+MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.25, 0.25)
+
+
+def save_checkpoint(path: Path, seed: int = 0, **overrides) -> Path:
+    """A checkpoint in the layout train.py writes, for a randomly initialised tiny network."""
+    torch.manual_seed(seed)
+    config = ModelConfig(base_channels=4)
+    model = ImprovedUNet(config)
+    state = {"format": "improved-unet-isic/1", "model": model.state_dict(), "model_config": dataclasses.asdict(config),
+             "train_config": {}, "image_size": IMAGE_SIZE, "norm_stats": {"mean": list(MEAN), "std": list(STD)},
+             "epoch": 1, "best_metric": 0.5, "best_epoch": 0, "optimizer": {}, "scheduler": {}, "scaler": None,
+             "rng": {}, "wandb_run_id": None}
+    state.update(overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
+    return path
+
+
+def lesion_image(rng, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A skin-coloured RGB image with a dark ellipse, and the ellipse as a {0, 1} mask."""
+    yy, xx = np.mgrid[:height, :width]
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    mask = ((yy - cy) / (0.3 * height)) ** 2 + ((xx - cx) / (0.25 * width)) ** 2 < 1
+    image = np.empty((height, width, 3), np.uint8)
+    image[:] = (220, 170, 150)
+    image[mask] = (90, 50, 40)
+    noise = rng.integers(-20, 20, image.shape)
+    return np.clip(image + noise, 0, 255).astype(np.uint8), mask.astype(np.uint8)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return save_checkpoint(tmp_path / "model" / "best.pt")
+
+
+@pytest.fixture
+def data(tmp_path):
+    """Five readable images of varied sizes and kinds, one corrupt file, and ground truth for the five.
+
+    Returns (image folder, truth folder, {id: (height, width)} as displayed).
+    """
+    rng = np.random.default_rng(0)
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    images.mkdir()
+    truth.mkdir()
+    sizes = {}
+
+    def add(number: int, height: int, width: int, save):
+        image, mask = lesion_image(rng, height, width)
+        name = f"ISIC_{number:07d}"
+        save(image, images / name)
+        Image.fromarray(mask * 255).save(truth / f"{name}_segmentation.png")
+        sizes[name] = (height, width)
+
+    add(1, 40, 56, lambda a, p: Image.fromarray(a).save(p.with_suffix(".jpg"), quality=95))
+    add(2, 48, 36, lambda a, p: Image.fromarray(a).save(p.with_suffix(".png")))
+    add(3, 33, 45, lambda a, p: Image.fromarray(a).convert("L").save(p.with_suffix(".png")))
+    add(4, 50, 40, lambda a, p: Image.fromarray(a).convert("RGBA").save(p.with_suffix(".png")))
+
+    def save_rotated(array, path):  # stored 44 wide and 30 high; EXIF orientation 6 shows it 30 wide, 44 high
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(np.ascontiguousarray(np.rot90(array, k=1))).save(path.with_suffix(".jpg"), exif=exif)
+
+    add(5, 44, 30, save_rotated)
+    with Image.open(images / "ISIC_0000005.jpg") as stored:
+        assert stored.size == (44, 30)  # the file really is stored sideways
+    (images / "ISIC_0000009.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    return images, truth, sizes
+
+
+def read_masks(folder: Path) -> dict[str, np.ndarray]:
+    masks = {}
+    for path in sorted(folder.glob("*_segmentation.png")):
+        with Image.open(path) as image:
+            assert image.mode == "L", path
+            masks[path.name.removesuffix("_segmentation.png")] = np.asarray(image)
+    return masks
+
+
+def run_main(argv) -> int:
+    """predict.main's exit status: 0 when it returns."""
+    try:
+        predict.main([str(a) for a in argv])
+    except SystemExit as exit:
+        return exit.code
+    return 0
+
+
+def test_masks_at_original_size_binary_named_and_bad_file_reported(checkpoint, data, tmp_path, capsys):
+    images, _, sizes = data
+    out = tmp_path / "out"
+    status = run_main(["--checkpoint", checkpoint, "--input", images, "--output", out, "--workers", 0])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert "ISIC_0000009.jpg" in err and "1 of 6 files failed" in err
+    masks = read_masks(out)
+    assert set(masks) == set(sizes)  # the corrupt file wrote nothing
+    for name, mask in masks.items():
+        assert mask.shape == sizes[name], name  # original size, EXIF rotation applied
+        assert set(np.unique(mask)) <= {0, 255}
+
+
+def test_worker_threads_give_the_same_masks(checkpoint, data, tmp_path):
+    images, _, sizes = data
+    outputs = []
+    for workers in (0, 2):
+        out = tmp_path / f"out{workers}"
+        assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", out, "--workers", workers,
+                         "--batch-size", 2]) == 1
+        outputs.append(read_masks(out))
+    assert outputs[0].keys() == outputs[1].keys() == sizes.keys()
+    for name in sizes:
+        np.testing.assert_array_equal(outputs[0][name], outputs[1][name])
+
+
+def test_metrics_files_overlays_and_probability_maps(checkpoint, data, tmp_path):
+    import utils
+
+    images, truth, sizes = data
+    (images / "ISIC_0000009.jpg").unlink()
+    out = tmp_path / "out"
+    result = predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--masks", str(truth),
+                           "--output", str(out), "--overlay", "--save-probabilities"])
+    masks = read_masks(out)
+    assert any(m.min() == 0 and m.max() == 255 for m in masks.values()), "predictions too uniform to test on"
+    means = json.loads((out / "metrics.json").read_text())
+    assert list(means) == list(predict.METRICS)
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(row["image_id"] for row in rows) == sorted(sizes)
+    for key in predict.METRICS:
+        assert means[key] == pytest.approx(np.mean([float(row[key]) for row in rows]), abs=1e-12)
+        assert means[key] == pytest.approx(result.metrics[key], abs=1e-12)
+    for row in rows:  # scored at the original resolution, on exactly the files written
+        truth_mask = np.asarray(Image.open(truth / f"{row['image_id']}_segmentation.png")) > 127
+        expected = utils.segmentation_metrics(torch.from_numpy(masks[row["image_id"]] == 255)[None],
+                                              torch.from_numpy(truth_mask)[None])
+        assert float(row["dice"]) == pytest.approx(float(expected["dice"][0]), abs=1e-12)
+    assert (out / "cases.png").is_file()
+    for name, (height, width) in sizes.items():
+        with Image.open(out / "overlays" / f"{name}_overlay.jpg") as overlay:
+            assert overlay.size == (width, height)
+        with Image.open(out / "probabilities" / f"{name}_probability.png") as probability:
+            assert probability.size == (width, height) and probability.mode == "L"
+            # the saved map, thresholded, is the mask
+            np.testing.assert_array_equal(np.asarray(probability) > 127.5, masks[name] == 255)
+
+
+@pytest.mark.slow  # the scorer imports scikit-learn: several seconds
+def test_official_scorer_accepts_our_output_and_agrees(checkpoint, data, tmp_path):
+    images, truth, sizes = data
+    (images / "ISIC_0000009.jpg").unlink()
+    # an empty ground truth exercises the scorer's conventions for undefined ratios
+    Image.fromarray(np.zeros(sizes["ISIC_0000002"], np.uint8)).save(truth / "ISIC_0000002_segmentation.png")
+    out = tmp_path / "out"
+    # overlays/, probabilities/ and our metric files sit beside the masks: the scorer must not mind
+    predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--masks", str(truth),
+                  "--output", str(out), "--overlay", "--save-probabilities"])
+    command = [sys.executable, "-m", "isic_challenge_scoring", "-o", "json", "segmentation", str(truth), str(out)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    official = json.loads(completed.stdout)["macro_average"]
+    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(official, abs=1e-9)
+
+
+def truncated(path: Path) -> Path:
+    good = save_checkpoint(path.with_name("whole.pt"))
+    path.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return path
+
+
+def foreign(path: Path) -> Path:
+    torch.save({"weights": torch.zeros(3)}, path)
+    return path
+
+
+def other_architecture(path: Path) -> Path:
+    return save_checkpoint(path, model_config=dataclasses.asdict(ModelConfig(base_channels=8)))
+
+
+@pytest.mark.parametrize("make", [lambda p: p, truncated, foreign, other_architecture],
+                         ids=["missing", "truncated", "foreign", "other-architecture"])
+def test_unusable_checkpoint_is_one_line_and_status_2(make, data, tmp_path, capsys):
+    images, _, _ = data
+    bad = make(tmp_path / "bad.pt")
+    status = run_main(["--checkpoint", bad, "--input", images, "--output", tmp_path / "out"])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.count("\n") == 1 and err.startswith("predict.py: error: ") and "bad.pt" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_checkpoint_is_the_newest_run_and_output_goes_beside_it(data, tmp_path, capsys):
+    images, _, _ = data
+    runs = tmp_path / "runs"
+    older, newer = save_checkpoint(runs / "a" / "best.pt"), save_checkpoint(runs / "b" / "best.pt")
+    os.utime(older, (1e9, 1e9))
+    assert run_main(["--runs-dir", runs, "--input", images / "ISIC_0000001.jpg"]) == 0
+    assert str(newer) in capsys.readouterr().out
+    assert (runs / "b" / "predictions" / "ISIC_0000001_segmentation.png").is_file()
+    assert run_main(["--runs-dir", tmp_path / "empty", "--input", images]) == 2
+    assert "no best.pt" in capsys.readouterr().err
+
+
+def test_zero_argument_run_scores_the_held_out_test_split(tmp_path, monkeypatch, capsys):
+    import dataset
+
+    monkeypatch.chdir(tmp_path)
+    root = Path(dataset.SYNTHETIC_DIR)  # where the zero-argument train.py puts its data
+    rng = np.random.default_rng(1)
+    for folder in ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"):
+        (root / folder).mkdir(parents=True)
+    for number in range(10):
+        image, mask = lesion_image(rng, 36 + number, 48)
+        Image.fromarray(image).save(root / "ISIC2018_Task1-2_Training_Input" / f"ISIC_{number:07d}.jpg")
+        Image.fromarray(mask * 255).save(root / "ISIC2018_Task1_Training_GroundTruth" / f"ISIC_{number:07d}_segmentation.png")
+    train_config = {"data_dir": str(root), "image_size": IMAGE_SIZE, "val_fraction": 0.2, "test_fraction": 0.3,
+                    "split_seed": 3}
+    save_checkpoint(Path("runs/synthetic/best.pt"), train_config=train_config)
+    # the split exactly as the training run made it (this builds the run's cache)
+    splits = dataset.prepare_splits(dataset.DataConfig(**train_config), log=lambda *a, **k: None)
+    test_ids = sorted(splits.test.ids)
+    assert len(test_ids) == 3
+
+    result = predict.main([])
+    output = Path("runs/synthetic/predictions")
+    assert sorted(row["image_id"] for row in result.per_image) == test_ids
+    assert sorted(read_masks(output)) == test_ids
+    assert (output / "metrics.json").is_file()
+    assert "threshold_jaccard" in capsys.readouterr().out  # the scores are printed
+
+
+def test_glob_input_and_duplicate_names(checkpoint, data, tmp_path, capsys):
+    images, _, _ = data
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", checkpoint, "--input", f"{images}/*.png", "--output", out]) == 0
+    assert sorted(read_masks(out)) == ["ISIC_0000002", "ISIC_0000003", "ISIC_0000004"]
+    Image.new("RGB", (20, 20)).save(images / "ISIC_0000001.png")  # ISIC_0000001.jpg is there too
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", out]) == 2
+    err = capsys.readouterr().err
+    assert "ISIC_0000001.jpg" in err and "ISIC_0000001.png" in err
+
+
+@pytest.mark.parametrize("spec", ["missing-folder", "empty-folder"])
+def test_no_inputs_is_a_clear_error(checkpoint, tmp_path, spec, capsys):
+    (tmp_path / "empty-folder").mkdir()
+    assert run_main(["--checkpoint", checkpoint, "--input", tmp_path / spec, "--output", tmp_path / "o"]) == 2
+    assert spec in capsys.readouterr().err
+
+
+def test_ground_truth_of_another_size_fails_that_image(checkpoint, data, tmp_path, capsys):
+    images, truth, _ = data
+    (images / "ISIC_0000009.jpg").unlink()
+    Image.new("L", (7, 9)).save(truth / "ISIC_0000003_segmentation.png")
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output",
+                     tmp_path / "out"]) == 1
+    err = capsys.readouterr().err
+    assert "ISIC_0000003_segmentation.png" in err and "1 of 5 files failed" in err
+    lines = (tmp_path / "out" / "metrics.csv").read_text().splitlines()
+    assert len(lines) == 1 + 4 and not any(line.startswith("ISIC_0000003") for line in lines)
+
+
+@pytest.mark.parametrize("flags", [["--batch-size", "0"], ["--threshold", "1.5"], ["--workers", "-1"]])
+def test_nonsense_flags_exit_2(flags, capsys):
+    assert run_main(flags) == 2
+    assert flags[0] in capsys.readouterr().err
+
+
+def test_every_flag_has_its_own_help_and_group():
+    fields = [f.name for f in dataclasses.fields(predict.PredictConfig)]
+    helps = predict.field_help(predict.PredictConfig)
+    assert sorted(fields) == sorted(helps) == sorted(n for names in predict.GROUPS.values() for n in names)
+    assert len(set(helps.values())) == len(helps)  # no copy-pasted help text
+    text = predict.build_parser().format_help()
+    for name in fields:
+        assert "--" + name.replace("_", "-") in text
+
+
+def test_tta_maps_each_flip_back():
+    class FirstChannel(torch.nn.Module):  # logits = the input's first channel: flips must undo exactly
+        def forward(self, x):
+            return x[:, :1] * 3
+
+    x = torch.randn(2, 3, 16, 16)
+    expected = (x[:, 0] * 3).sigmoid()
+    torch.testing.assert_close(predict.predict_probabilities(FirstChannel(), x, tta=True), expected)
+
+
+def test_label_regions_matches_scipy():
+    ndimage = pytest.importorskip("scipy.ndimage")
+    rng = np.random.default_rng(0)
+    for density in (0.3, 0.5, 0.7):
+        mask = rng.random((37, 53)) < density
+        for connectivity, structure in ((4, None), (8, np.ones((3, 3)))):
+            ours, count = predict.label_regions(mask, connectivity)
+            theirs, their_count = ndimage.label(mask, structure=structure)
+            assert count == their_count
+            np.testing.assert_array_equal(ours, theirs)  # both number regions in raster order
+
+
+def test_largest_region_filled_known_shapes():
+    mask = np.zeros((20, 20), bool)
+    mask[2:12, 2:12] = True  # a 10x10 square ring with a 4x4 hole
+    mask[5:9, 5:9] = False
+    mask[15:18, 15:18] = True  # a smaller square elsewhere
+    mask[0, 19] = True  # a pixel touching the border
+    expected = np.zeros_like(mask)
+    expected[2:12, 2:12] = True
+    np.testing.assert_array_equal(predict.largest_region_filled(mask), expected)
+    empty = np.zeros((8, 8), bool)
+    np.testing.assert_array_equal(predict.largest_region_filled(empty), empty)
+    # diagonal neighbours belong to one region (8-connectivity)
+    diagonal = np.eye(6, dtype=bool)
+    np.testing.assert_array_equal(predict.largest_region_filled(diagonal), diagonal)
+
+
+def test_postprocess_keeps_the_main_region_probabilities():
+    probs = np.full((16, 16), 0.1, np.float32)
+    probs[2:10, 2:10] = 0.9
+    probs[5, 5] = 0.2  # a hole
+    probs[13:15, 13:15] = 0.8  # a small second region
+    edited = predict.postprocess_probabilities(probs, 0.5)
+    assert edited[5, 5] == 1.0 and (edited[13:15, 13:15] == 0).all()
+    keep = probs > 0.5
+    keep[13:15, 13:15] = False
+    np.testing.assert_array_equal(edited[keep], probs[keep])
+
+
+def test_postprocess_flag_edits_the_network_resolution_map(checkpoint, data, tmp_path):
+    import dataset
+
+    images, _, sizes = data
+    (images / "ISIC_0000009.jpg").unlink()
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", out, "--postprocess", "--tta"]) == 0
+    loaded = predict.load_model(checkpoint, torch.device("cpu"))
+    for name, mask in read_masks(out).items():
+        path = next(images.glob(name + ".*"))
+        small = torch.from_numpy(np.array(dataset.resize_image(dataset.load_image(path), IMAGE_SIZE)))[None]
+        probs = predict.predict_probabilities(loaded.model, dataset.normalize(small, MEAN, STD), tta=True)[0]
+        edited = predict.postprocess_probabilities(probs.numpy(), 0.5)
+        assert predict.label_regions(edited > 0.5)[1] <= 1, name  # one region at the network's resolution
+        expected = predict.resize_probabilities(torch.from_numpy(edited), sizes[name]) > 0.5
+        np.testing.assert_array_equal(mask == 255, expected.numpy(), err_msg=name)
+
+
+def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "model.onnx"
+    assert predict.main(["--checkpoint", str(checkpoint), "--export-onnx", str(path)]).written == [path]
+    loaded = predict.load_model(checkpoint, torch.device("cpu"))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    metadata = session.get_modelmeta().custom_metadata_map
+    assert json.loads(metadata["mean"]) == list(MEAN) and metadata["image_size"] == str(IMAGE_SIZE)
+    for shape in [(1, 3, 32, 32), (3, 3, 48, 64)]:  # batch, height and width all differ from the export's
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = loaded.model(x).numpy()
+        (got,) = session.run(None, {"image": x.numpy()})
+        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
+def test_outline_marks_the_edge_only():
+    mask = torch.zeros(40, 50, dtype=torch.bool)
+    mask[10:30, 12:41] = True
+    x = mask[None, None].float()
+    edge = (torch.nn.functional.max_pool2d(x, 3, 1, 1) > -torch.nn.functional.max_pool2d(-x, 3, 1, 1))[0, 0]
+    assert torch.equal(predict.outline(mask, 1), edge)
+    thick = predict.outline(mask, 4)
+    assert thick.shape == mask.shape and thick[edge].all()
+    far = torch.ones_like(mask)
+    far[10 - 8:30 + 8, 12 - 8:41 + 8] = False  # more than two widths outside
+    far[10 + 8:30 - 8, 12 + 8:41 - 8] = True  # more than two widths inside
+    assert not thick[far].any()
