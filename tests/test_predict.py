@@ -393,3 +393,30 @@ def test_outline_marks_the_edge_only():
     far[10 - 8:30 + 8, 12 - 8:41 + 8] = False  # more than two widths outside
     far[10 + 8:30 - 8, 12 + 8:41 - 8] = True  # more than two widths inside
     assert not thick[far].any()
+
+
+def test_masks_from_an_isic_root(checkpoint, data, tmp_path):
+    images, truth, sizes = data
+    (images / "ISIC_0000009.jpg").unlink()
+    root = tmp_path / "root"  # the images/ + masks/ layout that dataset.find_pairs reads
+    root.mkdir()
+    images.rename(root / "images")
+    truth.rename(root / "masks")
+    out = tmp_path / "out"
+    result = predict.main(["--checkpoint", str(checkpoint), "--input", str(root / "images"), "--masks", str(root),
+                           "--output", str(out)])
+    assert sorted(row["image_id"] for row in result.per_image) == sorted(sizes)
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_probabilities_agree_with_cpu(checkpoint, data, tmp_path):
+    images, _, sizes = data
+    (images / "ISIC_0000009.jpg").unlink()
+    for device in ("cpu", "cuda"):
+        predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / device),
+                      "--device", device, "--save-probabilities"])
+    for name in sizes:
+        maps = [np.asarray(Image.open(tmp_path / device / "probabilities" / f"{name}_probability.png"), np.float64)
+                for device in ("cpu", "cuda")]
+        assert maps[0].shape == maps[1].shape == sizes[name]
+        assert np.abs(maps[0] - maps[1]).mean() < 3, name  # bf16 autocast: a few 1/255 steps at most
