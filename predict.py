@@ -40,6 +40,7 @@ from modules import ImprovedUNet, ModelConfig
 
 METRICS = utils.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
 ISIC_ID = re.compile(r"ISIC_\d{7}")
+MASK_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)  # ISIC 2016/2017 wrote _Segmentation
 
 
 @dataclass
@@ -268,7 +269,8 @@ def postprocess_probabilities(probs: np.ndarray, threshold: float) -> np.ndarray
     """Probabilities (S, S) edited so that thresholding gives one filled region, at the network's resolution.
 
     Other regions drop to 0 and holes rise to 1, while the kept region's own probabilities stay, so its
-    outline after the bilinear resize to the original size is the same as without post-processing.
+    outline after the bilinear resize to the original size is unchanged. (A link thinner than a network
+    pixel can still fall below the threshold in that resize and split the region.)
     """
     mask = probs > threshold
     kept = largest_region_filled(mask)
@@ -295,7 +297,8 @@ def image_suffixes() -> set[str]:
 
 
 def image_id(path: Path) -> str:
-    stem = path.stem.removesuffix("_segmentation")
+    """The ISIC id in a file name (ISIC_0000123_segmentation.png -> ISIC_0000123), else its stem."""
+    stem = MASK_SUFFIX.sub("", path.stem)
     match = ISIC_ID.search(stem)
     return match.group(0) if match else stem
 
@@ -307,7 +310,7 @@ def find_inputs(spec: str) -> list[Path]:
 
     def images(paths):  # ground-truth masks next to the images are not inputs
         return sorted(p for p in paths if p.is_file() and p.suffix.lower() in suffixes
-                      and not p.stem.endswith("_segmentation"))
+                      and not MASK_SUFFIX.search(p.stem))
 
     if path.is_file():
         return [path]
