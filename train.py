@@ -10,7 +10,6 @@ predictions.png, last.pt and best.pt. `--resume auto` continues a run from its l
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
@@ -113,138 +112,10 @@ CHOICES = {
 # ----------------------------------------------------------------------------- configuration
 
 
-class ConfigError(ValueError):
-    """A configuration file or flag that cannot be used; the message says which and why."""
-
-
-def field_help(cls) -> dict[str, str]:
-    """The one-line comment after each field of a dataclass, used as that flag's help text."""
-    import inspect
-    import re
-
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2).strip()
-    return helps
-
-
-def _base_type(annotation: str) -> str:
-    parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
-    return parts[0]
-
-
-def _coerce(name: str, annotation: str, value, source: str):
-    """Check a value from a config file against the field's type (ints are accepted as floats)."""
-    kind = _base_type(annotation)
-    if value is None and "None" in str(annotation):
-        return None
-    ok = {
-        "bool": isinstance(value, bool),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
-        "str": isinstance(value, str),
-        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
-    }.get(kind, True)
-    if not ok:
-        raise ConfigError(f"{source}: {name} must be {kind}, got {value!r} ({type(value).__name__})")
-    return float(value) if kind == "float" else value
-
-
-def read_config_file(path: str | os.PathLike, cls) -> dict:
-    """Settings from a JSON or YAML file, checked against the dataclass (unknown keys, types)."""
-    import difflib
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
-    try:
-        if path.suffix.lower() in {".yaml", ".yml"}:
-            import yaml
-
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-    except Exception as err:  # both parsers raise their own error types
-        raise ConfigError(f"config file {path} could not be parsed: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    checked = {}
-    for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name not in fields:
-            close = difflib.get_close_matches(name, list(fields), n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
-        checked[name] = _coerce(name, fields[name].type, value, f"config file {path}")
-    return checked
-
-
-def build_parser(cls, description: str, groups: dict[str, list[str]], choices: dict[str, list[str]],
-                 suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """An argparse parser generated from a dataclass: one --kebab-case flag per field, grouped."""
-    parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=argparse.SUPPRESS if suppress_defaults else None,
-    )
-    helps = field_help(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    grouped = [name for names in groups.values() for name in names]
-    missing = set(fields) - set(grouped)
-    assert not missing, f"fields without a help group: {missing}"
-    for title, names in groups.items():
-        group = parser.add_argument_group(title)
-        for name in names:
-            f = fields[name]
-            kind = _base_type(f.type)
-            flag = "--" + name.replace("_", "-")
-            kwargs = {"help": helps.get(name, "")}
-            if not suppress_defaults:
-                kwargs["default"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if kind == "bool":
-                kwargs["action"] = argparse.BooleanOptionalAction
-            elif kind == "list[str]":
-                kwargs["nargs"] = "*"
-                kwargs["metavar"] = "TAG"
-            else:
-                kwargs["type"] = {"int": int, "float": float}.get(kind, str)
-                kwargs["metavar"] = kind.upper() if kind != "str" else name.split("_")[-1].upper()
-            if name in choices:
-                kwargs["choices"] = choices[name]
-                kwargs.pop("metavar", None)
-            group.add_argument(flag, **kwargs)
-    return parser
-
-
-def parse_config(cls, argv, description: str, groups, choices):
-    """Two-stage parse: a --config file sets defaults, flags override them.
-
-    Returns the config and the set of fields the user set (in the file or as flags).
-    """
-    parser = build_parser(cls, description, groups, choices)
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--config")
-    known, _ = pre.parse_known_args(argv)
-    file_values = {}
-    if known.config:
-        try:
-            file_values = read_config_file(known.config, cls)
-        except ConfigError as err:
-            parser.error(str(err))
-        parser.set_defaults(**file_values)
-    args = parser.parse_args(argv)
-    given = vars(build_parser(cls, description, groups, choices, suppress_defaults=True).parse_args(argv))
-    return cls(**vars(args)), set(file_values) | set(given), parser
-
-
 def config_table(cls=None, groups=None) -> str:
     """The configuration reference of README.md, as a Markdown table generated from the dataclass."""
     cls, groups = cls or TrainConfig, groups or GROUPS
-    helps = field_help(cls)
+    helps = utils.field_help(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     lines = ["| group | flag | default | meaning |", "|---|---|---|---|"]
     for title, names in groups.items():
@@ -880,7 +751,7 @@ def log_wandb_predictions(run, images, masks, predictions, ids, step: int) -> No
 
 
 def main(argv=None) -> dict:
-    config, explicit, parser = parse_config(
+    config, explicit, parser = utils.parse_config(
         TrainConfig, argv, "Train the Improved UNet (Isensee et al. 2017) on ISIC 2018 Task 1 with a Dice loss.",
         GROUPS, CHOICES)
     problems = check_config(config)
@@ -888,7 +759,7 @@ def main(argv=None) -> dict:
         parser.error("\n  ".join(problems))
     try:
         return train(config, explicit)
-    except (dataset.DataError, utils.CheckpointError, TrainingError, ConfigError, RunInUseError) as err:
+    except (dataset.DataError, utils.CheckpointError, TrainingError, utils.ConfigError, RunInUseError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

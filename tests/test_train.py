@@ -178,13 +178,13 @@ def test_nonsensical_flags_are_refused(flags, message, capsys):
 def test_config_file_sets_defaults_and_flags_override(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("epochs: 7\nlr: 0.001\nnorm: instance\n")
-    config, explicit, _ = train.parse_config(train.TrainConfig, ["--config", str(path), "--epochs", "3"], "",
+    config, explicit, _ = utils.parse_config(train.TrainConfig, ["--config", str(path), "--epochs", "3"], "",
                                              train.GROUPS, train.CHOICES)
     assert (config.epochs, config.lr, config.norm) == (3, 0.001, "instance")
     assert {"epochs", "lr", "norm"} <= explicit
     json_path = tmp_path / "run.json"
     json_path.write_text(json.dumps({"batch-size": 2}))
-    config, _, _ = train.parse_config(train.TrainConfig, ["--config", str(json_path)], "", train.GROUPS, train.CHOICES)
+    config, _, _ = utils.parse_config(train.TrainConfig, ["--config", str(json_path)], "", train.GROUPS, train.CHOICES)
     assert config.batch_size == 2
 
 
