@@ -15,7 +15,6 @@ import argparse
 import csv
 import dataclasses
 import glob
-import inspect
 import json
 import re
 import sys
@@ -80,37 +79,10 @@ class PredictError(RuntimeError):
 # ----------------------------------------------------------------------------- command line
 
 
-def field_help(cls) -> dict[str, str]:
-    """The one-line comment after each field of a dataclass, used as that flag's help text."""
-    helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2).strip()
-    return helps
-
-
 def build_parser() -> argparse.ArgumentParser:
     """argparse generated from PredictConfig: one --kebab-case flag per field, grouped."""
-    parser = argparse.ArgumentParser(
-        prog="predict.py", description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]), formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = field_help(PredictConfig)
-    fields = {f.name: f for f in dataclasses.fields(PredictConfig)}
-    for title, names in GROUPS.items():
-        group = parser.add_argument_group(title)
-        for name in names:
-            f = fields[name]
-            flag = "--" + name.replace("_", "-")
-            kind = str(f.type).replace("| None", "").strip()
-            if kind == "bool":
-                group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
-                                   help=f"{helps[name]} (default: {'on' if f.default else 'off'})")
-                continue
-            shown = "" if f.default is None else f" (default: {f.default})"
-            group.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=f.default,
-                               metavar=METAVARS.get(name, kind.upper()), help=helps[name] + shown)
-    return parser
+    return utils.build_parser(PredictConfig, __doc__.split("\n\n")[0], GROUPS, metavars=METAVARS,
+                              epilog="\n\n".join(__doc__.split("\n\n")[1:]), prog="predict.py")
 
 
 def check_config(config: PredictConfig) -> list[str]:

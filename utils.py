@@ -365,18 +365,23 @@ def read_config_file(path: str | os.PathLike, cls) -> dict:
     return checked
 
 
-def build_parser(cls, description: str, groups: dict[str, list[str]], choices: dict[str, list[str]],
-                 suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """An argparse parser generated from a dataclass: one --kebab-case flag per field, grouped."""
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults and keeps the description's own line breaks."""
+
+
+def build_parser(cls, description: str, groups: dict[str, list[str]], choices: dict[str, list[str]] | None = None,
+                 suppress_defaults: bool = False, metavars: dict[str, str] | None = None,
+                 epilog: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser generated from a dataclass: one --kebab-case flag per field, grouped, with
+    the field's comment as help and BooleanOptionalAction for switches."""
+    choices, metavars = choices or {}, metavars or {}
     parser = argparse.ArgumentParser(
-        description=description,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
     )
     helps = field_help(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    grouped = [name for names in groups.values() for name in names]
-    missing = set(fields) - set(grouped)
+    missing = set(fields) - {name for names in groups.values() for name in names}
     assert not missing, f"fields without a help group: {missing}"
     for title, names in groups.items():
         group = parser.add_argument_group(title)
@@ -391,10 +396,10 @@ def build_parser(cls, description: str, groups: dict[str, list[str]], choices: d
                 kwargs["action"] = argparse.BooleanOptionalAction
             elif kind == "list[str]":
                 kwargs["nargs"] = "*"
-                kwargs["metavar"] = "TAG"
+                kwargs["metavar"] = metavars.get(name, "VALUE")
             else:
                 kwargs["type"] = {"int": int, "float": float}.get(kind, str)
-                kwargs["metavar"] = kind.upper() if kind != "str" else name.split("_")[-1].upper()
+                kwargs["metavar"] = metavars.get(name, kind.upper() if kind != "str" else name.split("_")[-1].upper())
             if name in choices:
                 kwargs["choices"] = choices[name]
                 kwargs.pop("metavar", None)

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import predict
+import utils
 from modules import ImprovedUNet, ModelConfig
 
 IMAGE_SIZE = 32
@@ -289,7 +290,7 @@ def test_nonsense_flags_exit_2(flags, capsys):
 
 def test_every_flag_has_its_own_help_and_group():
     fields = [f.name for f in dataclasses.fields(predict.PredictConfig)]
-    helps = predict.field_help(predict.PredictConfig)
+    helps = utils.field_help(predict.PredictConfig)
     assert sorted(fields) == sorted(helps) == sorted(n for names in predict.GROUPS.values() for n in names)
     assert len(set(helps.values())) == len(helps)  # no copy-pasted help text
     text = predict.build_parser().format_help()
