@@ -61,3 +61,12 @@ def test_every_train_flag_in_the_readme_exists():
         if "train.py" in command:
             used = set(re.findall(r"(--[a-z][a-z-]*)", command.split("train.py", 1)[1]))
             assert used <= flags, f"{command}: unknown {used - flags}"
+
+
+def test_reliability_table_names_existing_tests():
+    named = set(re.findall(r"`(test_\w+)`", README))
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+    assert named, "README.md names no tests"
+    assert named <= defined, f"README.md names tests that do not exist: {sorted(named - defined)}"
