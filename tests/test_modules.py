@@ -12,9 +12,12 @@ import torch.nn.functional as F
 
 import modules
 from modules import (
+    Conv1x1,
     ImprovedUNet,
+    InstanceNorm,
     ModelConfig,
     _Conv3x3NCHWWeightGrad,
+    _InstanceNormNHWC,
     count_parameters,
     main,
     upsample_conv3x3,
@@ -173,7 +176,7 @@ def test_eval_is_deterministic_and_train_uses_dropout():
 def test_both_norms_train(norm):
     model = tiny(norm=norm, dropout=0.0)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x = torch.randn(4, 3, 64, 64)
+    x = torch.randn(4, 3, 32, 32)
     y = (x[:, :1] > 0).float()  # a mask the network can learn from the input
     losses = []
     for _ in range(5):
@@ -229,15 +232,47 @@ def test_memory_format_does_not_change_the_function():
     assert_close(plain(x), fast(x))
 
 
-def test_instance_norm_is_group_norm_with_one_channel_per_group():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_instance_norm_equals_torch_instance_norm(channels_last):
     torch.manual_seed(0)
-    gn, inorm = nn.GroupNorm(8, 8), nn.InstanceNorm2d(8, affine=True)
+    ours, theirs = InstanceNorm(8), nn.InstanceNorm2d(8, affine=True)
     with torch.no_grad():
-        gn.weight.normal_(), gn.bias.normal_()
-    inorm.load_state_dict(gn.state_dict())
+        ours.weight.normal_(), ours.bias.normal_()
+    theirs.load_state_dict(ours.state_dict())
     x = torch.randn(3, 8, 16, 24) * 5 + 2
-    assert_close(gn(x), inorm(x), rel=1e-5)
-    assert_close(gn(x.contiguous(memory_format=torch.channels_last)), inorm(x), rel=1e-5)
+    g = torch.randn(3, 8, 16, 24)
+    xo = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    xo.requires_grad_(), x.requires_grad_()
+    out_ours, out_theirs = ours(xo), theirs(x)
+    assert_close(out_ours, out_theirs, rel=1e-5)
+    grads_ours = torch.autograd.grad(out_ours, (xo, ours.weight, ours.bias), g)
+    grads_theirs = torch.autograd.grad(out_theirs, (x, theirs.weight, theirs.bias), g)
+    for a, e in zip(grads_ours, grads_theirs):
+        assert_close(a, e, rel=1e-4)
+    assert out_ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_channels_last_instance_norm_backward_passes_gradcheck():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda x, w, b: _InstanceNormNHWC.apply(x, w, b, 1e-5), inputs)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_channels_last_1x1_conv_equals_conv2d(bias):
+    torch.manual_seed(0)
+    conv = Conv1x1(6, 3, bias=bias)
+    x = torch.randn(2, 6, 8, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn(2, 3, 8, 12)
+    out = conv(x)
+    expected = F.conv2d(x, conv.weight, conv.bias)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected, rel=1e-6)
+    params = (x, conv.weight) + ((conv.bias,) if bias else ())
+    for a, e in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
+        assert_close(a, e, rel=1e-5)
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -286,7 +321,7 @@ def test_fast_formulation_equals_plain_reference(norm, training, monkeypatch):
     fast = ImprovedUNet(ModelConfig(norm=norm, dropout=0.0, base_channels=4)).double()
     with torch.no_grad():  # non-trivial norm parameters and running statistics
         for m in fast.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            if isinstance(m, (nn.BatchNorm2d, InstanceNorm)):
                 m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.1)
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
@@ -294,8 +329,8 @@ def test_fast_formulation_equals_plain_reference(norm, training, monkeypatch):
     functional = copy.deepcopy(fast)
     for m in (fast, plain, functional):
         m.train(training)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    g = torch.randn(2, 1, 64, 64, dtype=torch.float64)
+    x = torch.randn(2, 3, 32, 48, dtype=torch.float64)
+    g = torch.randn(2, 1, 32, 48, dtype=torch.float64)
     out_fast, gx_fast, grads_fast = forward_backward(fast, x, g)
     out_plain, gx_plain, grads_plain = forward_backward(plain, x, g)
     xr = x.clone().requires_grad_()
