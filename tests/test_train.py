@@ -271,7 +271,7 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     args = tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "ddp")
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "0", str(ROOT / "train.py"), *args],
+                             "--standalone", str(ROOT / "train.py"), *args],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("best validation Dice") == 1  # only rank 0 prints
