@@ -88,7 +88,7 @@ class TrainConfig:
 
 # Used for the fields a user did not set when no ISIC data is present: a run that finishes in
 # minutes on a laptop CPU and still learns the synthetic lesions well.
-SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 30, "batch_size": 8}
+SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 30, "batch_size": 4}
 
 GROUPS = {
     "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "skip_bad", "synthetic_images"],
