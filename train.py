@@ -87,8 +87,9 @@ class TrainConfig:
 
 
 # Used for the fields a user did not set when no ISIC data is present: a run that finishes in
-# minutes on a laptop CPU and still learns the synthetic lesions well.
-SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 30, "batch_size": 4}
+# about ten minutes on a 2-core CPU. 64 px keeps the lesions' shape; the higher lr makes up for
+# the few steps that 320 training images give (the paper's 5e-4 plateaus below 0.90 Dice here).
+SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 30, "batch_size": 8, "lr": 1e-3}
 
 GROUPS = {
     "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "skip_bad", "synthetic_images"],
