@@ -102,12 +102,14 @@ def test_resume_after_epoch_matches_uninterrupted_run(isic_folder, tmp_path):
 
 def test_signal_mid_epoch_saves_and_resume_matches(isic_folder, tmp_path):
     """A real subprocess gets SIGUSR1 mid-run, writes last.pt and exits; the resumed run ends with the
-    weights of an uninterrupted one."""
+    weights of an uninterrupted one. All three runs are subprocesses with one thread, so they sum
+    floating-point numbers in the same order."""
     args = tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "preempted")
     # One-image batches make an epoch long enough to be interrupted inside it.
     args[args.index("--batch-size") + 1] = "1"
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(ROOT / "train.py")]
+    process = subprocess.Popen([*command, *args], cwd=tmp_path, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "preempted" / "metrics.csv"
     deadline = time.time() + 120
@@ -120,10 +122,13 @@ def test_signal_mid_epoch_saves_and_resume_matches(isic_folder, tmp_path):
     stopped = utils.load_checkpoint(tmp_path / "preempted" / "last.pt")
     assert (stopped["epoch"], stopped["step"]) < (3, 0)
 
-    train.main([*args, "--resume", "auto"])
+    resumed = subprocess.run([*command, *args, "--resume", "auto"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     reference = tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "reference")
     reference[reference.index("--batch-size") + 1] = "1"
-    train.main(reference)
+    whole = subprocess.run([*command, *reference], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
     assert_same_weights(weights(tmp_path / "reference" / "last.pt"), weights(tmp_path / "preempted" / "last.pt"))
 
 
