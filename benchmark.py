@@ -72,12 +72,16 @@ class BenchConfig:
 # The models
 
 
-def _ours(norm: str, plain: bool = False) -> Callable[[], nn.Module]:
-    def build():
-        config = modules.ModelConfig(norm=norm, channels_last=not plain)
+def _ours(norm: str, plain: bool = False, nchw: bool = False) -> Callable[[bool], nn.Module]:
+    def build(channels_last: bool) -> nn.Module:
+        config = modules.ModelConfig(norm=norm, channels_last=channels_last and not (plain or nchw))
         model = modules.ImprovedUNet(config)
         return model.use_reference_formulation() if plain else model
     return build
+
+
+def _peer(build: Callable[[], nn.Module]) -> Callable[[bool], nn.Module]:
+    return lambda channels_last: build()  # the variant converts weights and inputs to channels-last
 
 
 def _dynunet() -> nn.Module:
@@ -105,14 +109,17 @@ def _installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-MODELS: dict[str, tuple[Callable[[], nn.Module], str, str]] = {
-    # name: (builder, package it needs, description)
+MODELS: dict[str, tuple[Callable[[bool], nn.Module], str, str]] = {
+    # name: (builder taking channels_last, package it needs, description)
     "ours-batch": (_ours("batch"), "", "Improved UNet, batch norm (this repository's default)"),
     "ours-instance": (_ours("instance"), "", "Improved UNet, instance norm (the paper's)"),
     "ours-plain": (_ours("batch", plain=True), "", "Improved UNet, batch norm, plain NCHW formulation"),
-    "dynunet": (_dynunet, "monai", "MONAI DynUNet like the paper: 16-256, residual, instance norm, deep supervision"),
-    "basicunet": (_basicunet, "monai", "MONAI BasicUNet, default features (32, 32, 64, 128, 256, 32)"),
-    "smp-unet-r34": (_smp_unet, "segmentation_models_pytorch", "segmentation_models_pytorch Unet, ResNet-34, random init"),
+    "ours-nchw": (_ours("batch", nchw=True), "", "Improved UNet, batch norm, fast formulation in NCHW"),
+    "dynunet": (_peer(_dynunet), "monai",
+                "MONAI DynUNet like the paper: 16-256, residual, instance norm, deep supervision"),
+    "basicunet": (_peer(_basicunet), "monai", "MONAI BasicUNet, default features (32, 32, 64, 128, 256, 32)"),
+    "smp-unet-r34": (_peer(_smp_unet), "segmentation_models_pytorch",
+                     "segmentation_models_pytorch Unet, ResNet-34, random init"),
 }
 DEFAULT_MODELS = ["ours-batch", "ours-instance", "dynunet", "basicunet", "smp-unet-r34"]
 FULL_EXTRA_MODELS = ["ours-plain"]  # shows what the fast formulation buys; skipped by --quick
@@ -130,9 +137,9 @@ class Variant:
 
 
 def variants_for(model: str, device: torch.device, quick: bool) -> list[Variant]:
-    ours_cl = model.startswith("ours") and model != "ours-plain"  # our model keeps NHWC itself
+    ours_cl = model in ("ours-batch", "ours-instance")  # channels-last is our model's default
     if device.type != "cuda":
-        return [Variant(channels_last=ours_cl)]
+        return [Variant(channels_last=ours_cl)]  # peers as their users run them
     if model == "ours-batch":
         found = [Variant(), Variant(channels_last=True), Variant("bf16"), Variant("bf16", True)]
         return found + ([] if quick else [Variant("bf16", True, compile=True)])
@@ -161,6 +168,16 @@ def choose_models(config: BenchConfig) -> tuple[list[str], dict[str, str]]:
 # Measuring
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt parameters from glibc's <malloc.h>
+
+
+def _mallopt(param: int, value: int) -> bool:
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def tune_glibc_malloc() -> bool:
     """Keep freed memory in the process: large blocks from the heap instead of fresh mmap pages, never trimmed.
 
@@ -168,12 +185,7 @@ def tune_glibc_malloc() -> bool:
     comes back as new zeroed pages whose first touch faults (on a 2-core VM this cost a fifth of a 256x256
     step). Process-wide and Linux/glibc only; returns whether it took effect.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return _mallopt(M_MMAP_MAX, 0) and _mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -256,7 +268,7 @@ class Runner:
     def __init__(self, name: str, variant: Variant, size: int, config: BenchConfig, device: torch.device):
         self.name, self.variant, self.size, self.device = name, variant, size, device
         torch.manual_seed(0)
-        self.eager = MODELS[name][0]().to(device)
+        self.eager = MODELS[name][0](variant.channels_last).to(device)
         if variant.channels_last:
             self.eager = self.eager.to(memory_format=torch.channels_last)
         self.model = torch.compile(self.eager) if variant.compile else self.eager
@@ -367,10 +379,16 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
     load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if device.type == "cpu" and load_before and load_before[0] > 0.5:
+        log(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other processes compete for "
+            "the CPU and wall-clock figures will be noisy (--threads 1 --clock cpu measures CPU time instead)")
     results, matmul, data = [], {"fp32": [], "bf16": []}, []
     malloc_tuned = False
 
-    # phase 1, per size: FLOPs, and peak memory of the first (warm-up) steps before any allocator tuning
+    # phase 1, per size: FLOPs, and peak memory of the first (warm-up) steps. Blocks of 64 KiB and more
+    # are mmapped while it runs, so that memory freed by one model leaves the resident set and the next
+    # model's growth is its own (glibc otherwise keeps blocks below its adaptive threshold in the heap)
+    measurable_rss = device.type == "cpu" and _mallopt(M_MMAP_THRESHOLD, 64 << 10)
     runners_by_size = {}
     for size in config.sizes:
         runners = [Runner(n, v, size, config, device) for n in names for v in variants_for(n, device, config.quick)]
@@ -385,6 +403,8 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
         runners_by_size[size] = runners
     if config.tune_malloc and device.type == "cpu":
         malloc_tuned = tune_glibc_malloc()
+    elif measurable_rss:
+        _mallopt(M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
 
     # phase 2, per size: timed rounds, every model once per round, so that load from other processes
     # hits all of them alike
@@ -490,7 +510,7 @@ def markdown(report: dict) -> str:
         f"{'on' if meta['malloc_tuned'] else 'off'}; load average before/after "
         f"{_fmt(meta['load_average_before'] and meta['load_average_before'][0], '.2f')}/"
         f"{_fmt(meta['load_average_after'] and meta['load_average_after'][0], '.2f')} "
-        "(anything above 0 means other processes shared the device).",
+        "(well above 0: other processes competed for the CPU, so timings are noisy).",
         "",
         "Matmul reference, measured in every round: float32 median "
         f"{mm['fp32']['median'] / 1e9:.0f} GFLOP/s (best {mm['fp32']['max'] / 1e9:.0f})"
@@ -545,7 +565,8 @@ def markdown(report: dict) -> str:
     lines += [
         "Notes",
         "",
-        "- Memory: peak allocated by torch on CUDA; on CPU the growth of the resident set during one training step.",
+        "- Memory: peak allocated by torch on CUDA; on CPU the growth of the process's resident set during one "
+        "training step (large blocks mmapped while measuring, so that it follows the live tensors).",
         "- FLOPs are counted by torch.utils.flop_counter (convolutions and matmuls; forward + backward for training).",
         "- DynUNet does about 45% fewer FLOPs per image than the paper's architecture by design (2x2 transposed "
         "convolutions instead of upsampling + 3x3 convs, no 1x1 localisation convs), so it trains more images per "

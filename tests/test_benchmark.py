@@ -106,3 +106,13 @@ def test_flops_scale_exactly_with_pixels():
             model(torch.randn(1, 3, side, side)).sum().backward()
         counts.append(fc.get_total_flops())
     assert counts[1] == 4 * counts[0]
+
+
+@pytest.mark.gpu
+def test_cuda_run_measures_bf16_and_channels_last_variants(tmp_path):
+    report = benchmark.main(["--device", "cuda", "--quick", "--sizes", "64", "--batch-size", "2", "--models",
+                             "ours-batch", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)])
+    variants = {e["variant"] for e in report["results"]}
+    assert {"fp32", "fp32-cl", "bf16", "bf16-cl"} <= variants
+    assert all(e["train_peak_mb"] > 0 and e["matmul_fraction"] > 0 for e in report["results"])
+    assert report["matmul_flops_per_s"]["bf16"]["median"] > report["matmul_flops_per_s"]["fp32"]["median"]

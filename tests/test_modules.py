@@ -161,6 +161,15 @@ def test_every_parameter_gets_a_finite_gradient(norm):
     assert {"head.seg_quarter.weight", "head.seg_half.weight", "head.seg_full.weight"} <= dict(model.named_parameters()).keys()
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gradients_have_their_parameters_strides(channels_last):
+    # DDP copies gradients into buckets laid out like the parameters, and warns and slows down otherwise
+    model = tiny(channels_last=channels_last)
+    model(torch.randn(1, 3, 32, 32)).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), name
+
+
 def test_eval_is_deterministic_and_train_uses_dropout():
     model = tiny()
     x = torch.randn(2, 3, 64, 64)
@@ -366,11 +375,15 @@ def test_sync_batchnorm_conversion_keeps_the_state_dict():
     assert converted.state_dict().keys() == model.state_dict().keys()
 
 
-def test_bfloat16_autocast_on_cpu():
-    model = tiny()
+@pytest.mark.parametrize("norm", ["batch", "instance"])
+def test_bfloat16_autocast_trains_on_cpu(norm):
+    # default width, so that the top conv (32 channels at 64x64) would take the NCHW weight-gradient path
+    model = ImprovedUNet(ModelConfig(norm=norm))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(torch.randn(2, 3, 64, 64))
-    assert out.shape == (2, 1, 64, 64) and torch.isfinite(out.float()).all()
+        out = model(torch.randn(1, 3, 64, 64))
+    out.float().mean().backward()
+    assert out.shape == (1, 1, 64, 64) and torch.isfinite(out.float()).all()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.gpu
