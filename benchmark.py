@@ -1,6 +1,6 @@
 """Speed, memory and FLOP/s of the Improved UNet beside the networks people would use instead, in one run.
 
-    python benchmark.py --device cpu --quick       # about 3 minutes on a 2-core CPU
+    python benchmark.py --device cpu --quick       # about 3 minutes on an idle 2-core CPU
     python benchmark.py --device cuda              # adds bf16, channels_last and torch.compile variants
 Writes <out>/benchmark.json and <out>/benchmark.md. Peers (MONAI DynUNet and BasicUNet, segmentation_models_pytorch
 Unet/ResNet-34) are measured when installed: pip install -r requirements-bench.txt
@@ -41,7 +41,7 @@ FLOP_COUNT_SIZE = 64  # FLOPs are counted at this side (or smaller) and scaled b
 @dataclass
 class BenchConfig:
     device: str = "auto"  # auto (cuda > cpu), cpu, cuda or cuda:N
-    quick: bool = False  # fewer repeats and no optional variants: about 3 minutes on a 2-core CPU
+    quick: bool = False  # fewer repeats and no optional variants: about 3 minutes on an idle 2-core CPU
     sizes: list[int] = field(default_factory=lambda: [128, 256])  # square input sides, multiples of 32
     batch_size: int = 8  # images per training and inference step
     models: list[str] | None = None  # names from --list-models; default: ours and every installed peer
@@ -584,24 +584,27 @@ def format_seconds(s: float) -> str:
 
 def parse_args(argv: list[str] | None) -> BenchConfig:
     defaults = BenchConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default=defaults.device, help="auto (cuda > cpu), cpu, cuda or cuda:N")
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=defaults.device, help="auto (cuda > cpu; the default), cpu, cuda or cuda:N")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=defaults.quick,
-                   help="3 timed rounds, 1 warm-up, no optional variants: about 3 minutes on a 2-core CPU")
-    p.add_argument("--sizes", type=int, nargs="+", default=defaults.sizes, help="square input sides (multiples of 32)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step")
+                   help="3 timed rounds, 1 warm-up, no optional variants: about 3 minutes on an idle 2-core CPU")
+    p.add_argument("--sizes", type=int, nargs="+", default=defaults.sizes,
+                   help="square input sides, multiples of 32 (default 128 256)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default 8)")
     p.add_argument("--models", nargs="+", default=None,
                    help=f"models to run, from: {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)}"
                         f", and {', '.join(FULL_EXTRA_MODELS)} without --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds, medians reported (default 5; quick 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default 2; quick 1)")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="torch CPU threads; 0 keeps torch's default")
+    p.add_argument("--threads", type=int, default=defaults.threads,
+                   help="torch CPU threads (default 0: torch's own choice, one per core)")
     p.add_argument("--clock", choices=("wall", "cpu"), default=defaults.clock,
-                   help="wall time, or this process's CPU time (with --threads 1: robust on a shared machine)")
+                   help="wall time (default), or this process's CPU time (with --threads 1: robust on a shared machine)")
     p.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=defaults.tune_malloc,
-                   help="keep freed memory in glibc's heap so steps do not page-fault fresh memory (CPU, Linux)")
+                   help="keep freed memory in glibc's heap so steps do not page-fault fresh memory (CPU, Linux; "
+                        "default off, as train.py runs)")
     p.add_argument("--data-images", type=int, default=None, help="cache size timed through the loader (default 64; quick 32)")
-    p.add_argument("--out", default=defaults.out, help="folder for benchmark.json and benchmark.md")
+    p.add_argument("--out", default=defaults.out, help="folder for benchmark.json and benchmark.md (default runs/benchmark)")
     a = p.parse_args(argv)
     return BenchConfig(device=a.device, quick=a.quick, sizes=a.sizes, batch_size=a.batch_size, models=a.models,
                        repeats=a.repeats, warmup=a.warmup, threads=a.threads, clock=a.clock, tune_malloc=a.tune_malloc,
