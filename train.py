@@ -64,7 +64,7 @@ class TrainConfig:
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
-    channels_last: bool | None = None  # NHWC memory format; default on for CUDA
+    channels_last: bool = True  # NHWC activations (faster with oneDNN on CPU and with bf16 on CUDA)
     compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
     seed: int = 0  # seed for weights, shuffling and augmentation (each rank adds its rank)
     deterministic: bool = False  # deterministic kernels (slower; for exact reproduction)
@@ -596,7 +596,8 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         raise dataset.DataError(f"{config.data_dir}: {len(train_split.ids)} training images make no full batch of "
                                 f"{config.batch_size}; lower --batch-size")
 
-    model_config = modules.ModelConfig(base_channels=config.base_channels, norm=config.norm, dropout=config.dropout)
+    model_config = modules.ModelConfig(base_channels=config.base_channels, norm=config.norm, dropout=config.dropout,
+                                       channels_last=config.channels_last)
     model = modules.ImprovedUNet(model_config)
     if checkpoint is not None:
         if checkpoint["model_config"] != dataclasses.asdict(model_config):
@@ -605,9 +606,6 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                 f"{dataclasses.asdict(model_config)}; drop the conflicting flags or start a new --name")
         model.load_state_dict(checkpoint["model"])
     model.to(device)
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
     raw_model = model  # checkpoints always hold the plain model, without DDP or compile wrappers
     if dist.is_distributed:
         if config.sync_batchnorm and config.norm == "batch":
