@@ -169,6 +169,12 @@ def load_image(path, size: int | None = None) -> np.ndarray:
     return _read_image(path, size)[0]
 
 
+def load_image_and_size(path, size: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """load_image, and the file's full-resolution (height, width) as displayed, from one decode."""
+    image, (width, height) = _read_image(path, size)
+    return image, (height, width)
+
+
 def _read_mask(path) -> tuple[np.ndarray, tuple[int, int], bool]:
     """(mask in {0, 1}, (width, height), whether values other than 0/255 were found)."""
     path = Path(path)

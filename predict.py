@@ -405,22 +405,13 @@ class Loaded:
     truth_error: str | None = None  # why its ground truth could not be used
 
 
-def original_size(path: Path) -> tuple[int, int]:
-    """(H, W) of an image file as displayed (EXIF orientation applied), from its header alone."""
-    with Image.open(path) as image:
-        width, height = image.size
-        rotated = image.getexif().get(0x0112, 1) in (5, 6, 7, 8)  # orientations that swap the sides
-    return (width, height) if rotated else (height, width)
-
-
 def load_item(item: Item, image_size: int, keep_image: bool, timer: StageTimer) -> Loaded:
     """Decode and resize one image (and decode its ground truth); errors are recorded, not raised."""
     out = Loaded(item)
     try:
         with timer("decode"):
             # with a size, JPEGs decode at a reduced scale (Pillow's draft), as for the training cache
-            image = dataset.load_image(item.image, size=image_size)
-            out.size = original_size(item.image)
+            image, out.size = dataset.load_image_and_size(item.image, size=image_size)
             out.image = dataset.load_image(item.image) if keep_image else None
         with timer("resize"):
             out.small = dataset.resize_image(image, image_size)
