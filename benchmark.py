@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import ctypes
 import datetime
 import gc
 import json
@@ -49,7 +48,7 @@ class BenchConfig:
     warmup: int | None = None  # untimed steps per model and size first (default 2; quick 1)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     clock: str = "wall"  # "wall", or "cpu": this process's CPU time (with --threads 1; robust on a shared machine)
-    tune_malloc: bool = False  # glibc keeps freed memory for reuse: no fresh page faults every step (CPU, Linux)
+    tune_malloc: bool = True  # glibc keeps freed memory for reuse, as train.py does on CPU (Linux)
     data_images: int | None = None  # images in the synthetic cache timed through the loader (default 64; quick 32)
     out: str = "runs/benchmark"  # folder for benchmark.json and benchmark.md
 
@@ -166,26 +165,6 @@ def choose_models(config: BenchConfig) -> tuple[list[str], dict[str, str]]:
 
 # ---------------------------------------------------------------------------------------------------
 # Measuring
-
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt parameters from glibc's <malloc.h>
-
-
-def _mallopt(param: int, value: int) -> bool:
-    try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(param, value))
-    except (OSError, AttributeError):  # not glibc
-        return False
-
-
-def tune_glibc_malloc() -> bool:
-    """Keep freed memory in the process: large blocks from the heap instead of fresh mmap pages, never trimmed.
-
-    Every training step frees and re-allocates the same activations; with glibc's defaults each large one
-    comes back as new zeroed pages whose first touch faults (on a 2-core VM this cost a fifth of a 256x256
-    step). Process-wide and Linux/glibc only; returns whether it took effect.
-    """
-    return _mallopt(M_MMAP_MAX, 0) and _mallopt(M_TRIM_THRESHOLD, 2**31 - 1)
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -388,7 +367,8 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
     # phase 1, per size: FLOPs, and peak memory of the first (warm-up) steps. Blocks of 64 KiB and more
     # are mmapped while it runs, so that memory freed by one model leaves the resident set and the next
     # model's growth is its own (glibc otherwise keeps blocks below its adaptive threshold in the heap)
-    measurable_rss = device.type == "cpu" and _mallopt(M_MMAP_THRESHOLD, 64 << 10)
+    measurable_rss = device.type == "cpu" and utils.mallopt(utils.M_MMAP_MAX, utils.DEFAULT_MMAP_MAX) \
+        and utils.mallopt(utils.M_MMAP_THRESHOLD, 64 << 10)
     runners_by_size = {}
     for size in config.sizes:
         runners = [Runner(n, v, size, config, device) for n in names for v in variants_for(n, device, config.quick)]
@@ -402,9 +382,9 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
                         "infer_peak_mb": infer_mem.peak_mb, "infer_extra_mb": infer_mem.extra_mb}
         runners_by_size[size] = runners
     if config.tune_malloc and device.type == "cpu":
-        malloc_tuned = tune_glibc_malloc()
+        malloc_tuned = utils.tune_glibc_malloc()
     elif measurable_rss:
-        _mallopt(M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
+        utils.mallopt(utils.M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
 
     # phase 2, per size: timed rounds, every model once per round, so that load from other processes
     # hits all of them alike
@@ -602,7 +582,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                    help="wall time (default), or this process's CPU time (with --threads 1: robust on a shared machine)")
     p.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=defaults.tune_malloc,
                    help="keep freed memory in glibc's heap so steps do not page-fault fresh memory (CPU, Linux; "
-                        "default off, as train.py runs)")
+                        "default on, as train.py runs; --no-tune-malloc for glibc's defaults)")
     p.add_argument("--data-images", type=int, default=None, help="cache size timed through the loader (default 64; quick 32)")
     p.add_argument("--out", default=defaults.out, help="folder for benchmark.json and benchmark.md (default runs/benchmark)")
     a = p.parse_args(argv)

@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
     channels_last: bool = True  # NHWC activations (faster with oneDNN on CPU and with bf16 on CUDA)
+    tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
     compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
     seed: int = 0  # seed for weights, shuffling and augmentation (each rank adds its rank)
     deterministic: bool = False  # deterministic kernels (slower; for exact reproduction)
@@ -96,7 +97,7 @@ GROUPS = {
     "model": ["base_channels", "norm", "dropout", "sync_batchnorm"],
     "optimisation": ["epochs", "batch_size", "lr", "weight_decay", "schedule", "lr_decay", "warmup_epochs",
                      "grad_clip", "loss"],
-    "hardware": ["device", "amp", "channels_last", "compile", "seed", "deterministic"],
+    "hardware": ["device", "amp", "channels_last", "tune_malloc", "compile", "seed", "deterministic"],
     "run": ["out_dir", "name", "resume", "config", "num_preview", "progress"],
     "wandb": ["wandb", "wandb_project", "wandb_entity", "wandb_tags"],
     "debugging": ["max_steps", "limit_samples", "overfit_batch"],
@@ -567,6 +568,8 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif device.type == "cpu" and config.tune_malloc:
+        utils.tune_glibc_malloc()  # about 10% faster 256x256 steps on a 2-core VM (benchmark.py --no-tune-malloc)
     utils.seed_everything(config.seed + dist.rank, deterministic=config.deterministic)
 
     # The cache is built once, by rank 0; the other ranks wait and then read it.

@@ -88,3 +88,40 @@ def test_rng_state_restores_cuda_generator():
     expected = torch.rand(3, device="cuda")
     utils.set_rng_state(saved)
     assert torch.equal(torch.rand(3, device="cuda"), expected)
+
+
+_STEP_FAULTS = """
+import resource, sys
+import torch
+import modules, utils
+torch.set_num_threads(1)
+if sys.argv[1] == "tuned":
+    assert utils.tune_glibc_malloc()
+model = modules.ImprovedUNet()
+opt = torch.optim.Adam(model.parameters())
+x = torch.randn(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    opt.zero_grad(set_to_none=True)
+    model(x).square().mean().backward()
+    opt.step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(not utils.mallopt(utils.M_TRIM_THRESHOLD, 128 * 1024), reason="needs glibc")
+def test_tuned_malloc_reuses_freed_activations_without_page_faults():
+    # a training step frees and re-allocates the same large activations: with glibc's defaults they come
+    # back as fresh pages that fault on first touch in every step; tuned, the freed memory is reused
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], cwd=root, check=True,
+                                       capture_output=True, text=True).stdout)
+              for mode in ("default", "tuned")}
+    assert faults["default"] > 5000, faults
+    assert faults["tuned"] < 1000, faults
