@@ -167,6 +167,40 @@ def choose_models(config: BenchConfig) -> tuple[list[str], dict[str, str]]:
 # Measuring
 
 
+NOISY_OTHER_CPU = 0.05  # above this share of the machine's CPU taken by other processes, timings are noisy
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (every core; steal time counts: another VM had it)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None  # not Linux
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()  # this process and its finished children
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherCpu:
+    """Share of the machine's CPU time that other processes have used since this object was made: the busy
+    time of all cores (/proc/stat) minus this process's own. Unlike the load average it neither lags by a
+    minute nor counts the benchmark itself. share() is None where /proc/stat is missing."""
+
+    def __init__(self):
+        self.start = (time.monotonic(), _machine_busy_seconds(), _own_cpu_seconds())
+
+    def share(self) -> float | None:
+        wall, busy, own = time.monotonic(), _machine_busy_seconds(), _own_cpu_seconds()
+        if busy is None or self.start[1] is None or wall <= self.start[0]:
+            return None
+        others = (busy - self.start[1]) - (own - self.start[2])
+        return max(0.0, others) / ((wall - self.start[0]) * (os.cpu_count() or 1))
+
+
 def _proc_status_kib(key: str) -> int | None:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -357,10 +391,13 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
     names, skipped = choose_models(config)
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    if device.type == "cpu" and load_before and load_before[0] > 0.5:
-        log(f"warning: load average {load_before[0]:.1f} on {os.cpu_count()} cores: other processes compete for "
-            "the CPU and wall-clock figures will be noisy (--threads 1 --clock cpu measures CPU time instead)")
+    idle_check = OtherCpu()
+    time.sleep(1.0)
+    other_before = idle_check.share()
+    if device.type == "cpu" and other_before is not None and other_before > NOISY_OTHER_CPU:
+        log(f"warning: other processes are using {other_before:.0%} of the CPU: wall-clock figures will be noisy "
+            "(--threads 1 --clock cpu measures this process's CPU time instead)")
+    during = OtherCpu()
     results, matmul, data = [], {"fp32": [], "bf16": []}, []
     malloc_tuned = False
 
@@ -436,8 +473,7 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
             "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "config": asdict(config), "malloc_tuned": malloc_tuned, "skipped": skipped,
-            "load_average_before": load_before,
-            "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "other_cpu_before": other_before, "other_cpu_during": during.share(),
             "peers": {p: package_version(p) for p in ("monai", "segmentation_models_pytorch")},
         },
         "matmul_flops_per_s": matmul_summary,
@@ -478,6 +514,13 @@ def _fmt(value, spec: str, missing: str = "n/a") -> str:
     return missing if value is None else format(value, spec)
 
 
+def _other_cpu_text(share: float | None) -> str:
+    if share is None:
+        return "CPU use of other processes not measured (no /proc/stat)"
+    text = f"other processes used {share:.0%} of the CPU during the run"
+    return text + (", so timings are noisy" if share > NOISY_OTHER_CPU else "")
+
+
 def markdown(report: dict) -> str:
     meta, mm = report["meta"], report["matmul_flops_per_s"]
     cfg = meta["config"]
@@ -487,10 +530,7 @@ def markdown(report: dict) -> str:
         f"torch {meta['torch']}, {meta['threads']} threads, {cfg.get('clock', 'wall')} clock, batch {cfg['batch_size']}, "
         f"median of {cfg['repeats']} "
         f"interleaved rounds after {cfg['warmup']} warm-up; glibc malloc tuning "
-        f"{'on' if meta['malloc_tuned'] else 'off'}; load average before/after "
-        f"{_fmt(meta['load_average_before'] and meta['load_average_before'][0], '.2f')}/"
-        f"{_fmt(meta['load_average_after'] and meta['load_average_after'][0], '.2f')} "
-        "(well above 0: other processes competed for the CPU, so timings are noisy).",
+        f"{'on' if meta['malloc_tuned'] else 'off'}; {_other_cpu_text(meta.get('other_cpu_during'))}.",
         "",
         "Matmul reference, measured in every round: float32 median "
         f"{mm['fp32']['median'] / 1e9:.0f} GFLOP/s (best {mm['fp32']['max'] / 1e9:.0f})"

@@ -3,6 +3,8 @@ projections are checked against hand-computed values; bad options fail clearly."
 
 import json
 import math
+import os
+from pathlib import Path
 
 import pytest
 
@@ -42,7 +44,7 @@ def fake_report(size=256):
     return {
         "meta": {"device": "test CPU", "device_type": "cpu", "date": "2026-01-01T00:00:00", "torch": "x",
                  "threads": 2, "config": {"batch_size": 8, "repeats": 5, "warmup": 2}, "malloc_tuned": False,
-                 "load_average_before": [0.0, 0, 0], "load_average_after": [0.5, 0, 0],
+                 "other_cpu_before": 0.0, "other_cpu_during": 0.01,
                  "skipped": {"basicunet": "monai is not installed"}},
         "matmul_flops_per_s": {"fp32": {"median": 100e9, "max": 110e9, "all": [100e9]}},
         "data_pipeline": [{"size": size, "images_per_s": 100.0}],
@@ -116,3 +118,35 @@ def test_cuda_run_measures_bf16_and_channels_last_variants(tmp_path):
     assert {"fp32", "fp32-cl", "bf16", "bf16-cl"} <= variants
     assert all(e["train_peak_mb"] > 0 and e["matmul_fraction"] > 0 for e in report["results"])
     assert report["matmul_flops_per_s"]["bf16"]["median"] > report["matmul_flops_per_s"]["fp32"]["median"]
+
+
+def test_markdown_says_whether_other_processes_made_timings_noisy():
+    quiet, busy = fake_report(), fake_report()
+    busy["meta"]["other_cpu_during"] = 0.4
+    assert "other processes used 1% of the CPU during the run." in benchmark.markdown(quiet)
+    assert "other processes used 40% of the CPU during the run, so timings are noisy" in benchmark.markdown(busy)
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc/stat")
+def test_other_cpu_counts_a_competing_process_but_not_our_own_work():
+    import subprocess
+    import sys
+    import time
+
+    meter = benchmark.OtherCpu()
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:  # our own busy work is not "other"
+        pass
+    own_only = meter.share()
+
+    meter = benchmark.OtherCpu()
+    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(1.5)  # the burner is still running, so its CPU time is not yet ours (not reaped)
+        competing = meter.share()
+    finally:
+        burner.kill()
+        burner.wait()
+    cores = os.cpu_count() or 1
+    assert own_only < 0.5 / cores
+    assert competing > 0.5 / cores  # one busy process holds about one core of `cores`
