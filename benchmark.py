@@ -49,6 +49,7 @@ class BenchConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     clock: str = "wall"  # "wall", or "cpu": this process's CPU time (with --threads 1; robust on a shared machine)
     tune_malloc: bool = True  # glibc keeps freed memory for reuse, as train.py does on CPU (Linux)
+    breakdown: bool = False  # CPU: profile one training step per model: time and FLOP/s of the conv/matmul kernels
     data_images: int | None = None  # images in the synthetic cache timed through the loader (default 64; quick 32)
     out: str = "runs/benchmark"  # folder for benchmark.json and benchmark.md
 
@@ -356,6 +357,29 @@ class Runner:
         return found
 
 
+# the aten ops whose kernels do the FLOPs that flop_counter counts (their wrappers, such as aten::convolution,
+# only dispatch and are left with the other ops)
+FLOP_KERNELS = {"mkldnn_convolution", "convolution_backward", "_slow_conv2d_forward", "_slow_conv2d_backward",
+                "slow_conv_transpose2d", "slow_conv_dilated2d", "mm", "addmm", "bmm", "_nnpack_spatial_convolution"}
+
+
+def kernel_breakdown(runner: Runner) -> dict[str, float]:
+    """One profiled training step: the share of its time spent inside the convolution and matmul kernels, and
+    the FLOP/s those kernels reach on their own. That is the ceiling of the whole step's FLOP/s: the step
+    would reach it only if every other op (norms, activations, copies, the optimizer) took no time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.train_step()
+    kernel = total = 0.0
+    for e in prof.key_averages():
+        total += e.self_cpu_time_total
+        if e.key.removeprefix("aten::") in FLOP_KERNELS:
+            kernel += e.self_cpu_time_total
+    flops = runner.flops["train_flops_per_image"] * runner.x.shape[0]
+    return {"kernel_time_share": kernel / total, "kernel_flops_per_s": flops / (kernel / 1e6)}
+
+
 def measure_data_pipeline(size: int, config: BenchConfig, device: torch.device) -> float:
     """Images/s of the training loader (index, copy to the device, augment, normalise) from an in-memory cache."""
     rng = np.random.default_rng(0)
@@ -442,6 +466,7 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
         data_ips = measure_data_pipeline(size, config, device)
         data.append({"size": size, "images_per_s": data_ips})
         for r in runners:
+            breakdown = kernel_breakdown(r) if config.breakdown and device.type == "cpu" else {}
             step = statistics.median(r.train_times)
             entry = {
                 "model": r.name, "variant": r.variant.name, "size": size, "description": MODELS[r.name][2],
@@ -449,7 +474,7 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
                 "train_images_per_s": config.batch_size / step,
                 "infer_images_per_s": config.batch_size / statistics.median(r.infer_times),
                 "train_step_s": r.train_times, "infer_step_s": r.infer_times,
-                **r.flops, **r.memory,
+                **r.flops, **r.memory, **breakdown,
             }
             entry["train_flops_per_s"] = entry["train_flops_per_image"] * entry["train_images_per_s"]
             if "paper_train_flops_per_image" in entry:
@@ -465,6 +490,8 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
     for e in results:
         ref = matmul_summary["bf16" if e["variant"].startswith("bf16") else "fp32"]["median"]
         e["matmul_fraction"] = e["train_flops_per_s"] / ref
+        if "kernel_flops_per_s" in e:
+            e["kernel_matmul_fraction"] = e["kernel_flops_per_s"] / ref
         if "paper_train_flops_per_s" in e:
             e["paper_matmul_fraction"] = e["paper_train_flops_per_s"] / ref
     return {
@@ -571,6 +598,12 @@ def markdown(report: dict) -> str:
                     f"({e['train_flops_per_image'] / 1e9:.2f} executed GFLOP/img); counted in the paper's form "
                     f"({e['paper_train_flops_per_image'] / 1e9:.2f} GFLOP/img) it reaches "
                     f"{e['paper_train_flops_per_s'] / 1e9:.1f} GFLOP/s = {e['paper_matmul_fraction']:.0%} of matmul.")
+        for e in entries:
+            if "kernel_flops_per_s" in e:
+                lines.append(
+                    f"- {e['model']} ({e['variant']}): convolution and matmul kernels take {e['kernel_time_share']:.0%} "
+                    f"of a profiled training step and run at {e['kernel_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                    f"{e['kernel_matmul_fraction']:.0%} of matmul: the step's ceiling if every other op were free.")
         if size in data:
             ratio = f" = {data[size] / ours['train_images_per_s']:.1f}x {OURS}'s training speed" if ours else ""
             lines.append(f"- Data pipeline (cached uint8, shuffled, augmented, normalised): {data[size]:.0f} img/s{ratio}.")
@@ -623,12 +656,15 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--tune-malloc", action=argparse.BooleanOptionalAction, default=defaults.tune_malloc,
                    help="keep freed memory in glibc's heap so steps do not page-fault fresh memory (CPU, Linux; "
                         "default on, as train.py runs; --no-tune-malloc for glibc's defaults)")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=defaults.breakdown,
+                   help="CPU: profile one training step per model and report the share of time in the convolution "
+                        "and matmul kernels and their own FLOP/s (the ceiling of the step's FLOP/s)")
     p.add_argument("--data-images", type=int, default=None, help="cache size timed through the loader (default 64; quick 32)")
     p.add_argument("--out", default=defaults.out, help="folder for benchmark.json and benchmark.md (default runs/benchmark)")
     a = p.parse_args(argv)
     return BenchConfig(device=a.device, quick=a.quick, sizes=a.sizes, batch_size=a.batch_size, models=a.models,
                        repeats=a.repeats, warmup=a.warmup, threads=a.threads, clock=a.clock, tune_malloc=a.tune_malloc,
-                       data_images=a.data_images, out=a.out)
+                       breakdown=a.breakdown, data_images=a.data_images, out=a.out)
 
 
 def main(argv: list[str] | None = None) -> dict:

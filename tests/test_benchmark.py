@@ -150,3 +150,16 @@ def test_other_cpu_counts_a_competing_process_but_not_our_own_work():
     cores = os.cpu_count() or 1
     assert own_only < 0.5 / cores
     assert competing > 0.5 / cores  # one busy process holds about one core of `cores`
+
+
+def test_breakdown_reports_the_kernel_ceiling(tmp_path):
+    report = benchmark.main(["--device", "cpu", "--quick", "--sizes", "32", "--batch-size", "2", "--models",
+                             "ours-batch", "--repeats", "1", "--warmup", "0", "--data-images", "4", "--threads", "1",
+                             "--breakdown", "--out", str(tmp_path)])
+    (entry,) = report["results"]
+    assert 0 < entry["kernel_time_share"] < 1  # the norms, activations and optimizer take the rest
+    # the kernels alone must be faster than the whole step, which also spends time outside them
+    assert entry["kernel_flops_per_s"] > entry["train_flops_per_s"]
+    assert entry["kernel_matmul_fraction"] == pytest.approx(
+        entry["kernel_flops_per_s"] / report["matmul_flops_per_s"]["fp32"]["median"])
+    assert "convolution and matmul kernels take" in (tmp_path / "benchmark.md").read_text()
