@@ -287,7 +287,8 @@ class Runner:
             self.eager = self.eager.to(memory_format=torch.channels_last)
         self.model = torch.compile(self.eager) if variant.compile else self.eager
         # the training run's optimizer and loss (train.py: Adam, weight decay 1e-5, Dice)
-        self.optimizer = torch.optim.Adam(self.eager.parameters(), lr=1e-3, weight_decay=1e-5)
+        self.optimizer = torch.optim.Adam(self.eager.parameters(), lr=1e-3, weight_decay=1e-5,
+                                          fused=device.type in ("cpu", "cuda"))
         self.loss_fn = utils.SegmentationLoss("dice")
         g = torch.Generator().manual_seed(size)
         b = config.batch_size
