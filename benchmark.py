@@ -49,7 +49,7 @@ class BenchConfig:
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     clock: str = "wall"  # "wall", or "cpu": this process's CPU time (with --threads 1; robust on a shared machine)
     tune_malloc: bool = True  # glibc keeps freed memory for reuse, as train.py does on CPU (Linux)
-    breakdown: bool = False  # CPU: profile one training step per model: time and FLOP/s of the conv/matmul kernels
+    breakdown: bool = False  # CPU: profile two training steps per model: time share and FLOP/s of the conv/matmul kernels
     data_images: int | None = None  # images in the synthetic cache timed through the loader (default 64; quick 32)
     out: str = "runs/benchmark"  # folder for benchmark.json and benchmark.md
 
@@ -364,21 +364,25 @@ FLOP_KERNELS = {"mkldnn_convolution", "convolution_backward", "_slow_conv2d_forw
                 "slow_conv_transpose2d", "slow_conv_dilated2d", "mm", "addmm", "bmm", "_nnpack_spatial_convolution"}
 
 
-def kernel_breakdown(runner: Runner) -> dict[str, float]:
-    """One profiled training step: the share of its time spent inside the convolution and matmul kernels, and
-    the FLOP/s those kernels reach on their own. That is the ceiling of the whole step's FLOP/s: the step
-    would reach it only if every other op (norms, activations, copies, the optimizer) took no time."""
+def kernel_time_share(runner: Runner, steps: int = 2) -> float:
+    """Share of the time of profiled training steps spent inside the convolution and matmul kernels.
+
+    Multiplied by the timed step's FLOP/s it gives the FLOP/s those kernels reach on their own: the ceiling
+    of the step's FLOP/s, reached only if every other op (norms, activations, copies, the optimizer) took
+    no time. Only the share comes from the profiler; absolute times come from the timed rounds, since a
+    profiled step on a shared VM can be slower or faster than the median.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        runner.train_step()
+        for _ in range(steps):
+            runner.train_step()
     kernel = total = 0.0
     for e in prof.key_averages():
         total += e.self_cpu_time_total
         if e.key.removeprefix("aten::") in FLOP_KERNELS:
             kernel += e.self_cpu_time_total
-    flops = runner.flops["train_flops_per_image"] * runner.x.shape[0]
-    return {"kernel_time_share": kernel / total, "kernel_flops_per_s": flops / (kernel / 1e6)}
+    return kernel / total
 
 
 def measure_data_pipeline(size: int, config: BenchConfig, device: torch.device) -> float:
@@ -467,7 +471,7 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
         data_ips = measure_data_pipeline(size, config, device)
         data.append({"size": size, "images_per_s": data_ips})
         for r in runners:
-            breakdown = kernel_breakdown(r) if config.breakdown and device.type == "cpu" else {}
+            share = kernel_time_share(r) if config.breakdown and device.type == "cpu" else None
             step = statistics.median(r.train_times)
             entry = {
                 "model": r.name, "variant": r.variant.name, "size": size, "description": MODELS[r.name][2],
@@ -475,11 +479,14 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
                 "train_images_per_s": config.batch_size / step,
                 "infer_images_per_s": config.batch_size / statistics.median(r.infer_times),
                 "train_step_s": r.train_times, "infer_step_s": r.infer_times,
-                **r.flops, **r.memory, **breakdown,
+                **r.flops, **r.memory,
             }
             entry["train_flops_per_s"] = entry["train_flops_per_image"] * entry["train_images_per_s"]
             if "paper_train_flops_per_image" in entry:
                 entry["paper_train_flops_per_s"] = entry["paper_train_flops_per_image"] * entry["train_images_per_s"]
+            if share:
+                entry["kernel_time_share"] = share
+                entry["kernel_flops_per_s"] = entry["train_flops_per_s"] / share
             results.append(entry)
             log(f"  {r.name:14s} {r.variant.name:16s} train {entry['train_images_per_s']:8.2f} img/s  "
                 f"infer {entry['infer_images_per_s']:8.2f} img/s  {entry['train_flops_per_s'] / 1e9:8.1f} GFLOP/s")
@@ -603,7 +610,7 @@ def markdown(report: dict) -> str:
             if "kernel_flops_per_s" in e:
                 lines.append(
                     f"- {e['model']} ({e['variant']}): convolution and matmul kernels take {e['kernel_time_share']:.0%} "
-                    f"of a profiled training step and run at {e['kernel_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                    f"of profiled training steps, so alone they run at {e['kernel_flops_per_s'] / 1e9:.1f} GFLOP/s = "
                     f"{e['kernel_matmul_fraction']:.0%} of matmul: the step's ceiling if every other op were free.")
         if size in data:
             ratio = f" = {data[size] / ours['train_images_per_s']:.1f}x {OURS}'s training speed" if ours else ""
@@ -658,7 +665,7 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                    help="keep freed memory in glibc's heap so steps do not page-fault fresh memory (CPU, Linux; "
                         "default on, as train.py runs; --no-tune-malloc for glibc's defaults)")
     p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=defaults.breakdown,
-                   help="CPU: profile one training step per model and report the share of time in the convolution "
+                   help="CPU: profile two training steps per model and report the share of time in the convolution "
                         "and matmul kernels and their own FLOP/s (the ceiling of the step's FLOP/s)")
     p.add_argument("--data-images", type=int, default=None, help="cache size timed through the loader (default 64; quick 32)")
     p.add_argument("--out", default=defaults.out, help="folder for benchmark.json and benchmark.md (default runs/benchmark)")
