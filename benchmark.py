@@ -33,8 +33,8 @@ import utils
 
 ISIC_TRAIN_IMAGES = 2594  # ISIC 2018 Task 1 training images; an epoch is projected at 256x256
 OURS = "ours-batch"  # the model every ratio compares against
-DEEP_SUPERVISION_WEIGHTS = (1.0, 0.5, 0.25)
-FLOP_COUNT_SIZE = 64  # FLOPs are counted at this side (or smaller) and scaled by the pixel count  # DynUNet's stacked heads, as MONAI's DeepSupervisionLoss weighs them
+DEEP_SUPERVISION_WEIGHTS = (1.0, 0.5, 0.25)  # DynUNet's stacked heads, as MONAI's DeepSupervisionLoss weighs them
+FLOP_COUNT_SIZE = 64  # FLOPs are counted at this side (or smaller) and scaled by the pixel count
 
 
 @dataclass

@@ -157,8 +157,10 @@ def test_breakdown_reports_the_kernel_ceiling(tmp_path):
                              "ours-batch", "--repeats", "1", "--warmup", "0", "--data-images", "4", "--threads", "1",
                              "--breakdown", "--out", str(tmp_path)])
     (entry,) = report["results"]
-    assert 0 < entry["kernel_time_share"] < 1  # the norms, activations and optimizer take the rest
-    # the kernels do all the counted FLOPs in their share of the step's time
+    # FLOP_KERNELS must name the ops this PyTorch really runs: were the convolution kernels missed (a renamed
+    # op), only the 1x1 matmuls would count and the share would fall to a few percent; were every op counted,
+    # it would be 1. Measured here: 0.44 at 32x32, 0.71-0.84 at 128-256.
+    assert 0.2 < entry["kernel_time_share"] < 0.95
     assert entry["kernel_flops_per_s"] == pytest.approx(entry["train_flops_per_s"] / entry["kernel_time_share"])
     assert entry["kernel_matmul_fraction"] == pytest.approx(
         entry["kernel_flops_per_s"] / report["matmul_flops_per_s"]["fp32"]["median"])
