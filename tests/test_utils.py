@@ -1,3 +1,4 @@
+import platform
 import random
 
 import numpy as np
@@ -101,17 +102,17 @@ model = modules.ImprovedUNet()
 opt = torch.optim.Adam(model.parameters())
 x = torch.randn(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)
 faults = []
-for _ in range(4):
+for _ in range(7):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     opt.zero_grad(set_to_none=True)
     model(x).square().mean().backward()
     opt.step()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(min(faults[2:]))
+print(sum(faults[3:]))  # four steps after the first three settle the heap
 """
 
 
-@pytest.mark.skipif(not utils.mallopt(utils.M_TRIM_THRESHOLD, 128 * 1024), reason="needs glibc")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="needs glibc")
 def test_tuned_malloc_reuses_freed_activations_without_page_faults():
     # a training step frees and re-allocates the same large activations: with glibc's defaults they come
     # back as fresh pages that fault on first touch in every step; tuned, the freed memory is reused
@@ -123,5 +124,6 @@ def test_tuned_malloc_reuses_freed_activations_without_page_faults():
     faults = {mode: int(subprocess.run([sys.executable, "-c", _STEP_FAULTS, mode], cwd=root, check=True,
                                        capture_output=True, text=True).stdout)
               for mode in ("default", "tuned")}
-    assert faults["default"] > 5000, faults
-    assert faults["tuned"] < 1000, faults
+    # measured over four steps: default 55,000-65,000 faults (one step alone dipped to 4,500), tuned 500-1,500
+    assert faults["tuned"] < 4000, faults
+    assert faults["default"] > max(10_000, 4 * faults["tuned"]), faults
