@@ -13,7 +13,6 @@ import copy
 import datetime
 import gc
 import json
-import os
 import platform
 import statistics
 import time
@@ -169,37 +168,6 @@ def choose_models(config: BenchConfig) -> tuple[list[str], dict[str, str]]:
 
 
 NOISY_OTHER_CPU = 0.05  # above this share of the machine's CPU taken by other processes, timings are noisy
-
-
-def _machine_busy_seconds() -> float | None:
-    """CPU seconds all processes have used since boot (every core; steal time counts: another VM had it)."""
-    try:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
-    except (OSError, ValueError):
-        return None  # not Linux
-    user, nice, system, idle, iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_seconds() -> float:
-    t = os.times()  # this process and its finished children
-    return t.user + t.system + t.children_user + t.children_system
-
-
-class OtherCpu:
-    """Share of the machine's CPU time that other processes have used since this object was made: the busy
-    time of all cores (/proc/stat) minus this process's own. Unlike the load average it neither lags by a
-    minute nor counts the benchmark itself. share() is None where /proc/stat is missing."""
-
-    def __init__(self):
-        self.start = (time.monotonic(), _machine_busy_seconds(), _own_cpu_seconds())
-
-    def share(self) -> float | None:
-        wall, busy, own = time.monotonic(), _machine_busy_seconds(), _own_cpu_seconds()
-        if busy is None or self.start[1] is None or wall <= self.start[0]:
-            return None
-        others = (busy - self.start[1]) - (own - self.start[2])
-        return max(0.0, others) / ((wall - self.start[0]) * (os.cpu_count() or 1))
 
 
 def _proc_status_kib(key: str) -> int | None:
@@ -420,13 +388,13 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
     names, skipped = choose_models(config)
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
-    idle_check = OtherCpu()
+    idle_check = utils.OtherCpu()
     time.sleep(1.0)
     other_before = idle_check.share()
     if device.type == "cpu" and other_before is not None and other_before > NOISY_OTHER_CPU:
         log(f"warning: other processes are using {other_before:.0%} of the CPU: wall-clock figures will be noisy "
             "(--threads 1 --clock cpu measures this process's CPU time instead)")
-    during = OtherCpu()
+    during = utils.OtherCpu()
     results, matmul, data = [], {"fp32": [], "bf16": []}, []
     malloc_tuned = False
 
@@ -505,7 +473,7 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
     return {
         "meta": {
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "device": utils.device_name(device), "device_type": device.type, "torch": torch.__version__,
             "threads": torch.get_num_threads(), "python": platform.python_version(),
             "config": asdict(config), "malloc_tuned": malloc_tuned, "skipped": skipped,
             "other_cpu_before": other_before, "other_cpu_during": during.share(),
@@ -515,20 +483,6 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
         "data_pipeline": data,
         "results": results,
     }
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores"
 
 
 def package_version(name: str) -> str | None:

@@ -54,6 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 NORMS = ("batch", "instance")
+ARCHS = ("improved-unet", "dynunet")
 SIZE_MULTIPLE = 16  # four stride-2 convolutions halve the input four times
 # 3x3 convs with at least this many input channels and output pixels per image take the NCHW
 # weight-gradient path on CPU (below both, oneDNN's channels-last kernel is as fast or faster)
@@ -63,15 +64,18 @@ NCHW_WEIGHT_GRAD_MIN_PIXELS = 64 * 64
 
 @dataclass
 class ModelConfig:
+    arch: str = "improved-unet"  # "improved-unet" (this file's network) or "dynunet" (MONAI's, as a baseline)
     in_channels: int = 3  # input image channels (RGB)
     num_classes: int = 1  # logit channels: 1 for a binary lesion mask (sigmoid), N for N classes (softmax)
     base_channels: int = 16  # feature maps at full resolution; level k (0-4) has base_channels * 2**k
-    norm: str = "batch"  # "batch" (project default) or "instance" (the paper's affine instance norm)
+    norm: str = "instance"  # "instance" (the paper's affine instance norm) or "batch"
     dropout: float = 0.3  # channel dropout inside every context module (paper: 0.3)
     negative_slope: float = 0.01  # LeakyReLU slope for negative inputs (paper: 1e-2)
     channels_last: bool = True  # keep activations in NHWC memory format (faster on CPU and for bf16 on CUDA)
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.norm not in NORMS:
             raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
         for name in ("in_channels", "num_classes", "base_channels"):
@@ -408,6 +412,29 @@ class ImprovedUNet(nn.Module):
         x = self.up1(l2)  # (B, C, H, W)
         l1 = self.top(torch.cat([x, c1], dim=1))  # (B, 2C, H, W)
         return self.head(l3, l2, l1)  # (B, K, H, W) logits
+
+
+def dynunet_baseline(config: ModelConfig) -> nn.Module:
+    """MONAI's DynUNet configured like a plain reimplementation of the same paper: five levels of
+    base_channels * 2**k residual blocks, affine instance (or batch) norm, LeakyReLU 0.01, 2x2 transposed
+    convolutions, one output head (no deep supervision, so that it returns logits (B, K, H, W) in training
+    and evaluation alike). A baseline for the recipe study; MONAI is not needed for anything else."""
+    try:
+        from monai.networks.nets import DynUNet
+    except ImportError:
+        raise ImportError("--arch dynunet needs MONAI: pip install -r requirements-bench.txt") from None
+    c = config.base_channels
+    norm = ("INSTANCE", {"affine": True}) if config.norm == "instance" else "BATCH"
+    return DynUNet(spatial_dims=2, in_channels=config.in_channels, out_channels=config.num_classes,
+                   kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4,
+                   filters=[c, 2 * c, 4 * c, 8 * c, 16 * c], dropout=config.dropout or None, norm_name=norm,
+                   act_name=("leakyrelu", {"inplace": True, "negative_slope": config.negative_slope}),
+                   deep_supervision=False, res_block=True)
+
+
+def build_model(config: ModelConfig) -> nn.Module:
+    """The network a ModelConfig (as stored in every checkpoint) describes."""
+    return ImprovedUNet(config) if config.arch == "improved-unet" else dynunet_baseline(config)
 
 
 def summary(model: ImprovedUNet, size: int = 256) -> str:

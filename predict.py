@@ -35,7 +35,8 @@ from tqdm import tqdm
 
 import dataset
 import utils
-from modules import ImprovedUNet, ModelConfig
+import modules
+from modules import ModelConfig
 
 METRICS = utils.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
 ISIC_ID = re.compile(r"ISIC_\d{7}")
@@ -121,7 +122,7 @@ def main(argv=None) -> PredictResult:
 
 @dataclass
 class LoadedModel:
-    model: ImprovedUNet  # in eval mode, on its device
+    model: torch.nn.Module  # in eval mode, on its device (ImprovedUNet, or a baseline)
     image_size: int  # side of the square the network sees (from the checkpoint)
     mean: tuple[float, float, float]  # normalisation statistics of the training split, [0, 1] units
     std: tuple[float, float, float]
@@ -143,7 +144,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     path = Path(path)
     state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
     try:
-        model = ImprovedUNet(ModelConfig(**state["model_config"]))
+        model = modules.build_model(ModelConfig(**state["model_config"]))
         model.load_state_dict(state["model"])
         image_size = int(state["image_size"])
         mean = tuple(float(v) for v in state["norm_stats"]["mean"])

@@ -46,21 +46,33 @@ class TrainConfig:
     split_seed: int = 0  # seed of the train/val/test split (kept fixed across runs to compare them)
     skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
     synthetic_images: int = 400  # size of the built-in synthetic lesion set
+    # --- recipe ---
+    recipe: str = "default"  # "default": the settings below; "paper": Isensee et al.'s for the fields you do not set
     # --- model ---
+    arch: str = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
     base_channels: int = 16  # feature maps at the first level (the paper: 16, doubling per level)
-    norm: str = "batch"  # "batch" or "instance" (the paper's choice)
-    dropout: float = 0.3  # dropout inside the context modules (the paper: 0.3)
+    norm: str = "instance"  # "instance" (the paper's choice) or "batch"
+    dropout: float = 0.0  # dropout inside the context modules (the paper: 0.3)
     sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
     # --- optimisation ---
     epochs: int = 100  # passes over the training split
     batch_size: int = 16  # images per step on each GPU
-    lr: float = 5e-4  # initial learning rate (the paper: 5e-4)
+    lr: float = 2e-3  # peak learning rate (the paper: 5e-4)
     weight_decay: float = 1e-5  # Adam's L2 penalty (the paper: 1e-5)
-    schedule: str = "paper"  # "paper": lr x lr_decay every epoch; "cosine": cosine decay after warm-up
+    schedule: str = "cosine"  # "cosine": per-step cosine decay to 0 after warm-up; "paper": lr x lr_decay every epoch
     lr_decay: float = 0.985  # per-epoch factor of the paper schedule
-    warmup_epochs: int = 0  # linear warm-up epochs (cosine schedule)
+    warmup_epochs: float = 0.3  # linear warm-up from 0, in epochs (fractions allowed), before either schedule
     grad_clip: float = 0.0  # clip the gradient norm to this value; 0 turns clipping off
-    loss: str = "dice"  # "dice" or "dice+bce"
+    loss: str = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
+    # --- augmentation ---
+    augment: str = "flips"  # preset: none, flips (the square's 8 symmetries), light or full (see dataset.AUGMENT_PRESETS)
+    flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
+    rotate_deg: float | None = None  # rotation drawn from [-x, x] degrees; default: the preset's
+    zoom: float | None = None  # zoom factor drawn from [1 - x, 1 + x]; default: the preset's
+    affine_p: float | None = None  # share of images that get the rotation and zoom; default: the preset's
+    brightness: float | None = None  # brightness factor drawn from [1 - x, 1 + x]; default: the preset's
+    contrast: float | None = None  # contrast factor around the mean luminance, likewise; default: the preset's
+    saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
@@ -92,19 +104,36 @@ class TrainConfig:
 # the few steps that 320 training images give (the paper's 5e-4 plateaus below 0.90 Dice here), and
 # the cosine decay settles it: with lr 1e-3 and the paper's decay the best epoch cleared 0.90 by 0.006
 # and the last ten epochs spanned 0.887-0.906; with 2e-3 and cosine the last eight stayed within 0.903-0.909.
-SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 30, "batch_size": 8, "lr": 2e-3, "schedule": "cosine"}
+# These also keep the synthetic run's model and augmentation as they were measured (batch norm, dropout
+# 0.3, every augmentation), since the real-data defaults above were chosen on real images.
+SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 30, "batch_size": 8, "lr": 2e-3, "schedule": "cosine",
+                      "norm": "batch", "dropout": 0.3, "augment": "full", "loss": "dice", "warmup_epochs": 0.0}
+
+# Named sets of settings; each fills the fields the user did not set. "paper" is Isensee et al. 2017's
+# training as far as it carries over to 2D: instance norm, dropout 0.3, Adam 5e-4 with weight decay
+# 1e-5 decayed x0.985 per epoch, Dice loss, and rotation, scaling, mirroring and intensity augmentation.
+RECIPES = {
+    "default": {},
+    "paper": {"norm": "instance", "dropout": 0.3, "lr": 5e-4, "weight_decay": 1e-5, "schedule": "paper",
+              "lr_decay": 0.985, "warmup_epochs": 0.0, "loss": "dice", "augment": "full"},
+}
 
 GROUPS = {
     "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "skip_bad", "synthetic_images"],
-    "model": ["base_channels", "norm", "dropout", "sync_batchnorm"],
+    "recipe": ["recipe"],
+    "model": ["arch", "base_channels", "norm", "dropout", "sync_batchnorm"],
     "optimisation": ["epochs", "batch_size", "lr", "weight_decay", "schedule", "lr_decay", "warmup_epochs",
                      "grad_clip", "loss"],
+    "augmentation": ["augment", "flips", "rotate_deg", "zoom", "affine_p", "brightness", "contrast", "saturation"],
     "hardware": ["device", "amp", "channels_last", "tune_malloc", "compile", "seed", "deterministic"],
     "run": ["out_dir", "name", "resume", "config", "num_preview", "progress"],
     "wandb": ["wandb", "wandb_project", "wandb_entity", "wandb_tags"],
     "debugging": ["max_steps", "limit_samples", "overfit_batch"],
 }
 CHOICES = {
+    "recipe": list(RECIPES),
+    "arch": list(modules.ARCHS),
+    "augment": list(dataset.AUGMENT_PRESETS),
     "norm": ["batch", "instance"],
     "schedule": ["paper", "cosine"],
     "loss": ["dice", "dice+bce"],
@@ -157,7 +186,30 @@ def check_config(config: TrainConfig) -> list[str]:
     for name in ("grad_clip", "warmup_epochs", "max_steps", "limit_samples", "num_preview"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+    for name in ("rotate_deg", "brightness", "contrast", "saturation"):
+        if getattr(config, name) is not None and getattr(config, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
+    if config.zoom is not None and not 0 <= config.zoom < 1:
+        problems.append(f"--zoom must be in [0, 1), got {config.zoom}")
+    if config.affine_p is not None and not 0 <= config.affine_p <= 1:
+        problems.append(f"--affine-p must be in [0, 1], got {config.affine_p}")
     return problems
+
+
+def augment_config(config: TrainConfig) -> dataset.AugmentConfig:
+    """The --augment preset with the individual knobs that were given laid over it."""
+    preset = dataset.AUGMENT_PRESETS[config.augment]
+    knobs = {name: getattr(config, name) for name in ("flips", "rotate_deg", "affine_p", "brightness", "contrast",
+                                                        "saturation") if getattr(config, name) is not None}
+    if config.zoom is not None:
+        knobs["scale"] = (1.0 - config.zoom, 1.0 + config.zoom)
+    return dataclasses.replace(preset, **knobs)
+
+
+def apply_recipe(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, set[str]]:
+    """The config with the recipe's settings in the fields the user did not set, and those fields."""
+    overrides = {k: v for k, v in RECIPES[config.recipe].items() if k not in explicit}
+    return dataclasses.replace(config, **overrides), set(overrides)
 
 
 # ----------------------------------------------------------------------------- run folder
@@ -380,18 +432,21 @@ class Preemption:
         return flag.item() > 0
 
 
-def make_scheduler(optimizer, config: TrainConfig):
-    """Per-epoch learning-rate factor. LambdaLR multiplies the *initial* lr by the returned factor,
-    so the paper's "lr x 0.985 every epoch" is 0.985 ** epoch, not a running product."""
-    if config.schedule == "paper":
-        def factor(epoch):
-            return config.lr_decay ** epoch
-    else:
-        def factor(epoch):
-            if epoch < config.warmup_epochs:
-                return (epoch + 1) / (config.warmup_epochs + 1)
-            progress = (epoch - config.warmup_epochs) / max(1, config.epochs - config.warmup_epochs)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    """Learning-rate factor per optimizer step (the scheduler steps after every batch, so warm-up and
+    cosine decay are smooth even in a six-epoch run). LambdaLR multiplies the *initial* lr by the
+    factor, so the paper's "lr x 0.985 every epoch" is 0.985 ** epoch, not a running product."""
+    steps_per_epoch = max(1, steps_per_epoch)
+    warmup = config.warmup_epochs * steps_per_epoch
+    total = config.epochs * steps_per_epoch
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.schedule == "paper":
+            return config.lr_decay ** (step // steps_per_epoch)
+        progress = (step - warmup) / max(1.0, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
@@ -407,7 +462,7 @@ def amp_settings(amp: str, device: torch.device):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
-def train_one_epoch(model, loader, optimizer, loss_fn, *, autocast, scaler, config: TrainConfig, epoch: int,
+def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, scaler, config: TrainConfig, epoch: int,
                     start_step: int, loss_sum: float, images_seen: int, preemption: Preemption,
                     distributed: bool, device: torch.device) -> dict:
     """One pass over the training loader from `start_step`; stops early on a preemption signal.
@@ -447,6 +502,7 @@ def train_one_epoch(model, loader, optimizer, loss_fn, *, autocast, scaler, conf
             scaler.update()
         else:
             optimizer.step()
+        scheduler.step()
         total_loss += loss.detach().double() * images.shape[0]
         seen += images.shape[0]
         timed_images += images.shape[0]
@@ -561,6 +617,9 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     main_process = dist.rank == 0
     config = dataclasses.replace(config, name=run_name(config, dist.is_distributed))
     checkpoint, config = load_resume_checkpoint(config, explicit, Path(config.out_dir) / config.name)
+    if checkpoint is None:
+        config, from_recipe = apply_recipe(config, explicit)
+        explicit = explicit | from_recipe  # the synthetic set's defaults do not override a recipe
     config, synthetic = resolve_data(config, explicit, resuming=checkpoint is not None)
     if synthetic and main_process:
         dataset.ensure_synthetic(config.synthetic_images, seed=0, log=utils.print0)
@@ -595,15 +654,16 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     val_split = train_split if config.overfit_batch else splits.val
     mean, std = splits.mean, splits.std
     loader_args = dict(mean=mean, std=std, device=device, rank=dist.rank, world_size=dist.world_size)
-    train_loader = dataset.make_loader(train_split, config.batch_size, train=True, seed=config.seed, **loader_args)
+    train_loader = dataset.make_loader(train_split, config.batch_size, train=True, seed=config.seed,
+                                       augment=augment_config(config), **loader_args)
     val_loader = dataset.make_loader(val_split, config.batch_size, train=False, seed=config.seed, **loader_args)
     if len(train_loader) == 0:
         raise dataset.DataError(f"{config.data_dir}: {len(train_split.ids)} training images make no full batch of "
                                 f"{config.batch_size}; lower --batch-size")
 
-    model_config = modules.ModelConfig(base_channels=config.base_channels, norm=config.norm, dropout=config.dropout,
-                                       channels_last=config.channels_last)
-    model = modules.ImprovedUNet(model_config)
+    model_config = modules.ModelConfig(arch=config.arch, base_channels=config.base_channels, norm=config.norm,
+                                       dropout=config.dropout, channels_last=config.channels_last)
+    model = modules.build_model(model_config)
     if checkpoint is not None:
         if checkpoint["model_config"] != dataclasses.asdict(model_config):
             raise utils.CheckpointError(
@@ -624,7 +684,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     # Adam on CPU (9 vs 28 ms a step for this model), and the usual choice on CUDA
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = make_scheduler(optimizer, config)
+    scheduler = make_scheduler(optimizer, config, min(len(train_loader), config.max_steps or len(train_loader)))
     autocast, scaler = amp_settings(config.amp, device)
     loss_fn = utils.SegmentationLoss(config.loss)
 
@@ -675,7 +735,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         for epoch in range(start_epoch, config.epochs):
             epoch_started = time.perf_counter()
             result = train_one_epoch(
-                model, train_loader, optimizer, loss_fn, autocast=autocast, scaler=scaler, config=config,
+                model, train_loader, optimizer, scheduler, loss_fn, autocast=autocast, scaler=scaler, config=config,
                 epoch=epoch, start_step=start_step, loss_sum=loss_sum, images_seen=images_seen,
                 preemption=preemption, distributed=dist.is_distributed, device=device)
             if result["stopped"]:
@@ -692,8 +752,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                     torch.distributed.broadcast(buffer, src=0)
             # The plain model: a DDP forward is a collective, and ranks may hold unequal batch counts.
             val = evaluate(raw_model, val_loader, loss_fn, autocast=autocast)
-            lr = optimizer.param_groups[0]["lr"]
-            scheduler.step()
+            lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
             row = {"epoch": epoch + 1, "train_loss": result["loss_sum"] / max(result["images"], 1),
                    "val_loss": val["loss"], "lr": lr, "images_per_s": result["images_per_s"],
                    **{f"val_{k}": v for k, v in val.items() if k != "loss"}}

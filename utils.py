@@ -16,9 +16,11 @@ import inspect
 import json
 import os
 import pickle
+import platform
 import random
 import re
 import tempfile
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -451,3 +453,51 @@ def parse_config(cls, argv, description: str, groups, choices):
     args = parser.parse_args(argv)
     given = vars(build_parser(cls, description, groups, choices, suppress_defaults=True).parse_args(argv))
     return cls(**vars(args)), set(file_values) | set(given), parser
+
+
+# ----------------------------------------------------------------------------- machine
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (every core; steal time counts: another VM had it)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None  # not Linux
+    user, nice, system, idle, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    t = os.times()  # this process and its finished children
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherCpu:
+    """Share of the machine's CPU time that other processes have used since this object was made: the busy
+    time of all cores (/proc/stat) minus this process's own. Unlike the load average it neither lags by a
+    minute nor counts the benchmark itself. share() is None where /proc/stat is missing."""
+
+    def __init__(self):
+        self.start = (time.monotonic(), _machine_busy_seconds(), _own_cpu_seconds())
+
+    def share(self) -> float | None:
+        wall, busy, own = time.monotonic(), _machine_busy_seconds(), _own_cpu_seconds()
+        if busy is None or self.start[1] is None or wall <= self.start[0]:
+            return None
+        others = (busy - self.start[1]) - (own - self.start[2])
+        return max(0.0, others) / ((wall - self.start[0]) * (os.cpu_count() or 1))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores"

@@ -1,0 +1,278 @@
+"""The recipe study: train.py settings compared on real ISIC images and scored on the held-out test split.
+
+    python study.py --data-dir data/ISIC2018 --budget short             # every short-budget run not yet in the table
+    python study.py --data-dir data/ISIC2018 --budget short --only default dynunet
+    python study.py --report                                             # table, speed ratio and figure from results/
+
+Each run is `python train.py <budget flags> <its flags>` followed by `python predict.py` on the run's
+held-out test split (plain, then with --postprocess). One row per run goes to results/recipes.csv, its
+per-epoch metrics to results/curves/, and images/recipes_time_to_dice.png draws validation Dice against
+training minutes. Choose recipes on the validation columns only: the test columns are for the final figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import utils
+
+HERE = Path(__file__).resolve().parent
+
+# Budgets: what a student on a 2-core CPU or a busy queue can afford, a longer run, and a quick screen
+# (a third of the short budget's compute) for one-factor comparisons.
+BUDGETS = {
+    "short": ["--image-size", "128", "--epochs", "6", "--batch-size", "16"],
+    "long": ["--image-size", "128", "--epochs", "15", "--batch-size", "16"],
+    "screen": ["--image-size", "96", "--epochs", "3", "--batch-size", "16"],
+}
+
+# The DynUNet baseline: a short MONAI script's recipe (instance norm, no deep supervision, no dropout,
+# flips only, Dice loss, the paper's Adam 5e-4 x0.985 per epoch).
+PEER_RECIPE = ["--norm", "instance", "--dropout", "0", "--augment", "flips", "--loss", "dice", "--lr", "5e-4",
+               "--schedule", "paper", "--warmup-epochs", "0"]
+
+# name -> train.py flags laid over the budget's; each varies one setting of the default recipe
+RUNS = {
+    "default": [],
+    "paper": ["--recipe", "paper"],
+    "paper-batchnorm": ["--recipe", "paper", "--norm", "batch"],
+    "dynunet": ["--arch", "dynunet", *PEER_RECIPE],
+    "peer-recipe": PEER_RECIPE,
+    "norm-batch": ["--norm", "batch"],
+    "dropout-0.3": ["--dropout", "0.3"],
+    "augment-none": ["--augment", "none"],
+    "augment-light": ["--augment", "light"],
+    "augment-full": ["--augment", "full"],
+    "loss-dice": ["--loss", "dice"],
+    "lr-5e-4": ["--lr", "5e-4"],
+    "lr-1e-3": ["--lr", "1e-3"],
+    "lr-4e-3": ["--lr", "4e-3"],
+    "schedule-paper": ["--schedule", "paper", "--lr", "5e-4", "--warmup-epochs", "0"],
+    "batch-8": ["--batch-size", "8"],
+    "size-96": ["--image-size", "96"],
+    "size-192": ["--image-size", "192"],
+}
+BASELINE = "dynunet"
+
+COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "test_dice",
+           "test_threshold_jaccard", "test_dice_postprocess", "test_threshold_jaccard_postprocess",
+           "train_minutes", "wall_minutes", "other_cpu", "machine", "date", "commit"]
+
+
+def flags_of(budget: str, name: str) -> list[str]:
+    """The budget's flags with the run's own laid over them (a run may change the size or the batch)."""
+    merged = dict(zip(BUDGETS[budget][::2], BUDGETS[budget][1::2]))
+    merged.update(zip(RUNS[name][::2], RUNS[name][1::2]))  # every flag here takes a value
+    return [item for pair in merged.items() for item in pair]
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+
+
+def run_logged(argv: list[str], log_path: Path) -> None:
+    """Run a script of this repository with the same Python, its output appended to log_path."""
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(argv)}\n")
+        log.flush()
+        done = subprocess.run([sys.executable, *argv], cwd=HERE, stdout=log, stderr=subprocess.STDOUT,
+                              env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")})
+    if done.returncode:
+        raise RuntimeError(f"{argv[0]} exited with {done.returncode}; see {log_path}")
+
+
+def run_one(budget: str, name: str, args) -> dict:
+    """Train, score the test split, and return the run's row (its curve is copied to results/curves/)."""
+    run_dir = Path(args.out_dir) / f"{budget}-{name}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = run_dir / "study.log"
+    flags = flags_of(budget, name)
+    train_argv = ["train.py", "--data-dir", args.data_dir, "--out-dir", args.out_dir, "--name", run_dir.name,
+                  "--resume", "auto", "--no-progress", *flags]
+    utils.print0(f"[{budget}/{name}] python {' '.join(train_argv)}")
+    meter = utils.OtherCpu()
+    started = time.perf_counter()
+    run_logged(train_argv, log)
+    wall = time.perf_counter() - started
+    other = meter.share()
+    history = read_rows(run_dir / "metrics.csv")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    best = history[summary["best_epoch"] - 1]
+    scores = {}
+    for suffix, extra in (("", []), ("_postprocess", ["--postprocess"])):
+        out = run_dir / f"test{suffix}"
+        run_logged(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--output", str(out), *extra], log)
+        metrics = json.loads((out / "metrics.json").read_text())
+        scores[f"test_dice{suffix}"] = round(metrics["dice"], 4)
+        scores[f"test_threshold_jaccard{suffix}"] = round(metrics["threshold_jaccard"], 4)
+    curves = Path(args.results).parent / "curves"
+    curves.mkdir(parents=True, exist_ok=True)
+    (curves / f"{budget}-{name}.csv").write_text((run_dir / "metrics.csv").read_text())
+    row = {"budget": budget, "name": name, "flags": " ".join(flags), "best_epoch": summary["best_epoch"],
+           "val_dice": round(float(best["val_dice"]), 4),
+           "val_threshold_jaccard": round(float(best["val_threshold_jaccard"]), 4), **scores,
+           "train_minutes": round(sum(float(r["seconds"]) for r in history) / 60, 2),
+           "wall_minutes": round(wall / 60, 2), "other_cpu": "" if other is None else round(other, 3),
+           "machine": utils.device_name(utils.select_device("auto")),
+           "date": datetime.date.today().isoformat(), "commit": commit()}
+    utils.print0(f"[{budget}/{name}] val Dice {row['val_dice']}  test Dice {row['test_dice']}  thresholded Jaccard "
+                 f"{row['test_threshold_jaccard']}  ({row['train_minutes']} min training)")
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def time_to_reach(curve: list[dict], target: float) -> float | None:
+    """Training minutes until the validation Dice first reaches target (None if it never does)."""
+    minutes = 0.0
+    for row in curve:
+        minutes += float(row["seconds"]) / 60
+        if float(row["val_dice"]) >= target:
+            return minutes
+    return None
+
+
+def speed_against_baseline(rows: list[dict], curves_dir: Path, budget: str) -> list[tuple[str, float, float]]:
+    """(name, minutes to the baseline's final validation Dice, ratio to the baseline's training minutes)."""
+    def curve(name):
+        path = curves_dir / f"{budget}-{name}.csv"
+        return read_rows(path) if path.is_file() else []
+
+    base = curve(BASELINE)
+    if not base:
+        return []
+    target = float(base[-1]["val_dice"])
+    base_minutes = sum(float(r["seconds"]) for r in base) / 60
+    out = []
+    for row in rows:
+        if row["budget"] == budget and row["name"] != BASELINE:
+            reached = time_to_reach(curve(row["name"]), target)
+            if reached is not None:
+                out.append((row["name"], reached, reached / base_minutes))
+    return out
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = ["budget", "run", "val Dice", "val thr. Jaccard", "test Dice", "test thr. Jaccard",
+            "test Dice / thr. J. (--postprocess)", "training min", "other CPU"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['budget']} | `{r['name']}` | {r['val_dice']} | {r['val_threshold_jaccard']} | "
+                     f"{r['test_dice']} | {r['test_threshold_jaccard']} | {r['test_dice_postprocess']} / "
+                     f"{r['test_threshold_jaccard_postprocess']} | {r['train_minutes']} | {r['other_cpu']} |")
+    return "\n".join(lines)
+
+
+def plot_time_to_dice(rows: list[dict], curves_dir: Path, path: Path) -> None:
+    """Validation Dice against cumulative training minutes, one panel per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = [b for b in BUDGETS if any(r["budget"] == b for r in rows)]
+    fig, axes = plt.subplots(1, len(budgets), figsize=(6.2 * len(budgets), 4.4), squeeze=False)
+    for ax, budget in zip(axes[0], budgets):
+        for r in (r for r in rows if r["budget"] == budget):
+            curve = read_rows(curves_dir / f"{budget}-{r['name']}.csv")
+            minutes, total = [], 0.0
+            for c in curve:
+                total += float(c["seconds"]) / 60
+                minutes.append(total)
+            main = r["name"] in ("default", BASELINE, "paper")
+            ax.plot(minutes, [float(c["val_dice"]) for c in curve], marker="o", markersize=3,
+                    linewidth=2.2 if main else 1.0, alpha=1.0 if main else 0.6,
+                    linestyle="--" if r["name"] == BASELINE else "-", label=r["name"])
+        ax.set_title(f"{budget} budget ({' '.join(BUDGETS[budget])})", fontsize=9)
+        ax.set_xlabel(f"training minutes ({rows[0].get('machine', '')})", fontsize=8)
+        ax.set_ylabel("validation Dice")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report(args) -> None:
+    rows = read_rows(Path(args.results))
+    if not rows:
+        raise SystemExit(f"error: {args.results} holds no runs yet; run python study.py --data-dir D first")
+    curves = Path(args.results).parent / "curves"
+    table = markdown_table(rows)
+    lines = [table, ""]
+    for budget in BUDGETS:
+        for name, minutes, ratio in speed_against_baseline(rows, curves, budget):
+            lines.append(f"- {budget}: `{name}` reaches {BASELINE}'s final validation Dice after {minutes:.1f} "
+                         f"training minutes, {ratio:.2f}x {BASELINE}'s time")
+    text = "\n".join(lines) + "\n"
+    Path(args.results).with_suffix(".md").write_text(text)
+    plot_time_to_dice(rows, curves, Path(args.figure))
+    print(text + f"\nwrote {Path(args.results).with_suffix('.md')} and {args.figure}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--data-dir", default="data/ISIC2018", help="ISIC root, as for train.py")
+    parser.add_argument("--budget", choices=list(BUDGETS), default="short", help="training budget of the runs")
+    parser.add_argument("--only", nargs="*", choices=list(RUNS), help="these runs only (default: all)")
+    parser.add_argument("--rerun", action="store_true", help="run again even when the table has the run")
+    parser.add_argument("--out-dir", default="runs/study", help="parent of the study's run folders")
+    parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
+    parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
+    parser.add_argument("--report", action="store_true", help="only write the table, speed ratios and figure")
+    args = parser.parse_args(argv)
+    if args.report:
+        return report(args)
+    if not Path(args.data_dir).is_dir():
+        parser.error(f"--data-dir {args.data_dir} does not exist; the study needs real ISIC data "
+                     f"(python download.py --root {args.data_dir})")
+    results = Path(args.results)
+    for name in args.only or list(RUNS):
+        rows = read_rows(results)
+        if not args.rerun and any(r["budget"] == args.budget and r["name"] == name for r in rows):
+            utils.print0(f"[{args.budget}/{name}] already in {results}; --rerun to run it again")
+            continue
+        try:
+            row = run_one(args.budget, name, args)
+        except (RuntimeError, OSError, KeyError, ValueError) as err:
+            utils.print0(f"[{args.budget}/{name}] failed: {err}")
+            continue
+        rows = [r for r in read_rows(results) if not (r["budget"] == args.budget and r["name"] == name)]
+        write_rows(results, rows + [row])
+    report(args)
+
+
+if __name__ == "__main__":
+    main()
