@@ -404,7 +404,8 @@ def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_frac
     Each training image draws u = split_draw(id, seed): test when u < test_fraction, validation when
     u >= 1 - val_fraction, training otherwise. The split of an image depends on its id and the seed
     only, so the held-out shares are test_fraction and val_fraction up to sampling noise (binomial:
-    214 +- 14 of 2,143 at 10%), and a changed folder never leaks training images into the test split.
+    214 +- 14 of 2,143 at 10%), and a changed folder never leaks training images into the test split
+    (except in folders so small that a share drew no image; see below).
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
@@ -421,6 +422,12 @@ def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_frac
     draws = [split_draw(s.id, seed) for s in train]
     held = {"test": [] if "test" in official else [s for s, u in zip(train, draws) if u < test_fraction],
             "val": [] if "val" in official else [s for s, u in zip(train, draws) if u >= 1 - val_fraction]}
+    # a tiny folder can draw no image for a share that should hold one; it gets the image whose draw is
+    # nearest, so that a 10-image set still validates (from about 50 images on this practically never happens)
+    for name, fraction, nearest in (("test", test_fraction, min), ("val", val_fraction, max)):
+        if name not in official and round(len(train) * fraction) >= 1 and not held[name]:
+            free = [(u, i) for i, u in enumerate(draws) if not any(train[i] in h for h in held.values())]
+            held[name] = [train[nearest(free)[1]]]
     taken = {s.id for samples in held.values() for s in samples}
     out = {"train": [s for s in train if s.id not in taken]}
     if not out["train"]:

@@ -90,6 +90,15 @@ def test_dice_loss_matches_monai():
     assert utils.dice_loss(logits, target).item() == pytest.approx(reference.item(), abs=1e-6)
 
 
+@pytest.mark.slow  # importing monai takes over 10 s
+def test_dice_plus_bce_loss_matches_monai():
+    monai_losses = pytest.importorskip("monai.losses")
+    logits = torch.randn(3, 1, 16, 16) * 3
+    target = (torch.rand(3, 1, 16, 16) > 0.6).float()
+    reference = monai_losses.DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(logits, target)
+    assert utils.SegmentationLoss("dice+bce")(logits, target).item() == pytest.approx(reference.item(), abs=1e-5)
+
+
 def test_dice_loss_rejects_mismatched_target():
     with pytest.raises(ValueError, match="does not match logits"):
         utils.dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))

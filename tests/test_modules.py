@@ -369,7 +369,7 @@ def test_fast_formulation_takes_the_nchw_weight_gradient_path(monkeypatch):
 
 
 def test_sync_batchnorm_conversion_keeps_the_state_dict():
-    model = tiny()
+    model = tiny(norm="batch")
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
     assert converted.state_dict().keys() == model.state_dict().keys()
@@ -404,3 +404,29 @@ def test_main_prints_summary_and_parameter_count(capsys):
     assert "total parameters: 3,186,483" in printed
     for name in ("ContextLevel", "UpsamplingModule", "LocalizationModule", "SegmentationHead"):
         assert name in printed
+
+
+def test_default_model_config_is_the_papers_network():
+    config = ModelConfig()
+    assert (config.arch, config.base_channels, config.norm, config.dropout, config.negative_slope) == \
+        ("improved-unet", 16, "instance", 0.3, 0.01)
+    assert isinstance(modules.build_model(config), ImprovedUNet)
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_dynunet_baseline_returns_logits_in_training_and_evaluation(norm):
+    pytest.importorskip("monai")
+    torch.manual_seed(0)
+    model = modules.build_model(ModelConfig(arch="dynunet", base_channels=4, norm=norm, dropout=0.0))
+    x = torch.randn(2, 3, 32, 32)
+    out = model(x)
+    assert out.shape == (2, 1, 32, 32)  # one head: no stacked deep-supervision outputs in training
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert model.eval()(x).shape == (2, 1, 32, 32)
+
+
+def test_unknown_arch_is_refused():
+    with pytest.raises(ValueError, match="arch must be one of"):
+        ModelConfig(arch="resnet")
+

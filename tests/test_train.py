@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import dataset
 import train
 import utils
 
@@ -39,7 +40,8 @@ def test_help_lists_grouped_flags(capsys):
         train.main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for heading in ("data:", "model:", "optimisation:", "hardware:", "run:", "wandb:", "debugging:"):
+    for heading in ("data:", "recipe:", "model:", "optimisation:", "augmentation:", "hardware:", "run:", "wandb:",
+                    "debugging:"):
         assert heading in out
     assert "--resume RESUME" in out and "--no-progress" in out
 
@@ -53,7 +55,7 @@ def test_tiny_run_writes_the_run_folder(isic_folder, tmp_path, capsys):
     assert [r["epoch"] for r in rows] == ["1", "2"]
     for column in ("train_loss", "val_dice", "val_jaccard", "lr", "seconds"):
         assert all(0 <= float(r[column]) < 1e6 for r in rows), column
-    assert float(rows[1]["lr"]) == pytest.approx(5e-4 * 0.985)
+    assert float(rows[0]["lr"]) > float(rows[1]["lr"]) >= 0  # cosine decay to zero by the last step
     saved = json.loads((run / "summary.json").read_text())
     assert saved["best_epoch"] == summary["best_epoch"] in (1, 2)
     assert saved["best_val_dice"] == pytest.approx(max(float(r["val_dice"]) for r in rows))
@@ -66,34 +68,70 @@ def test_tiny_run_writes_the_run_folder(isic_folder, tmp_path, capsys):
     assert "best validation Dice" in out and str(run / "best.pt") in out
 
 
-def test_paper_schedule_multiplies_initial_lr():
-    config = train.TrainConfig(lr=1.0, lr_decay=0.5)
+def lrs_per_step(config, steps_per_epoch, steps):
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
-    scheduler = train.make_scheduler(optimizer, config)
+    scheduler = train.make_scheduler(optimizer, config, steps_per_epoch)
     seen = []
-    for _ in range(4):
+    for _ in range(steps):
         seen.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert seen == [1.0, 0.5, 0.25, 0.125]
+    return seen
 
 
-def test_cosine_schedule_warms_up_then_decays():
-    config = train.TrainConfig(lr=1.0, schedule="cosine", warmup_epochs=2, epochs=6)
-    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=config.lr)
-    scheduler = train.make_scheduler(optimizer, config)
-    seen = []
-    for _ in range(6):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen[0] < seen[1] < seen[2] == 1.0
-    assert seen[2] > seen[3] > seen[4] > seen[5] > 0
+def test_paper_schedule_multiplies_initial_lr_once_per_epoch():
+    config = train.TrainConfig(lr=1.0, lr_decay=0.5, schedule="paper", warmup_epochs=0)
+    assert lrs_per_step(config, 2, 8) == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.125, 0.125]
+
+
+def test_cosine_schedule_warms_up_per_step_then_decays_to_zero():
+    config = train.TrainConfig(lr=1.0, schedule="cosine", warmup_epochs=0.5, epochs=3)
+    seen = lrs_per_step(config, 10, 30)
+    assert seen[:5] == pytest.approx([1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6])  # half an epoch of linear warm-up
+    assert seen[5] == 1.0
+    assert all(a > b for a, b in zip(seen[5:], seen[6:])) and 0 < seen[-1] < 0.01
+    assert seen[5 + 12] == pytest.approx(0.5, abs=0.07)  # half way through the decay
+
+
+def test_paper_recipe_fills_only_the_settings_not_given(isic_folder, tmp_path):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "paper", "--recipe", "paper",
+                         "--weight-decay", "0"))
+    saved = json.loads((tmp_path / "paper" / "config.json").read_text())["train"]
+    assert (saved["norm"], saved["dropout"], saved["augment"], saved["loss"], saved["schedule"]) == \
+        ("instance", 0.3, "full", "dice", "paper")
+    assert saved["weight_decay"] == 0  # given on the command line: the recipe leaves it alone
+    rows = list(csv.DictReader(open(tmp_path / "paper" / "metrics.csv")))
+    assert [float(r["lr"]) for r in rows] == pytest.approx([5e-4 * 0.985, 5e-4 * 0.985 ** 2])
+    checkpoint = utils.load_checkpoint(tmp_path / "paper" / "last.pt")
+    assert checkpoint["model_config"]["dropout"] == 0.3 and checkpoint["train_config"]["recipe"] == "paper"
+
+
+def test_augment_preset_and_knobs_from_flags():
+    def parsed(*flags):
+        config, _, _ = utils.parse_config(train.TrainConfig, list(flags), "", train.GROUPS, train.CHOICES)
+        return train.augment_config(config)
+
+    assert parsed() == dataset.AUGMENT_PRESETS["flips"]
+    assert parsed("--augment", "full") == dataset.AugmentConfig()
+    light = parsed("--augment", "light", "--zoom", "0.25", "--no-flips", "--saturation", "0")
+    assert light.scale == (0.75, 1.25) and not light.flips and light.saturation == 0
+    assert light.rotate_deg == dataset.AUGMENT_PRESETS["light"].rotate_deg  # the rest from the preset
+
+
+def test_augmentation_settings_reach_the_run_folder_and_checkpoint(isic_folder, tmp_path):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "aug", "--augment", "light",
+                         "--rotate-deg", "30"))
+    saved = json.loads((tmp_path / "aug" / "config.json").read_text())["train"]
+    assert (saved["augment"], saved["rotate_deg"], saved["zoom"]) == ("light", 30.0, None)
+    assert utils.load_checkpoint(tmp_path / "aug" / "last.pt")["train_config"]["rotate_deg"] == 30.0
 
 
 def test_resume_after_epoch_matches_uninterrupted_run(isic_folder, tmp_path):
-    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "whole"))
-    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "split"))
+    # the paper's schedule does not depend on --epochs (a cosine decay does), so a run extended from
+    # one to three epochs follows the same learning rates as a three-epoch run
+    paper = ("--schedule", "paper", "--warmup-epochs", "0")
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "whole", *paper))
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "split", *paper))
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "split", "--resume", "auto"))
     assert_same_weights(weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "split" / "last.pt"))
     rows = list(csv.DictReader(open(tmp_path / "split" / "metrics.csv")))
@@ -172,6 +210,10 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(isic_folder, tmp_path, m
     (["--image-size", "100"], "multiple of 16"),
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--norm", "group"], "invalid choice"),
+    (["--augment", "heavy"], "invalid choice"),
+    (["--zoom", "1.5"], "--zoom must be in [0, 1)"),
+    (["--affine-p", "2"], "--affine-p must be in [0, 1]"),
+    (["--rotate-deg", "-5"], "--rotate-deg must not be negative"),
 ])
 def test_nonsensical_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -282,7 +324,6 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     assert result.stdout.count("best validation Dice") == 1  # only rank 0 prints
     row = next(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
 
-    import dataset
     import modules
 
     checkpoint = utils.load_checkpoint(tmp_path / "ddp" / "last.pt")
@@ -297,3 +338,17 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     single = train.evaluate(model, loader, utils.SegmentationLoss("dice"), autocast=train.nullcontext)
     assert float(row["val_dice"]) == pytest.approx(single["dice"], abs=1e-5)
     assert float(row["val_jaccard"]) == pytest.approx(single["jaccard"], abs=1e-5)
+
+
+def test_dynunet_baseline_trains_and_predict_rebuilds_it(isic_folder, tmp_path):
+    pytest.importorskip("monai")
+    import predict
+
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "dyn", "--arch", "dynunet"))
+    checkpoint = utils.load_checkpoint(tmp_path / "dyn" / "best.pt")
+    assert checkpoint["model_config"]["arch"] == "dynunet"
+    result = predict.main(["--checkpoint", str(tmp_path / "dyn" / "best.pt"), "--output", str(tmp_path / "out"),
+                           "--device", "cpu"])
+    assert result.written and 0 <= result.metrics["dice"] <= 1
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["threshold_jaccard"] >= 0
+
