@@ -26,12 +26,12 @@ import utils
 
 HERE = Path(__file__).resolve().parent
 
-# Budgets: what a student on a 2-core CPU or a busy queue can afford, a longer run, and a quick screen
-# (a third of the short budget's compute) for one-factor comparisons.
+# Budgets: what a student on a 2-core CPU or a busy queue can afford (about 13 minutes here), a run
+# 2.5 times as long, and a screen of a third of the short budget for one-factor comparisons.
 BUDGETS = {
     "short": ["--image-size", "128", "--epochs", "6", "--batch-size", "16"],
     "long": ["--image-size", "128", "--epochs", "15", "--batch-size", "16"],
-    "screen": ["--image-size", "96", "--epochs", "3", "--batch-size", "16"],
+    "screen": ["--image-size", "128", "--epochs", "2", "--batch-size", "16"],
 }
 
 # The DynUNet baseline: a short MONAI script's recipe (instance norm, no deep supervision, no dropout,
