@@ -126,8 +126,9 @@ class LoadedModel:
     image_size: int  # side of the square the network sees (from the checkpoint)
     mean: tuple[float, float, float]  # normalisation statistics of the training split, [0, 1] units
     std: tuple[float, float, float]
-    train_config: dict  # the run's settings (data_dir and split fractions locate its test split)
+    train_config: dict  # the run's settings (data_dir locates its test split)
     path: Path
+    test_ids: list[str] | None = None  # the run's held-out test split, as stored in the checkpoint
 
 
 def latest_checkpoint(runs_dir: str | Path) -> Path:
@@ -155,7 +156,9 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
             f"{path} does not fit this version of the model ({type(err).__name__}: {detail}); use a checkpoint "
             f"written by this train.py, or retrain") from None
     model.eval().to(device)
-    return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path)
+    test_ids = (state.get("splits") or {}).get("test")
+    return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
+                       None if test_ids is None else list(test_ids))
 
 
 @torch.no_grad()
@@ -321,7 +324,11 @@ def find_masks(spec: str) -> dict[str, Path]:
 
 
 def held_out_test_split(loaded: LoadedModel) -> tuple[list[Item], str]:
-    """The test split the checkpoint's run held out (with its ground truth), and where it lives."""
+    """The test split the checkpoint's run held out (with its ground truth), and where it lives.
+
+    The run stored its split's ids in the checkpoint: those images are taken, and a missing one is an
+    error, so a folder that changed since training can never pass training images off as test images.
+    """
     config = loaded.train_config
     data_dir = config.get("data_dir")
     if not data_dir or not Path(data_dir).is_dir():
@@ -329,14 +336,23 @@ def held_out_test_split(loaded: LoadedModel) -> tuple[list[Item], str]:
                            f"pass --input FILE, FOLDER or GLOB")
     defaults = dataset.DataConfig()
     pairs = dataset.find_pairs(data_dir, skip_bad=config.get("skip_bad", defaults.skip_bad), log=lambda *a: None)
-    # the same seeded hold-out as the run's (no cache is built)
-    assigned, _ = dataset.split_samples(pairs, config.get("val_fraction", defaults.val_fraction),
-                                        config.get("test_fraction", defaults.test_fraction),
-                                        config.get("split_seed", defaults.split_seed))
-    if not assigned["test"]:
+    if loaded.test_ids is not None:
+        found = {s.id: s for samples in pairs.values() for s in samples}
+        missing = [i for i in loaded.test_ids if i not in found or found[i].mask is None]
+        if missing:
+            raise PredictError(f"{len(missing)} of the {len(loaded.test_ids)} test images of {loaded.path} are no "
+                               f"longer in {data_dir} with their masks (e.g. {missing[0]}); restore them, or pass "
+                               f"--input and --masks")
+        test = [found[i] for i in loaded.test_ids]
+    else:  # a checkpoint from before runs stored their split: the same seeded hold-out, recomputed
+        assigned, _ = dataset.split_samples(pairs, config.get("val_fraction", defaults.val_fraction),
+                                            config.get("test_fraction", defaults.test_fraction),
+                                            config.get("split_seed", defaults.split_seed))
+        test = assigned["test"]
+    if not test:
         raise PredictError(f"no --input given and the run of {loaded.path} held out no test images in {data_dir}; "
                            f"pass --input FILE, FOLDER or GLOB")
-    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in assigned["test"]], data_dir
+    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in test], data_dir
 
 
 def gather_items(config: PredictConfig, loaded: LoadedModel) -> list[Item]:
@@ -728,9 +744,11 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # the TorchScript exporter is deprecated, but the newer one needs onnxscript, not a requirement here
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["image"],
-                              output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
-                              opset_version=17)
+            # without gradients the layers take their plain forms, which all have ONNX equivalents
+            with torch.no_grad():
+                torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["image"],
+                                  output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
+                                  opset_version=17)
     except OSError as err:
         raise PredictError(f"cannot write {path}: {err}; choose another --export-onnx path") from None
     import onnx

@@ -596,6 +596,22 @@ def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Pat
     return checkpoint, merged
 
 
+def check_same_split(saved: dict | None, current: dict, config: TrainConfig) -> None:
+    """A resumed run must train, validate and test on the images it started with."""
+    if saved is None:
+        return  # written before runs stored their split
+    changes = []
+    for name in dataset.SPLITS:
+        before, now = set(saved.get(name, [])), set(current[name])
+        if before != now:
+            changes.append(f"{name}: {len(now - before)} added, {len(before - now)} gone "
+                           f"(e.g. {sorted(now ^ before)[0]})")
+    if changes:
+        raise dataset.DataError(
+            f"{config.data_dir} no longer gives the split this run started with ({'; '.join(changes)}). Restore "
+            f"the folder, or start a new run (another --name) so that no test image can leak into training.")
+
+
 def run_name(config: TrainConfig, distributed: bool) -> str:
     """The run folder name; ranks agree on it (rank 0's clock decides)."""
     name = [config.name or time.strftime("%Y%m%d-%H%M%S")]
@@ -643,6 +659,9 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         torch.distributed.barrier()
     if not main_process:
         splits = dataset.prepare_splits(data_config, log=lambda *a, **k: None)
+    split_ids = {name: list(getattr(splits, name).ids) for name in dataset.SPLITS}
+    if checkpoint is not None:
+        check_same_split(checkpoint.get("splits"), split_ids, config)
     train_split = splits.train
     if config.limit_samples:
         train_split = dataset.CachedSplit(train_split.ids[:config.limit_samples],
@@ -712,6 +731,8 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     preemption.install()
     try:
         if main_process:
+            write_json(run_dir / "splits.json", {"data_dir": config.data_dir, "split_seed": config.split_seed,
+                                                 "description": splits.description, **split_ids})
             write_json(run_dir / "config.json", {"train": dataclasses.asdict(config),
                                                  "model": dataclasses.asdict(model_config),
                                                  "norm_stats": {"mean": list(mean), "std": list(std)}})
@@ -729,7 +750,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                 "best_metric": best_metric, "best_epoch": best_epoch, "history": history,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": utils.rng_state(), "wandb_run_id": wandb_id,
+                "rng": utils.rng_state(), "wandb_run_id": wandb_id, "splits": split_ids,
             }
 
         for epoch in range(start_epoch, config.epochs):
