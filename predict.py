@@ -3,6 +3,7 @@
     python predict.py                                  # the last run's best.pt on that run's held-out test split
     python predict.py --input photos/ --output masks/  # a file, a folder or a glob of any images Pillow reads
     python predict.py --input imgs/ --masks truth/     # also metrics.csv, metrics.json and cases.png
+    python predict.py --checkpoint runs/cv-*/best.pt   # several models (folds, seeds): their probabilities averaged
     python predict.py --export-onnx model.onnx         # write an ONNX model (dynamic batch and size) and exit
 
 Exit status: 0 when every file was segmented (and scored), 1 when some files failed (each is named),
@@ -47,12 +48,13 @@ MASK_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)  # ISIC 2016/2017 wro
 class PredictConfig:
     """Every setting of predict.py; each field is a --kebab-case flag."""
 
-    checkpoint: str | None = None  # checkpoint written by train.py; default: best.pt of the newest run in --runs-dir
+    checkpoint: list[str] = dataclasses.field(default_factory=list)  # checkpoint(s) of train.py; several are averaged; default: best.pt of the newest run in --runs-dir
     runs_dir: str = "runs"  # folder of train.py's run folders, searched when --checkpoint is not given
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     batch_size: int = 8  # images per forward pass
     workers: int | None = None  # threads that decode, resize and write files beside the network; default: 4 on a GPU, 0 on CPU
-    input: str | None = None  # image file, folder or glob; default: the test split held out by the checkpoint's run
+    input: str | None = None  # image file, folder or glob; default: the --split of the checkpoint's run
+    split: str = "test"  # without --input: the run's held-out "test" split, or its "val" split (cross-validation)
     masks: str | None = None  # ground truth to score against: a folder of <id>_segmentation.png, or an ISIC root
     output: str | None = None  # output folder; default: predictions/ in the checkpoint's run folder, else predict_out
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
@@ -65,7 +67,7 @@ class PredictConfig:
 
 GROUPS = {
     "model": ["checkpoint", "runs_dir", "device", "batch_size", "workers"],
-    "data": ["input", "masks", "output"],
+    "data": ["input", "split", "masks", "output"],
     "inference": ["threshold", "tta", "postprocess"],
     "extra outputs": ["overlay", "save_probabilities", "export_onnx"],
 }
@@ -82,7 +84,8 @@ class PredictError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse generated from PredictConfig: one --kebab-case flag per field, grouped."""
-    return utils.build_parser(PredictConfig, __doc__.split("\n\n")[0], GROUPS, metavars=METAVARS,
+    return utils.build_parser(PredictConfig, __doc__.split("\n\n")[0], GROUPS, {"split": ["test", "val"]},
+                              metavars=METAVARS,
                               epilog="\n\n".join(__doc__.split("\n\n")[1:]), prog="predict.py")
 
 
@@ -128,7 +131,9 @@ class LoadedModel:
     std: tuple[float, float, float]
     train_config: dict  # the run's settings (data_dir locates its test split)
     path: Path
-    test_ids: list[str] | None = None  # the run's held-out test split, as stored in the checkpoint
+    splits: dict[str, list[str]] | None = None  # the run's train/val/test ids, as stored in the checkpoint
+    num_classes: int = 1  # output channels
+    mixed_test_splits: bool = False  # an ensemble whose runs held out different test splits
 
 
 def latest_checkpoint(runs_dir: str | Path) -> Path:
@@ -156,9 +161,54 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
             f"{path} does not fit this version of the model ({type(err).__name__}: {detail}); use a checkpoint "
             f"written by this train.py, or retrain") from None
     model.eval().to(device)
-    test_ids = (state.get("splits") or {}).get("test")
+    splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
-                       None if test_ids is None else list(test_ids))
+                       None if splits is None else {k: list(v) for k, v in splits.items()},
+                       int(state["model_config"].get("num_classes", 1)))
+
+
+class Ensemble(torch.nn.Module):
+    """Several trained networks as one: logits of their mean lesion probability (one output channel).
+
+    Each was trained with its own split's normalisation statistics, so the input, normalised with the
+    first model's, is renormalised for every other one: the ensemble sees exactly the preprocessing
+    each of its members was trained with.
+    """
+
+    def __init__(self, members: list[LoadedModel]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(m.model for m in members)
+        stats = [(torch.tensor(m.mean).view(1, 3, 1, 1), torch.tensor(m.std).view(1, 3, 1, 1)) for m in members]
+        self.register_buffer("mean", torch.stack([m for m, _ in stats]))  # (M, 1, 3, 1, 1)
+        self.register_buffer("std", torch.stack([s for _, s in stats]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x.float() * self.std[0] + self.mean[0]  # (B, 3, H, W) in [0, 1]
+        total = 0.0
+        for model, mean, std in zip(self.models, self.mean, self.std):
+            total = total + model((raw - mean) / std).float().sigmoid()  # (B, 1, H, W)
+        return torch.logit(total / len(self.models), eps=1e-6)
+
+
+def load_ensemble(paths: list[Path], device: torch.device) -> LoadedModel:
+    """One checkpoint as it is; several as an Ensemble, refused unless they see the same input size."""
+    members = [load_model(path, device) for path in paths]
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+    for other in members[1:]:
+        if other.image_size != first.image_size:
+            raise PredictError(f"{other.path} was trained at {other.image_size}px and {first.path} at "
+                               f"{first.image_size}px; an ensemble needs one input size: pass checkpoints of one size")
+        if other.num_classes != first.num_classes:
+            raise PredictError(f"{other.path} predicts {other.num_classes} classes and {first.path} "
+                               f"{first.num_classes}; an ensemble needs one output")
+        if other.splits is None or first.splits is None or sorted(other.splits["test"]) != sorted(first.splits["test"]):
+            first = dataclasses.replace(first, mixed_test_splits=True)
+    if first.num_classes != 1:
+        raise PredictError("ensembles average one lesion probability: pass checkpoints with one output channel")
+    model = Ensemble(members).eval().to(device)
+    return dataclasses.replace(first, model=model)
 
 
 @torch.no_grad()
@@ -323,43 +373,48 @@ def find_masks(spec: str) -> dict[str, Path]:
     return masks
 
 
-def held_out_test_split(loaded: LoadedModel) -> tuple[list[Item], str]:
-    """The test split the checkpoint's run held out (with its ground truth), and where it lives.
+def stored_split(loaded: LoadedModel, name: str = "test") -> tuple[list[Item], str]:
+    """A split of the checkpoint's run (the held-out test split by default), with its ground truth, and
+    the data folder it lives in.
 
     The run stored its split's ids in the checkpoint: those images are taken, and a missing one is an
     error, so a folder that changed since training can never pass training images off as test images.
     """
     config = loaded.train_config
     data_dir = config.get("data_dir")
+    if loaded.mixed_test_splits:
+        raise PredictError("no --input given and these checkpoints' runs held out different test splits, so no "
+                           "image is unseen by all of them; pass --input and --masks")
     if not data_dir or not Path(data_dir).is_dir():
         raise PredictError(f"no --input given and the data {loaded.path} was trained on ({data_dir}) is not here; "
                            f"pass --input FILE, FOLDER or GLOB")
     defaults = dataset.DataConfig()
     pairs = dataset.find_pairs(data_dir, skip_bad=config.get("skip_bad", defaults.skip_bad), log=lambda *a: None)
-    if loaded.test_ids is not None:
+    if loaded.splits is not None:
+        ids = loaded.splits[name]
         found = {s.id: s for samples in pairs.values() for s in samples}
-        missing = [i for i in loaded.test_ids if i not in found or found[i].mask is None]
+        missing = [i for i in ids if i not in found or found[i].mask is None]
         if missing:
-            raise PredictError(f"{len(missing)} of the {len(loaded.test_ids)} test images of {loaded.path} are no "
-                               f"longer in {data_dir} with their masks (e.g. {missing[0]}); restore them, or pass "
-                               f"--input and --masks")
-        test = [found[i] for i in loaded.test_ids]
+            raise PredictError(f"{len(missing)} of the {len(ids)} {name} images of {loaded.path} are no longer in "
+                               f"{data_dir} with their masks (e.g. {missing[0]}); restore them, or pass --input "
+                               f"and --masks")
+        chosen = [found[i] for i in ids]
     else:  # a checkpoint from before runs stored their split: the same seeded hold-out, recomputed
         assigned, _ = dataset.split_samples(pairs, config.get("val_fraction", defaults.val_fraction),
                                             config.get("test_fraction", defaults.test_fraction),
                                             config.get("split_seed", defaults.split_seed))
-        test = assigned["test"]
-    if not test:
-        raise PredictError(f"no --input given and the run of {loaded.path} held out no test images in {data_dir}; "
-                           f"pass --input FILE, FOLDER or GLOB")
-    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in test], data_dir
+        chosen = assigned[name]
+    if not chosen:
+        raise PredictError(f"no --input given and the run of {loaded.path} held out no {name} images in "
+                           f"{data_dir}; pass --input FILE, FOLDER or GLOB")
+    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in chosen], data_dir
 
 
 def gather_items(config: PredictConfig, loaded: LoadedModel) -> list[Item]:
     """What to segment (and the ground truth to score it against), from --input and --masks."""
     if config.input is None:
-        items, data_dir = held_out_test_split(loaded)
-        print(f"No --input: segmenting the {len(items)} test images held out from {data_dir} by that run")
+        items, data_dir = stored_split(loaded, config.split)
+        print(f"No --input: segmenting the {len(items)} {config.split} images held out from {data_dir} by that run")
     else:
         items = [Item(image_id(p), p) for p in find_inputs(config.input)]
     if config.masks is not None:
@@ -634,12 +689,13 @@ def run(config: PredictConfig) -> PredictResult:
         device = utils.select_device(config.device)
     except ValueError as err:
         raise PredictError(str(err)) from None
-    if config.checkpoint is None:
+    if not config.checkpoint:
         checkpoint = latest_checkpoint(config.runs_dir)
         print(f"No --checkpoint: using {checkpoint} (the most recent run under {config.runs_dir}/)")
+        loaded = load_model(checkpoint, device)
     else:
-        checkpoint = Path(config.checkpoint)
-    loaded = load_model(checkpoint, device)
+        checkpoint = Path(config.checkpoint[0])
+        loaded = load_ensemble([Path(c) for c in config.checkpoint], device)
 
     if config.export_onnx:
         export_onnx(loaded, config.export_onnx)
@@ -649,7 +705,8 @@ def run(config: PredictConfig) -> PredictResult:
         return PredictResult(None, 0, [Path(config.export_onnx)], [])
 
     items = gather_items(config, loaded)
-    output_dir = Path(config.output) if config.output else default_output(checkpoint, config.runs_dir)
+    output_dir = Path(config.output) if config.output else (
+        Path("predict_out") if len(config.checkpoint) > 1 else default_output(checkpoint, config.runs_dir))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):
@@ -657,7 +714,8 @@ def run(config: PredictConfig) -> PredictResult:
                 (output_dir / sub).mkdir(exist_ok=True)
     except OSError as err:
         raise PredictError(f"cannot create the output folder {output_dir}: {err}; choose another --output") from None
-    print(f"Segmenting {len(items)} images on {device} with {checkpoint} "
+    models = f"{len(config.checkpoint)} models (mean probability)" if len(config.checkpoint) > 1 else checkpoint
+    print(f"Segmenting {len(items)} images on {device} with {models} "
           f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"
           f"{', post-processing' if config.postprocess else ''}) into {output_dir}/")
 
@@ -736,7 +794,7 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
     """Write the network as ONNX with dynamic batch, height and width, and its preprocessing as metadata."""
     path = Path(path)
     model = loaded.model.cpu().float().eval()
-    example = torch.zeros(1, model.config.in_channels, loaded.image_size, loaded.image_size)
+    example = torch.zeros(1, 3, loaded.image_size, loaded.image_size)  # RGB
     axes = {0: "batch", 2: "height", 3: "width"}
     try:
         with warnings.catch_warnings():

@@ -44,6 +44,8 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of the training folder held out for validation when there is no official one
     test_fraction: float = 0.1  # share held out for testing when there is no official test ground truth
     split_seed: int = 0  # seed of the train/val/test split (kept fixed across runs to compare them)
+    folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images; validate on fold --fold
+    fold: int = 0  # the validation fold, 0 .. K-1 (summarise the K runs with python crossval.py)
     skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
     synthetic_images: int = 400  # size of the built-in synthetic lesion set
     # --- recipe ---
@@ -119,7 +121,8 @@ RECIPES = {
 }
 
 GROUPS = {
-    "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "skip_bad", "synthetic_images"],
+    "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "folds", "fold", "skip_bad",
+             "synthetic_images"],
     "recipe": ["recipe"],
     "model": ["arch", "base_channels", "norm", "dropout", "sync_batchnorm"],
     "optimisation": ["epochs", "batch_size", "lr", "weight_decay", "schedule", "lr_decay", "warmup_epochs",
@@ -181,6 +184,10 @@ def check_config(config: TrainConfig) -> list[str]:
     for name in ("val_fraction", "test_fraction"):
         if not 0 <= getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+    if config.folds == 1 or config.folds < 0:
+        problems.append(f"--folds must be 0 (no cross-validation) or at least 2, got {config.folds}")
+    elif config.folds >= 2 and not 0 <= config.fold < config.folds:
+        problems.append(f"--fold must be in 0..{config.folds - 1} for --folds {config.folds}, got {config.fold}")
     if config.val_fraction + config.test_fraction >= 1:
         problems.append("--val-fraction plus --test-fraction must leave images for training")
     for name in ("grad_clip", "warmup_epochs", "max_steps", "limit_samples", "num_preview"):
@@ -652,7 +659,8 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     # The cache is built once, by rank 0; the other ranks wait and then read it.
     data_config = dataset.DataConfig(
         data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction, split_seed=config.split_seed, skip_bad=config.skip_bad)
+        test_fraction=config.test_fraction, split_seed=config.split_seed, folds=config.folds, fold=config.fold,
+        skip_bad=config.skip_bad)
     if main_process:
         splits = dataset.prepare_splits(data_config, log=utils.print0)
     if dist.is_distributed:
@@ -732,6 +740,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     try:
         if main_process:
             write_json(run_dir / "splits.json", {"data_dir": config.data_dir, "split_seed": config.split_seed,
+                                                 "folds": config.folds, "fold": config.fold,
                                                  "description": splits.description, **split_ids})
             write_json(run_dir / "config.json", {"train": dataclasses.asdict(config),
                                                  "model": dataclasses.asdict(model_config),
