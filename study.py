@@ -17,11 +17,15 @@ import csv
 import datetime
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import dataset
 import utils
 
 HERE = Path(__file__).resolve().parent
@@ -63,7 +67,8 @@ RUNS = {
 BASELINE = "dynunet"
 
 COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "test_dice",
-           "test_threshold_jaccard", "test_dice_postprocess", "test_threshold_jaccard_postprocess",
+           "test_threshold_jaccard", "official_test_dice", "official_test_threshold_jaccard",
+           "test_dice_postprocess", "test_threshold_jaccard_postprocess",
            "train_minutes", "wall_minutes", "other_cpu", "machine", "date", "commit"]
 
 
@@ -110,6 +115,27 @@ def run_logged(argv: list[str], log_path: Path) -> None:
         raise RuntimeError(f"{argv[0]} exited with {done.returncode}; see {log_path}")
 
 
+def official_scores(predictions: Path, per_image_csv: Path) -> dict[str, float]:
+    """Dice and thresholded Jaccard of a predictions folder by the challenge's own scorer
+    (isic-challenge-scoring), on the images predict.py scored; {} where the scorer is not installed."""
+    scorer = shutil.which("isic-challenge-scoring")
+    if scorer is None or not per_image_csv.is_file():
+        return {}
+    truth = {row["image_id"]: row for row in read_rows(per_image_csv)}
+    data_dir = json.loads((predictions.parent / "config.json").read_text())["train"]["data_dir"]
+    masks = {s.id: s.mask for samples in dataset.find_pairs(data_dir, log=lambda *a: None).values() for s in samples}
+    with tempfile.TemporaryDirectory() as tmp:
+        gt, pred = Path(tmp, "truth"), Path(tmp, "pred")
+        gt.mkdir()
+        pred.mkdir()
+        for image_id in truth:  # the scorer wants exactly one prediction per ground-truth mask
+            (gt / f"{image_id}_segmentation.png").symlink_to(Path(masks[image_id]).resolve())
+            (pred / f"{image_id}_segmentation.png").symlink_to((predictions / f"{image_id}_segmentation.png").resolve())
+        out = subprocess.run([scorer, "segmentation", str(gt), str(pred)], capture_output=True, text=True)
+    found = dict(re.findall(r"^(dice|threshold_jaccard)\s+([0-9.]+)$", out.stdout, flags=re.M))
+    return {f"official_test_{k}": round(float(v), 4) for k, v in found.items()}
+
+
 def run_one(budget: str, name: str, args) -> dict:
     """Train, score the test split, and return the run's row (its curve is copied to results/curves/)."""
     run_dir = Path(args.out_dir) / f"{budget}-{name}"
@@ -134,6 +160,7 @@ def run_one(budget: str, name: str, args) -> dict:
         metrics = json.loads((out / "metrics.json").read_text())
         scores[f"test_dice{suffix}"] = round(metrics["dice"], 4)
         scores[f"test_threshold_jaccard{suffix}"] = round(metrics["threshold_jaccard"], 4)
+    scores.update(official_scores(run_dir / "test", run_dir / "test" / "metrics.csv"))
     curves = Path(args.results).parent / "curves"
     curves.mkdir(parents=True, exist_ok=True)
     (curves / f"{budget}-{name}.csv").write_text((run_dir / "metrics.csv").read_text())
@@ -184,11 +211,12 @@ def speed_against_baseline(rows: list[dict], curves_dir: Path, budget: str) -> l
 
 def markdown_table(rows: list[dict]) -> str:
     head = ["budget", "run", "val Dice", "val thr. Jaccard", "test Dice", "test thr. Jaccard",
-            "test Dice / thr. J. (--postprocess)", "training min", "other CPU"]
+            "official scorer: Dice / thr. J.", "`--postprocess`: Dice / thr. J.", "training min", "other CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append(f"| {r['budget']} | `{r['name']}` | {r['val_dice']} | {r['val_threshold_jaccard']} | "
-                     f"{r['test_dice']} | {r['test_threshold_jaccard']} | {r['test_dice_postprocess']} / "
+                     f"{r['test_dice']} | {r['test_threshold_jaccard']} | {r.get('official_test_dice') or '-'} / "
+                     f"{r.get('official_test_threshold_jaccard') or '-'} | {r['test_dice_postprocess']} / "
                      f"{r['test_threshold_jaccard_postprocess']} | {r['train_minutes']} | {r['other_cpu']} |")
     return "\n".join(lines)
 
@@ -228,6 +256,11 @@ def report(args) -> None:
     rows = read_rows(Path(args.results))
     if not rows:
         raise SystemExit(f"error: {args.results} holds no runs yet; run python study.py --data-dir D first")
+    for row in rows:  # rows from before the scorer was installed, whose run folders are still here
+        test = Path(args.out_dir) / f"{row['budget']}-{row['name']}" / "test"
+        if not row.get("official_test_dice") and test.is_dir():
+            row.update(official_scores(test, test / "metrics.csv"))
+    write_rows(Path(args.results), rows)
     curves = Path(args.results).parent / "curves"
     table = markdown_table(rows)
     lines = [table, ""]
