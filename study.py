@@ -18,6 +18,7 @@ import datetime
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -141,7 +142,7 @@ def run_one(budget: str, name: str, args) -> dict:
     run_dir = Path(args.out_dir) / f"{budget}-{name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "study.log"
-    flags = flags_of(budget, name)
+    flags = flags_of(budget, name) + shlex.split(args.train_flags)  # given last, so they win
     train_argv = ["train.py", "--data-dir", args.data_dir, "--out-dir", args.out_dir, "--name", run_dir.name,
                   "--resume", "auto", "--no-progress", *flags]
     utils.print0(f"[{budget}/{name}] python {' '.join(train_argv)}")
@@ -281,6 +282,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budget", choices=list(BUDGETS), default="short", help="training budget of the runs")
     parser.add_argument("--only", nargs="*", choices=list(RUNS), help="these runs only (default: all)")
     parser.add_argument("--rerun", action="store_true", help="run again even when the table has the run")
+    parser.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--device cuda'")
     parser.add_argument("--out-dir", default="runs/study", help="parent of the study's run folders")
     parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
     parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
