@@ -27,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -48,29 +49,28 @@ MASK_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)  # ISIC 2016/2017 wro
 class PredictConfig:
     """Every setting of predict.py; each field is a --kebab-case flag."""
 
+    # --- model ---
     checkpoint: list[str] = dataclasses.field(default_factory=list)  # checkpoint(s) of train.py; several are averaged; default: best.pt of the newest run in --runs-dir
     runs_dir: str = "runs"  # folder of train.py's run folders, searched when --checkpoint is not given
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     batch_size: int = 8  # images per forward pass
     workers: int | None = None  # threads that decode, resize and write files beside the network; default: 4 on a GPU, 0 on CPU
+    # --- data ---
     input: str | None = None  # image file, folder or glob; default: the --split of the checkpoint's run
-    split: str = "test"  # without --input: the run's held-out "test" split, or its "val" split (cross-validation)
+    split: Literal["test", "val"] = "test"  # without --input: the run's held-out "test" split, or its "val" split (cross-validation)
     masks: str | None = None  # ground truth to score against: a folder of <id>_segmentation.png, or an ISIC root
     output: str | None = None  # output folder; default: predictions/ in the checkpoint's run folder, else predict_out
+    # --- inference ---
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
     tta: bool = False  # test-time augmentation: average over the image and its horizontal, vertical and double flip
     postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
+    # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
     export_onnx: str | None = None  # write the model to this ONNX file (dynamic batch, height and width) and exit
 
 
-GROUPS = {
-    "model": ["checkpoint", "runs_dir", "device", "batch_size", "workers"],
-    "data": ["input", "split", "masks", "output"],
-    "inference": ["threshold", "tta", "postprocess"],
-    "extra outputs": ["overlay", "save_probabilities", "export_onnx"],
-}
+GROUPS = utils.field_groups(PredictConfig)  # from the "# --- name ---" lines above
 METAVARS = {"checkpoint": "FILE", "runs_dir": "DIR", "input": "PATH", "masks": "DIR", "output": "DIR",
             "export_onnx": "FILE", "device": "NAME"}
 
@@ -84,8 +84,7 @@ class PredictError(RuntimeError):
 
 def build_parser() -> argparse.ArgumentParser:
     """argparse generated from PredictConfig: one --kebab-case flag per field, grouped."""
-    return utils.build_parser(PredictConfig, __doc__.split("\n\n")[0], GROUPS, {"split": ["test", "val"]},
-                              metavars=METAVARS,
+    return utils.build_parser(PredictConfig, __doc__.split("\n\n")[0], GROUPS, metavars=METAVARS,
                               epilog="\n\n".join(__doc__.split("\n\n")[1:]), prog="predict.py")
 
 

@@ -23,6 +23,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -49,11 +50,11 @@ class TrainConfig:
     skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
     synthetic_images: int = 400  # size of the built-in synthetic lesion set
     # --- recipe ---
-    recipe: str = "default"  # "default": the settings below; "paper": Isensee et al.'s for the fields you do not set
+    recipe: Literal["default", "paper"] = "default"  # "default": the settings below; "paper": Isensee et al.'s for the fields you do not set
     # --- model ---
-    arch: str = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
+    arch: Literal["improved-unet", "dynunet"] = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
     base_channels: int = 16  # feature maps at the first level (the paper: 16, doubling per level)
-    norm: str = "instance"  # "instance" (the paper's choice) or "batch"
+    norm: Literal["instance", "batch"] = "instance"  # "instance" (the paper's choice) or "batch"
     dropout: float = 0.0  # dropout inside the context modules (the paper: 0.3)
     sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
     # --- optimisation ---
@@ -61,13 +62,13 @@ class TrainConfig:
     batch_size: int = 16  # images per step on each GPU
     lr: float = 2e-3  # peak learning rate (the paper: 5e-4)
     weight_decay: float = 1e-5  # Adam's L2 penalty (the paper: 1e-5)
-    schedule: str = "cosine"  # "cosine": per-step cosine decay to 0 after warm-up; "paper": lr x lr_decay every epoch
+    schedule: Literal["cosine", "paper"] = "cosine"  # "cosine": per-step cosine decay to 0 after warm-up; "paper": lr x lr_decay every epoch
     lr_decay: float = 0.985  # per-epoch factor of the paper schedule
     warmup_epochs: float = 0.3  # linear warm-up from 0, in epochs (fractions allowed), before either schedule
     grad_clip: float = 0.0  # clip the gradient norm to this value; 0 turns clipping off
-    loss: str = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
+    loss: Literal["dice+bce", "dice"] = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
     # --- augmentation ---
-    augment: str = "flips"  # preset: none, flips (the square's 8 symmetries), light or full (see dataset.AUGMENT_PRESETS)
+    augment: Literal["none", "flips", "light", "full"] = "flips"  # preset: none, flips (the square's 8 symmetries), light or full (see dataset.AUGMENT_PRESETS)
     flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
     rotate_deg: float | None = None  # rotation drawn from [-x, x] degrees; default: the preset's
     zoom: float | None = None  # zoom factor drawn from [1 - x, 1 + x]; default: the preset's
@@ -77,7 +78,7 @@ class TrainConfig:
     saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-    amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
     channels_last: bool = True  # NHWC activations (faster with oneDNN on CPU and with bf16 on CUDA)
     tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
     compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
@@ -91,7 +92,7 @@ class TrainConfig:
     num_preview: int = 4  # validation images shown in predictions.png and wandb
     progress: bool = True  # tqdm progress bars
     # --- wandb ---
-    wandb: str | None = None  # online, offline or disabled; default: WANDB_MODE, else online with an API key, else offline
+    wandb: Literal["online", "offline", "disabled"] | None = None  # online, offline or disabled; default: WANDB_MODE, else online with an API key, else offline
     wandb_project: str = "improved-unet-isic"  # wandb project
     wandb_entity: str | None = None  # wandb team or user
     wandb_tags: list[str] = field(default_factory=list)  # wandb tags
@@ -120,29 +121,8 @@ RECIPES = {
               "lr_decay": 0.985, "warmup_epochs": 0.0, "loss": "dice", "augment": "full"},
 }
 
-GROUPS = {
-    "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "folds", "fold", "skip_bad",
-             "synthetic_images"],
-    "recipe": ["recipe"],
-    "model": ["arch", "base_channels", "norm", "dropout", "sync_batchnorm"],
-    "optimisation": ["epochs", "batch_size", "lr", "weight_decay", "schedule", "lr_decay", "warmup_epochs",
-                     "grad_clip", "loss"],
-    "augmentation": ["augment", "flips", "rotate_deg", "zoom", "affine_p", "brightness", "contrast", "saturation"],
-    "hardware": ["device", "amp", "channels_last", "tune_malloc", "compile", "seed", "deterministic"],
-    "run": ["out_dir", "name", "resume", "config", "num_preview", "progress"],
-    "wandb": ["wandb", "wandb_project", "wandb_entity", "wandb_tags"],
-    "debugging": ["max_steps", "limit_samples", "overfit_batch"],
-}
-CHOICES = {
-    "recipe": list(RECIPES),
-    "arch": list(modules.ARCHS),
-    "augment": list(dataset.AUGMENT_PRESETS),
-    "norm": ["batch", "instance"],
-    "schedule": ["paper", "cosine"],
-    "loss": ["dice", "dice+bce"],
-    "amp": ["auto", "bf16", "fp16", "off"],
-    "wandb": ["online", "offline", "disabled"],
-}
+GROUPS = utils.field_groups(TrainConfig)  # from the "# --- name ---" lines above
+CHOICES = utils.field_choices(TrainConfig)  # from the Literal annotations
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -657,10 +637,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     utils.seed_everything(config.seed + dist.rank, deterministic=config.deterministic)
 
     # The cache is built once, by rank 0; the other ranks wait and then read it.
-    data_config = dataset.DataConfig(
-        data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction, split_seed=config.split_seed, folds=config.folds, fold=config.fold,
-        skip_bad=config.skip_bad)
+    data_config = utils.subconfig(dataset.DataConfig, config)
     if main_process:
         splits = dataset.prepare_splits(data_config, log=utils.print0)
     if dist.is_distributed:
@@ -688,8 +665,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         raise dataset.DataError(f"{config.data_dir}: {len(train_split.ids)} training images make no full batch of "
                                 f"{config.batch_size}; lower --batch-size")
 
-    model_config = modules.ModelConfig(arch=config.arch, base_channels=config.base_channels, norm=config.norm,
-                                       dropout=config.dropout, channels_last=config.channels_last)
+    model_config = utils.subconfig(modules.ModelConfig, config)
     model = modules.build_model(model_config)
     if checkpoint is not None:
         if checkpoint["model_config"] != dataclasses.asdict(model_config):

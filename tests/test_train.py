@@ -1,6 +1,7 @@
 """train.py end to end on tiny generated data: files written, resume, preemption, bad settings."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import dataset
+import modules
 import train
 import utils
 
@@ -235,7 +237,18 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     assert config.batch_size == 2
 
 
+def test_flag_choices_come_from_the_annotations_and_match_what_they_name():
+    assert train.CHOICES["recipe"] == list(train.RECIPES)
+    assert train.CHOICES["arch"] == list(modules.ARCHS)
+    assert train.CHOICES["augment"] == list(dataset.AUGMENT_PRESETS)
+    assert train.CHOICES["norm"] == ["instance", "batch"] and set(modules.NORMS) == {"instance", "batch"}
+    assert train.CHOICES["loss"] == list(reversed(utils.SegmentationLoss.KINDS))
+    grouped = [name for names in train.GROUPS.values() for name in names]
+    assert grouped == [f.name for f in dataclasses.fields(train.TrainConfig)]  # every field once, in order
+
+
 @pytest.mark.parametrize("content, message", [
+    ("norm: group\n", "norm must be one of instance, batch, got 'group'"),
     ("epoch: 3\n", "unknown setting 'epoch'; did you mean 'epochs'?"),
     ("epochs: three\n", "epochs must be int"),
     ("- 1\n- 2\n", "must hold a mapping"),
@@ -323,8 +336,6 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("best validation Dice") == 1  # only rank 0 prints
     row = next(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
-
-    import modules
 
     checkpoint = utils.load_checkpoint(tmp_path / "ddp" / "last.pt")
     model = modules.ImprovedUNet(modules.ModelConfig(**checkpoint["model_config"]))
