@@ -37,8 +37,6 @@ from tqdm import tqdm
 
 import dataset
 import utils
-import modules
-from modules import ModelConfig
 
 METRICS = utils.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
 ISIC_ID = re.compile(r"ISIC_\d{7}")
@@ -148,17 +146,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild the network from a checkpoint: architecture, weights, normalisation and image size."""
     path = Path(path)
     state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
-    try:
-        model = modules.build_model(ModelConfig(**state["model_config"]))
-        model.load_state_dict(state["model"])
-        image_size = int(state["image_size"])
-        mean = tuple(float(v) for v in state["norm_stats"]["mean"])
-        std = tuple(float(v) for v in state["norm_stats"]["std"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        detail = " ".join(str(err).split())[:300]
-        raise utils.CheckpointError(
-            f"{path} does not fit this version of the model ({type(err).__name__}: {detail}); use a checkpoint "
-            f"written by this train.py, or retrain") from None
+    model, image_size, mean, std = utils.model_from_checkpoint(state, path)
     model.eval().to(device)
     splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
@@ -811,7 +799,7 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
     import onnx
 
     exported = onnx.load(str(path))
-    metadata = {"format": "improved-unet-isic/1", "image_size": str(loaded.image_size),
+    metadata = {"format": utils.CHECKPOINT_FORMAT, "image_size": str(loaded.image_size),
                 "mean": json.dumps(loaded.mean), "std": json.dumps(loaded.std),
                 "preprocessing": "RGB uint8 resized to image_size x image_size, x = (uint8 / 255 - mean) / std",
                 "output": "logits; sigmoid gives the lesion probability"}

@@ -32,9 +32,6 @@ import dataset
 import utils
 import modules
 
-CHECKPOINT_FORMAT = "improved-unet-isic/1"
-
-
 @dataclass
 class TrainConfig:
     """Every setting of a training run; each field is a --kebab-case flag of train.py."""
@@ -728,7 +725,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
 
         def state(epoch: int, step: int, epoch_loss) -> dict:
             return {
-                "format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+                "format": utils.CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
                 "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
                 "image_size": config.image_size, "norm_stats": {"mean": list(mean), "std": list(std)},
                 "epoch": epoch, "step": step, "epoch_loss": list(epoch_loss),

@@ -28,13 +28,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+import modules
 from losses import METRIC_NAMES, MetricAverager, SegmentationLoss, dice_loss, segmentation_metrics
 
 __all__ = [
     "METRIC_NAMES", "MetricAverager", "SegmentationLoss", "dice_loss", "segmentation_metrics",
     "seed_everything", "select_device", "available_devices", "tune_glibc_malloc",
     "get_rank", "is_main_process", "print0",
-    "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+    "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
+    "rng_state", "set_rng_state",
     "DistInfo", "init_distributed", "cleanup_distributed",
 ]
 
@@ -237,6 +239,23 @@ def load_checkpoint(path, map_location="cpu") -> dict:
             "pass a last.pt or best.pt written by train.py"
         )
     return state
+
+
+def model_from_checkpoint(state: dict, path) -> tuple[torch.nn.Module, int, tuple, tuple]:
+    """(network with the checkpoint's weights, image size, normalisation mean, std) from a checkpoint
+    that load_checkpoint returned: all that is needed to use the model, without the training flags."""
+    try:
+        model = modules.build_model(modules.ModelConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+        image_size = int(state["image_size"])
+        mean = tuple(float(v) for v in state["norm_stats"]["mean"])
+        std = tuple(float(v) for v in state["norm_stats"]["std"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(
+            f"{path} does not fit this version of the model ({type(err).__name__}: {detail}); use a checkpoint "
+            f"written by this train.py, or retrain") from None
+    return model, image_size, mean, std
 
 
 def rng_state() -> dict:

@@ -338,8 +338,7 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     row = next(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
 
     checkpoint = utils.load_checkpoint(tmp_path / "ddp" / "last.pt")
-    model = modules.ImprovedUNet(modules.ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
+    model, _, _, _ = utils.model_from_checkpoint(checkpoint, "last.pt")
     config = train.TrainConfig(**checkpoint["train_config"])
     splits = dataset.prepare_splits(dataset.DataConfig(
         data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
