@@ -565,13 +565,20 @@ def outline(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def overlay_image(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
-    """The image (H, W, 3) with the predicted contour in red and the ground truth's in green."""
+    """The image (H, W, 3) with the predicted contour in red over the ground truth's in green."""
+    from torchvision.utils import draw_segmentation_masks  # imported here: only --overlay draws
+
     width = max(1, round(max(image.shape[:2]) / 400))
-    out = image.copy()
+    bands, colours = [], []
     if truth is not None:
-        out[outline(torch.from_numpy(truth.astype(bool)), width).numpy()] = (0, 255, 0)
-    out[outline(torch.from_numpy(prediction), width).numpy()] = (255, 0, 0)
-    return out
+        bands.append(outline(torch.from_numpy(truth.astype(bool)), width))
+        colours.append((0, 255, 0))
+    bands.append(outline(torch.from_numpy(prediction.astype(bool)), width))
+    colours.append((255, 0, 0))
+    canvas = torch.from_numpy(image.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    # alpha 1 paints the bands opaque; later masks are drawn over earlier ones
+    drawn = draw_segmentation_masks(canvas, torch.stack(bands), alpha=1.0, colors=colours)
+    return drawn.permute(1, 2, 0).contiguous().numpy()
 
 
 @dataclass

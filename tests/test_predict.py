@@ -421,3 +421,18 @@ def test_cuda_bf16_probabilities_agree_with_cpu(checkpoint, data, tmp_path):
                 for device in ("cpu", "cuda")]
         assert maps[0].shape == maps[1].shape == sizes[name]
         assert np.abs(maps[0] - maps[1]).mean() < 3, name  # bf16 autocast: a few 1/255 steps at most
+
+
+def test_overlay_draws_prediction_over_truth_and_leaves_the_rest_untouched():
+    image = np.full((40, 60, 3), 100, np.uint8)
+    truth = np.zeros((40, 60), bool)
+    truth[5:25, 5:25] = True
+    prediction = np.zeros((40, 60), bool)
+    prediction[10:30, 30:55] = True
+    out = predict.overlay_image(image, prediction, truth)
+    red = (out == (255, 0, 0)).all(-1)
+    green = (out == (0, 255, 0)).all(-1)
+    assert red[10, 40] and red[29, 40] and not red[20, 40]  # the prediction's edge, not its inside
+    assert green[5, 15] and not green[15, 15]
+    assert ((out == 100).all(-1) | red | green).all()  # nothing else changed
+    assert not (red & green).any() and image.max() == 100  # the input is not modified
