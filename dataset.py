@@ -171,12 +171,6 @@ def load_image(path, size: int | None = None) -> np.ndarray:
     return _read_image(path, size)[0]
 
 
-def load_image_and_size(path, size: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """load_image, and the file's full-resolution (height, width) as displayed, from one decode."""
-    image, (width, height) = _read_image(path, size)
-    return image, (height, width)
-
-
 def _read_mask(path) -> tuple[np.ndarray, tuple[int, int], bool]:
     """(mask in {0, 1}, (width, height), whether values other than 0/255 were found)."""
     path = Path(path)
@@ -232,14 +226,25 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(pil)
 
 
+def network_image(path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The network's view of an image file: uint8 (size, size, 3) RGB, and the file's full (height, width).
+
+    The one preprocessing chain of the project (decode at a reduced JPEG scale, EXIF orientation,
+    conversion to RGB, Lanczos resize): the training cache and predict.py both call it, so a model
+    always sees new images exactly as it saw its training images. normalize() does the rest on the device.
+    """
+    image, (width, height) = _read_image(path, size)
+    return resize_image(image, size), (height, width)
+
+
 def load_pair(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Decode, check and resize one pair: (image (S, S, 3), mask (S, S) {0, 1}, mask had other values)."""
-    image, image_size = _read_image(sample.image, size)
-    mask, mask_size, nonbinary = _read_mask(sample.mask)
-    if image_size != mask_size:
-        raise DataError(f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.image} "
-                        f"is {image_size[0]}x{image_size[1]}; fix the pair or pass --skip-bad")
-    return resize_image(image, size), resize_mask(mask, size), nonbinary
+    image, image_hw = network_image(sample.image, size)
+    mask, (mask_w, mask_h), nonbinary = _read_mask(sample.mask)
+    if image_hw != (mask_h, mask_w):
+        raise DataError(f"mask {sample.mask} is {mask_w}x{mask_h} but its image {sample.image} "
+                        f"is {image_hw[1]}x{image_hw[0]}; fix the pair or pass --skip-bad")
+    return image, resize_mask(mask, size), nonbinary
 
 
 # ---------------------------------------------------------------------------------------------

@@ -469,13 +469,11 @@ def load_item(item: Item, image_size: int, keep_image: bool, timer: StageTimer) 
     out = Loaded(item)
     try:
         with timer("decode"):
-            # with a size, JPEGs decode at a reduced scale (Pillow's draft), as for the training cache
-            image, out.size = dataset.load_image_and_size(item.image, size=image_size)
+            # the training cache's own chain (reduced-scale JPEG decode, then the same resize)
+            out.small, out.size = dataset.network_image(item.image, image_size)
             # overlays need full resolution: a second, full decode, since resizing that one instead of the
             # draft would give the network slightly different input than training did
             out.image = dataset.load_image(item.image) if keep_image else None
-        with timer("resize"):
-            out.small = dataset.resize_image(image, image_size)
     except (dataset.DataError, OSError, ValueError) as err:
         out.error = str(err) or type(err).__name__
         return out

@@ -436,3 +436,17 @@ def test_overlay_draws_prediction_over_truth_and_leaves_the_rest_untouched():
     assert green[5, 15] and not green[15, 15]
     assert ((out == 100).all(-1) | red | green).all()  # nothing else changed
     assert not (red & green).any() and image.max() == 100  # the input is not modified
+
+
+def test_prediction_sees_an_image_exactly_as_the_training_cache_holds_it(tmp_path):
+    import dataset
+    from conftest import write_isic_folder
+
+    root = write_isic_folder(tmp_path / "isic", n=6, size=70)
+    splits = dataset.prepare_splits(dataset.DataConfig(data_dir=str(root), image_size=32, val_fraction=0,
+                                                       test_fraction=0), log=lambda *a, **k: None)
+    for i, sample_id in enumerate(splits.train.ids):
+        item = predict.Item(sample_id, root / "ISIC2018_Task1-2_Training_Input" / f"{sample_id}.jpg")
+        loaded = predict.load_item(item, 32, False, predict.StageTimer(torch.device("cpu")))
+        np.testing.assert_array_equal(loaded.small, splits.train.images[i])
+        assert loaded.size == (70, 70)
