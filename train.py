@@ -628,7 +628,7 @@ class Data:
 
 
 @dataclass
-class Progress:
+class TrainState:
     """Where training stands: what a checkpoint restores besides the weights and the optimiser."""
 
     epoch: int = 0  # the next epoch to run
@@ -733,10 +733,10 @@ def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoc
     return optimizer, scheduler, autocast, scaler, utils.SegmentationLoss(config.loss)
 
 
-def restore(checkpoint: dict | None, optimizer, scheduler, scaler, main_process: bool) -> Progress:
+def restore(checkpoint: dict | None, optimizer, scheduler, scaler, main_process: bool) -> TrainState:
     """The optimiser, scheduler, scaler and RNG states of a resumed run, and where it stood."""
     if checkpoint is None:
-        return Progress()
+        return TrainState()
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
@@ -744,7 +744,7 @@ def restore(checkpoint: dict | None, optimizer, scheduler, scaler, main_process:
     if main_process:  # other ranks keep their own per-rank streams
         utils.set_rng_state(checkpoint["rng"])
     loss_sum, images = checkpoint.get("epoch_loss", (0.0, 0))
-    return Progress(checkpoint["epoch"], checkpoint.get("step", 0), loss_sum, images, checkpoint["best_metric"],
+    return TrainState(checkpoint["epoch"], checkpoint.get("step", 0), loss_sum, images, checkpoint["best_metric"],
                     checkpoint["best_epoch"], list(checkpoint.get("history", [])), checkpoint.get("wandb_run_id"))
 
 
@@ -849,7 +849,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         lock.release()
 
 
-def finish(summary: dict, progress: Progress, raw_model, data: Data, config: TrainConfig, device, autocast,
+def finish(summary: dict, progress: TrainState, raw_model, data: Data, config: TrainConfig, device, autocast,
            wandb_run, run_dir: Path) -> None:
     """summary.json, predictions.png (and to wandb), and where everything is."""
     best = progress.history[progress.best_epoch - 1] if 0 < progress.best_epoch <= len(progress.history) else {}
