@@ -62,6 +62,7 @@ RUNS = {
     "lr-4e-3": ["--lr", "4e-3"],
     "schedule-paper": ["--schedule", "paper", "--lr", "5e-4", "--warmup-epochs", "0"],
     "batch-8": ["--batch-size", "8"],
+    "batch-8-lr-1e-3": ["--batch-size", "8", "--lr", "1e-3"],
     "size-96": ["--image-size", "96"],
     "size-192": ["--image-size", "192"],
 }
@@ -140,6 +141,8 @@ def official_scores(predictions: Path, per_image_csv: Path) -> dict[str, float]:
 def run_one(budget: str, name: str, args) -> dict:
     """Train, score the test split, and return the run's row (its curve is copied to results/curves/)."""
     run_dir = Path(args.out_dir) / f"{budget}-{name}"
+    if args.rerun and run_dir.exists():
+        shutil.rmtree(run_dir)  # a new run, not a resumption of the finished one
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "study.log"
     flags = flags_of(budget, name) + shlex.split(args.train_flags)  # given last, so they win
