@@ -62,7 +62,6 @@ RUNS = {
     "lr-4e-3": ["--lr", "4e-3"],
     "schedule-paper": ["--schedule", "paper", "--lr", "5e-4", "--warmup-epochs", "0"],
     "batch-8": ["--batch-size", "8"],
-    "batch-8-lr-1e-3": ["--batch-size", "8", "--lr", "1e-3"],
     "size-96": ["--image-size", "96"],
     "size-192": ["--image-size", "192"],
 }
