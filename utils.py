@@ -11,6 +11,7 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import difflib
 import inspect
 import json
@@ -371,10 +372,23 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     return info
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group (if any), so the process exits without NCCL warnings."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def cleanup_distributed(barrier_timeout: float = 600.0) -> None:
+    """Leave the process group (if any), so the process exits without NCCL warnings.
+
+    Under gloo the ranks first meet at a barrier: a gloo worker thread may still hold the last
+    collective's tensors and need the GIL to free them, and a rank that went straight on to exit
+    would finalise Python under it and abort ("terminate called without an active exception", seen
+    in 2-process CPU runs under SLURM). The barrier releases the GIL while it waits; its timeout
+    bounds the wait when another rank failed and never arrives.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() == "gloo":
+        try:
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=barrier_timeout))
+        except RuntimeError:
+            pass  # a rank that failed; leave anyway
+    torch.distributed.destroy_process_group()
 
 
 # Configuration: argparse generated from a dataclass, with an optional JSON/YAML file.

@@ -56,6 +56,8 @@ GresTypes=gpu
 # --cpus-per-task fit on a small machine.
 SlurmdParameters=config_overrides
 ReturnToService=2
+# Look at pending jobs every 5 s (default 60 s): a requeued job starts soon after its two-minute hold.
+SchedulerParameters=sched_interval=5
 # Finished jobs stay visible to 'scontrol show job' for 10 minutes (Restarts=, JobState=).
 MinJobAge=600
 # No slurmdbd, so no sacct; every job end (requeues included) is one line in this file.
@@ -111,7 +113,8 @@ start() {
     write_config
     start_munge
     if ! scontrol ping >/dev/null 2>&1; then
-        # -c: a clean state, so no job of an earlier run comes back
+        # -c: a clean state, so no job of an earlier run comes back, nor its job-completion record
+        rm -f "$LOGS/jobcomp.log"
         slurmctld -i -c || die "slurmctld did not start; see $LOGS/slurmctld.log"
     fi
     if ! pgrep -F "$STATE/slurmd.pid" >/dev/null 2>&1; then

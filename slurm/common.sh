@@ -97,9 +97,15 @@ run_forwarding_signals() {
 # that finished anyway (the signal came after the last step) is done. $1: the command's status.
 requeue_if_signalled() {
     if [[ "$SIGNALLED" == 1 && "${1:-1}" != 0 && -n "${SLURM_JOB_ID:-}" ]]; then
+        # An array task's SLURM_JOB_ID can equal the array's id, which names every task: requeue
+        # <array id>_<task id>, this task alone.
+        local job="$SLURM_JOB_ID"
+        if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+            job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
+        fi
         if command -v scontrol >/dev/null 2>&1; then
-            echo "requeueing job $SLURM_JOB_ID; it will resume from its last checkpoint"
-            scontrol requeue "$SLURM_JOB_ID"
+            echo "requeueing job $job; it will resume from its last checkpoint"
+            scontrol requeue "$job"
         else
             echo "no scontrol here: resubmit with the same RUN_NAME to resume"
         fi

@@ -58,5 +58,8 @@ fi
 
 status=0
 run_forwarding_signals "${launch[@]}" || status=$?
+if [[ "$SIGNALLED" == 1 ]]; then
+    echo "(torchrun reports the signal it passed on to the ranks as a SignalException: expected)"
+fi
 requeue_if_signalled "$status"
 exit "$status"

@@ -72,7 +72,8 @@ def test_scripts_use_strict_mode_and_rangpur_header():
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 def test_scripts_pass_shellcheck():
-    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS), ".ci/slurm_cluster.sh"], cwd=ROOT,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
@@ -123,6 +124,14 @@ def test_array_tasks_get_their_own_run_folder_and_sweep_line(fake_slurm, tmp_pat
     assert run_common(fake_slurm, show).stdout == "unet-4242 \n"
     missing = run_common(fake_slurm, show, SLURM_ARRAY_TASK_ID="3", SWEEP=str(sweep), **array)
     assert missing.returncode != 0 and "has no line 3" in missing.stderr and "--array=1-2" in missing.stderr
+
+
+def test_a_warned_array_task_requeues_itself_alone(fake_slurm):
+    # SLURM gives the last task the array's own id (900 here), and `scontrol requeue 900` requeues them all
+    run_common(fake_slurm, "SIGNALLED=1; requeue_if_signalled 138", SLURM_JOB_ID="900", SLURM_ARRAY_JOB_ID="900",
+               SLURM_ARRAY_TASK_ID="2")
+    run_common(fake_slurm, "SIGNALLED=1; requeue_if_signalled 0")  # finished anyway: nothing to resume
+    assert (fake_slurm / "calls.log").read_text() == "requeue 900_2\n"
 
 
 def test_bad_python_env_fails_with_a_message(tmp_path, fake_slurm):

@@ -73,6 +73,24 @@ def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
     utils.cleanup_distributed()  # nothing to leave: must not raise
 
 
+def test_cleanup_distributed_meets_the_other_ranks_then_leaves(tmp_path, monkeypatch):
+    """Under gloo a barrier comes first (a rank must not finalise Python while a gloo thread still
+    frees its last collective's tensors); a rank that never arrives only delays the leaving."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    utils.cleanup_distributed()
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    calls = []
+
+    def absent_peer(timeout):
+        calls.append(timeout.total_seconds())
+        raise RuntimeError("rank 1 failed to pass monitoredBarrier")
+
+    monkeypatch.setattr(torch.distributed, "monitored_barrier", absent_peer)
+    utils.cleanup_distributed(barrier_timeout=5)
+    assert calls == [5] and not torch.distributed.is_initialized()
+
+
 def test_init_distributed_says_how_to_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
