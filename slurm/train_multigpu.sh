@@ -44,7 +44,7 @@ job_banner "$NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_AD
 # torchrun dies of USR1 unless told to handle it; told, it passes the signal to every rank and waits
 # for them to save (up to the shutdown timeout), so last.pt is complete before srun ends the step.
 torchrun=(torchrun)
-if torchrun --help 2>/dev/null | grep -q -- --signals-to-handle; then
+if [[ "$(torchrun --help 2>/dev/null)" == *--signals-to-handle* ]]; then
     torchrun+=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout=100)
 else
     echo "warning: this torchrun cannot forward USR1 (PyTorch too old); a warned job may not save" >&2

@@ -168,3 +168,15 @@ def test_predict_script_writes_masks_and_scores(isic_folder, tmp_path, fake_slur
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(list(out.glob("*_segmentation.png"))) == 16
     assert (out / "metrics.json").is_file()
+
+
+def test_real_scheduler_tests_never_submit_to_a_real_cluster(tmp_path, monkeypatch):
+    """tests/test_slurm_cluster.py submits jobs; on a login node its cluster check must say no."""
+    import test_slurm_cluster
+
+    for name, text in (("sbatch", "exit 0\n"), ("scontrol", "echo 'ClusterName             = rangpur'\n")):
+        (tmp_path / name).write_text(f"#!/usr/bin/env bash\n{text}")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    problem = test_slurm_cluster.cluster_problem()
+    assert problem is not None and "runs cluster rangpur, not the test cluster 'unet-test'" in problem
