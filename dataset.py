@@ -60,6 +60,8 @@ class DataConfig:
     val_fraction: float = 0.1  # share of the training folder held out when there is no official validation set
     test_fraction: float = 0.1  # likewise for the test set
     split_seed: int = 0  # seed of that hold-out split
+    folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images (val_fraction is then unused)
+    fold: int = 0  # which of the K folds is the validation split (0 .. K-1)
     skip_bad: bool = False  # skip and count unreadable or unpaired files instead of stopping
     num_workers: int = 0  # threads decoding files for the cache; 0 -> os.cpu_count()
 
@@ -169,12 +171,6 @@ def load_image(path, size: int | None = None) -> np.ndarray:
     return _read_image(path, size)[0]
 
 
-def load_image_and_size(path, size: int | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-    """load_image, and the file's full-resolution (height, width) as displayed, from one decode."""
-    image, (width, height) = _read_image(path, size)
-    return image, (height, width)
-
-
 def _read_mask(path) -> tuple[np.ndarray, tuple[int, int], bool]:
     """(mask in {0, 1}, (width, height), whether values other than 0/255 were found)."""
     path = Path(path)
@@ -230,14 +226,25 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(pil)
 
 
+def network_image(path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """The network's view of an image file: uint8 (size, size, 3) RGB, and the file's full (height, width).
+
+    The one preprocessing chain of the project (decode at a reduced JPEG scale, EXIF orientation,
+    conversion to RGB, Lanczos resize): the training cache and predict.py both call it, so a model
+    always sees new images exactly as it saw its training images. normalize() does the rest on the device.
+    """
+    image, (width, height) = _read_image(path, size)
+    return resize_image(image, size), (height, width)
+
+
 def load_pair(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """Decode, check and resize one pair: (image (S, S, 3), mask (S, S) {0, 1}, mask had other values)."""
-    image, image_size = _read_image(sample.image, size)
-    mask, mask_size, nonbinary = _read_mask(sample.mask)
-    if image_size != mask_size:
-        raise DataError(f"mask {sample.mask} is {mask_size[0]}x{mask_size[1]} but its image {sample.image} "
-                        f"is {image_size[0]}x{image_size[1]}; fix the pair or pass --skip-bad")
-    return resize_image(image, size), resize_mask(mask, size), nonbinary
+    image, image_hw = network_image(sample.image, size)
+    mask, (mask_w, mask_h), nonbinary = _read_mask(sample.mask)
+    if image_hw != (mask_h, mask_w):
+        raise DataError(f"mask {sample.mask} is {mask_w}x{mask_h} but its image {sample.image} "
+                        f"is {image_hw[1]}x{image_hw[0]}; fix the pair or pass --skip-bad")
+    return image, resize_mask(mask, size), nonbinary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,7 +405,7 @@ def split_draw(sample_id: str, seed: int) -> float:
 
 
 def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_fraction: float,
-                  seed: int) -> tuple[dict[str, list[Sample]], str]:
+                  seed: int, folds: int = 0, fold: int = 0) -> tuple[dict[str, list[Sample]], str]:
     """Official labelled validation/test folders when present; otherwise seeded hold-outs of train.
 
     Each training image draws u = split_draw(id, seed): test when u < test_fraction, validation when
@@ -406,7 +413,15 @@ def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_frac
     only, so the held-out shares are test_fraction and val_fraction up to sampling noise (binomial:
     214 +- 14 of 2,143 at 10%), and a changed folder never leaks training images into the test split
     (except in folders so small that a share drew no image; see below).
+
+    folds = K >= 2: K-fold cross-validation. The test split is the same as without folds; the other
+    images (the pool) fall into K folds by the same draw, and fold `fold` is the validation split
+    (an official validation folder is then left out, so that every fold validates on the same kind of
+    images). Every image of the pool is validated on exactly once over the K folds.
     """
+    if folds == 1 or folds < 0 or (folds >= 2 and not 0 <= fold < folds):
+        raise ValueError(f"folds must be 0 (no cross-validation) or at least 2, and fold in 0..folds-1; "
+                         f"got folds={folds}, fold={fold}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError(f"val_fraction {val_fraction} and test_fraction {test_fraction} must be in [0, 1) "
                          "and sum to less than 1")
@@ -419,13 +434,19 @@ def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_frac
                         "add ISIC2018_Task1_Training_GroundTruth (or masks/)")
     official = {name: pairs[name] for name in ("val", "test")
                 if pairs.get(name) and all(s.mask is not None for s in pairs[name])}
+    if folds >= 2:
+        official.pop("val", None)
     draws = [split_draw(s.id, seed) for s in train]
     held = {"test": [] if "test" in official else [s for s, u in zip(train, draws) if u < test_fraction],
             "val": [] if "val" in official else [s for s, u in zip(train, draws) if u >= 1 - val_fraction]}
+    if folds >= 2:
+        low = 0.0 if "test" in official else test_fraction  # the pool's draws lie in [low, 1)
+        held["val"] = [s for s, u in zip(train, draws)
+                       if u >= low and min(folds - 1, int((u - low) / (1 - low) * folds)) == fold]
     # a tiny folder can draw no image for a share that should hold one; it gets the image whose draw is
     # nearest, so that a 10-image set still validates (from about 50 images on this practically never happens)
     for name, fraction, nearest in (("test", test_fraction, min), ("val", val_fraction, max)):
-        if name not in official and round(len(train) * fraction) >= 1 and not held[name]:
+        if name not in official and round(len(train) * fraction) >= 1 and not held[name] and folds < 2:
             free = [(u, i) for i, u in enumerate(draws) if not any(train[i] in h for h in held.values())]
             held[name] = [train[nearest(free)[1]]]
     taken = {s.id for samples in held.values() for s in samples}
@@ -441,7 +462,10 @@ def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_frac
         else:
             unlabelled = " (the official folder has no ground truth)" if pairs.get(name) else ""
             frac = val_fraction if name == "val" else test_fraction
-            notes.append(f"{name}: {frac:.0%} of training held out with split_seed {seed}{unlabelled}")
+            if name == "val" and folds >= 2:
+                notes.append(f"val: fold {fold} of {folds} of the non-test images (split_seed {seed})")
+            else:
+                notes.append(f"{name}: {frac:.0%} of training held out with split_seed {seed}{unlabelled}")
     sizes = ", ".join(f"{k} {len(v)}" for k, v in out.items())
     return out, f"{sizes} ({'; '.join(notes)})"
 
@@ -623,7 +647,8 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
     if size < 1:
         raise ValueError(f"image_size must be positive, got {size}")
     pairs = find_pairs(data_dir, skip_bad=config.skip_bad, log=log)
-    assigned, description = split_samples(pairs, config.val_fraction, config.test_fraction, config.split_seed)
+    assigned, description = split_samples(pairs, config.val_fraction, config.test_fraction, config.split_seed,
+                                          config.folds, config.fold)
     log(f"data: {data_dir}: {description}")
     cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir(data_dir)
     folder = cache_root / f"size{size}"

@@ -3,6 +3,7 @@
     python predict.py                                  # the last run's best.pt on that run's held-out test split
     python predict.py --input photos/ --output masks/  # a file, a folder or a glob of any images Pillow reads
     python predict.py --input imgs/ --masks truth/     # also metrics.csv, metrics.json and cases.png
+    python predict.py --checkpoint runs/cv-*/best.pt   # several models (folds, seeds): their probabilities averaged
     python predict.py --export-onnx model.onnx         # write an ONNX model (dynamic batch and size) and exit
 
 Exit status: 0 when every file was segmented (and scored), 1 when some files failed (each is named),
@@ -26,6 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -35,8 +37,6 @@ from tqdm import tqdm
 
 import dataset
 import utils
-import modules
-from modules import ModelConfig
 
 METRICS = utils.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
 ISIC_ID = re.compile(r"ISIC_\d{7}")
@@ -47,28 +47,28 @@ MASK_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)  # ISIC 2016/2017 wro
 class PredictConfig:
     """Every setting of predict.py; each field is a --kebab-case flag."""
 
-    checkpoint: str | None = None  # checkpoint written by train.py; default: best.pt of the newest run in --runs-dir
+    # --- model ---
+    checkpoint: list[str] = dataclasses.field(default_factory=list)  # checkpoint(s) of train.py; several are averaged; default: best.pt of the newest run in --runs-dir
     runs_dir: str = "runs"  # folder of train.py's run folders, searched when --checkpoint is not given
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     batch_size: int = 8  # images per forward pass
     workers: int | None = None  # threads that decode, resize and write files beside the network; default: 4 on a GPU, 0 on CPU
-    input: str | None = None  # image file, folder or glob; default: the test split held out by the checkpoint's run
+    # --- data ---
+    input: str | None = None  # image file, folder or glob; default: the --split of the checkpoint's run
+    split: Literal["test", "val"] = "test"  # without --input: the run's held-out "test" split, or its "val" split (cross-validation)
     masks: str | None = None  # ground truth to score against: a folder of <id>_segmentation.png, or an ISIC root
     output: str | None = None  # output folder; default: predictions/ in the checkpoint's run folder, else predict_out
+    # --- inference ---
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
     tta: bool = False  # test-time augmentation: average over the image and its horizontal, vertical and double flip
     postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
+    # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
     export_onnx: str | None = None  # write the model to this ONNX file (dynamic batch, height and width) and exit
 
 
-GROUPS = {
-    "model": ["checkpoint", "runs_dir", "device", "batch_size", "workers"],
-    "data": ["input", "masks", "output"],
-    "inference": ["threshold", "tta", "postprocess"],
-    "extra outputs": ["overlay", "save_probabilities", "export_onnx"],
-}
+GROUPS = utils.field_groups(PredictConfig)  # from the "# --- name ---" lines above
 METAVARS = {"checkpoint": "FILE", "runs_dir": "DIR", "input": "PATH", "masks": "DIR", "output": "DIR",
             "export_onnx": "FILE", "device": "NAME"}
 
@@ -126,8 +126,11 @@ class LoadedModel:
     image_size: int  # side of the square the network sees (from the checkpoint)
     mean: tuple[float, float, float]  # normalisation statistics of the training split, [0, 1] units
     std: tuple[float, float, float]
-    train_config: dict  # the run's settings (data_dir and split fractions locate its test split)
+    train_config: dict  # the run's settings (data_dir locates its test split)
     path: Path
+    splits: dict[str, list[str]] | None = None  # the run's train/val/test ids, as stored in the checkpoint
+    num_classes: int = 1  # output channels
+    mixed_test_splits: bool = False  # an ensemble whose runs held out different test splits
 
 
 def latest_checkpoint(runs_dir: str | Path) -> Path:
@@ -143,19 +146,56 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild the network from a checkpoint: architecture, weights, normalisation and image size."""
     path = Path(path)
     state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
-    try:
-        model = modules.build_model(ModelConfig(**state["model_config"]))
-        model.load_state_dict(state["model"])
-        image_size = int(state["image_size"])
-        mean = tuple(float(v) for v in state["norm_stats"]["mean"])
-        std = tuple(float(v) for v in state["norm_stats"]["std"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
-        detail = " ".join(str(err).split())[:300]
-        raise utils.CheckpointError(
-            f"{path} does not fit this version of the model ({type(err).__name__}: {detail}); use a checkpoint "
-            f"written by this train.py, or retrain") from None
+    model, image_size, mean, std = utils.model_from_checkpoint(state, path)
     model.eval().to(device)
-    return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path)
+    splits = state.get("splits")
+    return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
+                       None if splits is None else {k: list(v) for k, v in splits.items()},
+                       int(state["model_config"].get("num_classes", 1)))
+
+
+class Ensemble(torch.nn.Module):
+    """Several trained networks as one: logits of their mean lesion probability (one output channel).
+
+    Each was trained with its own split's normalisation statistics, so the input, normalised with the
+    first model's, is renormalised for every other one: the ensemble sees exactly the preprocessing
+    each of its members was trained with.
+    """
+
+    def __init__(self, members: list[LoadedModel]):
+        super().__init__()
+        self.models = torch.nn.ModuleList(m.model for m in members)
+        stats = [(torch.tensor(m.mean).view(1, 3, 1, 1), torch.tensor(m.std).view(1, 3, 1, 1)) for m in members]
+        self.register_buffer("mean", torch.stack([m for m, _ in stats]))  # (M, 1, 3, 1, 1)
+        self.register_buffer("std", torch.stack([s for _, s in stats]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raw = x.float() * self.std[0] + self.mean[0]  # (B, 3, H, W) in [0, 1]
+        total = 0.0
+        for model, mean, std in zip(self.models, self.mean, self.std):
+            total = total + model((raw - mean) / std).float().sigmoid()  # (B, 1, H, W)
+        return torch.logit(total / len(self.models), eps=1e-6)
+
+
+def load_ensemble(paths: list[Path], device: torch.device) -> LoadedModel:
+    """One checkpoint as it is; several as an Ensemble, refused unless they see the same input size."""
+    members = [load_model(path, device) for path in paths]
+    if len(members) == 1:
+        return members[0]
+    first = members[0]
+    for other in members[1:]:
+        if other.image_size != first.image_size:
+            raise PredictError(f"{other.path} was trained at {other.image_size}px and {first.path} at "
+                               f"{first.image_size}px; an ensemble needs one input size: pass checkpoints of one size")
+        if other.num_classes != first.num_classes:
+            raise PredictError(f"{other.path} predicts {other.num_classes} classes and {first.path} "
+                               f"{first.num_classes}; an ensemble needs one output")
+        if other.splits is None or first.splits is None or sorted(other.splits["test"]) != sorted(first.splits["test"]):
+            first = dataclasses.replace(first, mixed_test_splits=True)
+    if first.num_classes != 1:
+        raise PredictError("ensembles average one lesion probability: pass checkpoints with one output channel")
+    model = Ensemble(members).eval().to(device)
+    return dataclasses.replace(first, model=model)
 
 
 @torch.no_grad()
@@ -320,30 +360,48 @@ def find_masks(spec: str) -> dict[str, Path]:
     return masks
 
 
-def held_out_test_split(loaded: LoadedModel) -> tuple[list[Item], str]:
-    """The test split the checkpoint's run held out (with its ground truth), and where it lives."""
+def stored_split(loaded: LoadedModel, name: str = "test") -> tuple[list[Item], str]:
+    """A split of the checkpoint's run (the held-out test split by default), with its ground truth, and
+    the data folder it lives in.
+
+    The run stored its split's ids in the checkpoint: those images are taken, and a missing one is an
+    error, so a folder that changed since training can never pass training images off as test images.
+    """
     config = loaded.train_config
     data_dir = config.get("data_dir")
+    if loaded.mixed_test_splits:
+        raise PredictError("no --input given and these checkpoints' runs held out different test splits, so no "
+                           "image is unseen by all of them; pass --input and --masks")
     if not data_dir or not Path(data_dir).is_dir():
         raise PredictError(f"no --input given and the data {loaded.path} was trained on ({data_dir}) is not here; "
                            f"pass --input FILE, FOLDER or GLOB")
     defaults = dataset.DataConfig()
     pairs = dataset.find_pairs(data_dir, skip_bad=config.get("skip_bad", defaults.skip_bad), log=lambda *a: None)
-    # the same seeded hold-out as the run's (no cache is built)
-    assigned, _ = dataset.split_samples(pairs, config.get("val_fraction", defaults.val_fraction),
-                                        config.get("test_fraction", defaults.test_fraction),
-                                        config.get("split_seed", defaults.split_seed))
-    if not assigned["test"]:
-        raise PredictError(f"no --input given and the run of {loaded.path} held out no test images in {data_dir}; "
-                           f"pass --input FILE, FOLDER or GLOB")
-    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in assigned["test"]], data_dir
+    if loaded.splits is not None:
+        ids = loaded.splits[name]
+        found = {s.id: s for samples in pairs.values() for s in samples}
+        missing = [i for i in ids if i not in found or found[i].mask is None]
+        if missing:
+            raise PredictError(f"{len(missing)} of the {len(ids)} {name} images of {loaded.path} are no longer in "
+                               f"{data_dir} with their masks (e.g. {missing[0]}); restore them, or pass --input "
+                               f"and --masks")
+        chosen = [found[i] for i in ids]
+    else:  # a checkpoint from before runs stored their split: the same seeded hold-out, recomputed
+        assigned, _ = dataset.split_samples(pairs, config.get("val_fraction", defaults.val_fraction),
+                                            config.get("test_fraction", defaults.test_fraction),
+                                            config.get("split_seed", defaults.split_seed))
+        chosen = assigned[name]
+    if not chosen:
+        raise PredictError(f"no --input given and the run of {loaded.path} held out no {name} images in "
+                           f"{data_dir}; pass --input FILE, FOLDER or GLOB")
+    return [Item(s.id, Path(s.image), None if s.mask is None else Path(s.mask)) for s in chosen], data_dir
 
 
 def gather_items(config: PredictConfig, loaded: LoadedModel) -> list[Item]:
     """What to segment (and the ground truth to score it against), from --input and --masks."""
     if config.input is None:
-        items, data_dir = held_out_test_split(loaded)
-        print(f"No --input: segmenting the {len(items)} test images held out from {data_dir} by that run")
+        items, data_dir = stored_split(loaded, config.split)
+        print(f"No --input: segmenting the {len(items)} {config.split} images held out from {data_dir} by that run")
     else:
         items = [Item(image_id(p), p) for p in find_inputs(config.input)]
     if config.masks is not None:
@@ -411,13 +469,11 @@ def load_item(item: Item, image_size: int, keep_image: bool, timer: StageTimer) 
     out = Loaded(item)
     try:
         with timer("decode"):
-            # with a size, JPEGs decode at a reduced scale (Pillow's draft), as for the training cache
-            image, out.size = dataset.load_image_and_size(item.image, size=image_size)
+            # the training cache's own chain (reduced-scale JPEG decode, then the same resize)
+            out.small, out.size = dataset.network_image(item.image, image_size)
             # overlays need full resolution: a second, full decode, since resizing that one instead of the
             # draft would give the network slightly different input than training did
             out.image = dataset.load_image(item.image) if keep_image else None
-        with timer("resize"):
-            out.small = dataset.resize_image(image, image_size)
     except (dataset.DataError, OSError, ValueError) as err:
         out.error = str(err) or type(err).__name__
         return out
@@ -507,13 +563,20 @@ def outline(mask: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def overlay_image(image: np.ndarray, prediction: np.ndarray, truth: np.ndarray | None) -> np.ndarray:
-    """The image (H, W, 3) with the predicted contour in red and the ground truth's in green."""
+    """The image (H, W, 3) with the predicted contour in red over the ground truth's in green."""
+    from torchvision.utils import draw_segmentation_masks  # imported here: only --overlay draws
+
     width = max(1, round(max(image.shape[:2]) / 400))
-    out = image.copy()
+    bands, colours = [], []
     if truth is not None:
-        out[outline(torch.from_numpy(truth.astype(bool)), width).numpy()] = (0, 255, 0)
-    out[outline(torch.from_numpy(prediction), width).numpy()] = (255, 0, 0)
-    return out
+        bands.append(outline(torch.from_numpy(truth.astype(bool)), width))
+        colours.append((0, 255, 0))
+    bands.append(outline(torch.from_numpy(prediction.astype(bool)), width))
+    colours.append((255, 0, 0))
+    canvas = torch.from_numpy(image.copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    # alpha 1 paints the bands opaque; later masks are drawn over earlier ones
+    drawn = draw_segmentation_masks(canvas, torch.stack(bands), alpha=1.0, colors=colours)
+    return drawn.permute(1, 2, 0).contiguous().numpy()
 
 
 @dataclass
@@ -618,12 +681,13 @@ def run(config: PredictConfig) -> PredictResult:
         device = utils.select_device(config.device)
     except ValueError as err:
         raise PredictError(str(err)) from None
-    if config.checkpoint is None:
+    if not config.checkpoint:
         checkpoint = latest_checkpoint(config.runs_dir)
         print(f"No --checkpoint: using {checkpoint} (the most recent run under {config.runs_dir}/)")
+        loaded = load_model(checkpoint, device)
     else:
-        checkpoint = Path(config.checkpoint)
-    loaded = load_model(checkpoint, device)
+        checkpoint = Path(config.checkpoint[0])
+        loaded = load_ensemble([Path(c) for c in config.checkpoint], device)
 
     if config.export_onnx:
         export_onnx(loaded, config.export_onnx)
@@ -633,7 +697,8 @@ def run(config: PredictConfig) -> PredictResult:
         return PredictResult(None, 0, [Path(config.export_onnx)], [])
 
     items = gather_items(config, loaded)
-    output_dir = Path(config.output) if config.output else default_output(checkpoint, config.runs_dir)
+    output_dir = Path(config.output) if config.output else (
+        Path("predict_out") if len(config.checkpoint) > 1 else default_output(checkpoint, config.runs_dir))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):
@@ -641,7 +706,8 @@ def run(config: PredictConfig) -> PredictResult:
                 (output_dir / sub).mkdir(exist_ok=True)
     except OSError as err:
         raise PredictError(f"cannot create the output folder {output_dir}: {err}; choose another --output") from None
-    print(f"Segmenting {len(items)} images on {device} with {checkpoint} "
+    models = f"{len(config.checkpoint)} models (mean probability)" if len(config.checkpoint) > 1 else checkpoint
+    print(f"Segmenting {len(items)} images on {device} with {models} "
           f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"
           f"{', post-processing' if config.postprocess else ''}) into {output_dir}/")
 
@@ -720,7 +786,7 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
     """Write the network as ONNX with dynamic batch, height and width, and its preprocessing as metadata."""
     path = Path(path)
     model = loaded.model.cpu().float().eval()
-    example = torch.zeros(1, model.config.in_channels, loaded.image_size, loaded.image_size)
+    example = torch.zeros(1, 3, loaded.image_size, loaded.image_size)  # RGB
     axes = {0: "batch", 2: "height", 3: "width"}
     try:
         with warnings.catch_warnings():
@@ -728,15 +794,17 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             # the TorchScript exporter is deprecated, but the newer one needs onnxscript, not a requirement here
             warnings.simplefilter("ignore", DeprecationWarning)
-            torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["image"],
-                              output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
-                              opset_version=17)
+            # without gradients the layers take their plain forms, which all have ONNX equivalents
+            with torch.no_grad():
+                torch.onnx.export(model, (example,), str(path), dynamo=False, input_names=["image"],
+                                  output_names=["logits"], dynamic_axes={"image": axes, "logits": axes},
+                                  opset_version=17)
     except OSError as err:
         raise PredictError(f"cannot write {path}: {err}; choose another --export-onnx path") from None
     import onnx
 
     exported = onnx.load(str(path))
-    metadata = {"format": "improved-unet-isic/1", "image_size": str(loaded.image_size),
+    metadata = {"format": utils.CHECKPOINT_FORMAT, "image_size": str(loaded.image_size),
                 "mean": json.dumps(loaded.mean), "std": json.dumps(loaded.std),
                 "preprocessing": "RGB uint8 resized to image_size x image_size, x = (uint8 / 255 - mean) / std",
                 "output": "logits; sigmoid gives the lesion probability"}

@@ -23,6 +23,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -30,9 +31,6 @@ import torch.nn as nn
 import dataset
 import utils
 import modules
-
-CHECKPOINT_FORMAT = "improved-unet-isic/1"
-
 
 @dataclass
 class TrainConfig:
@@ -44,14 +42,16 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of the training folder held out for validation when there is no official one
     test_fraction: float = 0.1  # share held out for testing when there is no official test ground truth
     split_seed: int = 0  # seed of the train/val/test split (kept fixed across runs to compare them)
+    folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images; validate on fold --fold
+    fold: int = 0  # the validation fold, 0 .. K-1 (summarise the K runs with python crossval.py)
     skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
     synthetic_images: int = 400  # size of the built-in synthetic lesion set
     # --- recipe ---
-    recipe: str = "default"  # "default": the settings below; "paper": Isensee et al.'s for the fields you do not set
+    recipe: Literal["default", "paper"] = "default"  # "default": the settings below; "paper": Isensee et al.'s for the fields you do not set
     # --- model ---
-    arch: str = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
+    arch: Literal["improved-unet", "dynunet"] = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
     base_channels: int = 16  # feature maps at the first level (the paper: 16, doubling per level)
-    norm: str = "instance"  # "instance" (the paper's choice) or "batch"
+    norm: Literal["instance", "batch"] = "instance"  # "instance" (the paper's choice) or "batch"
     dropout: float = 0.0  # dropout inside the context modules (the paper: 0.3)
     sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
     # --- optimisation ---
@@ -59,13 +59,13 @@ class TrainConfig:
     batch_size: int = 16  # images per step on each GPU
     lr: float = 2e-3  # peak learning rate (the paper: 5e-4)
     weight_decay: float = 1e-5  # Adam's L2 penalty (the paper: 1e-5)
-    schedule: str = "cosine"  # "cosine": per-step cosine decay to 0 after warm-up; "paper": lr x lr_decay every epoch
+    schedule: Literal["cosine", "paper"] = "cosine"  # "cosine": per-step cosine decay to 0 after warm-up; "paper": lr x lr_decay every epoch
     lr_decay: float = 0.985  # per-epoch factor of the paper schedule
     warmup_epochs: float = 0.3  # linear warm-up from 0, in epochs (fractions allowed), before either schedule
     grad_clip: float = 0.0  # clip the gradient norm to this value; 0 turns clipping off
-    loss: str = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
+    loss: Literal["dice+bce", "dice"] = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
     # --- augmentation ---
-    augment: str = "flips"  # preset: none, flips (the square's 8 symmetries), light or full (see dataset.AUGMENT_PRESETS)
+    augment: Literal["none", "flips", "light", "full"] = "flips"  # preset: none, flips (the square's 8 symmetries), light or full (see dataset.AUGMENT_PRESETS)
     flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
     rotate_deg: float | None = None  # rotation drawn from [-x, x] degrees; default: the preset's
     zoom: float | None = None  # zoom factor drawn from [1 - x, 1 + x]; default: the preset's
@@ -75,7 +75,7 @@ class TrainConfig:
     saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-    amp: str = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
     channels_last: bool = True  # NHWC activations (faster with oneDNN on CPU and with bf16 on CUDA)
     tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
     compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
@@ -89,7 +89,7 @@ class TrainConfig:
     num_preview: int = 4  # validation images shown in predictions.png and wandb
     progress: bool = True  # tqdm progress bars
     # --- wandb ---
-    wandb: str | None = None  # online, offline or disabled; default: WANDB_MODE, else online with an API key, else offline
+    wandb: Literal["online", "offline", "disabled"] | None = None  # online, offline or disabled; default: WANDB_MODE, else online with an API key, else offline
     wandb_project: str = "improved-unet-isic"  # wandb project
     wandb_entity: str | None = None  # wandb team or user
     wandb_tags: list[str] = field(default_factory=list)  # wandb tags
@@ -118,28 +118,8 @@ RECIPES = {
               "lr_decay": 0.985, "warmup_epochs": 0.0, "loss": "dice", "augment": "full"},
 }
 
-GROUPS = {
-    "data": ["data_dir", "image_size", "val_fraction", "test_fraction", "split_seed", "skip_bad", "synthetic_images"],
-    "recipe": ["recipe"],
-    "model": ["arch", "base_channels", "norm", "dropout", "sync_batchnorm"],
-    "optimisation": ["epochs", "batch_size", "lr", "weight_decay", "schedule", "lr_decay", "warmup_epochs",
-                     "grad_clip", "loss"],
-    "augmentation": ["augment", "flips", "rotate_deg", "zoom", "affine_p", "brightness", "contrast", "saturation"],
-    "hardware": ["device", "amp", "channels_last", "tune_malloc", "compile", "seed", "deterministic"],
-    "run": ["out_dir", "name", "resume", "config", "num_preview", "progress"],
-    "wandb": ["wandb", "wandb_project", "wandb_entity", "wandb_tags"],
-    "debugging": ["max_steps", "limit_samples", "overfit_batch"],
-}
-CHOICES = {
-    "recipe": list(RECIPES),
-    "arch": list(modules.ARCHS),
-    "augment": list(dataset.AUGMENT_PRESETS),
-    "norm": ["batch", "instance"],
-    "schedule": ["paper", "cosine"],
-    "loss": ["dice", "dice+bce"],
-    "amp": ["auto", "bf16", "fp16", "off"],
-    "wandb": ["online", "offline", "disabled"],
-}
+GROUPS = utils.field_groups(TrainConfig)  # from the "# --- name ---" lines above
+CHOICES = utils.field_choices(TrainConfig)  # from the Literal annotations
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -181,6 +161,10 @@ def check_config(config: TrainConfig) -> list[str]:
     for name in ("val_fraction", "test_fraction"):
         if not 0 <= getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+    if config.folds == 1 or config.folds < 0:
+        problems.append(f"--folds must be 0 (no cross-validation) or at least 2, got {config.folds}")
+    elif config.folds >= 2 and not 0 <= config.fold < config.folds:
+        problems.append(f"--fold must be in 0..{config.folds - 1} for --folds {config.folds}, got {config.fold}")
     if config.val_fraction + config.test_fraction >= 1:
         problems.append("--val-fraction plus --test-fraction must leave images for training")
     for name in ("grad_clip", "warmup_epochs", "max_steps", "limit_samples", "num_preview"):
@@ -594,6 +578,22 @@ def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Pat
     return checkpoint, merged
 
 
+def check_same_split(saved: dict | None, current: dict, config: TrainConfig) -> None:
+    """A resumed run must train, validate and test on the images it started with."""
+    if saved is None:
+        return  # written before runs stored their split
+    changes = []
+    for name in dataset.SPLITS:
+        before, now = set(saved.get(name, [])), set(current[name])
+        if before != now:
+            changes.append(f"{name}: {len(now - before)} added, {len(before - now)} gone "
+                           f"(e.g. {sorted(now ^ before)[0]})")
+    if changes:
+        raise dataset.DataError(
+            f"{config.data_dir} no longer gives the split this run started with ({'; '.join(changes)}). Restore "
+            f"the folder, or start a new run (another --name) so that no test image can leak into training.")
+
+
 def run_name(config: TrainConfig, distributed: bool) -> str:
     """The run folder name; ranks agree on it (rank 0's clock decides)."""
     name = [config.name or time.strftime("%Y%m%d-%H%M%S")]
@@ -611,17 +611,49 @@ def train(config: TrainConfig, explicit: set[str] = frozenset()) -> dict:
         utils.cleanup_distributed()
 
 
-def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
-    main_process = dist.rank == 0
+@dataclass
+class Data:
+    """The splits a run trains and validates on, their loaders and the normalisation statistics."""
+
+    train: dataset.CachedSplit
+    val: dataset.CachedSplit
+    train_loader: dataset.BatchLoader
+    val_loader: dataset.BatchLoader
+    mean: tuple
+    std: tuple
+    split_ids: dict[str, list[str]]  # train/val/test ids of the whole data set, stored with the run
+    description: str
+
+
+@dataclass
+class TrainState:
+    """Where training stands: what a checkpoint restores besides the weights and the optimiser."""
+
+    epoch: int = 0  # the next epoch to run
+    step: int = 0  # the next step within it (a run stopped mid-epoch resumes there)
+    loss_sum: float = 0.0  # the epoch's summed loss and image count so far
+    images: int = 0
+    best_metric: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+    wandb_id: str | None = None
+
+
+def prepare_run(config: TrainConfig, explicit: set[str], dist):
+    """The run's settings (resumed, recipe, synthetic fallback), its checkpoint if resuming, and the flag
+    saying whether it trains on the synthetic set."""
     config = dataclasses.replace(config, name=run_name(config, dist.is_distributed))
     checkpoint, config = load_resume_checkpoint(config, explicit, Path(config.out_dir) / config.name)
     if checkpoint is None:
         config, from_recipe = apply_recipe(config, explicit)
         explicit = explicit | from_recipe  # the synthetic set's defaults do not override a recipe
     config, synthetic = resolve_data(config, explicit, resuming=checkpoint is not None)
-    if synthetic and main_process:
+    if synthetic and dist.rank == 0:
         dataset.ensure_synthetic(config.synthetic_images, seed=0, log=utils.print0)
+    return config, checkpoint, synthetic
 
+
+def setup_device(config: TrainConfig, dist) -> torch.device:
     device = utils.select_device(config.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
@@ -630,17 +662,21 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     elif device.type == "cpu" and config.tune_malloc:
         utils.tune_glibc_malloc()  # about 10% faster 256x256 steps on a 2-core VM (benchmark.py --no-tune-malloc)
     utils.seed_everything(config.seed + dist.rank, deterministic=config.deterministic)
+    return device
 
-    # The cache is built once, by rank 0; the other ranks wait and then read it.
-    data_config = dataset.DataConfig(
-        data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction, split_seed=config.split_seed, skip_bad=config.skip_bad)
-    if main_process:
+
+def setup_data(config: TrainConfig, checkpoint: dict | None, dist, device: torch.device) -> Data:
+    """Splits from the uint8 cache (built once, by rank 0; the other ranks wait and then read it)."""
+    data_config = utils.subconfig(dataset.DataConfig, config)
+    if dist.rank == 0:
         splits = dataset.prepare_splits(data_config, log=utils.print0)
     if dist.is_distributed:
         torch.distributed.barrier()
-    if not main_process:
+    if dist.rank != 0:
         splits = dataset.prepare_splits(data_config, log=lambda *a, **k: None)
+    split_ids = {name: list(getattr(splits, name).ids) for name in dataset.SPLITS}
+    if checkpoint is not None:
+        check_same_split(checkpoint.get("splits"), split_ids, config)
     train_split = splits.train
     if config.limit_samples:
         train_split = dataset.CachedSplit(train_split.ids[:config.limit_samples],
@@ -650,17 +686,21 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         n = min(config.batch_size, len(train_split.ids))
         train_split = dataset.CachedSplit(train_split.ids[:n], train_split.images[:n], train_split.masks[:n])
     val_split = train_split if config.overfit_batch else splits.val
-    mean, std = splits.mean, splits.std
-    loader_args = dict(mean=mean, std=std, device=device, rank=dist.rank, world_size=dist.world_size)
+    loader_args = dict(mean=splits.mean, std=splits.std, device=device, rank=dist.rank, world_size=dist.world_size)
     train_loader = dataset.make_loader(train_split, config.batch_size, train=True, seed=config.seed,
                                        augment=augment_config(config), **loader_args)
     val_loader = dataset.make_loader(val_split, config.batch_size, train=False, seed=config.seed, **loader_args)
     if len(train_loader) == 0:
         raise dataset.DataError(f"{config.data_dir}: {len(train_split.ids)} training images make no full batch of "
                                 f"{config.batch_size}; lower --batch-size")
+    return Data(train_split, val_split, train_loader, val_loader, splits.mean, splits.std, split_ids,
+                splits.description)
 
-    model_config = modules.ModelConfig(arch=config.arch, base_channels=config.base_channels, norm=config.norm,
-                                       dropout=config.dropout, channels_last=config.channels_last)
+
+def setup_model(config: TrainConfig, checkpoint: dict | None, dist, device: torch.device):
+    """(the model to train, wrapped for DDP or compile as asked; the plain model that checkpoints hold;
+    its ModelConfig)."""
+    model_config = utils.subconfig(modules.ModelConfig, config)
     model = modules.build_model(model_config)
     if checkpoint is not None:
         if checkpoint["model_config"] != dataclasses.asdict(model_config):
@@ -677,28 +717,45 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         model = torch.compile(model)
+    return model, raw_model, model_config
 
+
+def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoch: int, device: torch.device):
+    """(optimizer, scheduler, autocast factory, GradScaler or None, loss)."""
     # the fused kernel updates all parameters in one pass: a third of the time of the default multi-tensor
     # Adam on CPU (9 vs 28 ms a step for this model), and the usual choice on CUDA
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = make_scheduler(optimizer, config, min(len(train_loader), config.max_steps or len(train_loader)))
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     autocast, scaler = amp_settings(config.amp, device)
-    loss_fn = utils.SegmentationLoss(config.loss)
+    return optimizer, scheduler, autocast, scaler, utils.SegmentationLoss(config.loss)
 
-    start_epoch, start_step, loss_sum, images_seen = 0, 0, 0.0, 0
-    best_metric, best_epoch, history, wandb_id = -1.0, -1, [], None
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        if scaler is not None and checkpoint.get("scaler"):
-            scaler.load_state_dict(checkpoint["scaler"])
-        start_epoch, start_step = checkpoint["epoch"], checkpoint.get("step", 0)
-        loss_sum, images_seen = checkpoint.get("epoch_loss", (0.0, 0))
-        best_metric, best_epoch = checkpoint["best_metric"], checkpoint["best_epoch"]
-        history, wandb_id = list(checkpoint.get("history", [])), checkpoint.get("wandb_run_id")
-        if main_process:  # other ranks keep their own per-rank streams
-            utils.set_rng_state(checkpoint["rng"])
+
+def restore(checkpoint: dict | None, optimizer, scheduler, scaler, main_process: bool) -> TrainState:
+    """The optimiser, scheduler, scaler and RNG states of a resumed run, and where it stood."""
+    if checkpoint is None:
+        return TrainState()
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if scaler is not None and checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    if main_process:  # other ranks keep their own per-rank streams
+        utils.set_rng_state(checkpoint["rng"])
+    loss_sum, images = checkpoint.get("epoch_loss", (0.0, 0))
+    return TrainState(checkpoint["epoch"], checkpoint.get("step", 0), loss_sum, images, checkpoint["best_metric"],
+                    checkpoint["best_epoch"], list(checkpoint.get("history", [])), checkpoint.get("wandb_run_id"))
+
+
+def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
+    main_process = dist.rank == 0
+    config, checkpoint, synthetic = prepare_run(config, explicit, dist)
+    device = setup_device(config, dist)
+    data = setup_data(config, checkpoint, dist, device)
+    model, raw_model, model_config = setup_model(config, checkpoint, dist, device)
+    steps_per_epoch = min(len(data.train_loader), config.max_steps or len(data.train_loader))
+    optimizer, scheduler, autocast, scaler, loss_fn = setup_optimisation(config, raw_model, steps_per_epoch, device)
+    progress = restore(checkpoint, optimizer, scheduler, scaler, main_process)
+    norm_stats = {"mean": list(data.mean), "std": list(data.std)}
 
     run_dir = Path(config.out_dir) / config.name
     lock = RunLock(run_dir)
@@ -710,61 +767,63 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     preemption.install()
     try:
         if main_process:
+            write_json(run_dir / "splits.json", {"data_dir": config.data_dir, "split_seed": config.split_seed,
+                                                 "folds": config.folds, "fold": config.fold,
+                                                 "description": data.description, **data.split_ids})
             write_json(run_dir / "config.json", {"train": dataclasses.asdict(config),
-                                                 "model": dataclasses.asdict(model_config),
-                                                 "norm_stats": {"mean": list(mean), "std": list(std)}})
-            wandb_run = start_wandb(config, run_dir, wandb_id)
-            wandb_id = wandb_run.id if wandb_run is not None else wandb_id
-            utils.print0(f"run folder {run_dir} | {len(train_split.ids)} train / {len(val_split.ids)} val images at "
+                                                 "model": dataclasses.asdict(model_config), "norm_stats": norm_stats})
+            wandb_run = start_wandb(config, run_dir, progress.wandb_id)
+            progress.wandb_id = wandb_run.id if wandb_run is not None else progress.wandb_id
+            utils.print0(f"run folder {run_dir} | {len(data.train.ids)} train / {len(data.val.ids)} val images at "
                          f"{config.image_size}px | device {device} | {modules.count_parameters(raw_model):,} parameters")
 
-        def state(epoch: int, step: int, epoch_loss) -> dict:
-            return {
-                "format": CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+        def save(path: Path, epoch: int, step: int = 0, epoch_loss=(0.0, 0)) -> None:
+            utils.save_checkpoint({
+                "format": utils.CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
                 "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
-                "image_size": config.image_size, "norm_stats": {"mean": list(mean), "std": list(std)},
+                "image_size": config.image_size, "norm_stats": norm_stats,
                 "epoch": epoch, "step": step, "epoch_loss": list(epoch_loss),
-                "best_metric": best_metric, "best_epoch": best_epoch, "history": history,
+                "best_metric": progress.best_metric, "best_epoch": progress.best_epoch, "history": progress.history,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": utils.rng_state(), "wandb_run_id": wandb_id,
-            }
+                "rng": utils.rng_state(), "wandb_run_id": progress.wandb_id, "splits": data.split_ids,
+            }, path)
 
-        for epoch in range(start_epoch, config.epochs):
+        # --- the epochs ---
+        for epoch in range(progress.epoch, config.epochs):
             epoch_started = time.perf_counter()
             result = train_one_epoch(
-                model, train_loader, optimizer, scheduler, loss_fn, autocast=autocast, scaler=scaler, config=config,
-                epoch=epoch, start_step=start_step, loss_sum=loss_sum, images_seen=images_seen,
-                preemption=preemption, distributed=dist.is_distributed, device=device)
+                model, data.train_loader, optimizer, scheduler, loss_fn, autocast=autocast, scaler=scaler,
+                config=config, epoch=epoch, start_step=progress.step, loss_sum=progress.loss_sum,
+                images_seen=progress.images, preemption=preemption, distributed=dist.is_distributed, device=device)
             if result["stopped"]:
                 if main_process:
-                    utils.save_checkpoint(state(epoch, result["step"], (result["loss_sum"], result["images"])),
-                                          run_dir / "last.pt")
+                    save(run_dir / "last.pt", epoch, result["step"], (result["loss_sum"], result["images"]))
                     utils.print0(f"stopped by {signal.Signals(preemption.signum).name} at epoch {epoch + 1}, step "
                                  f"{result['step']}; resume with --resume auto --name {config.name}")
                 raise SystemExit(128 + (preemption.signum or 0))
-            start_step, loss_sum, images_seen = 0, 0.0, 0
+            progress.step, progress.loss_sum, progress.images = 0, 0.0, 0
             if dist.is_distributed:
                 # Each rank updated its own batch-norm statistics; evaluate (and save) rank 0's.
                 for buffer in raw_model.buffers():
                     torch.distributed.broadcast(buffer, src=0)
             # The plain model: a DDP forward is a collective, and ranks may hold unequal batch counts.
-            val = evaluate(raw_model, val_loader, loss_fn, autocast=autocast)
+            val = evaluate(raw_model, data.val_loader, loss_fn, autocast=autocast)
             lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
             row = {"epoch": epoch + 1, "train_loss": result["loss_sum"] / max(result["images"], 1),
                    "val_loss": val["loss"], "lr": lr, "images_per_s": result["images_per_s"],
                    **{f"val_{k}": v for k, v in val.items() if k != "loss"}}
-            improved = row["val_dice"] > best_metric
+            improved = row["val_dice"] > progress.best_metric
             if improved:
-                best_metric, best_epoch = row["val_dice"], epoch + 1
+                progress.best_metric, progress.best_epoch = row["val_dice"], epoch + 1
             if main_process:
                 row["seconds"] = round(time.perf_counter() - epoch_started, 2)
-                history.append(row)
-                utils.save_checkpoint(state(epoch + 1, 0, (0.0, 0)), run_dir / "last.pt")
+                progress.history.append(row)
+                save(run_dir / "last.pt", epoch + 1)
                 if improved:
-                    utils.save_checkpoint(state(epoch + 1, 0, (0.0, 0)), run_dir / "best.pt")
-                write_metrics_csv(run_dir / "metrics.csv", history)
-                plot_curves(history, run_dir / "curves.png")
+                    save(run_dir / "best.pt", epoch + 1)
+                write_metrics_csv(run_dir / "metrics.csv", progress.history)
+                plot_curves(progress.history, run_dir / "curves.png")
                 utils.print0(f"epoch {epoch + 1:>3}/{config.epochs}  loss {row['train_loss']:.4f}  "
                              f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "
                              f"{row['images_per_s']:.1f} img/s" + ("  *best" if improved else ""))
@@ -773,22 +832,10 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                 utils.print0(f"stopped by a signal after epoch {epoch + 1}; resume with --resume auto --name {config.name}")
                 raise SystemExit(128 + (preemption.signum or 0))
 
-        summary = {"run_dir": str(run_dir), "best_epoch": best_epoch, "best_val_dice": best_metric,
+        summary = {"run_dir": str(run_dir), "best_epoch": progress.best_epoch, "best_val_dice": progress.best_metric,
                    "epochs": config.epochs, "data_dir": config.data_dir, "synthetic": synthetic}
         if main_process:
-            best = history[best_epoch - 1] if 0 < best_epoch <= len(history) else {}
-            summary["best_metrics"] = {k: v for k, v in best.items() if k.startswith("val_")}
-            images, masks, predictions, ids = predict_preview(raw_model, val_split, mean, std, config.num_preview,
-                                                              device, autocast)
-            if len(ids):
-                plot_predictions(images, masks, predictions, run_dir / "predictions.png", titles=ids)
-                log_wandb_predictions(wandb_run, images, masks, predictions, ids, config.epochs)
-            write_json(run_dir / "summary.json", summary)
-            utils.print0(f"\nbest validation Dice {best_metric:.4f} at epoch {best_epoch}\n"
-                         f"  checkpoints  {run_dir / 'best.pt'}, {run_dir / 'last.pt'}\n"
-                         f"  metrics      {run_dir / 'metrics.csv'}, {run_dir / 'summary.json'}\n"
-                         f"  figures      {run_dir / 'curves.png'}, {run_dir / 'predictions.png'}\n"
-                         f"  predict with python predict.py --checkpoint {run_dir / 'best.pt'}")
+            finish(summary, progress, raw_model, data, config, device, autocast, wandb_run, run_dir)
         return summary
     finally:
         preemption.uninstall()
@@ -798,6 +845,24 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             except Exception:  # a wandb failure at shutdown must not hide the run's result
                 pass
         lock.release()
+
+
+def finish(summary: dict, progress: TrainState, raw_model, data: Data, config: TrainConfig, device, autocast,
+           wandb_run, run_dir: Path) -> None:
+    """summary.json, predictions.png (and to wandb), and where everything is."""
+    best = progress.history[progress.best_epoch - 1] if 0 < progress.best_epoch <= len(progress.history) else {}
+    summary["best_metrics"] = {k: v for k, v in best.items() if k.startswith("val_")}
+    images, masks, predictions, ids = predict_preview(raw_model, data.val, data.mean, data.std, config.num_preview,
+                                                      device, autocast)
+    if len(ids):
+        plot_predictions(images, masks, predictions, run_dir / "predictions.png", titles=ids)
+        log_wandb_predictions(wandb_run, images, masks, predictions, ids, config.epochs)
+    write_json(run_dir / "summary.json", summary)
+    utils.print0(f"\nbest validation Dice {progress.best_metric:.4f} at epoch {progress.best_epoch}\n"
+                 f"  checkpoints  {run_dir / 'best.pt'}, {run_dir / 'last.pt'}\n"
+                 f"  metrics      {run_dir / 'metrics.csv'}, {run_dir / 'summary.json'}\n"
+                 f"  figures      {run_dir / 'curves.png'}, {run_dir / 'predictions.png'}\n"
+                 f"  predict with python predict.py --checkpoint {run_dir / 'best.pt'}")
 
 
 def log_wandb_predictions(run, images, masks, predictions, ids, step: int) -> None:

@@ -25,18 +25,21 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+import typing
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+import modules
 from losses import METRIC_NAMES, MetricAverager, SegmentationLoss, dice_loss, segmentation_metrics
 
 __all__ = [
     "METRIC_NAMES", "MetricAverager", "SegmentationLoss", "dice_loss", "segmentation_metrics",
     "seed_everything", "select_device", "available_devices", "tune_glibc_malloc",
     "get_rank", "is_main_process", "print0", "Progress",
-    "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state",
+    "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
+    "rng_state", "set_rng_state",
     "DistInfo", "init_distributed", "cleanup_distributed",
 ]
 
@@ -292,6 +295,23 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
+def model_from_checkpoint(state: dict, path) -> tuple[torch.nn.Module, int, tuple, tuple]:
+    """(network with the checkpoint's weights, image size, normalisation mean, std) from a checkpoint
+    that load_checkpoint returned: all that is needed to use the model, without the training flags."""
+    try:
+        model = modules.build_model(modules.ModelConfig(**state["model_config"]))
+        model.load_state_dict(state["model"])
+        image_size = int(state["image_size"])
+        mean = tuple(float(v) for v in state["norm_stats"]["mean"])
+        std = tuple(float(v) for v in state["norm_stats"]["std"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        detail = " ".join(str(err).split())[:300]
+        raise CheckpointError(
+            f"{path} does not fit this version of the model ({type(err).__name__}: {detail}); use a checkpoint "
+            f"written by this train.py, or retrain") from None
+    return model, image_size, mean, std
+
+
 def rng_state() -> dict:
     """States of the Python, NumPy, torch CPU and current CUDA generators, as plain values and tensors.
 
@@ -408,6 +428,39 @@ def field_help(cls) -> dict[str, str]:
     return helps
 
 
+def field_groups(cls) -> dict[str, list[str]]:
+    """Help groups of a dataclass's fields, from its own `# --- name ---` comment lines (fields in order)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    groups, current = {}, "options"
+    for line in inspect.getsource(cls).splitlines():
+        marker = re.match(r"\s+# --- (.+?) ---", line)
+        if marker:
+            current = marker.group(1)
+            continue
+        match = re.match(r"\s+(\w+):", line)
+        if match and match.group(1) in names:
+            groups.setdefault(current, []).append(match.group(1))
+    return groups
+
+
+def field_choices(cls) -> dict[str, list]:
+    """The allowed values of the fields annotated with typing.Literal (or Literal | None)."""
+    choices = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        options = [h for h in typing.get_args(hint) if h is not type(None)] if typing.get_origin(hint) is not \
+            typing.Literal else [hint]
+        literal = [h for h in options if typing.get_origin(h) is typing.Literal]
+        if literal:
+            choices[name] = list(typing.get_args(literal[0]))
+    return choices
+
+
+def subconfig(cls, config, **overrides):
+    """An instance of dataclass `cls` with the fields it shares with `config` copied over (then overrides)."""
+    shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+    return cls(**{**shared, **overrides})
+
+
 def _base_type(annotation: str) -> str:
     parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
     return parts[0]
@@ -418,6 +471,12 @@ def _coerce(name: str, annotation: str, value, source: str):
     kind = _base_type(annotation)
     if value is None and "None" in str(annotation):
         return None
+    if kind.startswith("Literal["):
+        allowed = re.findall(r"'([^']*)'|\"([^\"]*)\"", kind)
+        allowed = [a or b for a, b in allowed]
+        if value not in allowed:
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(allowed)}, got {value!r}")
+        return value
     ok = {
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
@@ -463,12 +522,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Shows defaults and keeps the description's own line breaks."""
 
 
-def build_parser(cls, description: str, groups: dict[str, list[str]], choices: dict[str, list[str]] | None = None,
+def build_parser(cls, description: str, groups: dict[str, list[str]] | None = None,
+                 choices: dict[str, list[str]] | None = None,
                  suppress_defaults: bool = False, metavars: dict[str, str] | None = None,
                  epilog: str | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser generated from a dataclass: one --kebab-case flag per field, grouped, with
-    the field's comment as help and BooleanOptionalAction for switches."""
-    choices, metavars = choices or {}, metavars or {}
+    the field's comment as help and BooleanOptionalAction for switches. Groups default to the class's
+    `# --- name ---` sections and choices to its Literal annotations."""
+    groups = groups or field_groups(cls)
+    choices, metavars = {**field_choices(cls), **(choices or {})}, metavars or {}
     parser = argparse.ArgumentParser(
         prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter,
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
@@ -501,7 +563,7 @@ def build_parser(cls, description: str, groups: dict[str, list[str]], choices: d
     return parser
 
 
-def parse_config(cls, argv, description: str, groups, choices):
+def parse_config(cls, argv, description: str, groups=None, choices=None):
     """Two-stage parse: a --config file sets defaults, flags override them.
 
     Returns the config and the set of fields the user set (in the file or as flags).

@@ -1,6 +1,7 @@
 """train.py end to end on tiny generated data: files written, resume, preemption, bad settings."""
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import dataset
+import modules
 import train
 import utils
 
@@ -235,7 +237,18 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     assert config.batch_size == 2
 
 
+def test_flag_choices_come_from_the_annotations_and_match_what_they_name():
+    assert train.CHOICES["recipe"] == list(train.RECIPES)
+    assert train.CHOICES["arch"] == list(modules.ARCHS)
+    assert train.CHOICES["augment"] == list(dataset.AUGMENT_PRESETS)
+    assert train.CHOICES["norm"] == ["instance", "batch"] and set(modules.NORMS) == {"instance", "batch"}
+    assert train.CHOICES["loss"] == list(reversed(utils.SegmentationLoss.KINDS))
+    grouped = [name for names in train.GROUPS.values() for name in names]
+    assert grouped == [f.name for f in dataclasses.fields(train.TrainConfig)]  # every field once, in order
+
+
 @pytest.mark.parametrize("content, message", [
+    ("norm: group\n", "norm must be one of instance, batch, got 'group'"),
     ("epoch: 3\n", "unknown setting 'epoch'; did you mean 'epochs'?"),
     ("epochs: three\n", "epochs must be int"),
     ("- 1\n- 2\n", "must hold a mapping"),
@@ -324,11 +337,8 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     assert result.stdout.count("best validation Dice") == 1  # only rank 0 prints
     row = next(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
 
-    import modules
-
     checkpoint = utils.load_checkpoint(tmp_path / "ddp" / "last.pt")
-    model = modules.ImprovedUNet(modules.ModelConfig(**checkpoint["model_config"]))
-    model.load_state_dict(checkpoint["model"])
+    model, _, _, _ = utils.model_from_checkpoint(checkpoint, "last.pt")
     config = train.TrainConfig(**checkpoint["train_config"])
     splits = dataset.prepare_splits(dataset.DataConfig(
         data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
@@ -351,4 +361,43 @@ def test_dynunet_baseline_trains_and_predict_rebuilds_it(isic_folder, tmp_path):
                            "--device", "cpu"])
     assert result.written and 0 <= result.metrics["dice"] <= 1
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["threshold_jaccard"] >= 0
+
+
+def test_the_stored_split_keeps_test_images_out_of_training_when_the_folder_changes(tmp_path, capsys):
+    """A run stores its split; predict.py scores exactly those test images even after images are added,
+    resuming on a changed folder is refused, and a missing test image is named."""
+    import predict
+    from conftest import write_isic_folder
+
+    root = write_isic_folder(tmp_path / "isic", n=40)
+    train.main(tiny_args(root, tmp_path, "--epochs", "1", "--name", "run"))
+    stored = json.loads((tmp_path / "run" / "splits.json").read_text())
+    assert stored["test"] and not set(stored["test"]) & set(stored["train"])
+    checkpoint = tmp_path / "run" / "best.pt"
+    assert utils.load_checkpoint(checkpoint)["splits"]["test"] == stored["test"]
+
+    def scored():
+        result = predict.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--device", "cpu"])
+        return sorted(row["image_id"] for row in result.per_image)
+
+    assert scored() == sorted(stored["test"])
+    write_isic_folder(tmp_path / "more", n=46, seed=1)  # 6 new ids: ISIC_0000040 ... ISIC_0000045
+    for i in range(40, 46):
+        for folder, suffix in (("ISIC2018_Task1-2_Training_Input", ".jpg"),
+                               ("ISIC2018_Task1_Training_GroundTruth", "_segmentation.png")):
+            name = f"ISIC_{i:07d}{suffix}"
+            (root / folder / name).write_bytes((tmp_path / "more" / folder / name).read_bytes())
+    assert scored() == sorted(stored["test"])  # the same images, none of the new ones
+
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(root, tmp_path, "--epochs", "2", "--name", "run", "--resume", "auto"))
+    assert exit_info.value.code == 1
+    assert "no longer gives the split this run started with" in capsys.readouterr().err
+
+    gone = stored["test"][0]
+    (root / "ISIC2018_Task1-2_Training_Input" / f"{gone}.jpg").unlink()
+    with pytest.raises(SystemExit) as exit_info:
+        predict.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--device", "cpu"])
+    assert exit_info.value.code == 2
+    assert gone in capsys.readouterr().err
 

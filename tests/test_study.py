@@ -1,0 +1,62 @@
+"""study.py: the recipe study's run list, its table, the official scorer's cross-check and the figure."""
+
+import csv
+import shutil
+
+import pytest
+
+import study
+from conftest import write_isic_folder
+
+
+def test_run_flags_lay_over_the_budget():
+    assert study.flags_of("short", "default") == ["--image-size", "128", "--epochs", "6", "--batch-size", "16"]
+    flags = study.flags_of("short", "batch-8")
+    assert flags[flags.index("--batch-size") + 1] == "8" and flags.count("--batch-size") == 1
+    flags = study.flags_of("long", "dynunet")
+    assert flags[flags.index("--arch") + 1] == "dynunet" and flags[flags.index("--epochs") + 1] == "15"
+    for name in study.RUNS:  # every run is a valid train.py command
+        import train
+        config, _, _ = train.utils.parse_config(train.TrainConfig, study.flags_of("short", name), "", train.GROUPS,
+                                                train.CHOICES)
+        assert not train.check_config(config), name
+
+
+def test_time_to_reach_and_speed_against_the_baseline(tmp_path):
+    curves = tmp_path / "curves"
+    curves.mkdir()
+    for name, dice in (("dynunet", [0.6, 0.7, 0.8]), ("default", [0.75, 0.82, 0.85])):
+        with open(curves / f"short-{name}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["epoch", "val_dice", "seconds"])
+            writer.writeheader()
+            writer.writerows({"epoch": i + 1, "val_dice": d, "seconds": 60} for i, d in enumerate(dice))
+    rows = [{"budget": "short", "name": "dynunet"}, {"budget": "short", "name": "default"}]
+    assert study.time_to_reach(study.read_rows(curves / "short-default.csv"), 0.8) == pytest.approx(2.0)
+    assert study.time_to_reach(study.read_rows(curves / "short-default.csv"), 0.9) is None
+    assert study.speed_against_baseline(rows, curves, "short") == [("default", pytest.approx(2.0), pytest.approx(2 / 3))]
+
+
+@pytest.mark.slow
+def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
+    root = write_isic_folder(tmp_path / "isic", n=24)
+    monkeypatch.chdir(tmp_path)
+    results = tmp_path / "results" / "recipes.csv"
+    tiny = "--image-size 32 --base-channels 4 --batch-size 4 --epochs 1 --device cpu --val-fraction 0.25 --test-fraction 0.25"
+    study.main(["--data-dir", str(root), "--budget", "screen", "--only", "default", "dynunet", "--results", str(results),
+                "--out-dir", str(tmp_path / "runs"), "--figure", str(tmp_path / "fig.png"), "--train-flags", tiny])
+    rows = study.read_rows(results)
+    assert [r["name"] for r in rows] == ["default", "dynunet"]
+    for row in rows:
+        assert 0 <= float(row["test_dice"]) <= 1 and 0 <= float(row["val_dice"]) <= 1
+        assert float(row["train_minutes"]) > 0 and row["machine"] and row["date"]
+        if shutil.which("isic-challenge-scoring"):  # the challenge's scorer agrees with predict.py's metrics
+            assert float(row["official_test_dice"]) == pytest.approx(float(row["test_dice"]), abs=1e-4)
+            assert float(row["official_test_threshold_jaccard"]) == pytest.approx(
+                float(row["test_threshold_jaccard"]), abs=1e-4)
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    assert (tmp_path / "results" / "curves" / "screen-default.csv").is_file()
+    assert "| screen | `dynunet` |" in (tmp_path / "results" / "recipes.md").read_text()
+    # a second call skips the runs already in the table
+    study.main(["--data-dir", str(root), "--budget", "screen", "--only", "default", "--results", str(results),
+                "--out-dir", str(tmp_path / "runs"), "--figure", str(tmp_path / "fig.png"), "--train-flags", tiny])
+    assert len(study.read_rows(results)) == 2
