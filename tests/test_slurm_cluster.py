@@ -30,9 +30,10 @@ EPOCHS = 4
 # Each optimizer step of a first attempt sleeps this long (tests/slurm_site/sitecustomize.py): a
 # 33-step epoch takes ~7 s, so a signal sent on a progress line lands mid-epoch.
 STEP_SLEEP = "0.2"
-# The time-limit job: SLURM warns 15-45 s after the start (it checks limits every 30 s), inside its
-# first epoch of 33 steps x 1.5 s.
-TIME_LIMIT_EPOCHS, TIME_LIMIT_SLEEP = 2, "1.5"
+# The time-limit job: slurmctld checks limits every 30 s and warns at the first check within lead time
+# + 30 s of the end (send_job_warn_signal in src/slurmctld/job_mgr.c), so a one-minute limit with a
+# 15 s lead is warned 15-45 s after the start: inside the first epoch, 33 steps x 1.5 s.
+TIME_LIMIT_EPOCHS, TIME_LIMIT_SLEEP, TIME_LIMIT_SIGNAL = 2, "1.5", "--signal=B:USR1@15"
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
 
@@ -157,10 +158,12 @@ def jobs(cluster, tmp_path_factory):
     of the way of the others' start-up; they run at full speed."""
     slurm = Cluster(tmp_path_factory.mktemp("slurm"))
     try:
-        # First and alone, so that its signal handler is in place well before SLURM's warning can come.
+        # First and alone, so that its signal handler is in place (a few seconds) before the warning.
         limited = slurm.submit("train.sh", "time-limit", *slurm.flags("time-limit", TIME_LIMIT_EPOCHS),
-                               sbatch=["--time=1", "--signal=B:USR1@45"], env={"STEP_SLEEP": TIME_LIMIT_SLEEP})
-        wait_for(lambda: "run folder /" in limited.text(), 120, f"job {limited.spec} to start training")
+                               sbatch=["--time=1", TIME_LIMIT_SIGNAL], env={"STEP_SLEEP": TIME_LIMIT_SLEEP})
+        started = wait_for(lambda: re.search(r"run folder /|got USR1", limited.text()), 120,
+                           f"job {limited.spec} to start training")
+        assert started.group(0) == "run folder /", f"warned before training began:\n{limited.text()}"
         sweep = slurm.tmp / "sweep.txt"
         sweep.write_text("--seed 0\n--seed 1\n")
         later = ["--begin=now+30"]
