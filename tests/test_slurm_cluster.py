@@ -74,14 +74,16 @@ def job_info(spec: str) -> dict:
     return dict(re.findall(r"(\S+?)=(\S*)", result.stdout.splitlines()[0]))
 
 
-def wait_for(condition, timeout: float, what: str):
+def wait_for(condition, timeout: float, what):
+    """Poll `condition` every second until it returns something true; `what` (text, or a function
+    giving it at the time of failure) says what was awaited."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = condition()
         if value:
             return value
         time.sleep(1)
-    raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what}")
+    raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what() if callable(what) else what}")
 
 
 class Job:
@@ -96,7 +98,7 @@ class Job:
 
     def finished(self, timeout: float = 420) -> dict:
         info = wait_for(lambda: (i := self.info()).get("JobState") in FINISHED and i, timeout,
-                        f"job {self.spec} to finish (log {self.log}:\n{self.text()[-3000:]})")
+                        lambda: f"job {self.spec} to finish (log {self.log}:\n{self.text()[-3000:]})")
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, self.text()[-3000:])
         return info
 
@@ -113,7 +115,7 @@ class Cluster:
                     "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
         self.submitted: list[str] = []
 
-    def submit(self, script: str, name: str, *args, sbatch=(), env=None, array: bool = False) -> Job:
+    def submit(self, script: str, name: str, *args, sbatch=(), env=None) -> Job:
         command = ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={self.tmp}", *sbatch,
                    str(ROOT / "slurm" / script), *map(str, args)]
         result = subprocess.run(command, cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True,
