@@ -454,15 +454,13 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
     The loss is summed on the device and read back only for the progress bar, so the step itself
     never waits for the GPU.
     """
-    from tqdm import tqdm
-
     model.train()
     steps = len(loader) if config.max_steps == 0 else min(len(loader), config.max_steps)
     total_loss = torch.tensor(loss_sum, device=device, dtype=torch.float64)
     seen = images_seen
     check_every = 1 if device.type == "cpu" else 25  # a finiteness check is a host sync on GPUs
-    bar = tqdm(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-               disable=not (config.progress and utils.is_main_process()), dynamic_ncols=True, unit="step")
+    bar = utils.Progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+                         enabled=config.progress and utils.is_main_process())
     started, timed_images = time.perf_counter(), 0
     step = start_step
     stopped = False

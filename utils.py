@@ -11,14 +11,17 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import datetime
 import difflib
 import inspect
 import json
+import math
 import os
 import pickle
 import platform
 import random
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +37,7 @@ from losses import METRIC_NAMES, MetricAverager, SegmentationLoss, dice_loss, se
 __all__ = [
     "METRIC_NAMES", "MetricAverager", "SegmentationLoss", "dice_loss", "segmentation_metrics",
     "seed_everything", "select_device", "available_devices", "tune_glibc_malloc",
-    "get_rank", "is_main_process", "print0",
+    "get_rank", "is_main_process", "print0", "Progress",
     "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
     "rng_state", "set_rng_state",
     "DistInfo", "init_distributed", "cleanup_distributed",
@@ -130,6 +133,57 @@ def print0(*args, **kwargs) -> None:
     """print() on rank 0 only, so a multi-GPU run prints each line once."""
     if is_main_process():
         print(*args, **kwargs, flush=True)
+
+
+class Progress:
+    """A progress bar over `total` steps: tqdm when stderr (where tqdm draws) is a terminal; otherwise,
+    as in a SLURM job log, a plain line on stdout at each quarter and at least every `interval` seconds,
+    because tqdm's carriage-return redraws make a log file unreadable. It offers the part of tqdm's
+    interface the training loop uses: n, set_postfix, update, close.
+    """
+
+    def __init__(self, total: int, initial: int = 0, desc: str = "", enabled: bool = True, interval: float = 30.0,
+                 terminal: bool | None = None, stream=None, clock=time.monotonic):
+        self.total, self.n, self.desc, self.interval = total, initial, desc, interval
+        self.enabled, self.stream, self.clock = enabled, stream, clock
+        self.postfix: dict[str, str] = {}
+        self._bar = None
+        if enabled and (sys.stderr.isatty() if terminal is None else terminal):
+            from tqdm import tqdm
+            self._bar = tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, unit="step")
+        self._initial = initial
+        self._started = self._last_line = clock()
+        self._quarters = [math.ceil(total * k / 4) for k in (1, 2, 3)]
+
+    def set_postfix(self, **values) -> None:
+        self.postfix = {k: str(v) for k, v in values.items()}
+        if self._bar is not None:
+            self._bar.set_postfix(values)
+
+    def update(self, steps: int = 1) -> None:
+        before, self.n = self.n, self.n + steps
+        if self._bar is not None:
+            self._bar.update(steps)
+            return
+        if not self.enabled or self.n >= self.total:  # the epoch's summary line follows the last step
+            return
+        now = self.clock()
+        if any(before < mark <= self.n for mark in self._quarters) or now - self._last_line >= self.interval:
+            self._last_line = now
+            print(self.line(now), file=self.stream or sys.stdout, flush=True)
+
+    def line(self, now: float) -> str:
+        """'epoch 2/8  step 15/30 (50%)  loss 0.4123  img_s 3.2  ETA 0:00:04'; the rate counts only the
+        steps of this process, so a resumed epoch's ETA is not thrown off by the steps done before it."""
+        rate = (self.n - self._initial) / max(now - self._started, 1e-9)
+        eta = time.strftime("%H:%M:%S", time.gmtime((self.total - self.n) / rate)) if rate > 0 else "?"
+        parts = [self.desc, f"step {self.n}/{self.total} ({100 * self.n // max(self.total, 1)}%)",
+                 *(f"{k} {v}" for k, v in self.postfix.items()), f"ETA {eta}"]
+        return "  ".join(part for part in parts if part)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 # --- checkpoints --------------------------------------------------------------------------------
@@ -338,10 +392,23 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     return info
 
 
-def cleanup_distributed() -> None:
-    """Leave the process group (if any), so the process exits without NCCL warnings."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+def cleanup_distributed(barrier_timeout: float = 600.0) -> None:
+    """Leave the process group (if any), so the process exits without NCCL warnings.
+
+    Under gloo the ranks first meet at a barrier: a gloo worker thread may still hold the last
+    collective's tensors and need the GIL to free them, and a rank that went straight on to exit
+    would finalise Python under it and abort ("terminate called without an active exception", seen
+    in 2-process CPU runs under SLURM). The barrier releases the GIL while it waits; its timeout
+    bounds the wait when another rank failed and never arrives.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() == "gloo":
+        try:
+            torch.distributed.monitored_barrier(timeout=datetime.timedelta(seconds=barrier_timeout))
+        except RuntimeError:
+            pass  # a rank that failed; leave anyway
+    torch.distributed.destroy_process_group()
 
 
 # Configuration: argparse generated from a dataclass, with an optional JSON/YAML file.

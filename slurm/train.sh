@@ -2,6 +2,8 @@
 # Train on one GPU of a SLURM cluster (set up for UQ's Rangpur). From the repository root:
 #   mkdir -p logs && sbatch slurm/train.sh [train.py flags, e.g. --data-dir data/ISIC2018 --epochs 100]
 # Before the time limit SLURM sends USR1; the run saves last.pt, the job is requeued and resumes.
+# A sweep, one run folder per array task (see SWEEP in slurm/common.sh):
+#   SWEEP=seeds.txt sbatch --array=1-3 --output=logs/%x-%A_%a.out slurm/train.sh [train.py flags]
 #
 # Adjust the lines below for your cluster. Rangpur partitions: a100 (default), vgpu, p100, comp3710.
 #SBATCH --job-name=improved-unet
@@ -11,6 +13,7 @@
 #SBATCH --mem=32G
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 set -euo pipefail
@@ -20,11 +23,11 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source slurm/common.sh
 activate_python_env
 
-# The job id survives a requeue, so the requeued job finds its own run folder and resumes it.
-RUN_NAME="${RUN_NAME:-${SLURM_JOB_NAME:-improved-unet}-${SLURM_JOB_ID:-local}}"
-echo "$(date +%T) job ${SLURM_JOB_ID:-local} on $(hostname): run folder runs/$RUN_NAME"
+RUN_NAME="${RUN_NAME:-$(default_run_name improved-unet)}"
+array_task_flags
+job_banner "run folder runs/$RUN_NAME ${TASK_FLAGS[*]}"
 
 status=0
-run_forwarding_signals python train.py --resume auto --name "$RUN_NAME" "$@" || status=$?
-requeue_if_signalled
+run_forwarding_signals python train.py --resume auto --name "$RUN_NAME" "$@" "${TASK_FLAGS[@]}" || status=$?
+requeue_if_signalled "$status"
 exit "$status"

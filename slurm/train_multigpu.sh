@@ -13,6 +13,7 @@
 #SBATCH --mem=64G
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@120
 #SBATCH --requeue
 set -euo pipefail
@@ -22,7 +23,8 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source slurm/common.sh
 activate_python_env
 
-RUN_NAME="${RUN_NAME:-${SLURM_JOB_NAME:-improved-unet-ddp}-${SLURM_JOB_ID:-local}}"
+RUN_NAME="${RUN_NAME:-$(default_run_name improved-unet-ddp)}"
+array_task_flags
 NNODES="${SLURM_NNODES:-1}"
 # GPUs per node: SLURM's count, else what the node shows; NPROC_PER_NODE overrides (e.g. CPU tests).
 NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}}"
@@ -36,17 +38,28 @@ else
     MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 fi
 MASTER_PORT="${MASTER_PORT:-29500}"
-echo "$(date +%T) job ${SLURM_JOB_ID:-local}: $NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous" \
-     "$MASTER_ADDR:$MASTER_PORT, run folder runs/$RUN_NAME"
+job_banner "$NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT," \
+           "run folder runs/$RUN_NAME ${TASK_FLAGS[*]}"
 
-launch=(torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv_id="${SLURM_JOB_ID:-local}"
+# torchrun dies of USR1 unless told to handle it; told, it passes the signal to every rank and waits
+# for them to save (up to the shutdown timeout), so last.pt is complete before srun ends the step.
+torchrun=(torchrun)
+if [[ "$(torchrun --help 2>/dev/null)" == *--signals-to-handle* ]]; then
+    torchrun+=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout=100)
+else
+    echo "warning: this torchrun cannot forward USR1 (PyTorch too old); a warned job may not save" >&2
+fi
+launch=("${torchrun[@]}" --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv_id="${SLURM_JOB_ID:-local}"
         --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
-        train.py --resume auto --name "$RUN_NAME" "$@")
+        train.py --resume auto --name "$RUN_NAME" "$@" "${TASK_FLAGS[@]}")
 if command -v srun >/dev/null 2>&1 && [[ -n "${SLURM_JOB_ID:-}" ]]; then
     launch=(srun --kill-on-bad-exit=1 "${launch[@]}")
 fi
 
 status=0
 run_forwarding_signals "${launch[@]}" || status=$?
-requeue_if_signalled
+if [[ "$SIGNALLED" == 1 ]]; then
+    echo "(torchrun reports the signal it passed on to the ranks as a SignalException: expected)"
+fi
+requeue_if_signalled "$status"
 exit "$status"

@@ -73,6 +73,24 @@ def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
     utils.cleanup_distributed()  # nothing to leave: must not raise
 
 
+def test_cleanup_distributed_meets_the_other_ranks_then_leaves(tmp_path, monkeypatch):
+    """Under gloo a barrier comes first (a rank must not finalise Python while a gloo thread still
+    frees its last collective's tensors); a rank that never arrives only delays the leaving."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    utils.cleanup_distributed()
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
+    calls = []
+
+    def absent_peer(timeout):
+        calls.append(timeout.total_seconds())
+        raise RuntimeError("rank 1 failed to pass monitoredBarrier")
+
+    monkeypatch.setattr(torch.distributed, "monitored_barrier", absent_peer)
+    utils.cleanup_distributed(barrier_timeout=5)
+    assert calls == [5] and not torch.distributed.is_initialized()
+
+
 def test_init_distributed_says_how_to_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
@@ -127,3 +145,58 @@ def test_tuned_malloc_reuses_freed_activations_without_page_faults():
     # measured over four steps: default 55,000-65,000 faults (one step alone dipped to 4,500), tuned 500-1,500
     assert faults["tuned"] < 4000, faults
     assert faults["default"] > max(10_000, 4 * faults["tuned"]), faults
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_progress_writes_plain_lines_at_quarters_and_intervals_when_not_a_terminal():
+    import io
+
+    out, clock = io.StringIO(), FakeClock()
+    bar = utils.Progress(total=100, desc="epoch 2/8", interval=30, terminal=False, stream=out, clock=clock)
+    for step in range(1, 101):
+        clock.now = step * 1.0  # one second per step
+        if step % 10 == 0:
+            bar.set_postfix(loss="0.5000", img_s="2.0")
+        bar.update(1)
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    # quarters at 25, 50, 75; the 30 s interval adds none between them; step 100 is left to the epoch summary
+    assert [line.split("  ")[1] for line in lines] == ["step 25/100 (25%)", "step 50/100 (50%)", "step 75/100 (75%)"]
+    assert lines[1] == "epoch 2/8  step 50/100 (50%)  loss 0.5000  img_s 2.0  ETA 00:00:50"
+
+
+def test_progress_interval_lines_and_resumed_eta():
+    import io
+
+    out, clock = io.StringIO(), FakeClock()
+    bar = utils.Progress(total=1000, initial=600, desc="e", interval=30, terminal=False, stream=out, clock=clock)
+    for step in range(601, 700):
+        clock.now = (step - 600) * 2.0  # two seconds per step, counted from the resumed step
+        bar.update(1)
+    steps = [line.split("  ")[1].split()[1] for line in out.getvalue().splitlines()]
+    assert steps == ["615/1000", "630/1000", "645/1000", "660/1000", "675/1000", "690/1000"]
+    assert out.getvalue().splitlines()[0].endswith("ETA 00:12:50")  # 385 steps left at 2 s
+
+
+def test_progress_is_silent_when_disabled_and_tqdm_in_a_terminal(capsys):
+    import io
+
+    out = io.StringIO()
+    quiet = utils.Progress(total=8, enabled=False, terminal=False, stream=out)
+    for _ in range(8):
+        quiet.update(1)
+    assert out.getvalue() == ""
+    bar = utils.Progress(total=8, desc="epoch 1/1", terminal=True)
+    assert bar._bar is not None and bar._bar.total == 8
+    bar.set_postfix(loss="0.1")
+    bar.update(8)
+    bar.close()
+    assert "epoch 1/1" in capsys.readouterr().err

@@ -1,0 +1,305 @@
+"""The job scripts submitted with sbatch to a real SLURM scheduler: the one-node test cluster that
+`sudo bash .ci/slurm_cluster.sh start` sets up. Skipped where no such cluster answers; with
+REQUIRE_SLURM=1 (CI sets it) a missing cluster fails instead.
+
+A requeued job may start again only two minutes after its requeue, so one fixture submits every job
+at once and each test then waits for its own: the two minutes are spent once, in parallel (about
+three minutes in all). There is no slurmdbd, hence no sacct: `scontrol show job` (finished jobs stay
+ten minutes) and the jobcomp/filetxt record, one line per attempt, are the scheduler's word.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import utils
+from conftest import write_isic_folder
+
+pytestmark = pytest.mark.slurm
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_NAME = "unet-test"  # as .ci/slurm_cluster.sh names it
+EPOCHS = 4
+# Each optimizer step of a first attempt sleeps this long (tests/slurm_site/sitecustomize.py): a
+# 33-step epoch takes ~7 s, so a signal sent on a progress line lands mid-epoch.
+STEP_SLEEP = "0.2"
+# The time-limit job: slurmctld checks limits every 30 s and warns at the first check within lead time
+# + 30 s of the end (send_job_warn_signal in src/slurmctld/job_mgr.c), so a one-minute limit with a
+# 15 s lead is warned 15-45 s after the start: inside the first epoch, 33 steps x 1.5 s.
+TIME_LIMIT_EPOCHS, TIME_LIMIT_SLEEP, TIME_LIMIT_SIGNAL = 2, "1.5", "--signal=B:USR1@15"
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+            "PREEMPTED"}
+
+
+def cluster_problem() -> str | None:
+    """Why the tests cannot run here, or None. They submit jobs, so only to the test cluster."""
+    if shutil.which("sbatch") is None:
+        return "sbatch is not installed (sudo bash .ci/slurm_cluster.sh start sets up a test cluster)"
+    try:
+        config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return "scontrol show config did not answer within 30 s"
+    if config.returncode != 0:
+        return f"no SLURM controller answers ({config.stderr.strip()}); sudo bash .ci/slurm_cluster.sh start"
+    name = re.search(r"^ClusterName\s*=\s*(\S+)", config.stdout, re.M)
+    if name is None or name.group(1) != CLUSTER_NAME:
+        return (f"the controller here runs cluster {name.group(1) if name else '?'}, not the test cluster "
+                f"'{CLUSTER_NAME}' of .ci/slurm_cluster.sh; these tests submit jobs, so they do not run here")
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = cluster_problem()
+    if problem is not None:
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(f"REQUIRE_SLURM=1 but {problem}")
+        pytest.skip(problem)
+    config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
+    return {"jobcomp": Path(re.search(r"^JobCompLoc\s*=\s*(\S+)", config, re.M).group(1))}
+
+
+def job_info(spec: str) -> dict:
+    """`scontrol show job` as a dict (JobState, Restarts, ExitCode, ...); {} once the job is forgotten."""
+    result = subprocess.run(["scontrol", "-o", "show", "job", spec], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0 or not result.stdout.strip():
+        return {}
+    return dict(re.findall(r"(\S+?)=(\S*)", result.stdout.splitlines()[0]))
+
+
+def wait_for(condition, timeout: float, what):
+    """Poll `condition` every second until it returns something true; `what` (text, or a function
+    giving it at the time of failure) says what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(1)
+    raise AssertionError(f"gave up after {timeout:.0f} s waiting for {what() if callable(what) else what}")
+
+
+class Job:
+    def __init__(self, spec: str, log: Path):
+        self.spec, self.log = spec, log
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def info(self) -> dict:
+        return job_info(self.spec)
+
+    def finished(self, timeout: float = 420) -> dict:
+        info = wait_for(lambda: (i := self.info()).get("JobState") in FINISHED and i, timeout,
+                        lambda: f"job {self.spec} to finish (log {self.log}:\n{self.text()[-3000:]})")
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, self.text()[-3000:])
+        return info
+
+
+class Cluster:
+    """Submits the project's scripts from the repository root; each job's working directory (and so
+    its log folder) is under tmp_path."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        (tmp / "logs").mkdir(parents=True)
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+                    "PYTHONPATH": str(ROOT / "tests" / "slurm_site"), "STEP_SLEEP": STEP_SLEEP,
+                    "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+        self.submitted: list[str] = []
+
+    def submit(self, script: str, name: str, *args, sbatch=(), env=None) -> Job:
+        command = ["sbatch", "--parsable", f"--job-name={name}", f"--chdir={self.tmp}", *sbatch,
+                   str(ROOT / "slurm" / script), *map(str, args)]
+        result = subprocess.run(command, cwd=ROOT, env={**self.env, **(env or {})}, capture_output=True, text=True,
+                                timeout=60)
+        assert result.returncode == 0, result.stderr
+        job_id = result.stdout.strip().split(";")[0]
+        self.submitted.append(job_id)
+        return Job(job_id, self.tmp / "logs" / f"{name}-{job_id}.out")
+
+    def data(self, name: str) -> Path:
+        """The same 48 generated images in a folder of the job's own (no two jobs write one cache)."""
+        return write_isic_folder(self.tmp / "data" / name, n=48)
+
+    def flags(self, name: str, epochs: int = EPOCHS) -> list[str]:
+        return ["--data-dir", self.data(name), "--out-dir", self.tmp / "runs", "--image-size", "32",
+                "--base-channels", "4", "--batch-size", "1", "--epochs", str(epochs), "--device", "cpu",
+                "--num-preview", "1", "--val-fraction", "0.25", "--test-fraction", "0.125"]
+
+    def cancel_all(self) -> None:
+        if self.submitted:
+            subprocess.run(["scancel", *self.submitted], capture_output=True, timeout=60)
+
+
+def signal_mid_epoch(jobs: list[Job], timeout: float = 240) -> None:
+    """scancel --signal=USR1 --batch (what SLURM does before a time limit, sent by hand) to each job as
+    soon as its log shows a progress line inside epoch 2."""
+    waiting = list(jobs)
+
+    def send_ready():
+        for job in list(waiting):
+            if re.search(rf"^epoch 2/{EPOCHS}  step \d+/", job.text(), re.M):
+                subprocess.run(["scancel", "--signal=USR1", "--batch", job.spec], check=True, timeout=60)
+                waiting.remove(job)
+        return not waiting
+
+    wait_for(send_ready, timeout, f"epoch 2 in the logs of {[job.spec for job in waiting]}")
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, tmp_path_factory):
+    """Every job of this module, submitted at once. The uninterrupted references start 30 s later, out
+    of the way of the others' start-up; they run at full speed."""
+    slurm = Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        # First and alone, so that its signal handler is in place (a few seconds) before the warning.
+        limited = slurm.submit("train.sh", "time-limit", *slurm.flags("time-limit", TIME_LIMIT_EPOCHS),
+                               sbatch=["--time=1", TIME_LIMIT_SIGNAL], env={"STEP_SLEEP": TIME_LIMIT_SLEEP})
+        started = wait_for(lambda: re.search(r"run folder /|got USR1", limited.text()), 120,
+                           f"job {limited.spec} to start training")
+        assert started.group(0) == "run folder /", f"warned before training began:\n{limited.text()}"
+        sweep = slurm.tmp / "sweep.txt"
+        sweep.write_text("--seed 0\n--seed 1\n")
+        later = ["--begin=now+30"]
+        full_speed = {"STEP_SLEEP": ""}
+        submitted = {
+            "time_limit": limited,
+            "usr1": slurm.submit("train.sh", "usr1", *slurm.flags("usr1")),
+            "ddp_usr1": slurm.submit("train_multigpu.sh", "ddp-usr1", *slurm.flags("ddp-usr1"),
+                                     env={"MASTER_PORT": "29632"}),
+            "sweep": slurm.submit("train.sh", "sweep", *slurm.flags("sweep"), env={"SWEEP": str(sweep)},
+                                  sbatch=["--array=1-2", "--output=logs/%x-%A_%a.out"]),
+            "reference": slurm.submit("train.sh", "reference", *slurm.flags("reference"), sbatch=later,
+                                      env=full_speed),
+            "reference_2": slurm.submit("train.sh", "reference-2", *slurm.flags("reference-2", TIME_LIMIT_EPOCHS),
+                                        sbatch=later, env=full_speed),
+            "ddp_reference": slurm.submit("train_multigpu.sh", "ddp-reference", *slurm.flags("ddp-reference"),
+                                          sbatch=later, env={**full_speed, "MASTER_PORT": "29631"}),
+        }
+        reference_id = submitted["reference"].spec
+        submitted["predict"] = slurm.submit(
+            "predict.sh", "predict", "--checkpoint", slurm.tmp / "runs" / f"reference-{reference_id}" / "best.pt",
+            "--input", slurm.tmp / "data" / "reference" / "ISIC2018_Task1-2_Training_Input",
+            "--masks", slurm.tmp / "data" / "reference" / "ISIC2018_Task1_Training_GroundTruth",
+            "--output", slurm.tmp / "predictions", "--device", "cpu", sbatch=[f"--dependency=afterok:{reference_id}"])
+        array_id = submitted.pop("sweep").spec
+        for task in (1, 2):
+            submitted[f"sweep_{task}"] = Job(f"{array_id}_{task}", slurm.tmp / "logs" / f"sweep-{array_id}_{task}.out")
+        signal_mid_epoch([submitted["usr1"], submitted["ddp_usr1"], submitted["sweep_2"]])
+        # The resumed attempt keeps the job's one-minute limit and could be warned again; a real job's
+        # limit is hours. Raise it while the job waits in the queue after its requeue.
+        wait_for(lambda: limited.info().get("Restarts") == "1", 240, f"job {limited.spec} to be requeued")
+        subprocess.run(["scontrol", "update", f"JobId={limited.spec}", "TimeLimit=10"], check=True, timeout=60)
+        yield {"tmp": slurm.tmp, "jobcomp": cluster["jobcomp"], **submitted}
+    finally:
+        slurm.cancel_all()
+
+
+def run_dir(jobs, job: Job, name: str) -> Path:
+    return jobs["tmp"] / "runs" / f"{name}-{job.spec}"
+
+
+def epochs_in_metrics(folder: Path) -> list[int]:
+    rows = (folder / "metrics.csv").read_text().splitlines()[1:]
+    return [int(row.split(",")[0]) for row in rows]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = utils.load_checkpoint(a)["model"], utils.load_checkpoint(b)["model"]
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def assert_readable(log: str) -> None:
+    """Plain lines: no carriage returns, progress and per-epoch summary lines."""
+    assert "\r" not in log
+    assert re.search(rf"^epoch 1/{EPOCHS}  step \d+/\d+ \(\d+%\)  loss [\d.]+  img_s [\d.]+  ETA \d\d:\d\d:\d\d$",
+                     log, re.M), log
+    assert re.search(rf"^epoch +{EPOCHS}/{EPOCHS}  loss [\d.]+  val Dice", log, re.M), log
+
+
+def assert_resumed_mid_epoch(jobs, job: Job, info: dict, name: str, reference: Job, reference_name: str,
+                             epochs: int = EPOCHS) -> str:
+    """The job requeued itself once, kept its id, stopped mid-epoch, resumed, trained each epoch
+    once and ended with the weights of the uninterrupted reference."""
+    log = job.text()
+    assert info["Restarts"] == "1", (info, log)
+    assert "attempt 1 on" in log and "attempt 2 on" in log, log  # the log keeps every attempt
+    assert "got USR1" in log and f"requeueing job {info['JobId']}" in log, log
+    stopped = re.search(r"stopped by SIGUSR1 at epoch (\d+), step (\d+)", log)
+    assert stopped and int(stopped.group(2)) > 0, log  # last.pt was written mid-epoch
+    assert re.search(r"resuming from \S+last\.pt", log), log
+    folder = run_dir(jobs, job, name)
+    assert epochs_in_metrics(folder) == list(range(1, epochs + 1))
+    reference.finished()
+    assert same_weights(folder / "last.pt", run_dir(jobs, reference, reference_name) / "last.pt")
+    return log
+
+
+def test_train_script_trains_a_tiny_run_to_the_end(jobs):
+    job = jobs["reference"]
+    info = job.finished()
+    assert info["Restarts"] == "0"
+    folder = run_dir(jobs, job, "reference")
+    assert epochs_in_metrics(folder) == list(range(1, EPOCHS + 1))
+    assert (folder / "best.pt").is_file() and (folder / "summary.json").is_file()
+    assert_readable(job.text())
+
+
+def test_usr1_mid_epoch_requeues_resumes_and_matches_an_uninterrupted_run(jobs):
+    job = jobs["usr1"]
+    info = job.finished()
+    log = assert_resumed_mid_epoch(jobs, job, info, "usr1", jobs["reference"], "reference")
+    assert_readable(log)
+    # the scheduler's record: the first attempt ended in the queue again, the second completed
+    records = [line for line in jobs["jobcomp"].read_text().splitlines() if line.startswith(f"JobId={job.spec} ")]
+    assert [re.search(r"JobState=(\S+)", line).group(1) for line in records] == ["PENDING", "COMPLETED"], records
+
+
+def test_time_limit_warning_requeues_resumes_and_matches_an_uninterrupted_run(jobs):
+    job = jobs["time_limit"]
+    info = job.finished()
+    log = assert_resumed_mid_epoch(jobs, job, info, "time-limit", jobs["reference_2"], "reference-2",
+                                   TIME_LIMIT_EPOCHS)
+    assert "TIME LIMIT" not in log  # warned in time, never killed at the limit
+
+
+def test_multigpu_script_two_processes_save_on_usr1_and_resume(jobs):
+    job = jobs["ddp_usr1"]
+    info = job.finished()
+    log = assert_resumed_mid_epoch(jobs, job, info, "ddp-usr1", jobs["ddp_reference"], "ddp-reference")
+    assert "1 node(s) x 2 process(es)" in log
+    # torchrun passed the signal on and waited for the ranks, instead of dying of it under srun
+    assert "User defined signal 1" not in log and "closing signal SIGUSR1" in log, log
+
+
+def test_predict_script_writes_masks_and_metrics(jobs):
+    jobs["predict"].finished()
+    out = jobs["tmp"] / "predictions"
+    assert len(list(out.glob("*_segmentation.png"))) == 48
+    assert (out / "metrics.json").is_file()
+
+
+def test_array_tasks_are_sweep_runs_that_resume(jobs):
+    first, second = jobs["sweep_1"], jobs["sweep_2"]
+    array_id = first.spec.split("_")[0]
+    assert first.finished()["Restarts"] == "0"
+    second_info = second.finished()
+    folders = [jobs["tmp"] / "runs" / f"sweep-{array_id}_{task}" for task in (1, 2)]
+    for folder, seed in zip(folders, (0, 1)):
+        assert utils.load_checkpoint(folder / "last.pt")["train_config"]["seed"] == seed
+        assert epochs_in_metrics(folder) == list(range(1, EPOCHS + 1))
+    log = second.text()
+    assert second_info["Restarts"] == "1" and "attempt 2 on" in log and "got USR1" in log, log
+    assert f"requeueing job {array_id}_2;" in log, log  # only this task: `scontrol requeue <array id>` is all
+    reference = run_dir(jobs, jobs["reference"], "reference") / "last.pt"
+    jobs["reference"].finished()
+    assert same_weights(folders[0] / "last.pt", reference)  # seed 0 is the reference's seed
+    assert not same_weights(folders[1] / "last.pt", reference)
