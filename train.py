@@ -87,7 +87,7 @@ class TrainConfig:
     resume: str | None = None  # "auto" (this run's last.pt, if any) or a checkpoint path
     config: str | None = None  # JSON or YAML file of these settings; flags override it
     num_preview: int = 4  # validation images shown in predictions.png and wandb
-    progress: bool = True  # tqdm progress bars
+    progress: bool = True  # progress display: tqdm in a terminal, a plain line every 30 s or quarter epoch in a job log
     # --- wandb ---
     wandb: Literal["online", "offline", "disabled"] | None = None  # online, offline or disabled; default: WANDB_MODE, else online with an API key, else offline
     wandb_project: str = "improved-unet-isic"  # wandb project
