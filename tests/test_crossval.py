@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,13 @@ def test_ensemble_of_different_image_sizes_is_refused(three_folds, tmp_path, cap
                       "--output", str(tmp_path / "o"), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert "48px" in capsys.readouterr().err
+
+
+def test_the_fold_sweep_file_gives_each_fold_once_as_valid_train_flags():
+    lines = (Path(__file__).resolve().parents[1] / "slurm" / "folds5.txt").read_text().splitlines()
+    folds = []
+    for line in lines:
+        config, _, _ = utils.parse_config(train.TrainConfig, line.split(), "", train.GROUPS, train.CHOICES)
+        assert not train.check_config(config) and config.folds == 5
+        folds.append(config.fold)
+    assert folds == [0, 1, 2, 3, 4]
