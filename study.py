@@ -268,9 +268,11 @@ def report(args) -> None:
     table = markdown_table(rows)
     lines = [table, ""]
     for budget in BUDGETS:
+        load = {r["name"]: r.get("other_cpu") for r in rows if r["budget"] == budget}
         for name, minutes, ratio in speed_against_baseline(rows, curves, budget):
             lines.append(f"- {budget}: `{name}` reaches {BASELINE}'s final validation Dice after {minutes:.1f} "
-                         f"training minutes, {ratio:.2f}x {BASELINE}'s time")
+                         f"training minutes, {ratio:.2f}x {BASELINE}'s time (other processes took "
+                         f"{load.get(name) or '?'} and {load.get(BASELINE) or '?'} of the CPU during the two runs)")
     text = "\n".join(lines) + "\n"
     Path(args.results).with_suffix(".md").write_text(text)
     plot_time_to_dice(rows, curves, Path(args.figure))

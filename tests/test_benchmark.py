@@ -135,6 +135,10 @@ def test_other_cpu_counts_a_competing_process_but_not_our_own_work():
     import time
 
     meter = utils.OtherCpu()
+    time.sleep(0.5)
+    if (meter.share() or 0) > 0.2:  # another program is busy here: the shares below would measure it too
+        pytest.skip("other processes are using the CPU; this check needs a quiet machine")
+    meter = utils.OtherCpu()
     end = time.monotonic() + 0.5
     while time.monotonic() < end:  # our own busy work is not "other"
         pass

@@ -70,3 +70,15 @@ def test_reliability_table_names_existing_tests():
         defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
     assert named, "README.md names no tests"
     assert named <= defined, f"README.md names tests that do not exist: {sorted(named - defined)}"
+
+
+def test_recipe_study_table_is_the_committed_results():
+    import study
+
+    table = re.search(r"<!-- recipes-table:start -->\n(.*?)\n<!-- recipes-table:end -->", README, flags=re.S)
+    assert table, "README.md lost its recipe-table markers"
+    rows = study.read_rows(ROOT / "results" / "recipes.csv")
+    assert rows, "results/recipes.csv is missing"
+    assert table.group(1).strip() == study.markdown_table(rows), \
+        "README.md's recipe table is stale: paste results/recipes.md (python study.py --report)"
+
