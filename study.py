@@ -243,7 +243,8 @@ def plot_time_to_dice(rows: list[dict], curves_dir: Path, path: Path) -> None:
             main = r["name"] in ("default", BASELINE, "paper")
             ax.plot(minutes, [float(c["val_dice"]) for c in curve], marker="o", markersize=3,
                     linewidth=2.2 if main else 1.0, alpha=1.0 if main else 0.6,
-                    linestyle="--" if r["name"] == BASELINE else "-", label=r["name"])
+                    linestyle="--" if r["name"] == BASELINE else "-",
+                    label=f"{r['name']} (other CPU {float(r['other_cpu']):.0%})" if r.get("other_cpu") else r["name"])
         ax.set_title(f"{budget} budget ({' '.join(BUDGETS[budget])})", fontsize=9)
         ax.set_xlabel(f"training minutes ({rows[0].get('machine', '')})", fontsize=8)
         ax.set_ylabel("validation Dice")
