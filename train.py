@@ -10,7 +10,6 @@ predictions.png, last.pt and best.pt. `--resume auto` continues a run from its l
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
@@ -258,15 +257,6 @@ def _pid_alive(pid: int) -> bool:
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_jaccard", "val_threshold_jaccard",
                   "val_accuracy", "val_sensitivity", "val_specificity", "lr", "images_per_s", "seconds"]
-
-
-def write_metrics_csv(path: Path, history: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, value) -> None:
@@ -822,7 +812,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                 save(run_dir / "last.pt", epoch + 1)
                 if improved:
                     save(run_dir / "best.pt", epoch + 1)
-                write_metrics_csv(run_dir / "metrics.csv", progress.history)
+                utils.write_csv(run_dir / "metrics.csv", progress.history, METRIC_COLUMNS)
                 plot_curves(progress.history, run_dir / "curves.png")
                 utils.print0(f"epoch {epoch + 1:>3}/{config.epochs}  loss {row['train_loss']:.4f}  "
                              f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "

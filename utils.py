@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import csv
 import ctypes
 import dataclasses
 import datetime
@@ -426,6 +427,17 @@ def field_help(cls) -> dict[str, str]:
         if match:
             helps[match.group(1)] = match.group(2).strip()
     return helps
+
+
+def write_csv(path, rows: list[dict], columns: list[str]) -> None:
+    """Write rows as CSV atomically (a temporary file, then os.replace): a reader never sees half a table."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def field_groups(cls) -> dict[str, list[str]]:

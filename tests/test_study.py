@@ -48,7 +48,10 @@ def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
     assert [r["name"] for r in rows] == ["default", "dynunet"]
     for row in rows:
         assert 0 <= float(row["test_dice"]) <= 1 and 0 <= float(row["val_dice"]) <= 1
-        assert float(row["train_minutes"]) > 0 and row["machine"] and row["date"]
+        curve = study.read_rows(tmp_path / "results" / "curves" / f"screen-{row['name']}.csv")
+        seconds = sum(float(c["seconds"]) for c in curve)
+        assert seconds > 0 and float(row["train_minutes"]) == pytest.approx(seconds / 60, abs=0.006)
+        assert row["machine"] and row["date"]
         if shutil.which("isic-challenge-scoring"):  # the challenge's scorer agrees with predict.py's metrics
             assert float(row["official_test_dice"]) == pytest.approx(float(row["test_dice"]), abs=1e-4)
             assert float(row["official_test_threshold_jaccard"]) == pytest.approx(
