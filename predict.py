@@ -187,13 +187,12 @@ def load_ensemble(paths: list[Path], device: torch.device) -> LoadedModel:
         if other.image_size != first.image_size:
             raise PredictError(f"{other.path} was trained at {other.image_size}px and {first.path} at "
                                f"{first.image_size}px; an ensemble needs one input size: pass checkpoints of one size")
-        if other.num_classes != first.num_classes:
-            raise PredictError(f"{other.path} predicts {other.num_classes} classes and {first.path} "
-                               f"{first.num_classes}; an ensemble needs one output")
         if other.splits is None or first.splits is None or sorted(other.splits["test"]) != sorted(first.splits["test"]):
             first = dataclasses.replace(first, mixed_test_splits=True)
-    if first.num_classes != 1:
-        raise PredictError("ensembles average one lesion probability: pass checkpoints with one output channel")
+    for member in members:
+        if member.num_classes != 1:
+            raise PredictError(f"{member.path} predicts {member.num_classes} classes; an ensemble averages one "
+                               f"lesion probability: pass checkpoints with one output channel")
     model = Ensemble(members).eval().to(device)
     return dataclasses.replace(first, model=model)
 
