@@ -27,6 +27,7 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
+import loader
 import modules
 import utils
 
@@ -50,6 +51,7 @@ class BenchConfig:
     tune_malloc: bool = True  # glibc keeps freed memory for reuse, as train.py does on CPU (Linux)
     breakdown: bool = False  # CPU: profile two training steps per model: time share and FLOP/s of the conv/matmul kernels
     data_images: int | None = None  # images in the synthetic cache timed through the loader (default 64; quick 32)
+    baseline_modules: str | None = None  # another version of modules.py, timed beside ours as model "ours-baseline"
     out: str = "runs/benchmark"  # folder for benchmark.json and benchmark.md
 
     def __post_init__(self):
@@ -71,10 +73,9 @@ class BenchConfig:
 # The models
 
 
-def _ours(norm: str, plain: bool = False, nchw: bool = False) -> Callable[[bool], nn.Module]:
-    def build(channels_last: bool) -> nn.Module:
-        config = modules.ModelConfig(norm=norm, channels_last=channels_last and not (plain or nchw))
-        model = modules.ImprovedUNet(config)
+def _ours(norm: str, plain: bool = False) -> Callable[[bool], nn.Module]:
+    def build(channels_last: bool) -> nn.Module:  # the variant converts weights and inputs to channels-last
+        model = modules.ImprovedUNet(modules.ModelConfig(norm=norm))
         return model.use_reference_formulation() if plain else model
     return build
 
@@ -103,6 +104,21 @@ def _smp_unet() -> nn.Module:
     return smp.Unet("resnet34", encoder_weights=None, in_channels=3, classes=1)
 
 
+def _baseline(path: str) -> Callable[[bool], nn.Module]:
+    """The default ImprovedUNet of another modules.py (e.g. `git show main:modules.py > /tmp/main_modules.py`), built
+    as that version builds it, so that a change of modules.py is timed against it in one interleaved run."""
+    import importlib.util
+    import sys
+
+    if not Path(path).is_file():
+        raise ValueError(f"--baseline-modules {path}: no such file")
+    spec = importlib.util.spec_from_file_location("baseline_modules", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return lambda channels_last: module.ImprovedUNet(module.ModelConfig())
+
+
 def _installed(module: str) -> bool:
     import importlib.util
     return importlib.util.find_spec(module) is not None
@@ -110,10 +126,9 @@ def _installed(module: str) -> bool:
 
 MODELS: dict[str, tuple[Callable[[bool], nn.Module], str, str]] = {
     # name: (builder taking channels_last, package it needs, description)
-    "ours-batch": (_ours("batch"), "", "Improved UNet, batch norm (this repository's default)"),
-    "ours-instance": (_ours("instance"), "", "Improved UNet, instance norm (the paper's)"),
+    "ours-batch": (_ours("batch"), "", "Improved UNet, batch norm"),
+    "ours-instance": (_ours("instance"), "", "Improved UNet, instance norm (the paper's and the default)"),
     "ours-plain": (_ours("batch", plain=True), "", "Improved UNet, batch norm, plain NCHW formulation"),
-    "ours-nchw": (_ours("batch", nchw=True), "", "Improved UNet, batch norm, fast formulation in NCHW"),
     "dynunet": (_peer(_dynunet), "monai",
                 "MONAI DynUNet like the paper: 16-256, residual, instance norm, deep supervision"),
     "basicunet": (_peer(_basicunet), "monai", "MONAI BasicUNet, default features (32, 32, 64, 128, 256, 32)"),
@@ -136,14 +151,15 @@ class Variant:
 
 
 def variants_for(model: str, device: torch.device, quick: bool) -> list[Variant]:
-    ours_cl = model in ("ours-batch", "ours-instance")  # channels-last is our model's default
     if device.type != "cuda":
-        return [Variant(channels_last=ours_cl)]  # peers as their users run them
+        # ours: NCHW as train.py trains on CPU, channels-last as predict.py infers; peers as their users run them
+        return [Variant(), Variant(channels_last=True)] if model in ("ours-batch", "ours-instance") else [Variant()]
     if model == "ours-batch":
         found = [Variant(), Variant(channels_last=True), Variant("bf16"), Variant("bf16", True)]
         return found + ([] if quick else [Variant("bf16", True, compile=True)])
     if model.startswith("ours"):
-        return [Variant(channels_last=ours_cl), Variant("bf16", ours_cl)]
+        cl = model != "ours-plain"  # channels-last is how train.py and predict.py run ours on CUDA
+        return [Variant(channels_last=cl), Variant("bf16", cl)]
     return [Variant(), Variant("bf16", True)]
 
 
@@ -362,14 +378,14 @@ def measure_data_pipeline(size: int, config: BenchConfig, device: torch.device) 
         images=rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
         masks=rng.integers(0, 2, (n, size, size), dtype=np.uint8),
     )
-    loader = dataset.make_loader(split, config.batch_size, (0.6, 0.5, 0.4), (0.2, 0.2, 0.2), device=device,
+    batches = loader.make_loader(split, config.batch_size, (0.6, 0.5, 0.4), (0.2, 0.2, 0.2), device=device,
                                  train=True, seed=0)
     per_image = []
     for epoch in range(config.warmup + config.repeats):
-        loader.set_epoch(epoch)
+        batches.set_epoch(epoch)
         synchronize(device)
         t, count = CLOCK(), 0
-        for images, _ in loader:
+        for images, _ in batches:
             count += len(images)
         synchronize(device)
         if epoch >= config.warmup:
@@ -385,6 +401,9 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
         torch.set_num_threads(config.threads)
     global CLOCK
     CLOCK = time.process_time if config.clock == "cpu" else time.perf_counter
+    if config.baseline_modules:
+        MODELS["ours-baseline"] = (_baseline(config.baseline_modules), "",
+                                   f"Improved UNet as {config.baseline_modules} builds it by default")
     names, skipped = choose_models(config)
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
@@ -622,11 +641,15 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                    help="CPU: profile two training steps per model and report the share of time in the convolution "
                         "and matmul kernels and their own FLOP/s (the ceiling of the step's FLOP/s)")
     p.add_argument("--data-images", type=int, default=None, help="cache size timed through the loader (default 64; quick 32)")
+    p.add_argument("--baseline-modules", default=None, metavar="FILE",
+                   help="another modules.py (e.g. git show main:modules.py > m.py), timed as model ours-baseline "
+                        "(name it in --models) in the same interleaved rounds")
     p.add_argument("--out", default=defaults.out, help="folder for benchmark.json and benchmark.md (default runs/benchmark)")
     a = p.parse_args(argv)
     return BenchConfig(device=a.device, quick=a.quick, sizes=a.sizes, batch_size=a.batch_size, models=a.models,
                        repeats=a.repeats, warmup=a.warmup, threads=a.threads, clock=a.clock, tune_malloc=a.tune_malloc,
-                       breakdown=a.breakdown, data_images=a.data_images, out=a.out)
+                       breakdown=a.breakdown, data_images=a.data_images, baseline_modules=a.baseline_modules,
+                       out=a.out)
 
 
 def main(argv: list[str] | None = None) -> dict:

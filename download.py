@@ -1,6 +1,6 @@
 """Download and extract the official ISIC 2018 Task 1 zips (urllib only).
 
-    python dataset.py download --root data/ISIC2018 --splits train val test
+    python download.py --root data/ISIC2018 --splits train val test
 
 Partial downloads resume with HTTP Range from <root>/downloads/<name>.zip.part; every zip is tested
 (zipfile.testzip) and extracted member by member, refusing paths that would land outside <root>.
@@ -8,9 +8,11 @@ Partial downloads resume with HTTP Range from <root>/downloads/<name>.zip.part; 
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import shutil
 import socket
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -166,3 +168,24 @@ def download_isic(root, splits: Sequence[str] = ("train", "val", "test"), *, bas
                                     "(or pass --no-check-counts for a partial copy)")
     log(f"download: {', '.join(splits)} ready in {root}")
     return root
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Download and extract the official ISIC 2018 Task 1 zips.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--root", default="data/ISIC2018", help="folder the zips are downloaded to and extracted in")
+    parser.add_argument("--splits", nargs="+", choices=list(ZIPS), default=list(ZIPS), help="which splits to fetch")
+    parser.add_argument("--base-url", default=BASE_URL, help="where the zips are served from")
+    parser.add_argument("--check-counts", action=argparse.BooleanOptionalAction, default=True,
+                        help="check the official image counts (2594 / 100 / 1000) after extraction")
+    parser.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
+    args = parser.parse_args(argv)
+    try:
+        download_isic(args.root, args.splits, base_url=args.base_url, retries=args.retries,
+                      expected_counts=EXPECTED_COUNTS if args.check_counts else None)
+    except DownloadError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

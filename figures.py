@@ -194,7 +194,7 @@ def synthetic_samples(data_dir: Path, n: int) -> list[dataset.Sample]:
     """The first n pairs of a synthetic set; refuses any other data so that no real image reaches a figure."""
     if not (data_dir / synthetic.MARKER).is_file():
         raise dataset.DataError(f"{data_dir} is not a synthetic set (no {synthetic.MARKER}); figures show synthetic "
-                                f"images only: pass a folder made by `python dataset.py synthetic --out DIR`")
+                                f"images only: pass a folder made by `python synthetic.py --out DIR`")
     samples = sorted((s for split in dataset.find_pairs(data_dir, log=lambda *a: None).values() for s in split
                       if s.mask is not None), key=lambda s: s.id)
     if len(samples) < n:
@@ -207,7 +207,7 @@ def draw_synthetic(samples: list[dataset.Sample], width: int = 360) -> Figure:
     cols = min(3, len(samples))
     rows = -(-len(samples) // cols)
     fig = Figure(figsize=(3.7 * cols, 3.0 * rows + 0.4), dpi=100)
-    fig.suptitle("Synthetic lesions (python dataset.py synthetic) with the ground-truth outline", fontsize=12)
+    fig.suptitle("Synthetic lesions (python synthetic.py) with the ground-truth outline", fontsize=12)
     for i, sample in enumerate(samples):
         image, mask = dataset.load_image(sample.image), dataset.load_mask(sample.mask)
         size = (width, round(width * image.shape[0] / image.shape[1]))
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
     arch.add_argument("--size", type=int, default=256, help="input height and width the sizes are given for")
     syn = sub.add_parser("synthetic", help="grid of synthetic lesions with their ground-truth outlines")
     syn.add_argument("--out", type=Path, default=Path("images/synthetic_examples.png"), help="PNG to write")
-    syn.add_argument("--data-dir", type=Path, default=Path(dataset.SYNTHETIC_DIR),
+    syn.add_argument("--data-dir", type=Path, default=Path(synthetic.SYNTHETIC_DIR),
                      help="synthetic set to draw from; when missing, a small set is generated in a temporary folder")
     syn.add_argument("-n", type=int, default=6, help="number of images in the grid")
     args = parser.parse_args(argv)
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             root = args.data_dir
             if not root.exists():
                 print(f"{root} does not exist: generating {args.n} synthetic images in a temporary folder")
-                root = dataset.make_synthetic(tmp, args.n, seed=0, log=lambda *a: None, num_workers=1)
+                root = synthetic.make_synthetic(tmp, args.n, seed=0, log=lambda *a: None, num_workers=1)
             fig = draw_synthetic(synthetic_samples(root, args.n))
     print(f"wrote {save_png(fig, args.out)}")
 

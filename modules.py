@@ -19,8 +19,8 @@ Deviations from the paper, and why:
 - 2D instead of 3D: ISIC images are 2D dermoscopy photographs.
 - Normalisation: `norm="instance"` (the default) is the paper's affine instance normalisation, built
   as an `nn.GroupNorm` with one channel per group: the same function with the same parameters as
-  `nn.InstanceNorm2d(affine=True)` (tested), with a fast channels-last forward kernel; `norm="batch"`
-  is offered for comparison (on real ISIC images it learns more slowly: README, recipe study).
+  `nn.InstanceNorm2d(affine=True)` (tested); `norm="batch"` is offered for comparison (on real ISIC
+  images it learns more slowly: README, recipe study).
 - Dropout is channel-wise (`Dropout2d`); the authors' code drops single activations. Dropping whole
   feature maps is the usual choice for convolutional features, whose neighbours are correlated.
 - Convolutions followed by a normalisation have no bias: the normalisation subtracts any constant
@@ -29,19 +29,17 @@ Deviations from the paper, and why:
   module and feeds its skip connection without it, and adds an extra 1x1 conv after the first
   upsampling. We follow the paper's text and figure, and take the deep-supervision outputs from the
   localisation modules' outputs as drawn in Figure 1 (the code taps the 3x3 conv before the 1x1).
-- Efficient but equivalent formulations (each compared with the plain one in tests/test_modules.py;
-  `model.use_reference_formulation()` switches back to the plain one):
-  * nearest x2 upsampling followed by a 3x3 conv is computed as one stride-2 transposed 4x4 conv
-    whose weight is derived from the same 3x3 weight: no upsampled tensor is materialised and the
-    conv does 16 instead of 36 multiply-adds per low-resolution pixel and channel pair;
-  * activations are channels-last (NHWC), which oneDNN and cuDNN convolve without reorders;
-  * LeakyReLU, dropout and the residual sum run in place where autograd does not need their input;
-  * 1x1 convs on channels-last input are one matmul over the pixels, so that their gradients stay
-    channels-last (mixing layouts makes every following element-wise kernel several times slower);
-  * on CPU, the backward of instance norm on channels-last tensors takes a few vectorised passes
-    (PyTorch's channels-last GroupNorm backward is about 7x slower with one channel per group), and
-    the weight gradient of large 3x3 convolutions is computed from NCHW copies, where oneDNN's
-    kernel is 2-3x faster than its channels-last one (same numbers, other kernel).
+- One efficient but equivalent formulation: nearest x2 upsampling followed by a 3x3 conv is computed
+  as one stride-2 transposed 4x4 conv whose weight is derived from the same 3x3 weight, so no
+  upsampled tensor is materialised and the conv does 16 instead of 36 multiply-adds per
+  low-resolution pixel and channel pair. Measured on a 2-core CPU (batch 8, instance norm), it buys
+  8-14% in training and 14-17% in inference at 128 and 256 px; it is compared with the literal form in
+  tests/test_modules.py, and `model.use_reference_formulation()` switches back to that form.
+  LeakyReLU, dropout and the residual sum run in place where autograd does not need their input.
+- The memory format is the caller's choice (`model.to(memory_format=torch.channels_last)`); the
+  activations follow the weights'. train.py trains channels-last on CUDA (cuDNN's bf16 kernels are
+  NHWC) and NCHW on CPU, where oneDNN's channels-last backward kernels are 14-15% slower; predict.py
+  infers channels-last everywhere (on CPU 3-8% faster than NCHW at 128-256 px).
 """
 
 from __future__ import annotations
@@ -56,10 +54,6 @@ import torch.nn.functional as F
 NORMS = ("batch", "instance")
 ARCHS = ("improved-unet", "dynunet")
 SIZE_MULTIPLE = 16  # four stride-2 convolutions halve the input four times
-# 3x3 convs with at least this many input channels and output pixels per image take the NCHW
-# weight-gradient path on CPU (below both, oneDNN's channels-last kernel is as fast or faster)
-NCHW_WEIGHT_GRAD_MIN_CHANNELS = 32
-NCHW_WEIGHT_GRAD_MIN_PIXELS = 64 * 64
 
 
 @dataclass
@@ -71,7 +65,6 @@ class ModelConfig:
     norm: str = "instance"  # "instance" (the paper's affine instance norm) or "batch"
     dropout: float = 0.3  # channel dropout inside every context module (paper: 0.3)
     negative_slope: float = 0.01  # LeakyReLU slope for negative inputs (paper: 1e-2)
-    channels_last: bool = True  # keep activations in NHWC memory format (faster on CPU and for bf16 on CUDA)
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -97,126 +90,17 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels) if kind == "batch" else InstanceNorm(channels)
 
 
-def _channels_last_cpu(x: torch.Tensor) -> bool:
-    """A channels-last CPU tensor outside autocast (the custom backwards below keep one dtype throughout)."""
-    return (
-        x.device.type == "cpu"
-        and x.dim() == 4
-        and x.is_contiguous(memory_format=torch.channels_last)
-        and not torch.is_autocast_enabled("cpu")
-    )
-
-
-class _InstanceNormNHWC(torch.autograd.Function):
-    """Affine instance norm of a channels-last CPU tensor: GroupNorm's forward kernel, and a backward in
-    a few vectorised passes (PyTorch's channels-last GroupNorm backward is ~7x slower with one channel
-    per group)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        b, c, h, w = x.shape
-        y, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, b, c, h * w, c, eps)
-        ctx.save_for_backward(x, weight, mean.view(b, c, 1, 1), rstd.view(b, c, 1, 1))
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors  # x (B, C, H, W); the rest (C,) or (B, C, 1, 1)
-        n = x.shape[2] * x.shape[3]
-        sum_dy = dy.sum((2, 3), keepdim=True)  # (B, C, 1, 1)
-        sum_dy_xhat = ((dy * x).sum((2, 3), keepdim=True) - mean * sum_dy) * rstd  # sum of dy * x_hat
-        # dx = k * (dy - sum_dy / n - x_hat * sum_dy_xhat / n), with k = weight * rstd and
-        # x_hat = (x - mean) * rstd, written as k * dy + a * x + c for two passes over the image
-        k = weight.view(1, -1, 1, 1) * rstd
-        a = -k * rstd * sum_dy_xhat / n
-        c = -k * sum_dy / n - a * mean
-        dx = torch.empty_like(x)
-        torch.addcmul(c, dy, k, out=dx)
-        dx.addcmul_(x, a)
-        return dx, sum_dy_xhat.sum(0).flatten(), sum_dy.sum(0).flatten(), None
-
-
 class InstanceNorm(nn.GroupNorm):
     """Affine instance norm: group norm with one channel per group (the same function as
-    nn.InstanceNorm2d(affine=True), with the same parameters)."""
+    nn.InstanceNorm2d(affine=True), with the same parameters, and a faster CPU kernel)."""
 
     def __init__(self, channels: int):
         super().__init__(channels, channels)
-        self.fused = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and _channels_last_cpu(x) and torch.is_grad_enabled() and x.dtype == self.weight.dtype:
-            return _InstanceNormNHWC.apply(x, self.weight, self.bias, self.eps)
-        return super().forward(x)
 
 
-class Conv1x1(nn.Conv2d):
-    """1x1 convolution; on channels-last input a matmul over the pixels, which keeps gradients
-    channels-last (PyTorch's single-thread CPU path for 1x1 convs returns NCHW gradients, and mixing
-    layouts makes every following element-wise kernel several times slower)."""
-
-    def __init__(self, in_channels: int, out_channels: int, bias: bool):
-        super().__init__(in_channels, out_channels, 1, bias=bias)
-        self.fused = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            # as_strided rather than flatten: the weight's gradient then keeps the weight's strides, as
-            # DDP's gradient buckets expect
-            weight = self.weight.as_strided(self.weight.shape[:2], self.weight.stride()[:2])  # (C_out, C_in)
-            y = F.linear(x.permute(0, 2, 3, 1), weight, self.bias)  # (B, H, W, C_out)
-            return y.permute(0, 3, 1, 2)  # (B, C_out, H, W), channels-last strides
-        return super().forward(x)
-
-
-def _big_cpu_conv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Where oneDNN's channels-last weight-gradient kernel is slow (measured on AVX2, oneDNN 3.x)."""
-    return (
-        _channels_last_cpu(x)
-        and x.dtype in (torch.float32, torch.float64)  # float64 only so that tests can check this path exactly
-        and x.dtype == weight.dtype
-        and weight.requires_grad
-        and torch.is_grad_enabled()
-        and x.shape[1] >= NCHW_WEIGHT_GRAD_MIN_CHANNELS
-        and x.shape[2] * x.shape[3] >= NCHW_WEIGHT_GRAD_MIN_PIXELS
-    )
-
-
-class _Conv3x3NCHWWeightGrad(torch.autograd.Function):
-    """3x3 stride-1 conv (padding 1) whose weight gradient is computed from NCHW copies on CPU."""
-
-    @staticmethod
-    def forward(ctx, x, weight):
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, padding=1)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        args = (None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)  # bias, stride, padding, dilation, transposed, ...
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad_out, x, weight, *args, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.ops.aten.convolution_backward(
-                grad_out.contiguous(), x.contiguous(), weight.contiguous(), *args, [False, True, False]
-            )[1]
-            if weight.is_contiguous(memory_format=torch.channels_last):
-                grad_w = grad_w.contiguous(memory_format=torch.channels_last)
-        return grad_x, grad_w
-
-
-class Conv3x3(nn.Conv2d):
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     """3x3 convolution, padding 1, no bias (a normalisation always follows)."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
-        self.fused = True
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and self.stride == (1, 1) and _big_cpu_conv(x, self.weight):
-            return _Conv3x3NCHWWeightGrad.apply(x, self.weight)
-        return super().forward(x)
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False)
 
 
 class ConvNormAct(nn.Module):
@@ -224,10 +108,7 @@ class ConvNormAct(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, config: ModelConfig):
         super().__init__()
-        if kernel_size == 3:
-            self.conv = Conv3x3(in_channels, out_channels)
-        else:
-            self.conv = Conv1x1(in_channels, out_channels, bias=False)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
         self.norm = make_norm(config.norm, out_channels)
         self.negative_slope = config.negative_slope
 
@@ -242,10 +123,10 @@ class ContextModule(nn.Module):
     def __init__(self, channels: int, config: ModelConfig):
         super().__init__()
         self.norm1 = make_norm(config.norm, channels)
-        self.conv1 = Conv3x3(channels, channels)
+        self.conv1 = conv3x3(channels, channels)
         self.dropout = nn.Dropout2d(config.dropout)
         self.norm2 = make_norm(config.norm, channels)
-        self.conv2 = Conv3x3(channels, channels)
+        self.conv2 = conv3x3(channels, channels)
         self.negative_slope = config.negative_slope
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,7 +144,7 @@ class ContextLevel(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int, config: ModelConfig):
         super().__init__()
-        self.conv = Conv3x3(in_channels, out_channels, stride=stride)
+        self.conv = conv3x3(in_channels, out_channels, stride=stride)
         self.context = ContextModule(out_channels, config)
         self.norm = make_norm(config.norm, out_channels)
         self.negative_slope = config.negative_slope
@@ -299,10 +180,10 @@ class UpsamplingModule(nn.Module):
         self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
         self.norm = make_norm(config.norm, out_channels)
         self.negative_slope = config.negative_slope
-        self.fused = True
+        self.transposed = True  # the single-conv formulation below; False: the paper's literal one
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.transposed:
             x = upsample_conv3x3(x, self.conv.weight)  # (B, C_out, 2H, 2W)
         else:
             x = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, C_out, 2H, 2W)
@@ -327,9 +208,9 @@ class SegmentationHead(nn.Module):
 
     def __init__(self, channels: tuple[int, int, int], num_classes: int):
         super().__init__()
-        self.seg_quarter = Conv1x1(channels[0], num_classes, bias=True)
-        self.seg_half = Conv1x1(channels[1], num_classes, bias=True)
-        self.seg_full = Conv1x1(channels[2], num_classes, bias=True)
+        self.seg_quarter = nn.Conv2d(channels[0], num_classes, 1)
+        self.seg_half = nn.Conv2d(channels[1], num_classes, 1)
+        self.seg_full = nn.Conv2d(channels[2], num_classes, 1)
 
     def forward(self, quarter: torch.Tensor, half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         s = F.interpolate(self.seg_quarter(quarter), scale_factor=2, mode="nearest")  # (B, K, H/2, W/2)
@@ -361,8 +242,6 @@ class ImprovedUNet(nn.Module):
         self.top = ConvNormAct(2 * c, 2 * c, 3, config)
         self.head = SegmentationHead((4 * c, 2 * c, 2 * c), config.num_classes)
         self._init_weights()
-        if config.channels_last:
-            self.to(memory_format=torch.channels_last)
 
     def _init_weights(self) -> None:
         # He normal initialisation for the LeakyReLU, as in the authors' code; zero biases
@@ -373,10 +252,10 @@ class ImprovedUNet(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def use_reference_formulation(self, enabled: bool = True) -> ImprovedUNet:
-        """Switch to the plain formulation (upsample then conv, oneDNN's own gradients); same function."""
+        """Switch the upsampling modules to the paper's literal form (upsample, then 3x3 conv); same function."""
         for m in self.modules():
-            if hasattr(m, "fused"):
-                m.fused = not enabled
+            if isinstance(m, UpsamplingModule):
+                m.transposed = not enabled
         return self
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -396,7 +275,8 @@ class ImprovedUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        if self.config.channels_last:
+        # activations follow the weights' memory format (model.to(memory_format=torch.channels_last))
+        if self.level1.conv.weight.is_contiguous(memory_format=torch.channels_last):
             x = x.contiguous(memory_format=torch.channels_last)
         c1 = self.level1(x)  # (B, C, H, W)
         c2 = self.level2(c1)  # (B, 2C, H/2, W/2)

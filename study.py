@@ -31,11 +31,12 @@ import utils
 
 HERE = Path(__file__).resolve().parent
 
-# Budgets: what a student on a 2-core CPU or a busy queue can afford (about 13 minutes here), a run
-# 2.5 times as long, and a screen of a third of the short budget for one-factor comparisons.
+# Budgets: what a student on a 2-core CPU or a busy queue can afford (about 10 minutes here), runs
+# 2.5 and 5 times as long, and a screen of a third of the short budget for one-factor comparisons.
 BUDGETS = {
     "short": ["--image-size", "128", "--epochs", "6", "--batch-size", "16"],
     "long": ["--image-size", "128", "--epochs", "15", "--batch-size", "16"],
+    "long30": ["--image-size", "128", "--epochs", "30", "--batch-size", "16"],
     "screen": ["--image-size", "128", "--epochs", "2", "--batch-size", "16"],
 }
 
@@ -69,8 +70,9 @@ BASELINE = "dynunet"
 
 COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "test_dice",
            "test_threshold_jaccard", "official_test_dice", "official_test_threshold_jaccard",
-           "test_dice_postprocess", "test_threshold_jaccard_postprocess",
-           "train_minutes", "wall_minutes", "other_cpu", "machine", "date", "commit"]
+           "test_dice_postprocess", "test_threshold_jaccard_postprocess", "val_dice_predict",
+           "val_threshold_jaccard_predict", "val_dice_tta", "val_threshold_jaccard_tta", "test_dice_tta",
+           "test_threshold_jaccard_tta", "train_minutes", "wall_minutes", "other_cpu", "machine", "date", "commit"]
 
 
 def flags_of(budget: str, name: str) -> list[str]:
@@ -132,6 +134,30 @@ def official_scores(predictions: Path, per_image_csv: Path) -> dict[str, float]:
     return {f"official_test_{k}": round(float(v), 4) for k, v in found.items()}
 
 
+# (split, column suffix) -> predict.py flags. Each run's best.pt segments its stored splits at their original
+# size: the validation scores choose between prediction options (--tta), the test scores report them.
+PREDICTIONS = {
+    ("test", ""): ["--no-tta"],
+    ("test", "_postprocess"): ["--no-tta", "--postprocess"],
+    ("test", "_tta"): ["--tta"],
+    ("val", "_predict"): ["--split", "val", "--no-tta"],
+    ("val", "_tta"): ["--split", "val", "--tta"],
+}
+
+
+def score_run(run_dir: Path, log: Path) -> dict:
+    """The run's prediction scores (the columns named by PREDICTIONS) and the official scorer's on the test split."""
+    scores = {}
+    for (split, suffix), extra in PREDICTIONS.items():
+        out = run_dir / f"{split}{suffix}"
+        run_logged(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--output", str(out), *extra], log)
+        metrics = json.loads((out / "metrics.json").read_text())
+        scores[f"{split}_dice{suffix}"] = round(metrics["dice"], 4)
+        scores[f"{split}_threshold_jaccard{suffix}"] = round(metrics["threshold_jaccard"], 4)
+    scores.update(official_scores(run_dir / "test", run_dir / "test" / "metrics.csv"))
+    return scores
+
+
 def run_one(budget: str, name: str, args) -> dict:
     """Train, score the test split, and return the run's row (its curve is copied to results/curves/)."""
     run_dir = Path(args.out_dir) / f"{budget}-{name}"
@@ -151,14 +177,7 @@ def run_one(budget: str, name: str, args) -> dict:
     history = read_rows(run_dir / "metrics.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     best = history[summary["best_epoch"] - 1]
-    scores = {}
-    for suffix, extra in (("", []), ("_postprocess", ["--postprocess"])):
-        out = run_dir / f"test{suffix}"
-        run_logged(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--output", str(out), *extra], log)
-        metrics = json.loads((out / "metrics.json").read_text())
-        scores[f"test_dice{suffix}"] = round(metrics["dice"], 4)
-        scores[f"test_threshold_jaccard{suffix}"] = round(metrics["threshold_jaccard"], 4)
-    scores.update(official_scores(run_dir / "test", run_dir / "test" / "metrics.csv"))
+    scores = score_run(run_dir, log)
     curves = Path(args.results).parent / "curves"
     curves.mkdir(parents=True, exist_ok=True)
     (curves / f"{budget}-{name}.csv").write_text((run_dir / "metrics.csv").read_text())
@@ -209,13 +228,20 @@ def speed_against_baseline(rows: list[dict], curves_dir: Path, budget: str) -> l
 
 def markdown_table(rows: list[dict]) -> str:
     head = ["budget", "run", "val Dice", "val thr. Jaccard", "test Dice", "test thr. Jaccard",
-            "official scorer: Dice / thr. J.", "`--postprocess`: Dice / thr. J.", "training min", "other CPU"]
+            "official scorer: Dice / thr. J.", "`--postprocess`: Dice / thr. J.",
+            "val, full size: plain -> `--tta` Dice / thr. J.", "`--tta`: test Dice / thr. J.", "training min",
+            "other CPU"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        pair = lambda a, b: f"{r.get(a) or '-'} / {r.get(b) or '-'}"  # noqa: E731
+        val_tta = (f"{pair('val_dice_predict', 'val_threshold_jaccard_predict')} -> "
+                   f"{pair('val_dice_tta', 'val_threshold_jaccard_tta')}") if r.get("val_dice_tta") else "-"
         lines.append(f"| {r['budget']} | `{r['name']}` | {r['val_dice']} | {r['val_threshold_jaccard']} | "
-                     f"{r['test_dice']} | {r['test_threshold_jaccard']} | {r.get('official_test_dice') or '-'} / "
-                     f"{r.get('official_test_threshold_jaccard') or '-'} | {r['test_dice_postprocess']} / "
-                     f"{r['test_threshold_jaccard_postprocess']} | {r['train_minutes']} | {r['other_cpu']} |")
+                     f"{r['test_dice']} | {r['test_threshold_jaccard']} | "
+                     f"{pair('official_test_dice', 'official_test_threshold_jaccard')} | "
+                     f"{pair('test_dice_postprocess', 'test_threshold_jaccard_postprocess')} | {val_tta} | "
+                     f"{pair('test_dice_tta', 'test_threshold_jaccard_tta') if r.get('test_dice_tta') else '-'} | "
+                     f"{r['train_minutes']} | {r['other_cpu']} |")
     return "\n".join(lines)
 
 
@@ -275,6 +301,23 @@ def report(args) -> None:
     print(text + f"\nwrote {Path(args.results).with_suffix('.md')} and {args.figure}")
 
 
+def rescore(args) -> None:
+    """Fill the prediction columns of the budget's rows (those named by --only) from their run folders' best.pt."""
+    results = Path(args.results)
+    rows = read_rows(results)
+    for row in rows:
+        run_dir = Path(args.out_dir) / f"{row['budget']}-{row['name']}"
+        if row["budget"] != args.budget or (args.only and row["name"] not in args.only):
+            continue
+        if not (run_dir / "best.pt").is_file():
+            utils.print0(f"[{row['budget']}/{row['name']}] {run_dir / 'best.pt'} is missing; left as it is")
+            continue
+        row.update(score_run(run_dir, run_dir / "study.log"))
+        utils.print0(f"[{row['budget']}/{row['name']}] test Dice {row['test_dice']} (--tta {row['test_dice_tta']})")
+        write_rows(results, rows)
+    report(args)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -287,9 +330,13 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
     parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
     parser.add_argument("--report", action="store_true", help="only write the table, speed ratios and figure")
+    parser.add_argument("--rescore", action="store_true",
+                        help="score the budget's finished runs again (every PREDICTIONS column), without training")
     args = parser.parse_args(argv)
     if args.report:
         return report(args)
+    if args.rescore:
+        return rescore(args)
     if not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir {args.data_dir} does not exist; the study needs real ISIC data "
                      f"(python download.py --root {args.data_dir})")

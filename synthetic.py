@@ -1,6 +1,6 @@
 """Synthetic dermoscopy-like lesions in the official ISIC 2018 folder layout (the built-in data set).
 
-    python dataset.py synthetic --out data/synthetic -n 400 --seed 0
+    python synthetic.py --out data/synthetic -n 400 --seed 0
 
 Each image is drawn from its own generator seeded by (seed, index), so a seed always gives the same
 files whatever the number of threads. Ids are ISIC_S<6 digits>, which no real ISIC id (ISIC_<7
@@ -9,6 +9,7 @@ digits>) can equal.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import math
@@ -197,3 +198,20 @@ def ensure_synthetic(n: int, seed: int = 0, log: Callable = print, out_dir=SYNTH
         if len(images) == len(masks) == n:
             return out
     return make_synthetic(out, n, seed, log)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Write the synthetic ISIC-style set (official folder layout).",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", default=SYNTHETIC_DIR, help="output root")
+    parser.add_argument("-n", type=int, default=400, help="number of image/mask pairs")
+    parser.add_argument("--seed", type=int, default=0, help="seed; the same seed gives the same files")
+    parser.add_argument("--num-workers", type=int, default=0, help="generating processes (0: one per CPU)")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"-n must be at least 1, got {args.n}")
+    make_synthetic(args.out, args.n, args.seed, num_workers=args.num_workers)
+
+
+if __name__ == "__main__":
+    main()

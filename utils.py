@@ -296,11 +296,17 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     return state
 
 
+def checkpoint_model_config(state: dict) -> dict:
+    """The ModelConfig fields a checkpoint stores. Checkpoints written while the memory format was a model
+    setting also hold channels_last, which the model no longer takes (train.py and predict.py choose it)."""
+    return {k: v for k, v in state["model_config"].items() if k != "channels_last"}
+
+
 def model_from_checkpoint(state: dict, path) -> tuple[torch.nn.Module, int, tuple, tuple]:
     """(network with the checkpoint's weights, image size, normalisation mean, std) from a checkpoint
     that load_checkpoint returned: all that is needed to use the model, without the training flags."""
     try:
-        model = modules.build_model(modules.ModelConfig(**state["model_config"]))
+        model = modules.build_model(modules.ModelConfig(**checkpoint_model_config(state)))
         model.load_state_dict(state["model"])
         image_size = int(state["image_size"])
         mean = tuple(float(v) for v in state["norm_stats"]["mean"])
@@ -557,7 +563,7 @@ def build_parser(cls, description: str, groups: dict[str, list[str]] | None = No
             f = fields[name]
             kind = _base_type(f.type)
             flag = "--" + name.replace("_", "-")
-            kwargs = {"help": helps.get(name, "")}
+            kwargs = {"help": helps.get(name, "").replace("%", "%%")}  # argparse %-formats help strings
             if not suppress_defaults:
                 kwargs["default"] = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             if kind == "bool":

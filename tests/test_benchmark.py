@@ -11,6 +11,8 @@ import pytest
 import benchmark
 import utils
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def test_tiny_run_writes_json_and_markdown(tmp_path):
     report = benchmark.main(["--device", "cpu", "--quick", "--sizes", "32", "--batch-size", "2", "--models",
@@ -18,8 +20,10 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
                              "--threads", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    (entry,) = saved["results"]
-    assert (entry["model"], entry["variant"], entry["size"]) == ("ours-batch", "fp32-cl", 32)
+    # on CPU ours runs NCHW (as train.py trains there) and channels-last (as predict.py infers)
+    assert [(e["model"], e["variant"], e["size"]) for e in saved["results"]] == [
+        ("ours-batch", "fp32", 32), ("ours-batch", "fp32-cl", 32)]
+    entry = saved["results"][0]
     assert entry["parameters"] == 3_186_483
     for key in ("train_images_per_s", "infer_images_per_s", "train_flops_per_s", "matmul_fraction"):
         assert math.isfinite(entry[key]) and entry[key] > 0, key
@@ -33,7 +37,7 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
     assert saved["data_pipeline"][0]["size"] == 32 and saved["data_pipeline"][0]["images_per_s"] > 0
     assert saved["meta"]["config"]["batch_size"] == 2
     table = (tmp_path / "benchmark.md").read_text()
-    assert "## 32x32" in table and "| ours-batch | fp32-cl |" in table and "Data pipeline" in table
+    assert "## 32x32" in table and "| ours-batch | fp32 |" in table and "| ours-batch | fp32-cl |" in table and "Data pipeline" in table
 
 
 def fake_report(size=256):
@@ -88,7 +92,7 @@ def test_default_models_include_every_peer_and_variants_per_device():
     config = benchmark.BenchConfig(quick=True)
     assert benchmark.DEFAULT_MODELS == ["ours-batch", "ours-instance", "dynunet", "basicunet", "smp-unet-r34"]
     cpu, cuda = benchmark.torch.device("cpu"), benchmark.torch.device("cuda")
-    assert [v.name for v in benchmark.variants_for("ours-batch", cpu, True)] == ["fp32-cl"]
+    assert [v.name for v in benchmark.variants_for("ours-batch", cpu, True)] == ["fp32", "fp32-cl"]
     assert [v.name for v in benchmark.variants_for("dynunet", cpu, True)] == ["fp32"]
     assert {v.name for v in benchmark.variants_for("ours-batch", cuda, False)} >= {"fp32", "bf16-cl", "bf16-cl-compile"}
     assert config.repeats == 3 and config.warmup == 1
@@ -161,7 +165,7 @@ def test_breakdown_reports_the_kernel_ceiling(tmp_path):
     report = benchmark.main(["--device", "cpu", "--quick", "--sizes", "32", "--batch-size", "2", "--models",
                              "ours-batch", "--repeats", "1", "--warmup", "0", "--data-images", "4", "--threads", "1",
                              "--breakdown", "--out", str(tmp_path)])
-    (entry,) = report["results"]
+    entry = report["results"][0]  # NCHW, as train.py trains on CPU
     # FLOP_KERNELS must name the ops this PyTorch really runs: were the convolution kernels missed (a renamed
     # op), only the 1x1 matmuls would count and the share would fall to a few percent; were every op counted,
     # it would be 1. Measured here: 0.44 at 32x32, 0.71-0.84 at 128-256.
@@ -170,3 +174,17 @@ def test_breakdown_reports_the_kernel_ceiling(tmp_path):
     assert entry["kernel_matmul_fraction"] == pytest.approx(
         entry["kernel_flops_per_s"] / report["matmul_flops_per_s"]["fp32"]["median"])
     assert "convolution and matmul kernels take" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_baseline_modules_are_timed_beside_ours(tmp_path):
+    # the repository's own modules.py as the baseline: the same network, so the same parameter count and FLOPs
+    report = benchmark.main(["--device", "cpu", "--quick", "--sizes", "32", "--batch-size", "2", "--models",
+                             "ours-instance", "ours-baseline", "--baseline-modules", str(ROOT / "modules.py"),
+                             "--repeats", "1", "--warmup", "0", "--data-images", "4", "--threads", "1",
+                             "--out", str(tmp_path)])
+    rows = {(e["model"], e["variant"]): e for e in report["results"]}
+    assert set(rows) == {("ours-instance", "fp32"), ("ours-instance", "fp32-cl"), ("ours-baseline", "fp32")}
+    assert rows["ours-baseline", "fp32"]["parameters"] == rows["ours-instance", "fp32"]["parameters"]
+    assert rows["ours-baseline", "fp32"]["train_flops_per_image"] == rows["ours-instance", "fp32"]["train_flops_per_image"]
+    with pytest.raises(ValueError, match="no such file"):
+        benchmark.main(["--models", "ours-baseline", "--baseline-modules", str(tmp_path / "missing.py")])

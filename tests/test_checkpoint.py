@@ -1,5 +1,6 @@
 """Checkpoints: atomic saves that survive a full disk and SIGKILL, and safe, clearly failing loads."""
 
+import dataclasses
 import errno
 import os
 import pickle
@@ -234,3 +235,16 @@ def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
     state = utils.load_checkpoint(path)
     assert state["version"] >= 1
     assert torch.all(state["model"]["w"] == state["version"])  # one whole checkpoint, not a mixture
+
+
+def test_checkpoint_from_when_the_memory_format_was_a_model_setting_still_loads():
+    import modules
+
+    model = modules.ImprovedUNet(modules.ModelConfig(base_channels=4, dropout=0.0))
+    state = {"model": model.state_dict(), "image_size": 32, "norm_stats": {"mean": [0.5] * 3, "std": [0.2] * 3},
+             "model_config": {**dataclasses.asdict(model.config), "channels_last": True}}  # as such runs stored it
+    rebuilt, size, _, _ = utils.model_from_checkpoint(state, "old.pt")
+    x = torch.randn(1, 3, 32, 32)
+    model.eval(), rebuilt.eval()
+    with torch.no_grad():
+        assert size == 32 and torch.equal(rebuilt(x), model(x))

@@ -184,7 +184,7 @@ def test_no_network_is_one_line(tmp_path, capsys):
         download.download_isic(tmp_path, ["val"], base_url=url, backoff=0, log=quiet)
     assert "\n" not in str(exc.value)
     with pytest.raises(SystemExit) as exit_info:
-        dataset.main(["download", "--root", str(tmp_path), "--splits", "val", "--base-url", url])
+        download.main(["--root", str(tmp_path), "--splits", "val", "--base-url", url])
     assert str(exit_info.value.code).startswith("error: cannot reach") and "\n" not in str(exit_info.value.code)
 
 
@@ -196,6 +196,6 @@ def test_missing_file_on_the_server(tmp_path):
 
 def test_download_command(tmp_path):
     with Server(official_zips()) as server:
-        dataset.main(["download", "--root", str(tmp_path), "--splits", "train", "--base-url", server.url,
+        download.main(["--root", str(tmp_path), "--splits", "train", "--base-url", server.url,
                       "--no-check-counts"])
     assert len(dataset.find_pairs(tmp_path)["train"]) == 3

@@ -7,6 +7,7 @@ from PIL import Image
 
 import dataset
 import figures
+import synthetic
 from modules import ImprovedUNet, ModelConfig, count_parameters
 
 
@@ -50,7 +51,7 @@ def test_synthetic_png_generates_a_set_when_the_folder_is_missing(tmp_path, caps
 
 
 def test_synthetic_png_from_an_existing_set(tmp_path):
-    root = dataset.make_synthetic(tmp_path / "syn", 2, seed=3, log=lambda *a: None, num_workers=1)
+    root = synthetic.make_synthetic(tmp_path / "syn", 2, seed=3, log=lambda *a: None, num_workers=1)
     out = tmp_path / "synthetic.png"
     figures.main(["synthetic", "--out", str(out), "--data-dir", str(root), "-n", "1"])
     open_png(out)

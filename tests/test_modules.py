@@ -11,17 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modules
-from modules import (
-    Conv1x1,
-    ImprovedUNet,
-    InstanceNorm,
-    ModelConfig,
-    _Conv3x3NCHWWeightGrad,
-    _InstanceNormNHWC,
-    count_parameters,
-    main,
-    upsample_conv3x3,
-)
+from modules import ImprovedUNet, InstanceNorm, ModelConfig, count_parameters, main, upsample_conv3x3
 
 TINY = dict(base_channels=4)
 
@@ -164,7 +154,9 @@ def test_every_parameter_gets_a_finite_gradient(norm):
 @pytest.mark.parametrize("channels_last", [True, False])
 def test_gradients_have_their_parameters_strides(channels_last):
     # DDP copies gradients into buckets laid out like the parameters, and warns and slows down otherwise
-    model = tiny(channels_last=channels_last)
+    model = tiny()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     model(torch.randn(1, 3, 32, 32)).sum().backward()
     for name, p in model.named_parameters():
         assert p.grad.stride() == p.stride(), name
@@ -234,11 +226,12 @@ def test_config_rebuilds_the_model_from_a_checkpoint_dict():
 
 
 def test_memory_format_does_not_change_the_function():
-    fast = tiny(dropout=0.0)
-    plain = ImprovedUNet(ModelConfig(**{**asdict(fast.config), "channels_last": False}))
-    plain.load_state_dict(fast.state_dict())
+    nchw = tiny(dropout=0.0)
+    nhwc = copy.deepcopy(nchw).to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, 64, 64)
-    assert_close(plain(x), fast(x))
+    out = nhwc(x)
+    assert out.is_contiguous(memory_format=torch.channels_last)  # activations follow the weights' format
+    assert_close(out, nchw(x))
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -261,29 +254,6 @@ def test_instance_norm_equals_torch_instance_norm(channels_last):
     assert out_ours.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def test_channels_last_instance_norm_backward_passes_gradcheck():
-    torch.manual_seed(0)
-    x = torch.randn(2, 3, 5, 4, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
-    weight, bias = torch.randn(3, dtype=torch.float64), torch.randn(3, dtype=torch.float64)
-    inputs = tuple(t.requires_grad_() for t in (x, weight, bias))
-    assert torch.autograd.gradcheck(lambda x, w, b: _InstanceNormNHWC.apply(x, w, b, 1e-5), inputs)
-
-
-@pytest.mark.parametrize("bias", [False, True])
-def test_channels_last_1x1_conv_equals_conv2d(bias):
-    torch.manual_seed(0)
-    conv = Conv1x1(6, 3, bias=bias)
-    x = torch.randn(2, 6, 8, 12).contiguous(memory_format=torch.channels_last).requires_grad_()
-    g = torch.randn(2, 3, 8, 12)
-    out = conv(x)
-    expected = F.conv2d(x, conv.weight, conv.bias)
-    assert out.is_contiguous(memory_format=torch.channels_last)
-    assert_close(out, expected, rel=1e-6)
-    params = (x, conv.weight) + ((conv.bias,) if bias else ())
-    for a, e in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(expected, params, g)):
-        assert_close(a, e, rel=1e-5)
-
-
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("c_in,c_out,h,w", [(8, 4, 5, 7), (3, 6, 8, 8), (16, 8, 1, 2)])
 def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out, h, w, channels_last):
@@ -302,30 +272,11 @@ def test_fused_upsample_conv_equals_upsample_then_conv(c_in, c_out, h, w, channe
     assert_close(gw_fused, gw_plain, rel=1e-5)
 
 
-def test_nchw_weight_gradient_conv_equals_conv2d():
-    torch.manual_seed(0)
-    cl = torch.channels_last
-    x = torch.randn(2, 32, 64, 64).contiguous(memory_format=cl).requires_grad_()
-    weight = torch.randn(16, 32, 3, 3).contiguous(memory_format=cl).requires_grad_()
-    g = torch.randn(2, 16, 64, 64).contiguous(memory_format=cl)
-    plain = F.conv2d(x, weight, padding=1)
-    expected = torch.autograd.grad(plain, (x, weight), g)
-    out = _Conv3x3NCHWWeightGrad.apply(x, weight)
-    actual = torch.autograd.grad(out, (x, weight), g)
-    assert_close(out, plain, rel=1e-6)
-    for a, e in zip(actual, expected):
-        assert_close(a, e, rel=1e-5)
-    assert actual[1].is_contiguous(memory_format=cl)  # matches the parameter's layout
-
-
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 @pytest.mark.parametrize("training", [True, False])
-def test_fast_formulation_equals_plain_reference(norm, training, monkeypatch):
+def test_fast_formulation_equals_plain_reference(norm, training):
     # float64, so that the comparison is exact up to rounding (in float32 the input gradient through
-    # instance norm over 4x4 maps differs by a few percent between any two summation orders);
-    # every stride-1 3x3 conv of the tiny model takes the NCHW weight-gradient path
-    monkeypatch.setattr(modules, "NCHW_WEIGHT_GRAD_MIN_CHANNELS", 1)
-    monkeypatch.setattr(modules, "NCHW_WEIGHT_GRAD_MIN_PIXELS", 1)
+    # instance norm over 4x4 maps differs by a few percent between any two summation orders)
     torch.manual_seed(0)
     fast = ImprovedUNet(ModelConfig(norm=norm, dropout=0.0, base_channels=4)).double()
     with torch.no_grad():  # non-trivial norm parameters and running statistics
@@ -355,19 +306,6 @@ def test_fast_formulation_equals_plain_reference(norm, training, monkeypatch):
             assert torch.allclose(b_fast, b_ref, rtol=1e-10, atol=0), name
 
 
-def test_fast_formulation_takes_the_nchw_weight_gradient_path(monkeypatch):
-    calls = []
-    original = _Conv3x3NCHWWeightGrad.backward
-    monkeypatch.setattr(_Conv3x3NCHWWeightGrad, "backward", staticmethod(
-        lambda ctx, g: calls.append(g.shape) or original(ctx, g)))
-    model = ImprovedUNet(ModelConfig(dropout=0.0))
-    model(torch.randn(1, 3, 64, 64)).sum().backward()
-    assert calls == [torch.Size([1, 32, 64, 64])]  # the top conv; everything else is smaller
-    calls.clear()
-    model.use_reference_formulation()(torch.randn(1, 3, 64, 64)).sum().backward()
-    assert calls == []
-
-
 def test_sync_batchnorm_conversion_keeps_the_state_dict():
     model = tiny(norm="batch")
     converted = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(model))
@@ -377,7 +315,6 @@ def test_sync_batchnorm_conversion_keeps_the_state_dict():
 
 @pytest.mark.parametrize("norm", ["batch", "instance"])
 def test_bfloat16_autocast_trains_on_cpu(norm):
-    # default width, so that the top conv (32 channels at 64x64) would take the NCHW weight-gradient path
     model = ImprovedUNet(ModelConfig(norm=norm))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randn(1, 3, 64, 64))

@@ -226,9 +226,10 @@ def test_default_checkpoint_is_the_newest_run_and_output_goes_beside_it(data, tm
 
 def test_zero_argument_run_scores_the_held_out_test_split(tmp_path, monkeypatch, capsys):
     import dataset
+    import synthetic
 
     monkeypatch.chdir(tmp_path)
-    root = Path(dataset.SYNTHETIC_DIR)  # where the zero-argument train.py puts its data
+    root = Path(synthetic.SYNTHETIC_DIR)  # where the zero-argument train.py puts its data
     rng = np.random.default_rng(1)
     for folder in ("ISIC2018_Task1-2_Training_Input", "ISIC2018_Task1_Training_GroundTruth"):
         (root / folder).mkdir(parents=True)
@@ -447,6 +448,6 @@ def test_prediction_sees_an_image_exactly_as_the_training_cache_holds_it(tmp_pat
                                                        test_fraction=0), log=lambda *a, **k: None)
     for i, sample_id in enumerate(splits.train.ids):
         item = predict.Item(sample_id, root / "ISIC2018_Task1-2_Training_Input" / f"{sample_id}.jpg")
-        loaded = predict.load_item(item, 32, False, predict.StageTimer(torch.device("cpu")))
+        loaded = predict.load_item(item, 32, False)
         np.testing.assert_array_equal(loaded.small, splits.train.images[i])
         assert loaded.size == (70, 70)

@@ -59,6 +59,19 @@ def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
     assert (tmp_path / "fig.png").stat().st_size > 10_000
     assert (tmp_path / "results" / "curves" / "screen-default.csv").is_file()
     assert "| screen | `dynunet` |" in (tmp_path / "results" / "recipes.md").read_text()
+    for row in rows:  # validation and test split, each plain and with --tta, at the original size
+        for column in ("val_dice_predict", "val_dice_tta", "test_dice_tta", "test_threshold_jaccard_tta"):
+            assert 0 <= float(row[column]) <= 1, column
+    # --rescore fills the prediction columns again from the run folders, without training
+    scored = {r["name"]: dict(r) for r in rows}
+    study.write_rows(results, [{**r, "test_dice_tta": "", "val_dice_tta": ""} for r in rows])
+    study.main(["--budget", "screen", "--only", "dynunet", "--rescore", "--results", str(results),
+                "--out-dir", str(tmp_path / "runs"), "--figure", str(tmp_path / "fig.png")])
+    again = {r["name"]: r for r in study.read_rows(results)}
+    assert again["dynunet"]["test_dice_tta"] == scored["dynunet"]["test_dice_tta"]
+    assert again["dynunet"]["val_dice_tta"] == scored["dynunet"]["val_dice_tta"]
+    assert again["default"]["test_dice_tta"] == ""  # not named by --only
+    assert again["default"]["train_minutes"] == scored["default"]["train_minutes"]
     # a second call skips the runs already in the table
     study.main(["--data-dir", str(root), "--budget", "screen", "--only", "default", "--results", str(results),
                 "--out-dir", str(tmp_path / "runs"), "--figure", str(tmp_path / "fig.png"), "--train-flags", tiny])

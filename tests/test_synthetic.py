@@ -75,7 +75,7 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path):
     messages = []
     assert synthetic.ensure_synthetic(2, 0, messages.append, out_dir=out) == out
     stamp = (out / synthetic.IMAGE_FOLDER / "ISIC_S000000.jpg").stat().st_mtime_ns
-    dataset.ensure_synthetic(2, 0, messages.append, out_dir=out)  # complete: untouched
+    synthetic.ensure_synthetic(2, 0, messages.append, out_dir=out)  # complete: untouched
     assert (out / synthetic.IMAGE_FOLDER / "ISIC_S000000.jpg").stat().st_mtime_ns == stamp
     assert len(messages) == 1
     (out / synthetic.MASK_FOLDER / "ISIC_S000001_segmentation.png").unlink()  # incomplete: redone
@@ -87,7 +87,7 @@ def test_ensure_synthetic_generates_only_when_needed(tmp_path):
 
 
 def test_synthetic_command(tmp_path):
-    dataset.main(["synthetic", "--out", str(tmp_path), "-n", "2", "--seed", "3", "--num-workers", "1"])
+    synthetic.main(["--out", str(tmp_path), "-n", "2", "--seed", "3", "--num-workers", "1"])
     assert len(dataset.find_pairs(tmp_path)["train"]) == 2
 
 

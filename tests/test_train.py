@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import dataset
+import loader
 import modules
 import train
 import utils
@@ -113,11 +114,11 @@ def test_augment_preset_and_knobs_from_flags():
         config, _, _ = utils.parse_config(train.TrainConfig, list(flags), "", train.GROUPS, train.CHOICES)
         return train.augment_config(config)
 
-    assert parsed() == dataset.AUGMENT_PRESETS["flips"]
-    assert parsed("--augment", "full") == dataset.AugmentConfig()
+    assert parsed() == loader.AUGMENT_PRESETS["flips"]
+    assert parsed("--augment", "full") == loader.AugmentConfig()
     light = parsed("--augment", "light", "--zoom", "0.25", "--no-flips", "--saturation", "0")
     assert light.scale == (0.75, 1.25) and not light.flips and light.saturation == 0
-    assert light.rotate_deg == dataset.AUGMENT_PRESETS["light"].rotate_deg  # the rest from the preset
+    assert light.rotate_deg == loader.AUGMENT_PRESETS["light"].rotate_deg  # the rest from the preset
 
 
 def test_augmentation_settings_reach_the_run_folder_and_checkpoint(isic_folder, tmp_path):
@@ -240,7 +241,7 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
 def test_flag_choices_come_from_the_annotations_and_match_what_they_name():
     assert train.CHOICES["recipe"] == list(train.RECIPES)
     assert train.CHOICES["arch"] == list(modules.ARCHS)
-    assert train.CHOICES["augment"] == list(dataset.AUGMENT_PRESETS)
+    assert train.CHOICES["augment"] == list(loader.AUGMENT_PRESETS)
     assert train.CHOICES["norm"] == ["instance", "batch"] and set(modules.NORMS) == {"instance", "batch"}
     assert train.CHOICES["loss"] == list(reversed(utils.SegmentationLoss.KINDS))
     grouped = [name for names in train.GROUPS.values() for name in names]
@@ -267,7 +268,7 @@ def test_missing_data_dir_says_how_to_get_data(tmp_path, capsys):
         train.main(tiny_args(tmp_path / "nowhere", tmp_path))
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "nowhere does not exist" in err and "python dataset.py download" in err
+    assert "nowhere does not exist" in err and "python download.py" in err
 
 
 def test_second_run_on_the_same_folder_is_refused(isic_folder, tmp_path, capsys):
@@ -343,9 +344,9 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     splits = dataset.prepare_splits(dataset.DataConfig(
         data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
         test_fraction=config.test_fraction, split_seed=config.split_seed), log=lambda *a, **k: None)
-    loader = dataset.make_loader(splits.val, 3, splits.mean, splits.std, device=torch.device("cpu"),
-                                 train=False, seed=0)
-    single = train.evaluate(model, loader, utils.SegmentationLoss("dice"), autocast=train.nullcontext)
+    batches = loader.make_loader(splits.val, 3, splits.mean, splits.std, device=torch.device("cpu"),
+                                  train=False, seed=0)
+    single = train.evaluate(model, batches, utils.SegmentationLoss("dice"), autocast=train.nullcontext)
     assert float(row["val_dice"]) == pytest.approx(single["dice"], abs=1e-5)
     assert float(row["val_jaccard"]) == pytest.approx(single["jaccard"], abs=1e-5)
 

@@ -1,0 +1,306 @@
+"""Batches on the training device: augmentation and loading straight from dataset.py's uint8 cache.
+
+    python loader.py --data-dir data/ISIC2018      # images/s: decoding the files every epoch vs cached batches
+
+dataset.py turns image files into cached, split uint8 arrays; this file turns those arrays into
+shuffled, sharded, augmented and normalised float batches, with no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+import dataset
+
+
+@dataclass
+class AugmentConfig:
+    flips: bool = True  # random flips and 90-degree turns (the 8 symmetries of the square)
+    rotate_deg: float = 15.0  # extra rotation drawn from [-rotate_deg, rotate_deg]
+    scale: tuple[float, float] = (0.9, 1.1)  # zoom factor range
+    affine_p: float = 1.0  # share of images that get the rotation/zoom (the rest only flips and turns)
+    brightness: float = 0.2  # brightness factor drawn from [1 - x, 1 + x] per image
+    contrast: float = 0.2  # contrast factor around the image's mean luminance, likewise
+    saturation: float = 0.2  # saturation factor around each pixel's luminance, likewise
+
+
+# --augment presets of train.py; each knob can also be set on its own
+AUGMENT_PRESETS = {
+    "none": AugmentConfig(flips=False, rotate_deg=0.0, scale=(1.0, 1.0), affine_p=0.0, brightness=0.0,
+                          contrast=0.0, saturation=0.0),
+    "flips": AugmentConfig(flips=True, rotate_deg=0.0, scale=(1.0, 1.0), affine_p=0.0, brightness=0.0,
+                           contrast=0.0, saturation=0.0),
+    "light": AugmentConfig(flips=True, rotate_deg=15.0, scale=(0.9, 1.1), affine_p=0.3, brightness=0.1,
+                           contrast=0.1, saturation=0.1),
+    "full": AugmentConfig(),
+}
+
+
+def _mix_seed(*parts: int) -> int:
+    digest = hashlib.sha256("/".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """F.affine_grid(theta, (B, C, size, size), align_corners=False), three times faster on CPU."""
+    b = theta.shape[0]
+    lin = (torch.arange(size, dtype=torch.float32, device=theta.device) * 2 + 1) / size - 1  # pixel centres
+    x, y = lin.view(1, 1, size), lin.view(1, size, 1)
+    t = theta.view(b, 6, 1, 1)
+    grid = torch.empty(b, size, size, 2, device=theta.device)  # (B, S, S, (x, y)) in [-1, 1]
+    torch.addcmul(t[:, 1] * y + t[:, 2], t[:, 0], x, out=grid[..., 0])
+    torch.addcmul(t[:, 4] * y + t[:, 5], t[:, 3], x, out=grid[..., 1])
+    return grid
+
+
+def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+                  cfg: AugmentConfig, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images (B, S, S, 3) and masks (B, S, S) -> float images (B, 3, S, S), masks (B, 1, S, S) in {0, 1}.
+
+    Images are in [0, 1], or normalised with mean/std when given. Runs batched on the tensors'
+    device; every random number comes from `generator` (CPU), so the result depends only on its
+    seed, on any device. Image and mask get the same geometry: one affine_grid per batch combines
+    the flip, the 90-degree turn, the rotation and the zoom (bilinear for images; nearest for masks,
+    so they stay exactly binary).
+    """
+    b, s = images.shape[0], images.shape[1]
+    dev = images.device
+    u = torch.rand(b, 9, generator=generator)  # all draws up front, identical on every device
+    affine = (u[:, 0] < cfg.affine_p) & (cfg.rotate_deg > 0 or cfg.scale != (1.0, 1.0))
+    flip_x = cfg.flips & (u[:, 1] < 0.5)
+    turns = (u[:, 2] * 4).long() * cfg.flips  # quarter turns, 0-3
+
+    if cfg.flips and not affine.all():
+        # samples without a resampling step get their flip and turn as exact uint8 copies
+        plain = (~affine).nonzero().flatten().tolist()
+        images, masks = images.clone(), masks.clone()
+        for i in plain:
+            img, msk = images[i], masks[i]
+            if flip_x[i]:
+                img, msk = img.flip(1), msk.flip(1)
+            k = int(turns[i])
+            images[i], masks[i] = torch.rot90(img, k, (0, 1)), torch.rot90(msk, k, (0, 1))
+    x = images.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, S, S), 0-255
+    m = masks[:, None].float()  # (B, 1, S, S)
+
+    todo = affine.nonzero().flatten()
+    if len(todo):
+        # affine_grid maps output to input coordinates: input = R(angle) diag(flip, 1) output / zoom
+        angle = (u[todo, 3] * 2 - 1) * math.radians(cfg.rotate_deg) - turns[todo] * (math.pi / 2)
+        zoom = cfg.scale[0] + u[todo, 4] * (cfg.scale[1] - cfg.scale[0])
+        fx = 1.0 - 2.0 * flip_x[todo].float()
+        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        theta = torch.zeros(len(todo), 2, 3)
+        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos * fx, -sin, sin * fx, cos
+        grid = _affine_grid(theta.to(dev), s)
+        # reflection padding: no black corners, and the mask is reflected with the image
+        warp = lambda t, mode: F.grid_sample(t, grid, mode=mode, padding_mode="reflection",  # noqa: E731
+                                             align_corners=False)
+        if len(todo) == b:
+            x, m = warp(x, "bilinear"), warp(m, "nearest")
+        else:
+            idx = todo.to(dev)
+            x[idx], m[idx] = warp(x[idx], "bilinear"), warp(m[idx], "nearest")
+
+    # colour jitter in closed form: brightness b, contrast c around the image's mean luminance, then
+    # saturation s around each pixel's luminance g gives  out = s c b x + (1 - s) c b g + (1 - c) b mean(g)
+    j = (u[:, 5:8] * 2 - 1).to(dev)
+    bright = 1 + cfg.brightness * j[:, 0].view(b, 1, 1, 1)
+    contrast = 1 + cfg.contrast * j[:, 1].view(b, 1, 1, 1)
+    sat = 1 + cfg.saturation * j[:, 2].view(b, 1, 1, 1)
+    luma = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1) / 255.0
+    gray = (x * luma).sum(1, keepdim=True)  # (B, 1, S, S) luminance in [0, 1]
+    offset = gray * ((1 - sat) * contrast * bright) + (1 - contrast) * bright * gray.mean((2, 3), keepdim=True)
+    x = x.mul_(sat * contrast * bright / 255.0).add_(offset).clamp_(0.0, 1.0)
+    if mean is not None:
+        x = dataset.standardize(x, mean, std)
+    return x, m
+
+
+class BatchLoader:
+    """Batches straight from the uint8 cache, with no DataLoader workers.
+
+    The cache is held as one tensor (on the GPU when the device is CUDA and it fits in 40% of the
+    free memory, else in host memory with pinned staging buffers); a batch is an index_select, a
+    copy to the device and batched augmentation there.
+    """
+
+    def __init__(self, split: dataset.CachedSplit, batch_size: int, mean, std, *, device, train: bool, seed: int,
+                 rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
+                 keep_on_device: str | bool = "auto"):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.device = torch.device(device)
+        self.batch_size, self.train, self.seed = batch_size, train, seed
+        self.rank, self.world_size = rank, world_size
+        self.augment = (augment or AugmentConfig()) if train else None
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.ids = list(split.ids)
+        self.n = len(split)
+        self.images, self.masks = self._place(split, keep_on_device)
+        self.epoch, self.start_batch = 0, 0
+        if train:
+            self.per_rank = math.ceil(self.n / world_size)  # padded by wrapping, like DistributedSampler
+            # drop_last, except that a tiny split still yields its one partial batch
+            self.num_batches = self.per_rank // batch_size or int(self.per_rank > 0)
+        else:
+            self.per_rank = len(range(rank, self.n, world_size))
+            self.num_batches = math.ceil(self.per_rank / batch_size)
+
+    def _place(self, split: dataset.CachedSplit, keep_on_device) -> tuple[torch.Tensor, torch.Tensor]:
+        images, masks = (torch.from_numpy(a if a.flags.writeable else a.copy()) for a in (split.images, split.masks))
+        if self.device.type == "cuda":
+            need = images.nbytes + masks.nbytes
+            fits = keep_on_device is True or (
+                keep_on_device == "auto" and need < 0.4 * torch.cuda.mem_get_info(self.device)[0])
+            if fits:
+                return images.to(self.device), masks.to(self.device)
+        elif self.device.type != "cpu" and keep_on_device is not False:
+            return images.to(self.device), masks.to(self.device)
+        return images, masks
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Fix the epoch (shuffle and augmentation follow from seed, epoch, rank); start_batch resumes mid-epoch."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def indices(self) -> torch.Tensor:
+        """This rank's sample indices for the current epoch, in batch order."""
+        if not self.train or self.n == 0:
+            return torch.arange(self.rank, self.n, self.world_size)
+        g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch))  # same order on every rank
+        perm = torch.randperm(self.n, generator=g)
+        total = self.per_rank * self.world_size
+        perm = perm.repeat(math.ceil(total / self.n))[:total]
+        mine = perm[self.rank::self.world_size]
+        return mine[: min(len(mine), self.num_batches * self.batch_size)]
+
+    def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.images.device == self.device:
+            idx = idx.to(self.device)
+            return self.images[idx], self.masks[idx]
+        pin = self.device.type == "cuda"
+        img = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        msk = torch.empty((len(idx), *self.masks.shape[1:]), dtype=torch.uint8, pin_memory=pin)
+        torch.index_select(self.images, 0, idx, out=img)
+        torch.index_select(self.masks, 0, idx, out=msk)
+        return img.to(self.device, non_blocking=True), msk.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self.indices()
+        start, self.start_batch = self.start_batch, 0
+        for b in range(start, self.num_batches):
+            images, masks = self._fetch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            if self.train:
+                g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, b))
+                yield augment_batch(images, masks, g, self.augment, self.mean, self.std)
+            else:
+                yield dataset.normalize(images, self.mean, self.std), masks[:, None].float()
+
+
+def make_loader(split: dataset.CachedSplit, batch_size: int, mean, std, *, device, train: bool, seed: int,
+                rank: int = 0, world_size: int = 1, augment: AugmentConfig | None = None,
+                keep_on_device: str | bool = "auto") -> BatchLoader:
+    """Batches of (images float32 (B, 3, S, S) normalised, masks float32 (B, 1, S, S) {0, 1}) on `device`.
+
+    train=True: shuffled, augmented, drop_last, sharded over ranks like DistributedSampler.
+    train=False: fixed order, rank r takes samples r::world_size (no padding, no duplicates).
+    """
+    return BatchLoader(split, batch_size, mean, std, device=device, train=train, seed=seed, rank=rank,
+                       world_size=world_size, augment=augment, keep_on_device=keep_on_device)
+
+
+def make_loaders(splits: dataset.Splits, batch_size: int, *, device, seed: int, rank: int = 0, world_size: int = 1,
+                 eval_batch_size: int | None = None, augment: AugmentConfig | None = None,
+                 keep_on_device: str | bool = "auto") -> dict[str, BatchLoader]:
+    """{"train", "val", "test"}: the training loader (shuffled, augmented) and two evaluation loaders."""
+    return {name: make_loader(getattr(splits, name), batch_size if name == "train" else eval_batch_size or batch_size,
+                              splits.mean, splits.std, device=device, train=name == "train", seed=seed, rank=rank,
+                              world_size=world_size, augment=augment, keep_on_device=keep_on_device)
+            for name in dataset.SPLITS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def bench(config: dataset.DataConfig, batch_size: int = 16, images: int = 128, rounds: int = 3, threads: int = 1,
+          log: Callable = print) -> dict:
+    """Images/s of (A) decoding and resizing the files as every epoch would, and (B) the cached,
+    augmented batches on the CPU; measured alternately on the same samples so that noise from
+    other processes hits both. One thread each by default: a per-core comparison."""
+    torch.set_num_threads(threads)
+    splits = dataset.prepare_splits(config, log=log)
+    pairs = dataset.find_pairs(config.data_dir, skip_bad=config.skip_bad, log=log)
+    by_id = {s.id: s for samples in pairs.values() for s in samples}
+    samples = [by_id[i] for i in splits.train.ids[:images]]
+    size = config.image_size
+    loaders = {train: make_loader(splits.train, batch_size, splits.mean, splits.std, device="cpu", train=train,
+                                  seed=0) for train in (True, False)}
+    figures = {"decode_draft": [], "decode_full": [], "cached": [], "cached_noaug": []}
+
+    def decode(draft: bool):
+        for s in samples:
+            image = dataset.load_image(s.image, size if draft else None)
+            dataset.resize_image(image, size), dataset.resize_mask(dataset.load_mask(s.mask), size)
+        return len(samples)
+
+    def cached(train: bool):
+        done, epoch, loader = 0, 0, loaders[train]
+        while done < len(samples):
+            loader.set_epoch(epoch)
+            for x, _ in loader:
+                done += len(x)
+                if done >= len(samples):
+                    break
+            epoch += 1
+        return done
+
+    runs = {"decode_draft": lambda: decode(True), "cached": lambda: cached(True),
+            "decode_full": lambda: decode(False), "cached_noaug": lambda: cached(False)}
+    for r in range(rounds):
+        for key, fn in runs.items():
+            start = time.perf_counter()
+            count = fn()
+            figures[key].append(count / (time.perf_counter() - start))
+        log(f"bench round {r + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f}" for k, v in figures.items()) + " img/s")
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    log(f"bench median ({size}px, batch {batch_size}, torch threads {threads}): decode+resize "
+        f"{med['decode_draft']:.0f} img/s with JPEG draft, {med['decode_full']:.0f} without; cached+augmented "
+        f"{med['cached']:.0f} img/s ({med['cached'] / med['decode_draft']:.1f}x / "
+        f"{med['cached'] / med['decode_full']:.1f}x); cached without augmentation {med['cached_noaug']:.0f} img/s "
+        f"({med['cached_noaug'] / med['decode_draft']:.0f}x)")
+    return med
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    dataset.add_data_config_args(parser)
+    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the cached loader")
+    parser.add_argument("--images", type=int, default=128, help="images per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the cached pipeline")
+    args = parser.parse_args(argv)
+    try:
+        bench(dataset.data_config_from_args(args), args.batch_size, args.images, args.rounds, args.threads)
+    except dataset.DataError as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
