@@ -60,7 +60,7 @@ class PredictConfig:
     output: str | None = None  # output folder; default: predictions/ in the checkpoint's run folder, else predict_out
     # --- inference ---
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
-    tta: bool = True  # test-time augmentation: the mean over the image and its horizontal, vertical and double flip (chosen on validation in the recipe study); --no-tta is 4x faster
+    tta: bool = True  # test-time augmentation: the mean over the image and its horizontal, vertical and double flip (chosen on validation in the recipe study); --no-tta does a quarter of the forward passes (3-4x faster end to end)
     postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
     # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
@@ -148,7 +148,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
     model, image_size, mean, std = utils.model_from_checkpoint(state, path)
     # channels-last for inference on every device: cuDNN's bf16 kernels are NHWC, and on CPU oneDNN's NHWC
-    # forward is 3-8% faster than NCHW at 128-256 px (its backward is slower: train.py trains NCHW on CPU)
+    # forward is 4-14% faster than NCHW at 128-256 px (its backward is slower: train.py trains NCHW on CPU)
     model.eval().to(device, memory_format=torch.channels_last)
     splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,

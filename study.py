@@ -5,7 +5,8 @@
     python study.py --report                                             # table, speed ratio and figure from results/
 
 Each run is `python train.py <budget flags> <its flags>` followed by `python predict.py` on the run's
-held-out test split (plain, then with --postprocess). One row per run goes to results/recipes.csv, its
+stored validation and test splits (with and without flip TTA, and with --postprocess; see PREDICTIONS);
+`--rescore` repeats only the predictions. One row per run goes to results/recipes.csv, its
 per-epoch metrics to results/curves/, and images/recipes_time_to_dice.png draws validation Dice against
 training minutes. Choose recipes on the validation columns only: the test columns are for the final figure.
 """

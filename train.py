@@ -77,7 +77,7 @@ class TrainConfig:
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
-    channels_last: bool | None = None  # NHWC activations; default: on CUDA (its bf16 kernels are NHWC), off on CPU (NCHW trains 14-19% faster there)
+    channels_last: bool | None = None  # NHWC activations; default: on CUDA (its bf16 kernels are NHWC), off on CPU and on CPU with batch norm; off on CPU with instance norm, whose channels-last backward is slow (measured: benchmark.py fp32 vs fp32-cl)
     tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
     compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
     seed: int = 0  # seed for weights, shuffling and augmentation (each rank adds its rank)
@@ -700,7 +700,10 @@ def setup_model(config: TrainConfig, checkpoint: dict | None, dist, device: torc
                 f"{config.resume}: the checkpoint's model {utils.checkpoint_model_config(checkpoint)} differs from this run's "
                 f"{dataclasses.asdict(model_config)}; drop the conflicting flags or start a new --name")
         model.load_state_dict(checkpoint["model"])
-    channels_last = config.channels_last if config.channels_last is not None else device.type == "cuda"
+    # on CPU channels-last trains 18-19% faster with batch norm and 9-19% slower with instance norm (GroupNorm's
+    # channels-last backward): `python benchmark.py --device cpu --models ours-batch ours-instance`
+    channels_last = config.channels_last if config.channels_last is not None else (
+        device.type == "cuda" or config.norm == "batch")
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     raw_model = model  # checkpoints always hold the plain model, without DDP or compile wrappers
     if dist.is_distributed:
