@@ -66,6 +66,9 @@ RUNS = {
     "batch-8": ["--batch-size", "8"],
     "size-96": ["--image-size", "96"],
     "size-192": ["--image-size", "192"],
+    # the default again with other weights, shuffling and augmentation (same split): how far a result is luck
+    "seed-1": ["--seed", "1"],
+    "seed-2": ["--seed", "2"],
 }
 BASELINE = "dynunet"
 
