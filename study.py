@@ -69,6 +69,7 @@ RUNS = {
     # the default again with other weights, shuffling and augmentation (same split): how far a result is luck
     "seed-1": ["--seed", "1"],
     "seed-2": ["--seed", "2"],
+    "size-96-seed-1": ["--image-size", "96", "--seed", "1"],
 }
 BASELINE = "dynunet"
 
