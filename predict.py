@@ -148,7 +148,7 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
     model, image_size, mean, std = utils.model_from_checkpoint(state, path)
     # channels-last for inference on every device: cuDNN's bf16 kernels are NHWC, and on CPU oneDNN's NHWC
-    # forward is 4-14% faster than NCHW at 128-256 px (its backward is slower: train.py trains NCHW on CPU)
+    # forward is 4-14% faster than NCHW at 128-256 px (with instance norm its backward is slower, so train.py trains that NCHW on CPU)
     model.eval().to(device, memory_format=torch.channels_last)
     splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,

@@ -77,7 +77,7 @@ class TrainConfig:
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
-    channels_last: bool | None = None  # NHWC activations; default: on CUDA (its bf16 kernels are NHWC), off on CPU and on CPU with batch norm; off on CPU with instance norm, whose channels-last backward is slow (measured: benchmark.py fp32 vs fp32-cl)
+    channels_last: bool | None = None  # NHWC activations; default: on CUDA (its bf16 kernels are NHWC) and on CPU with batch norm, off on CPU with instance norm, whose channels-last backward is slow (measured: benchmark.py fp32 vs fp32-cl)
     tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
     compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
     seed: int = 0  # seed for weights, shuffling and augmentation (each rank adds its rank)
