@@ -39,6 +39,11 @@ BUDGETS = {
     "long": ["--image-size", "128", "--epochs", "15", "--batch-size", "16"],
     "long30": ["--image-size", "128", "--epochs", "30", "--batch-size", "16"],
     "screen": ["--image-size", "128", "--epochs", "2", "--batch-size", "16"],
+    # Wall-clock budgets (train.py --minutes): the steps and the schedule fitted to N minutes of training
+    # and validation on the machine at hand. Report them apart: python study.py --budget min10 --table budgets
+    "min5": ["--minutes", "5", "--image-size", "96", "--batch-size", "16"],
+    "min10": ["--minutes", "10", "--image-size", "96", "--batch-size", "16"],
+    "min30": ["--minutes", "30", "--image-size", "96", "--batch-size", "16"],
 }
 
 # The DynUNet baseline: a short MONAI script's recipe (instance norm, no deep supervision, no dropout,
@@ -70,6 +75,17 @@ RUNS = {
     "seed-1": ["--seed", "1"],
     "seed-2": ["--seed", "2"],
     "size-96-seed-1": ["--image-size", "96", "--seed", "1"],
+    "size-96-seed-2": ["--image-size", "96", "--seed", "2"],
+    "size-64": ["--image-size", "64"],
+    "size-64-seed-1": ["--image-size", "64", "--seed", "1"],
+    "size-64-seed-2": ["--image-size", "64", "--seed", "2"],
+    "size-128": ["--image-size", "128"],
+    "size-128-seed-1": ["--image-size", "128", "--seed", "1"],
+    "size-128-seed-2": ["--image-size", "128", "--seed", "2"],
+    # an exponential moving average of the weights, validated and saved instead of them
+    "ema-0.99": ["--ema", "0.99"],
+    "size-64-ema-0.99": ["--image-size", "64", "--ema", "0.99"],
+    "size-128-ema-0.99": ["--image-size", "128", "--ema", "0.99"],
 }
 BASELINE = "dynunet"
 
@@ -150,16 +166,24 @@ PREDICTIONS = {
 }
 
 
-def score_run(run_dir: Path, log: Path) -> dict:
-    """The run's prediction scores (the columns named by PREDICTIONS) and the official scorer's on the test split."""
+# --scores tta: predict.py's defaults only (flip TTA), on both splits: a third of the prediction time
+TTA_ONLY = (("test", "_tta"), ("val", "_tta"))
+
+
+def score_run(run_dir: Path, log: Path, only=None) -> dict:
+    """The run's prediction scores (the columns named by PREDICTIONS, or those in `only`) and the official
+    scorer's on the test split (of the plain predictions, else of the TTA ones)."""
     scores = {}
     for (split, suffix), extra in PREDICTIONS.items():
+        if only and (split, suffix) not in only:
+            continue
         out = run_dir / f"{split}{suffix}"
         run_logged(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--output", str(out), *extra], log)
         metrics = json.loads((out / "metrics.json").read_text())
         scores[f"{split}_dice{suffix}"] = round(metrics["dice"], 4)
         scores[f"{split}_threshold_jaccard{suffix}"] = round(metrics["threshold_jaccard"], 4)
-    scores.update(official_scores(run_dir / "test", run_dir / "test" / "metrics.csv"))
+    test = run_dir / "test" if (run_dir / "test").is_dir() else run_dir / "test_tta"
+    scores.update(official_scores(test, test / "metrics.csv"))
     return scores
 
 
@@ -182,7 +206,7 @@ def run_one(budget: str, name: str, args) -> dict:
     history = read_rows(run_dir / "metrics.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     best = history[summary["best_epoch"] - 1]
-    scores = score_run(run_dir, log)
+    scores = score_run(run_dir, log, TTA_ONLY if args.scores == "tta" else None)
     curves = Path(args.results).parent / "curves"
     curves.mkdir(parents=True, exist_ok=True)
     (curves / f"{budget}-{name}.csv").write_text((run_dir / "metrics.csv").read_text())
@@ -193,8 +217,8 @@ def run_one(budget: str, name: str, args) -> dict:
            "wall_minutes": round(wall / 60, 2), "other_cpu": "" if other is None else round(other, 3),
            "machine": utils.device_name(utils.select_device("auto")),
            "date": datetime.date.today().isoformat(), "commit": commit()}
-    utils.print0(f"[{budget}/{name}] val Dice {row['val_dice']}  test Dice {row['test_dice']}  thresholded Jaccard "
-                 f"{row['test_threshold_jaccard']}  ({row['train_minutes']} min training)")
+    utils.print0(f"[{budget}/{name}] val Dice {row['val_dice']}  test Dice (TTA) {row.get('test_dice_tta')}  "
+                 f"thresholded Jaccard {row.get('test_threshold_jaccard_tta')}  ({row['train_minutes']} min training)")
     return row
 
 
@@ -242,7 +266,7 @@ def markdown_table(rows: list[dict]) -> str:
         val_tta = (f"{pair('val_dice_predict', 'val_threshold_jaccard_predict')} -> "
                    f"{pair('val_dice_tta', 'val_threshold_jaccard_tta')}") if r.get("val_dice_tta") else "-"
         lines.append(f"| {r['budget']} | `{r['name']}` | {r['val_dice']} | {r['val_threshold_jaccard']} | "
-                     f"{r['test_dice']} | {r['test_threshold_jaccard']} | "
+                     f"{r.get('test_dice') or '-'} | {r.get('test_threshold_jaccard') or '-'} | "
                      f"{pair('official_test_dice', 'official_test_threshold_jaccard')} | "
                      f"{pair('test_dice_postprocess', 'test_threshold_jaccard_postprocess')} | {val_tta} | "
                      f"{pair('test_dice_tta', 'test_threshold_jaccard_tta') if r.get('test_dice_tta') else '-'} | "
@@ -334,6 +358,8 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", default="runs/study", help="parent of the study's run folders")
     parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
     parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
+    parser.add_argument("--scores", choices=["all", "tta"], default="all",
+                        help="prediction columns to fill: all of PREDICTIONS, or predict.py's default (TTA) on val and test")
     parser.add_argument("--report", action="store_true", help="only write the table, speed ratios and figure")
     parser.add_argument("--rescore", action="store_true",
                         help="score the budget's finished runs again (every PREDICTIONS column), without training")

@@ -10,6 +10,7 @@ predictions.png, last.pt and best.pt. `--resume auto` continues a run from its l
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ from typing import Literal
 import torch
 import torch.nn as nn
 
+import budget
 import dataset
 import loader
 import modules
@@ -57,6 +59,7 @@ class TrainConfig:
     sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
     # --- optimisation ---
     epochs: int = 100  # passes over the training split
+    minutes: float = 0.0  # wall-clock budget of training plus validation: the steps and the schedule are fitted to it from the throughput measured in the first steps; with --epochs, the first limit reached ends the run; 0: off
     batch_size: int = 16  # images per step on each GPU
     lr: float = 2e-3  # peak learning rate (the paper: 5e-4)
     weight_decay: float = 1e-5  # Adam's L2 penalty (the paper: 1e-5)
@@ -65,6 +68,7 @@ class TrainConfig:
     warmup_epochs: float = 0.3  # linear warm-up from 0, in epochs (fractions allowed), before either schedule
     grad_clip: float = 0.0  # clip the gradient norm to this value; 0 turns clipping off
     loss: Literal["dice+bce", "dice"] = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
+    ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.99); the average is validated and saved as the model; 0: off
     # --- augmentation ---
     augment: Literal["none", "flips", "light", "full"] = "flips"  # preset: none, flips (the square's 8 symmetries), light or full (see loader.AUGMENT_PRESETS)
     flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
@@ -76,10 +80,10 @@ class TrainConfig:
     saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto (bf16 on CUDA, off elsewhere), bf16, fp16 or off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA from capability 8.0 (A100, H100), fp16 below (P100, V100: cuDNN has no bf16 convolutions there), off on CPU and MPS
     channels_last: bool | None = None  # NHWC activations; default: on CUDA (its bf16 kernels are NHWC) and on CPU with batch norm, off on CPU with instance norm, whose channels-last backward is slow (measured: benchmark.py fp32 vs fp32-cl)
     tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
-    compile: bool = False  # torch.compile the model (CUDA; the first epoch pays for compilation)
+    compile: bool = False  # torch.compile the model on CUDA from capability 7.0 (Triton's minimum; ignored with a warning elsewhere); the first epoch pays for compilation
     seed: int = 0  # seed for weights, shuffling and augmentation (each rank adds its rank)
     deterministic: bool = False  # deterministic kernels (slower; for exact reproduction)
     # --- run ---
@@ -157,6 +161,10 @@ def check_config(config: TrainConfig) -> list[str]:
         problems.append(f"--weight-decay must not be negative, got {config.weight_decay}")
     if not 0 < config.lr_decay <= 1:
         problems.append(f"--lr-decay must be in (0, 1], got {config.lr_decay}")
+    if not 0 <= config.minutes or not math.isfinite(config.minutes):
+        problems.append(f"--minutes must be 0 (no budget) or a positive number of minutes, got {config.minutes}")
+    if not 0 <= config.ema < 1:
+        problems.append(f"--ema must be in [0, 1) (0 turns it off; 0.99 is a usual decay), got {config.ema}")
     if not 0 <= config.dropout < 1:
         problems.append(f"--dropout must be in [0, 1), got {config.dropout}")
     for name in ("val_fraction", "test_fraction"):
@@ -401,61 +409,111 @@ class Preemption:
 
     def requested(self, distributed: bool, device: torch.device) -> bool:
         """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
+        return self.poll(distributed, device)[0]
+
+    def poll(self, distributed: bool, device: torch.device, overrun: bool = False) -> tuple[bool, bool]:
+        """(a signal came, a budget ran out) on any rank, agreed by every rank.
+
+        Under DDP this is a collective and a host sync: call it at the same steps on every rank, and
+        only every few steps (SLURM warns minutes ahead, so a check every CHECK_EVERY steps is soon enough).
+        """
         if not distributed:
-            return self.signum is not None
-        flag = torch.tensor([1.0 if self.signum is not None else 0.0], device=device)
-        torch.distributed.all_reduce(flag)
-        return flag.item() > 0
+            return self.signum is not None, overrun
+        flags = torch.tensor([float(self.signum is not None), float(overrun)], device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        signalled, overrun = flags.tolist()
+        return signalled > 0, overrun > 0
 
 
-def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+# Steps between the reads that wait for a GPU (the loss's finiteness, the preemption flag under DDP):
+# each one stalls the queue of kernels the CPU has launched ahead. On a CPU there is no queue to stall.
+CHECK_EVERY = {"cpu": 1}
+CHECK_EVERY_DEFAULT = 25
+
+
+def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int, pace: budget.Pace | None = None):
     """Learning-rate factor per optimizer step (the scheduler steps after every batch, so warm-up and
     cosine decay are smooth even in a six-epoch run). LambdaLR multiplies the *initial* lr by the
-    factor, so the paper's "lr x 0.985 every epoch" is 0.985 ** epoch, not a running product."""
+    factor, so the paper's "lr x 0.985 every epoch" is 0.985 ** epoch, not a running product.
+
+    The cosine decay ends at the run's last step: --epochs', or the step count that `pace` fits to a
+    --minutes budget once it has measured the throughput (the factor reads it at every step)."""
     steps_per_epoch = max(1, steps_per_epoch)
     warmup = config.warmup_epochs * steps_per_epoch
-    total = config.epochs * steps_per_epoch
 
     def factor(step):
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if config.schedule == "paper":
             return config.lr_decay ** (step // steps_per_epoch)
+        total = pace.total_steps if pace is not None else config.epochs * steps_per_epoch
         progress = (step - warmup) / max(1.0, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def amp_settings(amp: str, device: torch.device):
-    """(autocast context factory, GradScaler or None). GradScaler only for fp16: bf16 has fp32's
-    exponent range and needs no loss scaling."""
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    if amp == "off":
+    """(autocast context factory, GradScaler or None), with the dtype that utils.hardware chooses for
+    --amp auto. GradScaler only for fp16: bf16 has fp32's exponent range and needs no loss scaling."""
+    dtype = utils.amp_dtype(amp, utils.hardware(device))
+    if dtype is None:
         return nullcontext, None
-    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
+
+
+class WeightAverage:
+    """An exponential moving average of the weights (Polyak averaging): after every optimizer step
+    average = decay x average + (1 - decay) x weights, with the decay ramped up over the first steps,
+    min(decay, (1 + t) / (10 + t)), so the average does not remember its random start. Float buffers
+    (batch-norm statistics) are averaged the same way. The update runs on the device with no host sync.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.source = model  # the plain model the optimizer trains (not a DDP or compile wrapper)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _pairs(self, model: nn.Module):
+        ours = list(self.model.parameters()) + [b for b in self.model.buffers() if b.is_floating_point()]
+        theirs = list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]
+        return ours, theirs
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ours, theirs = self._pairs(self.source)
+        torch._foreach_lerp_(ours, theirs, 1.0 - decay)
+        for mine, other in zip(self.model.buffers(), self.source.buffers()):
+            if not mine.is_floating_point():
+                mine.copy_(other)  # counters such as num_batches_tracked
 
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, scaler, config: TrainConfig, epoch: int,
                     start_step: int, loss_sum: float, images_seen: int, preemption: Preemption,
-                    distributed: bool, device: torch.device) -> dict:
-    """One pass over the training loader from `start_step`; stops early on a preemption signal.
+                    distributed: bool, device: torch.device, pace: budget.Pace | None = None,
+                    on_measured=None, average: WeightAverage | None = None, steps_per_epoch: int | None = None) -> dict:
+    """One pass over the training loader from `start_step`; stops early on a preemption signal, at the
+    end of a --minutes plan, or when a budget run has fallen too far behind it.
 
-    The loss is summed on the device and read back only for the progress bar, so the step itself
-    never waits for the GPU.
+    The loss is summed in float32 on the device (MPS has no float64) and read back only every
+    CHECK_EVERY steps and for the progress bar, so the step itself never waits for the GPU. While
+    `pace` is measuring, `on_measured(global_step)` is called once when its timing window closes.
     """
     model.train()
-    steps = len(loader) if config.max_steps == 0 else min(len(loader), config.max_steps)
-    total_loss = torch.tensor(loss_sum, device=device, dtype=torch.float64)
+    per_epoch = steps_per_epoch or (len(loader) if config.max_steps == 0 else min(len(loader), config.max_steps))
+    steps = per_epoch if pace is None else max(0, min(per_epoch, pace.total_steps - epoch * per_epoch))
+    total_loss = torch.tensor(loss_sum, device=device, dtype=torch.float32)
     seen = images_seen
-    check_every = 1 if device.type == "cpu" else 25  # a finiteness check is a host sync on GPUs
-    bar = utils.Progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}/{config.epochs}",
+    check_every = CHECK_EVERY.get(device.type, CHECK_EVERY_DEFAULT)
+    bar = utils.Progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}",
                          enabled=config.progress and utils.is_main_process())
     started, timed_images = time.perf_counter(), 0
     step = start_step
-    stopped = False
+    stopped = overrun = False
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     loader.set_epoch(epoch, start_batch=start_step)  # mid-epoch resume: the same batches from start_step on
     for step_index, (images, masks) in enumerate(loader, start=start_step):
         if step_index >= steps:
@@ -477,10 +535,18 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
         else:
             optimizer.step()
         scheduler.step()
-        total_loss += loss.detach().double() * images.shape[0]
+        if average is not None:
+            average.update()
+        total_loss += loss.detach() * images.shape[0]
         seen += images.shape[0]
         timed_images += images.shape[0]
         step = step_index + 1
+        global_step = epoch * per_epoch + step
+        if pace is not None and pace.measuring and pace.observe(global_step, epoch * per_epoch + steps, sync):
+            if on_measured is not None:
+                on_measured(global_step)
+            steps = max(0, min(per_epoch, pace.total_steps - epoch * per_epoch))  # the plan may end this epoch
+            bar.total = steps
         if step % check_every == 0 and not torch.isfinite(total_loss):
             raise TrainingError(
                 f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within the "
@@ -488,26 +554,35 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
                 f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
         if bar.n % 10 == 0 or step == steps:
             rate = timed_images / max(time.perf_counter() - started, 1e-9)
-            bar.set_postfix(loss=f"{total_loss.item() / max(seen, 1):.4f}", img_s=f"{rate:.1f}")
+            postfix = {"loss": f"{total_loss.item() / max(seen, 1):.4f}", "img_s": f"{rate:.1f}"}
+            if pace is not None and pace.budgeted:
+                postfix["budget"] = f"{pace.used_seconds() / 60:.1f}/{pace.minutes:g}min"
+                postfix["steps"] = f"{global_step}/{pace.total_steps}"
+            bar.set_postfix(**postfix)
         bar.update(1)
-        if preemption.requested(distributed, device):
-            stopped = step < steps
-            break
+        if step % check_every == 0 or step >= steps:
+            signalled, overrun = preemption.poll(distributed, device, pace is not None and pace.overrun())
+            if signalled or overrun:
+                stopped = signalled and step < steps
+                break
     bar.close()
     if not torch.isfinite(total_loss):
         raise TrainingError(f"the training loss became {total_loss.item()} during epoch {epoch + 1}. The last good "
                             f"checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --amp bf16/off.")
     seconds = time.perf_counter() - started
-    return {"loss_sum": total_loss.item(), "images": seen, "step": step, "stopped": stopped,
+    return {"loss_sum": total_loss.item(), "images": seen, "step": step, "stopped": stopped, "overrun": overrun,
             "images_per_s": timed_images / max(seconds, 1e-9) * (torch.distributed.get_world_size() if distributed else 1)}
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, *, autocast) -> dict:
-    """Mean loss and ISIC metrics over a split (per image, then averaged across all ranks)."""
+def evaluate(model, loader, loss_fn, *, autocast, max_batches: int = 0) -> dict:
+    """Mean loss and ISIC metrics over a split (per image, then averaged across all ranks); with
+    max_batches, over the first batches only (to time a validation)."""
     model.eval()
     averager = utils.MetricAverager()
-    for images, masks in loader:
+    for index, (images, masks) in enumerate(loader):
+        if max_batches and index >= max_batches:
+            break
         with autocast():
             logits = model(images)
         logits = logits.float()
@@ -515,7 +590,6 @@ def evaluate(model, loader, loss_fn, *, autocast) -> dict:
         per_image["loss"] = loss_fn(logits, masks).detach().expand(images.shape[0])
         averager.update(per_image)
     return averager.compute()
-
 
 @torch.no_grad()
 def predict_preview(model, split, mean, std, count: int, device, autocast):
@@ -596,7 +670,7 @@ def run_name(config: TrainConfig, distributed: bool) -> str:
 
 def train(config: TrainConfig, explicit: set[str] = frozenset()) -> dict:
     """Run (or resume) training; returns the summary that is also written to summary.json."""
-    dist = utils.init_distributed()
+    dist = utils.init_distributed(config.device)  # gloo for --device cpu even on a GPU node
     try:
         return _train(config, set(explicit), dist)
     finally:
@@ -629,6 +703,8 @@ class TrainState:
     best_epoch: int = -1
     history: list = field(default_factory=list)
     wandb_id: str | None = None
+    budget_plan: dict | None = None  # the --minutes plan, once decided (see budget.Pace)
+    used_seconds: float = 0.0  # training and validation time so far, across resumptions
 
 
 def prepare_run(config: TrainConfig, explicit: set[str], dist):
@@ -647,6 +723,10 @@ def prepare_run(config: TrainConfig, explicit: set[str], dist):
 
 def setup_device(config: TrainConfig, dist) -> torch.device:
     device = utils.select_device(config.device)
+    if dist.is_distributed and device.type == "cuda" and device.index != dist.local_rank:
+        if config.device not in ("auto", "cuda"):
+            utils.print0(f"--device {config.device} under torchrun: each process uses its own GPU, cuda:LOCAL_RANK")
+        device = torch.device("cuda", dist.local_rank)  # the GPU the process group bound this rank to
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = not config.deterministic
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -699,11 +779,9 @@ def setup_model(config: TrainConfig, checkpoint: dict | None, dist, device: torc
             raise utils.CheckpointError(
                 f"{config.resume}: the checkpoint's model {utils.checkpoint_model_config(checkpoint)} differs from this run's "
                 f"{dataclasses.asdict(model_config)}; drop the conflicting flags or start a new --name")
-        model.load_state_dict(checkpoint["model"])
-    # on CPU channels-last trains 18-19% faster with batch norm and 9-19% slower with instance norm (GroupNorm's
-    # channels-last backward): `python benchmark.py --device cpu --models ours-batch ours-instance`
-    channels_last = config.channels_last if config.channels_last is not None else (
-        device.type == "cuda" or config.norm == "batch")
+        model.load_state_dict(checkpoint.get("online_model", checkpoint["model"]))  # "model" is the average with --ema
+    hardware = utils.hardware(device)
+    channels_last = config.channels_last if config.channels_last is not None else hardware.channels_last(config.norm)
     model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     raw_model = model  # checkpoints always hold the plain model, without DDP or compile wrappers
     if dist.is_distributed:
@@ -711,18 +789,23 @@ def setup_model(config: TrainConfig, checkpoint: dict | None, dist, device: torc
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             raw_model = model
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
+    if config.compile and not hardware.can_compile:
+        utils.print0(f"--compile ignored on {hardware.name}: torch.compile's GPU kernels (Triton) need CUDA "
+                     f"capability 7.0 or higher" + (f", this GPU has {hardware.capability[0]}.{hardware.capability[1]}"
+                                                    if hardware.capability else ""))
+    elif config.compile:
         model = torch.compile(model)
     return model, raw_model, model_config
 
 
-def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoch: int, device: torch.device):
+def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoch: int, device: torch.device,
+                       pace: budget.Pace):
     """(optimizer, scheduler, autocast factory, GradScaler or None, loss)."""
     # the fused kernel updates all parameters in one pass: a third of the time of the default multi-tensor
     # Adam on CPU (9 vs 28 ms a step for this model), and the usual choice on CUDA
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in ("cpu", "cuda"))
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch, pace)
     autocast, scaler = amp_settings(config.amp, device)
     return optimizer, scheduler, autocast, scaler, utils.SegmentationLoss(config.loss)
 
@@ -732,6 +815,7 @@ def restore(checkpoint: dict | None, optimizer, scheduler, scaler, main_process:
     if checkpoint is None:
         return TrainState()
     optimizer.load_state_dict(checkpoint["optimizer"])
+    match_parameter_layout(optimizer)
     scheduler.load_state_dict(checkpoint["scheduler"])
     if scaler is not None and checkpoint.get("scaler"):
         scaler.load_state_dict(checkpoint["scaler"])
@@ -739,7 +823,24 @@ def restore(checkpoint: dict | None, optimizer, scheduler, scaler, main_process:
         utils.set_rng_state(checkpoint["rng"])
     loss_sum, images = checkpoint.get("epoch_loss", (0.0, 0))
     return TrainState(checkpoint["epoch"], checkpoint.get("step", 0), loss_sum, images, checkpoint["best_metric"],
-                    checkpoint["best_epoch"], list(checkpoint.get("history", [])), checkpoint.get("wandb_run_id"))
+                      checkpoint["best_epoch"], list(checkpoint.get("history", [])), checkpoint.get("wandb_run_id"),
+                      checkpoint.get("budget_plan"), checkpoint.get("used_seconds", 0.0))
+
+
+def match_parameter_layout(optimizer) -> None:
+    """Give each optimizer state tensor its parameter's memory layout.
+
+    load_state_dict keeps the strides the state was saved with, and the fused Adam kernel treats a
+    parameter and its moments as flat memory: a run saved in NCHW and resumed channels-last (a CPU
+    run continued on a GPU, or another --channels-last) would add each moment to the wrong weight,
+    silently. Copying the state into the parameter's layout keeps every element with its weight.
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
@@ -749,8 +850,16 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     data = setup_data(config, checkpoint, dist, device)
     model, raw_model, model_config = setup_model(config, checkpoint, dist, device)
     steps_per_epoch = min(len(data.train_loader), config.max_steps or len(data.train_loader))
-    optimizer, scheduler, autocast, scaler, loss_fn = setup_optimisation(config, raw_model, steps_per_epoch, device)
+    saved = checkpoint or {}
+    pace = budget.Pace(config.minutes, steps_per_epoch, config.epochs * steps_per_epoch, saved.get("budget_plan"),
+                       saved.get("used_seconds", 0.0))
+    optimizer, scheduler, autocast, scaler, loss_fn = setup_optimisation(config, raw_model, steps_per_epoch, device, pace)
     progress = restore(checkpoint, optimizer, scheduler, scaler, main_process)
+    average = WeightAverage(raw_model, config.ema) if config.ema > 0 else None
+    if average is not None and checkpoint is not None and "online_model" in checkpoint:
+        average.model.load_state_dict(checkpoint["model"])
+        average.updates = checkpoint.get("ema_updates", 0)
+    scored_model = average.model if average is not None else raw_model  # what validation scores and best.pt holds
     norm_stats = {"mean": list(data.mean), "std": list(data.std)}
 
     run_dir = Path(config.out_dir) / config.name
@@ -766,16 +875,16 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             write_json(run_dir / "splits.json", {"data_dir": config.data_dir, "split_seed": config.split_seed,
                                                  "folds": config.folds, "fold": config.fold,
                                                  "description": data.description, **data.split_ids})
-            write_json(run_dir / "config.json", {"train": dataclasses.asdict(config),
-                                                 "model": dataclasses.asdict(model_config), "norm_stats": norm_stats})
+            write_config(run_dir, config, model_config, norm_stats, pace.plan)
             wandb_run = start_wandb(config, run_dir, progress.wandb_id)
             progress.wandb_id = wandb_run.id if wandb_run is not None else progress.wandb_id
             utils.print0(f"run folder {run_dir} | {len(data.train.ids)} train / {len(data.val.ids)} val images at "
-                         f"{config.image_size}px | device {device} | {modules.count_parameters(raw_model):,} parameters")
+                         f"{config.image_size}px | device {device} | {modules.count_parameters(raw_model):,} parameters"
+                         + (f" | budget {config.minutes:g} min" if pace.budgeted else ""))
 
         def save(path: Path, epoch: int, step: int = 0, epoch_loss=(0.0, 0)) -> None:
-            utils.save_checkpoint({
-                "format": utils.CHECKPOINT_FORMAT, "model": raw_model.state_dict(),
+            state = {
+                "format": utils.CHECKPOINT_FORMAT, "model": scored_model.state_dict(),
                 "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
                 "image_size": config.image_size, "norm_stats": norm_stats,
                 "epoch": epoch, "step": step, "epoch_loss": list(epoch_loss),
@@ -783,15 +892,58 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else None,
                 "rng": utils.rng_state(), "wandb_run_id": progress.wandb_id, "splits": data.split_ids,
-            }, path)
+                "budget_plan": pace.plan, "used_seconds": pace.used_seconds(),
+            }
+            if average is not None:  # "model" is the average (what predict.py uses); training resumes from these
+                state |= {"online_model": raw_model.state_dict(), "ema_updates": average.updates}
+            utils.save_checkpoint(state, path)
+
+        def epoch_end_seconds() -> float:
+            """What an epoch's end costs here, timed by doing it: a validation, two checkpoints (last.pt and,
+            when the score improved, best.pt) and the curves."""
+            started = time.perf_counter()
+            evaluate(scored_model, data.val_loader, loss_fn, autocast=autocast)
+            if main_process:
+                probe = run_dir / ".pace-probe.pt"
+                for _ in range(2):
+                    save(probe, progress.epoch)
+                probe.unlink()
+                plot_curves(progress.history or [{"epoch": 1, "train_loss": 0.0, "val_loss": 0.0, "val_dice": 0.0,
+                                                  "val_jaccard": 0.0, "lr": 0.0}], run_dir / "curves.png")
+            seconds = time.perf_counter() - started
+            model.train()
+            return seconds
+
+        def on_measured(global_step: int) -> None:
+            """The throughput is measured: fix a --minutes plan, or say what the run will cost."""
+            end_seconds = epoch_end_seconds()
+            if pace.budgeted and pace.plan is None:
+                plan = [pace.decide(global_step, end_seconds)]
+                if dist.is_distributed:  # every rank must stop at the same step: rank 0's measurement decides
+                    torch.distributed.broadcast_object_list(plan, src=0)
+                    pace.plan = plan[0]
+                progress.budget_plan = pace.plan
+                if main_process:
+                    write_config(run_dir, config, model_config, norm_stats, pace.plan)
+                    utils.print0(budget_line(pace, steps_per_epoch, end_seconds))
+            elif main_process and not pace.budgeted:
+                warning = cost_warning(config, device, pace.estimate_seconds(end_seconds, global_step))
+                if warning:
+                    utils.print0(warning)
 
         # --- the epochs ---
-        for epoch in range(progress.epoch, config.epochs):
+        pace.restart()
+        if pace.measuring and not (pace.budgeted or checkpoint is None):
+            pace.step_seconds = 0.0  # a resumed run without a budget: its cost was estimated when it started
+        epoch = progress.epoch
+        while epoch < config.epochs and epoch * steps_per_epoch < pace.total_steps:
             epoch_started = time.perf_counter()
             result = train_one_epoch(
                 model, data.train_loader, optimizer, scheduler, loss_fn, autocast=autocast, scaler=scaler,
                 config=config, epoch=epoch, start_step=progress.step, loss_sum=progress.loss_sum,
-                images_seen=progress.images, preemption=preemption, distributed=dist.is_distributed, device=device)
+                images_seen=progress.images, preemption=preemption, distributed=dist.is_distributed, device=device,
+                pace=pace, on_measured=on_measured if pace.measuring else None, average=average,
+                steps_per_epoch=steps_per_epoch)
             if result["stopped"]:
                 if main_process:
                     save(run_dir / "last.pt", epoch, result["step"], (result["loss_sum"], result["images"]))
@@ -801,10 +953,10 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             progress.step, progress.loss_sum, progress.images = 0, 0.0, 0
             if dist.is_distributed:
                 # Each rank updated its own batch-norm statistics; evaluate (and save) rank 0's.
-                for buffer in raw_model.buffers():
+                for buffer in scored_model.buffers():
                     torch.distributed.broadcast(buffer, src=0)
             # The plain model: a DDP forward is a collective, and ranks may hold unequal batch counts.
-            val = evaluate(raw_model, data.val_loader, loss_fn, autocast=autocast)
+            val = evaluate(scored_model, data.val_loader, loss_fn, autocast=autocast)
             lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
             row = {"epoch": epoch + 1, "train_loss": result["loss_sum"] / max(result["images"], 1),
                    "val_loss": val["loss"], "lr": lr, "images_per_s": result["images_per_s"],
@@ -812,26 +964,39 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             improved = row["val_dice"] > progress.best_metric
             if improved:
                 progress.best_metric, progress.best_epoch = row["val_dice"], epoch + 1
+            done_steps = epoch * steps_per_epoch + result["step"]
+            finished = result["overrun"] or done_steps >= pace.total_steps or epoch + 1 >= config.epochs
             if main_process:
                 row["seconds"] = round(time.perf_counter() - epoch_started, 2)
                 progress.history.append(row)
+                if finished and result["overrun"]:
+                    pace.plan = {**(pace.plan or {}), "total_steps": done_steps, "overrun": True}
                 save(run_dir / "last.pt", epoch + 1)
                 if improved:
                     save(run_dir / "best.pt", epoch + 1)
                 utils.write_csv(run_dir / "metrics.csv", progress.history, METRIC_COLUMNS)
                 plot_curves(progress.history, run_dir / "curves.png")
-                utils.print0(f"epoch {epoch + 1:>3}/{config.epochs}  loss {row['train_loss']:.4f}  "
+                limit = pace.describe(done_steps) if pace.budgeted else f"{epoch + 1:>3}/{config.epochs}"
+                utils.print0(f"epoch {epoch + 1:>3}  loss {row['train_loss']:.4f}  "
                              f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "
-                             f"{row['images_per_s']:.1f} img/s" + ("  *best" if improved else ""))
+                             f"{row['images_per_s']:.1f} img/s  {limit}" + ("  *best" if improved else ""))
                 wandb_log(wandb_run, {k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, epoch + 1)
-            if preemption.requested(dist.is_distributed, device):
+            if result["overrun"]:
+                utils.print0(f"the {config.minutes:g}-minute budget ran out at step {done_steps} of the "
+                             f"{pace.total_steps} planned (the machine got slower than when the steps were timed); "
+                             f"the run ends here with its learning rate not yet decayed")
+            if not finished and preemption.requested(dist.is_distributed, device):
                 utils.print0(f"stopped by a signal after epoch {epoch + 1}; resume with --resume auto --name {config.name}")
                 raise SystemExit(128 + (preemption.signum or 0))
+            epoch += 1
+            if finished:
+                break
 
         summary = {"run_dir": str(run_dir), "best_epoch": progress.best_epoch, "best_val_dice": progress.best_metric,
-                   "epochs": config.epochs, "data_dir": config.data_dir, "synthetic": on_synthetic}
+                   "epochs": len(progress.history), "data_dir": config.data_dir, "synthetic": on_synthetic,
+                   "ema": config.ema, "budget": budget_summary(pace, config, progress.history, steps_per_epoch)}
         if main_process:
-            finish(summary, progress, raw_model, data, config, device, autocast, wandb_run, run_dir)
+            finish(summary, progress, scored_model, data, config, device, autocast, wandb_run, run_dir)
         return summary
     finally:
         preemption.uninstall()
@@ -841,6 +1006,51 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             except Exception:  # a wandb failure at shutdown must not hide the run's result
                 pass
         lock.release()
+
+
+def write_config(run_dir: Path, config: TrainConfig, model_config, norm_stats: dict, plan: dict | None) -> None:
+    write_json(run_dir / "config.json", {"train": dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
+                                         "norm_stats": norm_stats, "budget_plan": plan})
+
+
+def budget_line(pace: budget.Pace, steps_per_epoch: int, end_seconds: float) -> str:
+    plan = pace.plan
+    return (f"budget {pace.minutes:g} min: {plan['step_seconds'] * 1000:.0f} ms a step and {end_seconds:.1f} s an "
+            f"epoch end measured -> {plan['total_steps']} steps ({plan['total_steps'] / steps_per_epoch:.1f} epochs), "
+            f"the learning-rate schedule fitted to them")
+
+
+def budget_summary(pace: budget.Pace, config: TrainConfig, history: list[dict], steps_per_epoch: int) -> dict | None:
+    """The budget, the time used and the steps planned against the steps done (None without --minutes)."""
+    if not pace.budgeted:
+        return None
+    plan = pace.plan or {}
+    done = min(pace.total_steps, len(history) * steps_per_epoch)
+    return {"minutes": config.minutes, "used_minutes": round(sum(float(r["seconds"]) for r in history) / 60, 3),
+            "planned_steps": plan.get("total_steps"), "done_steps": done, "step_seconds": plan.get("step_seconds"),
+            "epoch_end_seconds": plan.get("epoch_end_seconds"), "overrun": bool(plan.get("overrun"))}
+
+
+# What a 2-core CPU reaches in a short budget (results/budgets.csv); printed when a CPU run will take long.
+CPU_BUDGET_COMMAND = "python train.py --data-dir DATA --minutes 10 --image-size 96"
+CPU_BUDGET_REACHES = "test Dice 0.89 on ISIC 2018 with 2 CPU cores"
+
+
+def cost_warning(config: TrainConfig, device: torch.device, estimate_seconds: float) -> str | None:
+    """A warning, printed before the run has cost much, when it will take long on this machine: over an
+    hour on a CPU, or longer than the SLURM job has left (then the job requeues to finish)."""
+    lines = []
+    if device.type == "cpu" and estimate_seconds > 3600:
+        lines.append(f"warning: this run is estimated to take {budget.format_minutes(estimate_seconds)} on this CPU "
+                     f"({config.epochs} epochs at {config.image_size}px). For a short CPU budget use "
+                     f"`{CPU_BUDGET_COMMAND.replace('DATA', config.data_dir)}` ({CPU_BUDGET_REACHES}); "
+                     f"training goes on.")
+    left = budget.slurm_seconds_left()
+    if left is not None and estimate_seconds > left:
+        lines.append(f"note: this run is estimated to take {budget.format_minutes(estimate_seconds)}, longer than the "
+                     f"{budget.format_minutes(max(left, 0))} this SLURM job has left; it will save at the time-limit "
+                     f"warning and be requeued to finish (slurm/train.sh requeues itself).")
+    return "\n".join(lines) or None
 
 
 def finish(summary: dict, progress: TrainState, raw_model, data: Data, config: TrainConfig, device, autocast,

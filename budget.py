@@ -1,0 +1,148 @@
+"""Training to a wall-clock budget (`train.py --minutes N`) and the cost estimate every run prints.
+
+A student has a one-hour queue slot or a lunch break, not a number of epochs. With too many epochs a
+cosine schedule is cut off at a high learning rate; with too few the slot is wasted. `Pace` times the
+first training steps of a run, the end of an epoch (validation, checkpoint, curves) and from them:
+
+- with a budget, decides how many steps fit, once; the decision goes into every checkpoint, so a
+  preempted and resumed run follows the same schedule to the same last step as an uninterrupted one;
+- without one, estimates how long the run will take, so a CPU run that will take hours says so (and
+  what the CPU budget reaches) before the user has waited for it.
+
+The plan is a plain dict (it is stored in checkpoints, summary.json and wandb):
+    minutes, total_steps, step_seconds, epoch_end_seconds, decided_at_step
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+# The measurement window: WINDOW_STEPS steps after the first SKIP (which pay for allocation and kernel
+# selection), or up to the end of the first epoch. A count of steps, not of seconds, so that every
+# rank of a multi-GPU run closes its window at the same step (the plan is agreed on there).
+SKIP = 3
+WINDOW_STEPS = 12
+
+# A budget run that falls this far behind its plan (a machine that got busier than it was while the
+# steps were timed) ends at the budget instead, with the schedule not finished.
+OVERRUN = 1.10
+
+
+def fit_steps(budget_seconds: float, used_seconds: float, done_steps: int, step_seconds: float,
+              epoch_end_seconds: float, steps_per_epoch: int, max_steps: int) -> int:
+    """The most steps whose training plus one epoch end (validation, checkpoint) per started epoch fit in
+    the budget, given `done_steps` already taken in `used_seconds`; at least done_steps, at most max_steps.
+
+    An epoch may end early at the budget: the run's last epoch is then a partial one, validated like
+    the others.
+    """
+    best = done_steps
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    for e in range(max(1, math.ceil(max(done_steps, 1) / steps_per_epoch)), epochs + 1):
+        room = budget_seconds - used_seconds - e * epoch_end_seconds  # time left for steps with e epoch ends
+        steps = min(e * steps_per_epoch, max_steps, done_steps + math.floor(max(room, 0.0) / step_seconds))
+        if steps > (e - 1) * steps_per_epoch and steps > best:
+            best = steps
+    return best
+
+
+class Pace:
+    """The clock of a training run: measures its throughput and keeps its budget plan.
+
+    `used_seconds` counts training and validation time across resumptions (the time of earlier sessions
+    comes from the checkpoint); set-up, cache building and the final predictions are not counted.
+    """
+
+    def __init__(self, minutes: float, steps_per_epoch: int, max_steps: int, plan: dict | None = None,
+                 used_seconds: float = 0.0):
+        self.minutes = minutes
+        self.steps_per_epoch = max(1, steps_per_epoch)
+        self.max_steps = max_steps  # --epochs x steps per epoch: the other limit
+        self.plan = dict(plan) if plan else None
+        self._used_before = used_seconds
+        self._started = time.perf_counter()
+        self._times: list[float] = []  # when each step of the measurement window ended
+        self.step_seconds: float | None = self.plan["step_seconds"] if self.plan else None
+
+    @property
+    def budgeted(self) -> bool:
+        return self.minutes > 0
+
+    @property
+    def total_steps(self) -> int:
+        """The step at which the run ends: the plan's, else --epochs' (also while still measuring)."""
+        return self.plan["total_steps"] if self.plan else self.max_steps
+
+    @property
+    def measuring(self) -> bool:
+        return self.step_seconds is None
+
+    def used_seconds(self) -> float:
+        return self._used_before + time.perf_counter() - self._started
+
+    def restart(self) -> None:
+        """Start this session's clock now (after set-up, when the first step begins)."""
+        self._started = time.perf_counter()
+
+    def observe(self, global_step: int, epoch_end_step: int, sync) -> bool:
+        """Call after each training step while measuring; True when the window has just closed (then
+        step_seconds is set). `sync` waits for the device, so each step's time is its real time.
+
+        The step time is the median over the window: a burst of other work on the machine (a daemon,
+        another user's job) lengthens a few steps and would otherwise shorten the whole plan.
+        """
+        if global_step < SKIP and global_step < epoch_end_step:
+            return False
+        sync()
+        self._times.append(time.perf_counter())
+        if len(self._times) <= WINDOW_STEPS and global_step < epoch_end_step:
+            return False
+        steps = sorted(b - a for a, b in zip(self._times, self._times[1:]))
+        if steps:
+            self.step_seconds = steps[len(steps) // 2]
+        else:  # an epoch of at most SKIP steps: the only timing there is
+            self.step_seconds = self.used_seconds() / max(global_step, 1)
+        return True
+
+    def decide(self, global_step: int, epoch_end_seconds: float) -> dict:
+        """Fix the number of steps that fit in the budget (once; a resumed run keeps its plan)."""
+        total = fit_steps(self.minutes * 60, self.used_seconds(), global_step, self.step_seconds,
+                          epoch_end_seconds, self.steps_per_epoch, self.max_steps)
+        self.plan = {"minutes": self.minutes, "total_steps": int(total), "step_seconds": round(self.step_seconds, 5),
+                     "epoch_end_seconds": round(epoch_end_seconds, 4), "decided_at_step": int(global_step)}
+        return self.plan
+
+    def estimate_seconds(self, epoch_end_seconds: float, done_steps: int) -> float:
+        """Training plus validation time of the whole run from what was measured."""
+        remaining = max(self.total_steps - done_steps, 0)
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        return self.used_seconds() + remaining * self.step_seconds + epochs * epoch_end_seconds
+
+    def overrun(self) -> bool:
+        """True when a budget run is so far behind its plan that it must end now."""
+        return self.budgeted and self.used_seconds() > OVERRUN * self.minutes * 60
+
+    def describe(self, done_steps: int) -> str:
+        """'budget 3.2/10 min, step 540/1010' for the progress line and the epoch summary."""
+        text = f"step {done_steps}/{self.total_steps}"
+        if self.budgeted:
+            text = f"budget {self.used_seconds() / 60:.1f}/{self.minutes:g} min, " + text
+        return text
+
+
+def slurm_seconds_left(now: float | None = None) -> float | None:
+    """Seconds until the SLURM job's time limit (SLURM_JOB_END_TIME, a Unix time), or None outside a job."""
+    end = os.environ.get("SLURM_JOB_END_TIME")
+    try:
+        return float(end) - (time.time() if now is None else now) if end else None
+    except ValueError:
+        return None
+
+
+def format_minutes(seconds: float) -> str:
+    minutes = seconds / 60
+    if minutes < 90:
+        return f"{minutes:.0f} min"
+    return f"{minutes / 60:.1f} h"

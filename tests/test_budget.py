@@ -1,0 +1,202 @@
+"""--minutes (a wall-clock budget), the cost estimate a run prints, and --ema (an average of the weights)."""
+
+import csv
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import budget
+import predict
+import train
+import utils
+from conftest import write_isic_folder
+from test_train import assert_same_weights, tiny_args, weights
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+def test_fit_steps_leaves_room_for_every_epoch_end():
+    # 100 s, 1 s a step, 10 s an epoch end, 30 steps an epoch: 70 steps (two full epochs and 10 steps of a
+    # third) cost 70 + 3 x 10 = 100 s; 71 steps would not fit, nor would a fourth epoch
+    assert budget.fit_steps(100, 0, 0, 1.0, 10.0, 30, 10_000) == 70
+    assert budget.fit_steps(100, 0, 0, 1.0, 0.0, 30, 10_000) == 100
+
+
+def test_fit_steps_counts_what_was_spent_and_stops_at_the_epoch_limit():
+    assert budget.fit_steps(100, 40, 10, 1.0, 10.0, 30, 10_000) == 10 + 40  # 40 s left after 2 epoch ends: 20 + ...
+    assert budget.fit_steps(10_000, 0, 0, 1.0, 10.0, 30, 90) == 90  # --epochs 3 ends the run first
+    assert budget.fit_steps(5, 30, 12, 1.0, 10.0, 30, 10_000) == 12  # already past the budget: stop where it is
+
+
+def test_pace_measures_a_window_of_steps_then_decides():
+    pace = budget.Pace(minutes=1.0, steps_per_epoch=100, max_steps=10_000)
+    assert pace.measuring and pace.total_steps == 10_000
+    closed = [step for step in range(1, 40) if pace.measuring and pace.observe(step, 100, sync=lambda: None)]
+    assert closed == [budget.SKIP + budget.WINDOW_STEPS]
+    assert pace.step_seconds > 0
+    plan = pace.decide(closed[0], epoch_end_seconds=1.0)
+    assert plan["total_steps"] == pace.total_steps and closed[0] <= plan["total_steps"] <= 10_000
+    assert set(plan) >= {"minutes", "total_steps", "step_seconds", "epoch_end_seconds"}
+
+
+def test_a_short_first_epoch_closes_the_window_at_its_end():
+    pace = budget.Pace(minutes=1.0, steps_per_epoch=2, max_steps=100)
+    assert not pace.observe(1, 2, sync=lambda: None)
+    assert pace.observe(2, 2, sync=lambda: None) and pace.step_seconds > 0
+
+
+def test_cosine_schedule_ends_at_the_planned_step():
+    config = train.TrainConfig(lr=1.0, schedule="cosine", warmup_epochs=0.0, epochs=100, minutes=1)
+    pace = budget.Pace(1, steps_per_epoch=10, max_steps=1000, plan={"total_steps": 25, "step_seconds": 0.1})
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = train.make_scheduler(optimizer, config, 10, pace)
+    lrs = []
+    for _ in range(25):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 1.0 and lrs[12] == pytest.approx(0.5, abs=0.07) and 0 < lrs[-1] < 0.01
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------- --minutes end to end
+
+
+def test_budget_run_ends_within_one_validation_interval_of_its_minutes(tmp_path, capsys):
+    minutes = 0.3
+    data = write_isic_folder(tmp_path / "isic", n=48)  # epochs long enough that steps, not epoch ends, fill them
+    summary = train.main(tiny_args(data, tmp_path, "--minutes", str(minutes), "--epochs", "1000",
+                                   "--batch-size", "1", "--name", "budget"))
+    run = tmp_path / "budget"
+    rows = list(csv.DictReader(open(run / "metrics.csv")))
+    used = sum(float(r["seconds"]) for r in rows)
+    interval = max(float(r["seconds"]) for r in rows)  # one epoch: its steps and its validation
+    assert abs(used - minutes * 60) <= interval, (used, interval, len(rows))
+    plan = summary["budget"]
+    assert plan["done_steps"] == plan["planned_steps"] > 0 and not plan["overrun"]
+    assert plan["minutes"] == minutes and plan["used_minutes"] == pytest.approx(used / 60, abs=0.01)
+    # the decision is stored where a resumed run and a reader find it
+    assert utils.load_checkpoint(run / "last.pt")["budget_plan"]["total_steps"] == plan["planned_steps"]
+    assert json.loads((run / "config.json").read_text())["budget_plan"]["total_steps"] == plan["planned_steps"]
+    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)  # the schedule decayed fully by the budget
+    out = capsys.readouterr().out
+    assert f"budget {minutes:g} min:" in out and f"step {plan['planned_steps']}/{plan['planned_steps']}" in out
+
+
+def test_epochs_end_a_budget_run_that_has_time_left(isic_folder, tmp_path):
+    summary = train.main(tiny_args(isic_folder, tmp_path, "--minutes", "60", "--epochs", "2", "--name", "short"))
+    assert summary["budget"]["done_steps"] == summary["budget"]["planned_steps"]
+    assert len(list(csv.DictReader(open(tmp_path / "short" / "metrics.csv")))) == 2
+
+
+def signal_after(polls: int):
+    """A Preemption class whose signal 'arrives' at the polls-th step check (as SLURM's USR1 would)."""
+    left = [polls]
+
+    class SignalAfter(train.Preemption):
+        def poll(self, distributed, device, overrun=False):
+            left[0] -= 1
+            if left[0] == 0:
+                self.signum = 10  # SIGUSR1
+            return super().poll(distributed, device, overrun)
+    return SignalAfter
+
+
+@pytest.mark.parametrize("ema", [None, "0.9"])
+def test_preempted_budget_run_resumes_to_the_uninterrupted_weights(isic_folder, tmp_path, monkeypatch, ema):
+    """The plan is decided once and stored: a run stopped mid-epoch and resumed follows it to the same last
+    step and the same weights, even where a new measurement would plan otherwise."""
+    plain = train.Preemption
+    planned = iter([23, 23, 5])  # uninterrupted, preempted, (a re-decision on resume must not happen)
+    monkeypatch.setattr(budget, "fit_steps", lambda *a, **k: next(planned))
+    extra = ["--minutes", "5", "--epochs", "1000", "--batch-size", "1"] + (["--ema", ema] if ema else [])
+    whole = train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "whole"))
+    assert whole["budget"]["done_steps"] == 23
+
+    monkeypatch.setattr(train, "Preemption", signal_after(17))  # mid-epoch 2 (11 steps an epoch)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut"))
+    assert stopped.value.code == 128 + 10
+    checkpoint = utils.load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 6) and checkpoint["budget_plan"]["total_steps"] == 23
+
+    monkeypatch.setattr(train, "Preemption", plain)
+    resumed = train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut", "--resume", "auto"))
+    assert resumed["budget"]["planned_steps"] == 23
+    assert_same_weights(weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
+    if ema:
+        saved = utils.load_checkpoint(tmp_path / "cut" / "last.pt")
+        assert_same_weights(utils.load_checkpoint(tmp_path / "whole" / "last.pt")["online_model"],
+                            saved["online_model"])
+
+
+# ----------------------------------------------------------------------------- the cost estimate
+
+
+def test_a_long_cpu_run_says_what_it_will_cost_and_what_the_budget_command_reaches():
+    config = train.TrainConfig(data_dir="data/ISIC2018", epochs=100, image_size=256)
+    warning = train.cost_warning(config, torch.device("cpu"), 26 * 3600)
+    assert "26.0 h" in warning and "--minutes" in warning and train.CPU_BUDGET_REACHES in warning
+    assert "training goes on" in warning
+    assert train.cost_warning(config, torch.device("cpu"), 40 * 60) is None
+    assert train.cost_warning(config, torch.device("cuda:0"), 26 * 3600) is None  # a GPU run outside SLURM
+
+
+def test_a_gpu_run_longer_than_its_slurm_job_says_it_will_be_requeued(monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(__import__("time").time()) + 3600))
+    config = train.TrainConfig()
+    note = train.cost_warning(config, torch.device("cuda:0"), 3 * 3600)
+    assert "requeued" in note and "3.0 h" in note
+    assert train.cost_warning(config, torch.device("cuda:0"), 30 * 60) is None
+
+
+def test_the_estimate_is_printed_before_the_first_epoch_ends(isic_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(budget.Pace, "estimate_seconds", lambda self, end, done: 5 * 3600.0)
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--batch-size", "1", "--name", "long"))
+    out = capsys.readouterr().out
+    assert "estimated to take 5.0 h on this CPU" in out
+    assert out.index("estimated to take") < out.index("epoch   1")
+
+
+# ----------------------------------------------------------------------------- --ema
+
+
+def test_weight_average_follows_the_formula_with_its_warm_up():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = train.WeightAverage(model, decay=0.5)
+    before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.add_(2.0)
+    average.update()  # first update: decay min(0.5, 2/11)
+    d = 2 / 11
+    assert torch.allclose(average.model[0].weight, d * before + (1 - d) * model[0].weight)
+    assert torch.allclose(average.model[1].running_mean, torch.full((2,), (1 - d) * 2.0))
+    assert average.model[1].num_batches_tracked == model[1].num_batches_tracked
+    assert not any(p.requires_grad for p in average.model.parameters())
+
+
+def test_ema_run_saves_the_average_as_the_model_predict_uses(isic_folder, tmp_path):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--ema", "0.9", "--name", "ema"))
+    best = utils.load_checkpoint(tmp_path / "ema" / "best.pt")
+    assert best["ema_updates"] > 0 and best["train_config"]["ema"] == 0.9
+    differs = [k for k in best["model"] if not torch.equal(best["model"][k], best["online_model"][k])]
+    assert differs, "the average should differ from the trained weights"
+    model, *_ = utils.model_from_checkpoint(best, tmp_path / "ema" / "best.pt")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, best["model"][key])
+    result = predict.main(["--checkpoint", str(tmp_path / "ema" / "best.pt"), "--output", str(tmp_path / "pred"),
+                           "--device", "cpu"])  # the run's stored test split, scored
+    assert result.written and not result.failures and 0 <= result.metrics["dice"] <= 1
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--minutes", "-1"], "--minutes"), (["--minutes", "nan"], "--minutes"), (["--ema", "1"], "--ema"),
+])
+def test_bad_budget_and_ema_flags_are_refused(flags, message, capsys):
+    with pytest.raises(SystemExit):
+        train.main(flags)
+    assert message in capsys.readouterr().err

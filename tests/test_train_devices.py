@@ -1,0 +1,168 @@
+"""train.py on the devices it never meets here (CUDA, MPS, torchrun), checked on the CPU: what a training
+step may create on the device, a resume across memory formats, and which GPU each rank takes."""
+
+from unittest import mock
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import loader
+import modules
+import train
+import utils
+from test_train import assert_same_weights, tiny_args, weights
+
+
+class Float64Ops(TorchDispatchMode):
+    """Records every operation that produces a float64 tensor (MPS has no float64: each would fail there)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in outs):
+            self.seen.append(str(func))
+        return out
+
+
+class HostToDevice(TorchFunctionMode):
+    """Counts the calls that make a tensor from host data or move one to a device: on a GPU each is a
+    copy that the step may have to wait for."""
+
+    NAMES = {"tensor", "as_tensor", "scalar_tensor", "to", "cuda", "new_tensor", "from_numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.NAMES and (name != "to" or _moves_device(args, kwargs or {})):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _moves_device(args, kwargs) -> bool:
+    targets = [a for a in args[1:] if isinstance(a, (str, torch.device))] + [kwargs.get("device")]
+    return any(t is not None and not isinstance(t, torch.dtype) for t in targets)
+
+
+def tiny_step_setup(isic_folder, steps=3):
+    """A model, a loader and everything train_one_epoch needs, at the tiny test size."""
+    import dataset
+
+    splits = dataset.prepare_splits(dataset.DataConfig(data_dir=str(isic_folder), image_size=32, val_fraction=0.25,
+                                                       test_fraction=0.125), log=lambda *a, **k: None)
+    batches = loader.make_loader(splits.train, 2, splits.mean, splits.std, device="cpu", train=True, seed=0,
+                                 augment=loader.AUGMENT_PRESETS["full"])
+    model = modules.build_model(modules.ModelConfig(base_channels=4))
+    config = train.TrainConfig(epochs=1, max_steps=steps, progress=False, image_size=32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scheduler = train.make_scheduler(optimizer, config, steps)
+    return model, batches, optimizer, scheduler, config, splits
+
+
+def run_epoch(model, batches, optimizer, scheduler, config, average=None):
+    return train.train_one_epoch(
+        model, batches, optimizer, scheduler, utils.SegmentationLoss("dice+bce"), autocast=train.nullcontext,
+        scaler=None, config=config, epoch=0, start_step=0, loss_sum=0.0, images_seen=0,
+        preemption=train.Preemption(), distributed=False, device=torch.device("cpu"), average=average)
+
+
+def test_a_training_step_and_validation_make_no_float64_tensor(isic_folder):
+    model, batches, optimizer, scheduler, config, splits = tiny_step_setup(isic_folder)
+    average = train.WeightAverage(model, 0.9)
+    with Float64Ops() as guard:
+        result = run_epoch(model, batches, optimizer, scheduler, config, average)
+        val = loader.make_loader(splits.val, 2, splits.mean, splits.std, device="cpu", train=False, seed=0)
+        logits = model(next(iter(val))[0])
+        per_image = utils.segmentation_metrics(logits[:, 0] > 0, next(iter(val))[1][:, 0] > 0.5)
+    assert result["step"] == 3 and per_image["dice"].dtype == torch.float32
+    assert guard.seen == [], f"float64 made during training or validation: {sorted(set(guard.seen))}"
+
+
+def test_a_training_step_moves_nothing_to_the_device_but_its_batch(isic_folder):
+    model, batches, optimizer, scheduler, config, _ = tiny_step_setup(isic_folder, steps=4)
+    run_epoch(model, batches, optimizer, scheduler, config)  # warm-up: one-time constants are made here
+    counter = HostToDevice()
+    with counter:
+        run_epoch(model, batches, optimizer, scheduler, config)
+    # the epoch's loss accumulator and the batches' own copies (image, mask) are allowed; nothing per step
+    per_step = max(len(counter.calls) - 1, 0) / 4
+    assert per_step <= 2, f"{per_step} host-to-device tensors a step: {counter.calls}"
+
+
+def test_resume_across_memory_formats_with_fused_adam_matches_the_uninterrupted_run(isic_folder, tmp_path):
+    """Saved NCHW, resumed channels-last (a CPU run continued on a GPU): fused Adam treats each parameter and its
+    moments as flat memory, so moments kept in the old layout would update the wrong weights (0.04 apart)."""
+    paper = ("--schedule", "paper", "--warmup-epochs", "0", "--norm", "batch")
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "whole", "--no-channels-last", *paper))
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "moved", "--no-channels-last", *paper))
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "moved", "--channels-last", "--resume",
+                         "auto", *paper))
+    whole, moved = weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "moved" / "last.pt")
+    worst = max((whole[k].float() - moved[k].float()).abs().max().item() for k in whole)
+    assert worst < 1e-4, f"weights {worst:.2g} apart after a resume in another memory format"
+
+
+def test_optimizer_state_takes_its_parameters_layout():
+    conv = torch.nn.Conv2d(3, 8, 3)
+    optimizer = torch.optim.Adam(conv.parameters(), fused=True)
+    conv(torch.randn(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    saved = optimizer.state_dict()
+    conv = conv.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(conv.parameters(), fused=True)
+    optimizer.load_state_dict(saved)
+    train.match_parameter_layout(optimizer)
+    state = optimizer.state[conv.weight]
+    assert state["exp_avg"].stride() == conv.weight.stride() == state["exp_avg_sq"].stride()
+    assert torch.equal(state["exp_avg"], saved["state"][0]["exp_avg"])  # same values, new layout
+
+
+@pytest.mark.parametrize("asked, local_rank, expected", [("cuda", 1, "cuda:1"), ("cuda:0", 1, "cuda:1"),
+                                                         ("auto", 2, "cuda:2"), ("cpu", 1, "cpu")])
+def test_each_torchrun_rank_trains_on_its_own_gpu(asked, local_rank, expected, monkeypatch, capsys):
+    chosen = torch.device("cpu") if asked == "cpu" else torch.device("cuda", 0)
+    monkeypatch.setattr(utils, "select_device", lambda name: chosen)
+    monkeypatch.setattr(utils, "seed_everything", lambda *a, **k: None)
+    config = train.TrainConfig(device=asked)
+    device = train.setup_device(config, utils.DistInfo(local_rank, local_rank, 4, True))
+    assert device == torch.device(expected)
+    assert ("own GPU" in capsys.readouterr().out) == (asked == "cuda:0")
+
+
+def test_train_asks_for_the_process_group_of_its_device(isic_folder, tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(utils, "init_distributed", lambda device=None: seen.append(device) or utils.DistInfo(0, 0, 1, False))
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "cpu"))
+    assert seen == ["cpu"]
+
+
+@pytest.mark.parametrize("capability, dtype, scaled", [((9, 0), torch.bfloat16, False), ((8, 0), torch.bfloat16, False),
+                                                       ((7, 0), torch.float16, True), ((6, 0), torch.float16, True)])
+def test_amp_auto_follows_the_gpu_capability(capability, dtype, scaled, monkeypatch):
+    hardware = utils.Hardware(torch.device("cuda", 0), "GPU", capability,
+                              torch.bfloat16 if capability >= (8, 0) else torch.float16, capability >= (7, 0))
+    monkeypatch.setattr(utils, "hardware", lambda device: hardware)
+    seen = {}
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.update(dtype=dtype) or train.nullcontext())
+    with mock.patch.object(torch.amp, "GradScaler", lambda device: "scaler"):
+        autocast, scaler = train.amp_settings("auto", torch.device("cuda", 0))
+    autocast()
+    assert seen["dtype"] == dtype and (scaler == "scaler") == scaled
+
+
+def test_compile_is_skipped_with_a_reason_below_capability_7(monkeypatch, capsys):
+    hardware = utils.Hardware(torch.device("cpu"), "Tesla P100-PCIE-16GB", (6, 0), torch.float16, False)
+    monkeypatch.setattr(utils, "hardware", lambda device: hardware)
+    monkeypatch.setattr(torch, "compile", lambda model: pytest.fail("compiled on a GPU Triton cannot drive"))
+    config = train.TrainConfig(compile=True, base_channels=4)
+    train.setup_model(config, None, utils.DistInfo(0, 0, 1, False), torch.device("cpu"))
+    out = capsys.readouterr().out
+    assert "--compile ignored on Tesla P100-PCIE-16GB" in out and "6.0" in out
