@@ -27,6 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 import typing
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -37,7 +38,8 @@ from losses import METRIC_NAMES, MetricAverager, SegmentationLoss, dice_loss, se
 
 __all__ = [
     "METRIC_NAMES", "MetricAverager", "SegmentationLoss", "dice_loss", "segmentation_metrics",
-    "seed_everything", "select_device", "available_devices", "tune_glibc_malloc",
+    "seed_everything", "select_device", "available_devices", "usable_cpus", "tune_glibc_malloc",
+    "DeviceError", "Hardware", "hardware", "amp_dtype", "check_cuda_build",
     "get_rank", "is_main_process", "print0", "Progress",
     "CHECKPOINT_FORMAT", "CheckpointError", "save_checkpoint", "load_checkpoint", "model_from_checkpoint",
     "rng_state", "set_rng_state",
@@ -60,19 +62,27 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def select_device(name: str = "auto") -> torch.device:
-    """Return the device to run on: ``auto`` picks cuda > mps > cpu; otherwise the named one.
+class DeviceError(RuntimeError):
+    """The device cannot run this PyTorch build; the message names the device and what to install."""
 
-    A named device that is not available raises a ValueError that says what is available,
-    rather than failing later inside the first tensor copy.
+
+def select_device(name: str = "auto") -> torch.device:
+    """The device to run on, with its index: ``auto`` picks cuda > mps > cpu; otherwise the named one.
+
+    CUDA devices always carry an index (torch.device("cuda") != torch.device("cuda:0")): the GPU of
+    LOCAL_RANK under torchrun, else the current one. Under a multi-process torchrun every process
+    takes the GPU of its LOCAL_RANK, whatever index was named. A named device that is not available
+    raises a ValueError that says what is available, and a GPU this PyTorch build has no kernels for
+    raises DeviceError, rather than failing later inside the first tensor copy.
     """
     name = name.strip().lower()
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        if torch.backends.mps.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
             return torch.device("mps")
-        return torch.device("cpu")
+        else:
+            return torch.device("cpu")
     try:
         device = torch.device(name)
     except RuntimeError as err:
@@ -80,11 +90,133 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name} was asked for but CUDA is not available here; {available_devices()}")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+        device = _cuda_device(device.index)
+        check_cuda_build(device)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device mps was asked for but MPS is not available here; {available_devices()}")
     return device
+
+
+def _cuda_device(index: int | None) -> torch.device:
+    """cuda:N for a named or unnamed index: LOCAL_RANK's GPU under torchrun, else the current device."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is not None and (index is None or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        if index is not None and index != int(local_rank):
+            warnings.warn(f"--device cuda:{index} ignored for this process: under torchrun each process uses the "
+                          f"GPU of its LOCAL_RANK, here cuda:{local_rank}")  # once per process: one source line
+        index = int(local_rank)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={index} but this node has {torch.cuda.device_count()} visible GPU(s); "
+                             "start at most that many processes per node (torchrun --nproc_per_node)")
+    elif index is None:
+        index = torch.cuda.current_device()
+    elif index >= torch.cuda.device_count():
+        raise ValueError(f"--device cuda:{index}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return torch.device("cuda", index)
+
+
+def _arch_fits(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether one entry of torch.cuda.get_arch_list() runs on a GPU of this compute capability.
+
+    sm_XY is machine code for major X, minor >= Y (sm_XYa only for exactly X.Y); compute_XY is PTX,
+    which the driver compiles for any capability >= X.Y.
+    """
+    match = re.fullmatch(r"(sm|compute)_(\d+)(\d)([a-z]?)", arch)
+    if match is None:
+        return False
+    kind, built = match.group(1), (int(match.group(2)), int(match.group(3)))
+    if kind == "compute":
+        return capability >= built
+    if match.group(4) == "a":
+        return capability == built
+    return capability[0] == built[0] and capability[1] >= built[1]
+
+
+def _build_advice(capability: tuple[int, int]) -> str:
+    """What to install for a compute capability. PyTorch's CUDA 12.6 wheels are the ones with Maxwell, Pascal
+    and Volta kernels (sm_50-sm_90); its CUDA 12.8 and 13.0 wheels cover sm_75-sm_120."""
+    major, minor = capability
+    if capability < (5, 0):
+        return "no current PyTorch build has kernels for it: run on the CPU with --device cpu"
+    if capability < (7, 5):
+        return (f"install a PyTorch build with sm_{major}{minor} kernels, e.g. a CUDA 12.6 build: "
+                "pip install torch --index-url https://download.pytorch.org/whl/cu126 (or run on the CPU with "
+                "--device cpu)")
+    return ("install a newer PyTorch build, e.g. pip install --upgrade torch --index-url "
+            "https://download.pytorch.org/whl/cu130 (or run on the CPU with --device cpu)")
+
+
+def check_cuda_build(device: torch.device) -> None:
+    """Raise DeviceError unless this PyTorch build has kernels (or PTX) for the GPU `device` names.
+
+    Without them the first kernel fails with "no kernel image is available for execution on the
+    device"; this says instead which GPU, which kernels the build has, and what to install.
+    """
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list:  # a build without CUDA: is_available() already said no
+        return
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if any(_arch_fits(arch, capability) for arch in arch_list):
+        return
+    raise DeviceError(
+        f"{torch.cuda.get_device_name(device)} ({device}) has compute capability {capability[0]}.{capability[1]}, "
+        f"but this PyTorch {torch.__version__} has kernels only for {', '.join(arch_list)}: "
+        f"{_build_advice(capability)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """What one device can do; the single place where training and prediction settings follow the device."""
+
+    device: torch.device  # normalised: cuda:N with its index
+    name: str  # "NVIDIA A100-SXM4-80GB", "Apple MPS", "CPU"
+    capability: tuple[int, int] | None  # CUDA compute capability, None off CUDA
+    amp_dtype: torch.dtype | None  # what --amp auto uses: bf16 from CUDA 8.0, fp16 below, None (off) on CPU and MPS
+    can_compile: bool  # torch.compile is possible and worth it: CUDA from capability 7.0 (Triton's minimum)
+
+    def channels_last(self, norm: str, training: bool = True) -> bool:
+        """The default memory format of the network's activations: NHWC (True) or NCHW.
+
+        CUDA: NHWC (cuDNN's tensor-core kernels are NHWC). CPU: NHWC for inference and for training with
+        batch norm (18-19% faster in training, benchmark.py), NCHW for training with instance norm, whose
+        NHWC backward is 9-19% slower. MPS: NCHW, its best-supported layout (channels-last is not measured there).
+        """
+        if self.device.type == "cuda":
+            return True
+        if self.device.type == "cpu":
+            return norm == "batch" or not training
+        return False
+
+
+def hardware(device: torch.device) -> Hardware:
+    """The Hardware of a device that select_device returned (its CUDA build already checked)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        capability = tuple(torch.cuda.get_device_capability(device))
+        # cuDNN has bf16 convolutions only from Ampere (8.0); below, bf16 falls back to slow kernels
+        amp = torch.bfloat16 if capability >= (8, 0) else torch.float16
+        return Hardware(device, torch.cuda.get_device_name(device), capability, amp, capability >= (7, 0))
+    if device.type == "mps":
+        return Hardware(device, "Apple MPS", None, None, False)
+    return Hardware(device, "CPU", None, None, False)
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def amp_dtype(amp: str, hw: Hardware) -> torch.dtype | None:
+    """The autocast dtype for an --amp choice: "auto" takes the device's (hw.amp_dtype); bf16, fp16, off as named."""
+    if amp == "auto":
+        return hw.amp_dtype
+    if amp not in AMP_DTYPES:
+        raise ValueError(f"--amp {amp!r}: choose auto, bf16, fp16 or off")
+    if amp == "bf16" and hw.capability is not None and hw.capability < (8, 0):
+        warnings.warn(f"--amp bf16 on {hw.name} (compute capability {hw.capability[0]}.{hw.capability[1]}): cuDNN "
+                      "has bf16 convolutions only from 8.0, so this runs slower than fp32; use --amp fp16 or auto",
+                      stacklevel=2)
+    return AMP_DTYPES[amp]
 
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # mallopt parameters from glibc's <malloc.h>
@@ -117,6 +249,20 @@ def available_devices() -> str:
     if torch.backends.mps.is_available():
         found.append("mps")
     return "available: " + ", ".join(found)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity mask (which SLURM, taskset and cpusets set), else
+    SLURM_CPUS_PER_TASK, else every core of the machine. os.cpu_count() counts the whole node, so a job
+    given 4 of 64 cores would start 64 threads."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no affinity call
+        pass
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    return os.cpu_count() or 1
 
 
 def get_rank() -> int:
@@ -360,12 +506,29 @@ class DistInfo(NamedTuple):
     is_distributed: bool  # False for a plain single-process run
 
 
+DIST_TIMEOUT_MINUTES = 60  # rank 0 builds the data cache while the others wait (NCCL's own default is 10)
+
+
+def dist_timeout() -> datetime.timedelta:
+    """How long a collective may wait for the other ranks: DIST_TIMEOUT_MINUTES from the environment, else 60."""
+    value = os.environ.get("DIST_TIMEOUT_MINUTES", str(DIST_TIMEOUT_MINUTES))
+    try:
+        minutes = float(value)
+    except ValueError:
+        minutes = -1.0
+    if minutes <= 0:
+        raise ValueError(f"DIST_TIMEOUT_MINUTES={value!r} is not a positive number of minutes")
+    return datetime.timedelta(minutes=minutes)
+
+
 def init_distributed(device: str | torch.device | None = None) -> DistInfo:
     """Join the process group that torchrun describes in RANK, LOCAL_RANK and WORLD_SIZE.
 
-    A no-op returning DistInfo(0, 0, 1, False) when WORLD_SIZE is unset or 1. Otherwise NCCL on
-    CUDA (each process pinned to GPU LOCAL_RANK) and gloo on CPU; `device` ("auto", "cpu", "cuda",
-    as for select_device) lets a CPU run on a GPU machine use gloo. Calling it again returns the same information.
+    A no-op returning DistInfo(0, 0, 1, False) when WORLD_SIZE is unset or 1. Otherwise the backend
+    follows `device` (as for select_device; None means auto): NCCL for CUDA, each process on the GPU
+    of its LOCAL_RANK (select_device warns when another index was named), gloo for cpu, so a CPU run
+    on a GPU node uses gloo. Collectives wait up to dist_timeout(), long enough for rank 0's first
+    cache build while the others wait at a barrier. Calling it again returns the same information.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
@@ -382,20 +545,12 @@ def init_distributed(device: str | torch.device | None = None) -> DistInfo:
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed; run one process")
     if torch.distributed.is_initialized():
         return info
-    if device is None or str(device) == "auto":
-        use_cuda = torch.cuda.is_available()
+    chosen = select_device("auto" if device is None else str(device))
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)  # before NCCL starts, so each rank owns one GPU
+        torch.distributed.init_process_group("nccl", device_id=chosen, timeout=dist_timeout())
     else:
-        use_cuda = torch.device(device).type == "cuda"
-    if use_cuda:
-        if local_rank >= torch.cuda.device_count():
-            raise RuntimeError(
-                f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} visible GPU(s); "
-                "start at most that many processes per node (torchrun --nproc_per_node)"
-            )
-        torch.cuda.set_device(local_rank)  # before NCCL starts, so each rank owns one GPU
-        torch.distributed.init_process_group("nccl", device_id=torch.device("cuda", local_rank))
-    else:
-        torch.distributed.init_process_group("gloo")
+        torch.distributed.init_process_group("gloo", timeout=dist_timeout())
     return info
 
 
