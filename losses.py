@@ -1,11 +1,15 @@
 """Soft Dice loss for training and the ISIC 2018 Task 1 metrics for evaluation.
 
-The metrics follow the official scorer (`isic-challenge-scoring`, SegmentationScore) exactly: a
-confusion matrix per image, six metrics per image, then the plain mean over images. utils.py
+The metrics follow the official scorer (`isic-challenge-scoring`, SegmentationScore): a confusion
+matrix per image, six metrics per image with its conventions, then the plain mean over images;
+each per-image ratio is float32 (within 2e-7 of the scorer's float64) on every device. utils.py
 re-exports everything here, so `utils.dice_loss` and `losses.dice_loss` are the same function.
 """
 
 from __future__ import annotations
+
+import math
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -14,6 +18,7 @@ import torch.nn.functional as F
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")
 JACCARD_THRESHOLD = 0.65  # ISIC 2018 ranking metric: per-image Jaccard counts as 0 below this
+_THRESHOLD = Fraction(str(JACCARD_THRESHOLD))  # 13/20, so the comparison runs on integer counts
 
 
 def _target_like(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -104,10 +109,10 @@ def _confusion_counts(pred: torch.Tensor, target: torch.Tensor):
 
 
 def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-image ISIC metrics of boolean masks, exactly as isic-challenge-scoring computes them.
+    """Per-image ISIC metrics of boolean masks, with the conventions of isic-challenge-scoring.
 
     pred, target: bool (B, H, W) (any (B, ...) shape works; each image is flattened). Returns the six
-    METRIC_NAMES, each a (B,) tensor on the masks' device; nothing is copied to the host.
+    METRIC_NAMES, each a float32 (B,) tensor on the masks' device; nothing is copied to the host.
 
     The scorer's conventions for empty masks (isic_challenge_scoring/metrics.py):
       sensitivity = 1 when the truth has no lesion (TP + FN == 0), "a freebie";
@@ -115,6 +120,11 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, 
       jaccard = dice = 1 when truth and prediction are both empty (TP + FP + FN == 0);
       threshold_jaccard = jaccard if jaccard >= 0.65 else 0.
     An empty truth with a non-empty prediction therefore scores jaccard = dice = 0.
+
+    Counts are exact integers; each ratio is one float32 division (MPS has no float64), identical on
+    every device: the scorer's float64 value rounded to float32 when the image has fewer than 2^24
+    pixels, within 2e-7 of it above. The 0.65 threshold is decided on the integer counts, so a Jaccard
+    of exactly 13/20 is kept, as the scorer keeps it, and one a hair below is not.
     """
     if pred.shape != target.shape:
         raise ValueError(f"prediction shape {tuple(pred.shape)} differs from target shape {tuple(target.shape)}")
@@ -127,22 +137,21 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, 
         raise ValueError(f"masks must be (B, H, W) with at least one pixel, got shape {tuple(pred.shape)}")
     pred = pred.reshape(pred.shape[0], -1)
     target = target.reshape(target.shape[0], -1)
-    # exact integer counts per image; float64 ratios (MPS has no float64, float32 is exact below 2^24 pixels)
-    tp, fp, fn = _confusion_counts(pred, target)
+    tp, fp, fn = _confusion_counts(pred, target)  # int64 (B,)
     tn = pred.shape[1] - tp - fp - fn
-    dtype = torch.float32 if pred.device.type == "mps" else torch.float64
 
     def ratio(num, den):
         # the scorer's "freebie": an undefined ratio (den == 0) counts as a perfect 1
-        return torch.where(den > 0, num.to(dtype) / den.clamp(min=1).to(dtype), 1.0)
+        return torch.where(den > 0, num.float() / den.clamp(min=1).float(), 1.0)
 
     jaccard = ratio(tp, tp + fp + fn)
+    kept = _THRESHOLD.denominator * tp >= _THRESHOLD.numerator * (tp + fp + fn)  # jaccard >= 0.65, exactly
     return {
-        "accuracy": (tp + tn).to(dtype) / pred.shape[1],
+        "accuracy": (tp + tn).float() / pred.shape[1],
         "sensitivity": ratio(tp, tp + fn),
         "specificity": ratio(tn, tn + fp),
         "jaccard": jaccard,
-        "threshold_jaccard": torch.where(jaccard >= JACCARD_THRESHOLD, jaccard, torch.zeros_like(jaccard)),
+        "threshold_jaccard": torch.where(kept, jaccard, 0.0),
         "dice": ratio(2 * tp, 2 * tp + fp + fn),
     }
 
@@ -150,48 +159,45 @@ def segmentation_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, 
 class MetricAverager:
     """Mean of per-image values over an evaluation, across all ranks when distributed.
 
-    update() adds sums and counts on the values' device (no host sync per batch). compute()
-    all-reduces the sums and counts of every key when torch.distributed is initialised, so the
-    result equals a single-process mean over the same images however unevenly they are split
-    (not a mean of per-rank means). Every rank must call compute(); a rank that saw no images
-    contributes zeros.
+    update() keeps the values on their device (no host sync per batch, no float64 there: MPS has
+    none). compute() reads them back once and sums them exactly in Python floats (math.fsum); when
+    torch.distributed is initialised, the ranks exchange their sums and counts, so the result equals a
+    single-process mean over the same images however unevenly they are split (not a mean of per-rank
+    means). Every rank must call compute(); a rank that saw no images contributes nothing.
     """
 
     def __init__(self):
         self.reset()
 
     def reset(self) -> None:
-        self._sums: dict[str, torch.Tensor] = {}
-        self._counts: dict[str, int] = {}
+        self._values: dict[str, list] = {}  # per key: detached (N,) tensors and lists of Python floats
 
     def update(self, per_image: dict[str, torch.Tensor]) -> None:
         for name, values in per_image.items():
-            values = values.detach() if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.float64)
-            dtype = torch.float32 if values.device.type == "mps" else torch.float64
-            total = values.to(dtype).sum()
-            self._sums[name] = self._sums[name] + total if name in self._sums else total
-            self._counts[name] = self._counts.get(name, 0) + values.numel()
+            if isinstance(values, torch.Tensor):
+                values = values.detach().reshape(-1)
+            else:
+                values = [float(v) for v in np.atleast_1d(values)]
+            self._values.setdefault(name, []).append(values)
+
+    def _local_totals(self) -> dict[str, tuple[float, int]]:
+        """(exact sum, count) per key on this rank."""
+        totals = {}
+        for name, parts in self._values.items():
+            tensors = [p for p in parts if isinstance(p, torch.Tensor)]
+            floats = [v for p in parts if not isinstance(p, torch.Tensor) for v in p]
+            if tensors:
+                floats += torch.cat(tensors).tolist()  # one read-back per key
+            totals[name] = (math.fsum(floats), len(floats))
+        return totals
 
     def compute(self) -> dict[str, float]:
-        names = sorted(self._sums)
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if distributed:
-            # ranks may have seen different keys (or none): agree on the union first
+        totals = self._local_totals()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # ranks may have seen different keys (or none): a key's total sums whatever each rank holds
             gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, names)
+            torch.distributed.all_gather_object(gathered, totals)
             names = sorted(set().union(*gathered))
-        zero = torch.zeros((), dtype=torch.float64)
-        sums = [self._sums[n].double().cpu() if n in self._sums else zero for n in names]
-        counts = [float(self._counts.get(n, 0)) for n in names]
-        totals = torch.cat([torch.stack(sums), torch.tensor(counts, dtype=torch.float64)]) if names else None
-        if distributed and totals is not None:
-            # NCCL only reduces CUDA tensors; gloo takes CPU ones
-            on_cuda = torch.distributed.get_backend() == "nccl"
-            buffer = totals.cuda() if on_cuda else totals
-            torch.distributed.all_reduce(buffer, op=torch.distributed.ReduceOp.SUM)
-            totals = buffer.cpu()
-        result = {}
-        for i, name in enumerate(names):
-            count = totals[len(names) + i].item()
-            result[name] = totals[i].item() / count if count else float("nan")
-        return result
+            totals = {name: (math.fsum(g[name][0] for g in gathered if name in g),
+                             sum(g[name][1] for g in gathered if name in g)) for name in names}
+        return {name: total / count if count else float("nan") for name, (total, count) in sorted(totals.items())}
