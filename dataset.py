@@ -27,6 +27,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+import utils
+
 
 CACHE_FORMAT = "isic-cache/1"  # bump when the cache layout or the preprocessing changes
 SPLITS = ("train", "val", "test")
@@ -56,7 +58,7 @@ class DataConfig:
     folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images (val_fraction is then unused)
     fold: int = 0  # which of the K folds is the validation split (0 .. K-1)
     skip_bad: bool = False  # skip and count unreadable or unpaired files instead of stopping
-    num_workers: int = 0  # threads decoding files for the cache; 0 -> os.cpu_count()
+    num_workers: int = 0  # threads decoding files for the cache; 0: one per CPU this job may use
 
 
 @dataclass(frozen=True)
@@ -645,7 +647,7 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
     log(f"data: {data_dir}: {description}")
     cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir(data_dir)
     folder = cache_root / f"size{size}"
-    workers = config.num_workers or os.cpu_count() or 1
+    workers = config.num_workers or utils.usable_cpus()  # the job's CPUs, not the whole node's
     out: dict[str, CachedSplit] = {}
     with _locked(folder):
         manifest_path = folder / "manifest.json"
@@ -692,16 +694,20 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
 
 
 def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) with x = (uint8 / 255 - mean) / std."""
+    """uint8 (B, S, S, 3) -> float32 (B, 3, S, S) with x = (uint8 / 255 - mean) / std (see standardize)."""
     x = images.permute(0, 3, 1, 2).contiguous().float()
     return standardize(x.div_(255.0), mean, std)
 
 
 def standardize(x: torch.Tensor, mean, std) -> torch.Tensor:
-    """Float images (B, 3, H, W) in [0, 1] -> (x - mean) / std per channel, in place."""
-    mean = torch.as_tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    std = torch.as_tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1)
-    return x.sub_(mean).div_(std)
+    """Float images (B, 3, H, W) in [0, 1] -> (x - mean) / std per channel, in place.
+
+    mean, std: three floats each, or float32 tensors already on x's device, which are used as they are
+    (per-step callers pass those: a tuple is copied to the device on every call).
+    """
+    mean, std = (v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.float32, device=x.device)
+                 for v in (mean, std))
+    return x.sub_(mean.view(1, 3, 1, 1)).div_(std.view(1, 3, 1, 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -721,7 +727,7 @@ def add_data_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split-seed", type=int, default=DataConfig.split_seed, help="seed of the hold-out split")
     p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
                    help="skip and count bad or unpaired files instead of stopping")
-    p.add_argument("--num-workers", type=int, default=0, help="decoding threads (0: one per CPU)")
+    p.add_argument("--num-workers", type=int, default=0, help="decoding threads (0: one per CPU this job may use)")
 
 
 def data_config_from_args(args: argparse.Namespace) -> DataConfig:

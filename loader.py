@@ -9,6 +9,7 @@ shuffled, sharded, augmented and normalised float batches, with no DataLoader wo
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import math
 import statistics
@@ -63,63 +64,123 @@ def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
     return grid
 
 
+@dataclass
+class Draws:
+    """One batch's random choices, made on the CPU from one generator, so they do not depend on the device.
+
+    affine, flip_x and turns steer Python code and stay on the host; todo, theta and jitter are what
+    the device computes with (moved there by to_device, or by BatchLoader once per epoch).
+    """
+
+    affine: torch.Tensor  # bool (B,): resampled through the rotation/zoom grid
+    flip_x: torch.Tensor  # bool (B,): mirrored left-right
+    turns: torch.Tensor  # int64 (B,): quarter turns, 0-3
+    todo: torch.Tensor  # int64 (N,): the indices of the resampled samples
+    theta: torch.Tensor  # float32 (N, 2, 3): their affine_grid matrices
+    jitter: torch.Tensor  # float32 (B, 3): brightness, contrast, saturation draws in [-1, 1]
+
+    def device_parts(self) -> list[torch.Tensor]:
+        return [self.todo, self.theta, self.jitter]
+
+    def with_device_parts(self, parts: list[torch.Tensor]) -> Draws:
+        todo, theta, jitter = parts
+        return Draws(self.affine, self.flip_x, self.turns, todo, theta, jitter)
+
+
+def draw_augmentation(b: int, generator: torch.Generator, cfg: AugmentConfig) -> Draws:
+    """Every random choice for a batch of b samples, from `generator` (CPU), all drawn up front."""
+    u = torch.rand(b, 9, generator=generator)
+    affine = (u[:, 0] < cfg.affine_p) & (cfg.rotate_deg > 0 or cfg.scale != (1.0, 1.0))
+    flip_x = cfg.flips & (u[:, 1] < 0.5)
+    turns = (u[:, 2] * 4).long() * cfg.flips  # quarter turns, 0-3
+    todo = affine.nonzero().flatten()
+    # affine_grid maps output to input coordinates: input = R(angle) diag(flip, 1) output / zoom
+    angle = (u[todo, 3] * 2 - 1) * math.radians(cfg.rotate_deg) - turns[todo] * (math.pi / 2)
+    zoom = cfg.scale[0] + u[todo, 4] * (cfg.scale[1] - cfg.scale[0])
+    fx = 1.0 - 2.0 * flip_x[todo].float()
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.zeros(len(todo), 2, 3)
+    theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos * fx, -sin, sin * fx, cos
+    return Draws(affine, flip_x, turns, todo, theta, u[:, 5:8] * 2 - 1)
+
+
+def to_device(groups: list[list[torch.Tensor]], device: torch.device) -> list[list[torch.Tensor]]:
+    """The same tensors on `device`, moved with one host-to-device copy.
+
+    They are flattened into one float32 buffer (pinned on CUDA, so the copy does not stall the host),
+    copied, and cut back into their shapes and dtypes; integers must stay below 2^24, which float32
+    holds exactly. A copy per tensor and step would each wait for the device.
+    """
+    flat = [t for group in groups for t in group]
+    if device.type == "cpu" or not flat:
+        return groups
+    buffer = torch.cat([t.reshape(-1).float() for t in flat])
+    if device.type == "cuda":
+        buffer = buffer.pin_memory()
+    parts = iter(buffer.to(device, non_blocking=True).split([t.numel() for t in flat]))
+    return [[next(parts).view(t.shape).to(t.dtype) for t in group] for group in groups]
+
+
+@functools.lru_cache(maxsize=None)
+def _luma(device: torch.device) -> torch.Tensor:
+    """Rec. 601 luma weights per 0-255 step, (1, 3, 1, 1), copied to each device once."""
+    return (torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1) / 255.0).to(device)
+
+
 def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
                   cfg: AugmentConfig, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (B, S, S, 3) and masks (B, S, S) -> float images (B, 3, S, S), masks (B, 1, S, S) in {0, 1}.
 
     Images are in [0, 1], or normalised with mean/std when given. Runs batched on the tensors'
     device; every random number comes from `generator` (CPU), so the result depends only on its
-    seed, on any device. Image and mask get the same geometry: one affine_grid per batch combines
-    the flip, the 90-degree turn, the rotation and the zoom (bilinear for images; nearest for masks,
-    so they stay exactly binary).
+    seed, on any device. See apply_augmentation.
+    """
+    draws = draw_augmentation(images.shape[0], generator, cfg)
+    draws = draws.with_device_parts(to_device([draws.device_parts()], images.device)[0])
+    return apply_augmentation(images, masks, draws, cfg, mean, std)
+
+
+def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: Draws, cfg: AugmentConfig,
+                       mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """augment_batch with the draws made: draws.todo, theta and jitter already on the images' device.
+
+    Image and mask get the same geometry: one affine_grid per batch combines the flip, the 90-degree
+    turn, the rotation and the zoom (bilinear for images; nearest for masks, so they stay exactly
+    binary). mean/std are sequences or float32 tensors on the device (dataset.standardize).
     """
     b, s = images.shape[0], images.shape[1]
-    dev = images.device
-    u = torch.rand(b, 9, generator=generator)  # all draws up front, identical on every device
-    affine = (u[:, 0] < cfg.affine_p) & (cfg.rotate_deg > 0 or cfg.scale != (1.0, 1.0))
-    flip_x = cfg.flips & (u[:, 1] < 0.5)
-    turns = (u[:, 2] * 4).long() * cfg.flips  # quarter turns, 0-3
-
-    if cfg.flips and not affine.all():
+    if cfg.flips and not draws.affine.all():
         # samples without a resampling step get their flip and turn as exact uint8 copies
-        plain = (~affine).nonzero().flatten().tolist()
+        plain = (~draws.affine).nonzero().flatten().tolist()
         images, masks = images.clone(), masks.clone()
         for i in plain:
             img, msk = images[i], masks[i]
-            if flip_x[i]:
+            if draws.flip_x[i]:
                 img, msk = img.flip(1), msk.flip(1)
-            k = int(turns[i])
+            k = int(draws.turns[i])
             images[i], masks[i] = torch.rot90(img, k, (0, 1)), torch.rot90(msk, k, (0, 1))
     x = images.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, S, S), 0-255
     m = masks[:, None].float()  # (B, 1, S, S)
 
-    todo = affine.nonzero().flatten()
-    if len(todo):
-        # affine_grid maps output to input coordinates: input = R(angle) diag(flip, 1) output / zoom
-        angle = (u[todo, 3] * 2 - 1) * math.radians(cfg.rotate_deg) - turns[todo] * (math.pi / 2)
-        zoom = cfg.scale[0] + u[todo, 4] * (cfg.scale[1] - cfg.scale[0])
-        fx = 1.0 - 2.0 * flip_x[todo].float()
-        cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.zeros(len(todo), 2, 3)
-        theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos * fx, -sin, sin * fx, cos
-        grid = _affine_grid(theta.to(dev), s)
+    n = len(draws.todo)
+    if n:
+        grid = _affine_grid(draws.theta, s)
         # reflection padding: no black corners, and the mask is reflected with the image
         warp = lambda t, mode: F.grid_sample(t, grid, mode=mode, padding_mode="reflection",  # noqa: E731
                                              align_corners=False)
-        if len(todo) == b:
+        if n == b:
             x, m = warp(x, "bilinear"), warp(m, "nearest")
         else:
-            idx = todo.to(dev)
+            idx = draws.todo
             x[idx], m[idx] = warp(x[idx], "bilinear"), warp(m[idx], "nearest")
 
     # colour jitter in closed form: brightness b, contrast c around the image's mean luminance, then
     # saturation s around each pixel's luminance g gives  out = s c b x + (1 - s) c b g + (1 - c) b mean(g)
-    j = (u[:, 5:8] * 2 - 1).to(dev)
+    j = draws.jitter
     bright = 1 + cfg.brightness * j[:, 0].view(b, 1, 1, 1)
     contrast = 1 + cfg.contrast * j[:, 1].view(b, 1, 1, 1)
     sat = 1 + cfg.saturation * j[:, 2].view(b, 1, 1, 1)
-    luma = torch.tensor([0.299, 0.587, 0.114], device=dev).view(1, 3, 1, 1) / 255.0
-    gray = (x * luma).sum(1, keepdim=True)  # (B, 1, S, S) luminance in [0, 1]
+    gray = (x * _luma(x.device)).sum(1, keepdim=True)  # (B, 1, S, S) luminance in [0, 1]
     offset = gray * ((1 - sat) * contrast * bright) + (1 - contrast) * bright * gray.mean((2, 3), keepdim=True)
     x = x.mul_(sat * contrast * bright / 255.0).add_(offset).clamp_(0.0, 1.0)
     if mean is not None:
@@ -132,7 +193,8 @@ class BatchLoader:
 
     The cache is held as one tensor (on the GPU when the device is CUDA and it fits in 40% of the
     free memory, else in host memory with pinned staging buffers); a batch is an index_select, a
-    copy to the device and batched augmentation there.
+    copy to the device (host cache only) and batched augmentation there. Each epoch's random draws
+    and sample order reach the device in one copy, so no step waits on a small host-to-device copy.
     """
 
     def __init__(self, split: dataset.CachedSplit, batch_size: int, mean, std, *, device, train: bool, seed: int,
@@ -143,13 +205,20 @@ class BatchLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # "cuda" means the current GPU, and tensors there report cuda:N
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.augment = (augment or AugmentConfig()) if train else None
         self.mean, self.std = tuple(mean), tuple(std)
+        stats = [torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1) for v in (self.mean, self.std)]
+        self.mean_t, self.std_t = to_device([stats], self.device)[0]  # (1, 3, 1, 1) on the device, once
         self.ids = list(split.ids)
         self.n = len(split)
-        self.images, self.masks = self._place(split, keep_on_device)
+        if self.n >= 2**24:
+            raise ValueError(f"{self.n} samples: to_device moves sample indices as float32, exact below 2^24")
+        self.images, self.masks, self.on_device = self._place(split, keep_on_device)
         self.epoch, self.start_batch = 0, 0
         if train:
             self.per_rank = math.ceil(self.n / world_size)  # padded by wrapping, like DistributedSampler
@@ -159,17 +228,18 @@ class BatchLoader:
             self.per_rank = len(range(rank, self.n, world_size))
             self.num_batches = math.ceil(self.per_rank / batch_size)
 
-    def _place(self, split: dataset.CachedSplit, keep_on_device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _place(self, split: dataset.CachedSplit, keep_on_device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(images, masks, whether they are on the device) of the cache."""
         images, masks = (torch.from_numpy(a if a.flags.writeable else a.copy()) for a in (split.images, split.masks))
         if self.device.type == "cuda":
             need = images.nbytes + masks.nbytes
             fits = keep_on_device is True or (
                 keep_on_device == "auto" and need < 0.4 * torch.cuda.mem_get_info(self.device)[0])
             if fits:
-                return images.to(self.device), masks.to(self.device)
+                return images.to(self.device), masks.to(self.device), True
         elif self.device.type != "cpu" and keep_on_device is not False:
-            return images.to(self.device), masks.to(self.device)
-        return images, masks
+            return images.to(self.device), masks.to(self.device), True
+        return images, masks, self.device.type == "cpu"
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Fix the epoch (shuffle and augmentation follow from seed, epoch, rank); start_batch resumes mid-epoch."""
@@ -190,8 +260,8 @@ class BatchLoader:
         return mine[: min(len(mine), self.num_batches * self.batch_size)]
 
     def _fetch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.images.device == self.device:
-            idx = idx.to(self.device)
+        """uint8 images and masks of the samples idx (on the cache's device) as a batch on the device."""
+        if self.on_device:
             return self.images[idx], self.masks[idx]
         pin = self.device.type == "cuda"
         img = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
@@ -203,13 +273,21 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
         start, self.start_batch = self.start_batch, 0
-        for b in range(start, self.num_batches):
-            images, masks = self._fetch(order[b * self.batch_size:(b + 1) * self.batch_size])
-            if self.train:
-                g = torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch, self.rank, b))
-                yield augment_batch(images, masks, g, self.augment, self.mean, self.std)
+        steps = range(start, self.num_batches)
+        picks = [order[b * self.batch_size:(b + 1) * self.batch_size] for b in steps]
+        draws = [draw_augmentation(len(pick), torch.Generator().manual_seed(_mix_seed(self.seed, self.epoch,
+                                                                                     self.rank, b)), self.augment)
+                 for b, pick in zip(steps, picks)] if self.train else [None] * len(picks)
+        # what the device needs for the whole epoch (the cache's indices, the augmentation's draws), in one copy
+        needs = [([pick] if self.on_device else []) + (draw.device_parts() if draw is not None else [])
+                 for pick, draw in zip(picks, draws)]
+        for pick, draw, moved in zip(picks, draws, to_device(needs, self.device)):
+            images, masks = self._fetch(moved[0] if self.on_device else pick)
+            if draw is not None:
+                yield apply_augmentation(images, masks, draw.with_device_parts(moved[-3:]), self.augment,
+                                         self.mean_t, self.std_t)
             else:
-                yield dataset.normalize(images, self.mean, self.std), masks[:, None].float()
+                yield dataset.normalize(images, self.mean_t, self.std_t), masks[:, None].float()
 
 
 def make_loader(split: dataset.CachedSplit, batch_size: int, mean, std, *, device, train: bool, seed: int,

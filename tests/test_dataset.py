@@ -351,6 +351,22 @@ def test_cache_builds_once_then_is_reused(tmp_path):
     np.testing.assert_array_equal(second.train.images, first.train.images)
 
 
+def test_cache_build_threads_default_to_the_jobs_cpus(tmp_path, monkeypatch):
+    import utils
+
+    make_set(tmp_path / "data", 4)
+    threads = []
+    build = dataset._build_split
+    monkeypatch.setattr(dataset, "_build_split", lambda folder, name, samples, size, workers, *rest:
+                        threads.append(workers) or build(folder, name, samples, size, workers, *rest))
+    monkeypatch.setattr(utils, "usable_cpus", lambda: 3)  # e.g. a SLURM job given 3 of a node's cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    dataset.prepare_splits(config(tmp_path / "data", tmp_path, num_workers=0), log=Log())
+    assert threads == [3, 3, 3]  # train, val, test
+    dataset.prepare_splits(config(tmp_path / "data", tmp_path / "other", num_workers=2), log=Log())
+    assert threads[3:] == [2, 2, 2]
+
+
 def test_cache_matches_direct_decoding(tmp_path):
     make_set(tmp_path, 4)
     splits = dataset.prepare_splits(config(tmp_path, tmp_path, val_fraction=0, test_fraction=0, num_workers=2))
