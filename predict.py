@@ -62,6 +62,7 @@ class PredictConfig:
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
     tta: bool = True  # test-time augmentation: the mean over the image and its horizontal, vertical and double flip (chosen on validation in the recipe study); --no-tta does a quarter of the forward passes (3-4x faster end to end)
     postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # autocast dtype of the forward pass; auto: bf16 on CUDA from compute capability 8.0, fp16 on older GPUs, off (float32) on CPU and MPS
     # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
@@ -147,9 +148,11 @@ def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     path = Path(path)
     state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
     model, image_size, mean, std = utils.model_from_checkpoint(state, path)
-    # channels-last for inference on every device: cuDNN's bf16 kernels are NHWC, and on CPU oneDNN's NHWC
-    # forward is 4-14% faster than NCHW at 128-256 px (with instance norm its backward is slower, so train.py trains that NCHW on CPU)
-    model.eval().to(device, memory_format=torch.channels_last)
+    # the inference memory format of the device: channels-last on CUDA (cuDNN's bf16 kernels are NHWC) and on CPU
+    # (oneDNN's NHWC forward is 4-14% faster at 128-256 px, for either norm), NCHW on MPS
+    norm = state["model_config"].get("norm", "instance")
+    channels_last = utils.hardware(device).channels_last(norm, training=False)
+    model.eval().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
                        None if splits is None else {k: list(v) for k, v in splits.items()},
@@ -200,13 +203,15 @@ def load_ensemble(paths: list[Path], device: torch.device) -> LoadedModel:
 
 
 @torch.no_grad()
-def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False) -> torch.Tensor:
+def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False,
+                          amp: torch.dtype | None = None) -> torch.Tensor:
     """Lesion probabilities in [0, 1], float32 (B, S, S), for normalised images float32 (B, 3, S, S).
 
     With tta, the mean over the image and its horizontal, vertical and double flip (each mapped back).
-    bf16 autocast on CUDA; the sigmoid runs in float32.
+    The network runs under autocast to `amp` when given (utils.amp_dtype chooses it); the sigmoid and the
+    mean run in float32.
     """
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if images.device.type == "cuda" else nullcontext()
+    autocast = torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext()
     flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
     total = None
     for dims in flips:
@@ -591,8 +596,12 @@ class PredictResult:
 class Segmenter:
     """Runs the pipeline over a list of items: decode, resize, forward, resize back, write, score."""
 
-    def __init__(self, loaded: LoadedModel, config: PredictConfig, output_dir: Path, device: torch.device):
-        self.loaded, self.config, self.output_dir = loaded, config, output_dir
+    def __init__(self, loaded: LoadedModel, config: PredictConfig, output_dir: Path, device: torch.device,
+                 amp: torch.dtype | None = None):
+        self.loaded, self.config, self.output_dir, self.amp = loaded, config, output_dir, amp
+        # normalisation statistics on the device once, not copied with every batch
+        self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
+                               for v in (loaded.mean, loaded.std))
         # on CPU the network already uses every core: file threads beside it slowed it (2 cores: 2 vs 4 images/s)
         self.workers = config.workers if config.workers is not None else (0 if device.type == "cpu" else 4)
         self.timer = StageTimer(device)
@@ -634,9 +643,12 @@ class Segmenter:
         if not good:
             return
         images = torch.from_numpy(np.stack([entry.small for entry in good]))  # (B, S, S, 3) uint8
-        x = dataset.normalize(images, self.loaded.mean, self.loaded.std).to(self.device)  # (B, 3, S, S)
+        if self.device.type == "cuda":
+            images = images.pin_memory()  # so the copy below runs beside the host's work
+        # uint8 to the device (a quarter of the float32 bytes), normalised there
+        x = dataset.normalize(images.to(self.device, non_blocking=True), self.mean, self.std)  # (B, 3, S, S)
         with self.timer("forward"):
-            probs = predict_probabilities(self.loaded.model, x, self.config.tta)  # (B, S, S)
+            probs = predict_probabilities(self.loaded.model, x, self.config.tta, self.amp)  # (B, S, S)
         if self.config.postprocess:
             with self.timer("postprocess"):
                 edited = [postprocess_probabilities(p, self.config.threshold) for p in probs.cpu().numpy()]
@@ -666,18 +678,21 @@ class Segmenter:
         if entry.truth_error is not None:
             self.fail(name, entry.truth_error)
         elif entry.truth is not None:
-            with self.timer("score"):  # at the original resolution, as the challenge scores
-                truth = torch.from_numpy(entry.truth).to(self.device).bool()
-                scores = utils.segmentation_metrics(predicted[None], truth[None])
+            # at the original resolution, as the challenge scores; on the host, where both masks already are
+            with self.timer("score"):
+                scores = utils.segmentation_metrics(torch.from_numpy(prediction)[None],
+                                                    torch.from_numpy(entry.truth > 0)[None])
             self.averager.update(scores)
-            self.rows.append({"image_id": item.id, **{key: float(scores[key][0]) for key in METRICS}})
+            self.rows.append({"image_id": item.id, **{key: scores[key].item() for key in METRICS}})
 
 
 def run(config: PredictConfig) -> PredictResult:
     """Everything main() does after parsing: returns what was written, what failed and the scores."""
     try:
         device = utils.select_device(config.device)
-    except ValueError as err:
+        hw = utils.hardware(device)
+        amp = utils.amp_dtype(config.amp, hw)
+    except (ValueError, utils.DeviceError) as err:
         raise PredictError(str(err)) from None
     if not config.checkpoint:
         checkpoint = latest_checkpoint(config.runs_dir)
@@ -705,12 +720,13 @@ def run(config: PredictConfig) -> PredictResult:
     except OSError as err:
         raise PredictError(f"cannot create the output folder {output_dir}: {err}; choose another --output") from None
     models = f"{len(config.checkpoint)} models (mean probability)" if len(config.checkpoint) > 1 else checkpoint
-    print(f"Segmenting {len(items)} images on {device} with {models} "
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "float32")
+    print(f"Segmenting {len(items)} images on {device} ({hw.name}, {precision}) with {models} "
           f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"
           f"{', post-processing' if config.postprocess else ''}) into {output_dir}/")
 
     start = time.perf_counter()
-    segmenter = Segmenter(loaded, config, output_dir, device)
+    segmenter = Segmenter(loaded, config, output_dir, device, amp)
     segmenter(items)
     seconds = dict(segmenter.timer.seconds, total=time.perf_counter() - start)
     done = len(items) - len({name for name, _ in segmenter.failures})
@@ -735,7 +751,8 @@ def write_metrics(rows: list[dict], means: dict[str, float], output_dir: Path) -
     with open(output_dir / "metrics.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["image_id", *METRICS])
         writer.writeheader()
-        writer.writerows(rows)
+        # the per-image values are float32: each as the shortest decimal of its float32 (0.65, not 0.6499999761581421)
+        writer.writerows({**row, **{key: str(np.float32(row[key])) for key in METRICS}} for row in rows)
     (output_dir / "metrics.json").write_text(json.dumps({key: means[key] for key in METRICS}, indent=2) + "\n")
 
 
