@@ -1,22 +1,27 @@
 """Speed, memory and FLOP/s of the Improved UNet beside the networks people would use instead, in one run.
 
     python benchmark.py --device cpu --quick       # about 3 minutes on an idle 2-core CPU
-    python benchmark.py --device cuda              # adds bf16, channels_last and torch.compile variants
-Writes <out>/benchmark.json and <out>/benchmark.md. Peers (MONAI DynUNet and BasicUNet, segmentation_models_pytorch
-Unet/ResNet-34) are measured when installed: pip install -r requirements-bench.txt
+    python benchmark.py --device cuda              # adds mixed-precision, channels_last and torch.compile variants
+    python benchmark.py --device cuda --quick      # about 2 minutes: the variants train.py chooses between, and MFU
+Writes <out>/benchmark.json and <out>/benchmark.md, rewritten after every size so that a crash keeps the finished
+rows. Mixed precision is the dtype train.py's --amp auto picks (bf16, or fp16 below compute capability 8.0). Peers
+(MONAI DynUNet and BasicUNet, segmentation_models_pytorch Unet/ResNet-34) are measured when installed:
+pip install -r requirements-bench.txt
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import gc
 import json
+import os
 import platform
+import re
 import statistics
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -40,12 +45,14 @@ FLOP_COUNT_SIZE = 64  # FLOPs are counted at this side (or smaller) and scaled b
 @dataclass
 class BenchConfig:
     device: str = "auto"  # auto (cuda > cpu), cpu, cuda or cuda:N
-    quick: bool = False  # fewer repeats and no optional variants: about 3 minutes on an idle 2-core CPU
+    quick: bool = False  # fewer repeats and variants: about 3 minutes on an idle 2-core CPU, 2 on a GPU
     sizes: list[int] = field(default_factory=lambda: [128, 256])  # square input sides, multiples of 32
     batch_size: int = 8  # images per training and inference step
     models: list[str] | None = None  # names from --list-models; default: ours and every installed peer
     repeats: int | None = None  # timed rounds per model and size, medians reported (default 5; quick 3)
-    warmup: int | None = None  # untimed steps per model and size first (default 2; quick 1)
+    warmup: int | None = None  # untimed rounds per model and size first (default 2; quick 1)
+    steps: int = 0  # steps per timed round; 0: 1 on CPU, 10 on CUDA (whose steps take milliseconds)
+    compile: bool = True  # CUDA: include the torch.compile variant (its first steps compile for about a minute)
     threads: int = 0  # torch CPU threads; 0 keeps torch's default (one per core)
     clock: str = "wall"  # "wall", or "cpu": this process's CPU time (with --threads 1; robust on a shared machine)
     tune_malloc: bool = True  # glibc keeps freed memory for reuse, as train.py does on CPU (Linux)
@@ -58,8 +65,8 @@ class BenchConfig:
         self.repeats = self.repeats or (3 if self.quick else 5)
         self.warmup = self.warmup if self.warmup is not None else (1 if self.quick else 2)
         self.data_images = self.data_images or (32 if self.quick else 64)
-        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0:
-            raise ValueError("--batch-size and --repeats must be at least 1, --warmup at least 0")
+        if self.batch_size < 1 or self.repeats < 1 or self.warmup < 0 or self.steps < 0:
+            raise ValueError("--batch-size and --repeats must be at least 1, --warmup and --steps at least 0")
         if self.clock not in ("wall", "cpu"):
             raise ValueError(f"--clock must be wall or cpu, got {self.clock!r}")
         if self.clock == "cpu" and (self.threads != 1 or self.device not in ("cpu", "auto")):
@@ -139,9 +146,18 @@ DEFAULT_MODELS = ["ours-batch", "ours-instance", "dynunet", "basicunet", "smp-un
 FULL_EXTRA_MODELS = ["ours-plain"]  # shows what the fast formulation buys; skipped by --quick
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # variant name -> autocast dtype
+
+
+def amp_name(hw) -> str | None:
+    """The dtype train.py's --amp auto trains in on this hardware, as a variant name (None: no autocast)."""
+    dtype = utils.amp_dtype("auto", hw)
+    return next((name for name, d in AMP_DTYPES.items() if d == dtype), None)
+
+
 @dataclass(frozen=True)
 class Variant:
-    dtype: str = "fp32"  # "fp32" or "bf16" (autocast)
+    dtype: str = "fp32"  # "fp32", or "bf16" / "fp16" under autocast
     channels_last: bool = False
     compile: bool = False
 
@@ -150,17 +166,24 @@ class Variant:
         return self.dtype + ("-cl" if self.channels_last else "") + ("-compile" if self.compile else "")
 
 
-def variants_for(model: str, device: torch.device, quick: bool) -> list[Variant]:
-    if device.type != "cuda":
+def variants_for(model: str, hw, quick: bool, compile: bool = True) -> list[Variant]:
+    """What to time for one model on this hardware (utils.hardware: device type, amp dtype, compile support)."""
+    if hw.device.type != "cuda":
         # ours: NCHW as train.py trains on CPU, channels-last as predict.py infers; peers as their users run them
         return [Variant(), Variant(channels_last=True)] if model in ("ours-batch", "ours-instance") else [Variant()]
-    if model == "ours-batch":
-        found = [Variant(), Variant(channels_last=True), Variant("bf16"), Variant("bf16", True)]
-        return found + ([] if quick else [Variant("bf16", True, compile=True)])
+    amp = amp_name(hw)
+    mixed = (lambda cl: [Variant(amp, cl)]) if amp else (lambda cl: [])
+    compiled = [Variant(amp or "fp32", True, compile=True)] if compile and hw.can_compile else []
+    if model == "ours-batch":  # fp32 (TF32) against mixed precision, and what compiling adds
+        return ([] if quick else [Variant()]) + [Variant(channels_last=True)] + mixed(True) + compiled
+    if model == "ours-instance":
+        # both memory formats: whether channels-last pays with instance norm (GroupNorm kernels) on this GPU
+        return ([] if quick else [Variant(), Variant(channels_last=True)]) + mixed(False) + mixed(True)
+    if model == "ours-plain":
+        return ([] if quick else [Variant()]) + mixed(False)
     if model.startswith("ours"):
-        cl = model != "ours-plain"  # channels-last is how train.py and predict.py run ours on CUDA
-        return [Variant(channels_last=cl), Variant("bf16", cl)]
-    return [Variant(), Variant("bf16", True)]
+        return ([] if quick else [Variant(channels_last=True)]) + mixed(True)
+    return ([] if quick else [Variant()]) + mixed(True)
 
 
 def choose_models(config: BenchConfig) -> tuple[list[str], dict[str, str]]:
@@ -239,6 +262,8 @@ class PeakMemory:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 CLOCK: Callable[[], float] = time.perf_counter  # run() switches to time.process_time for --clock cpu
@@ -258,6 +283,45 @@ def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32)
         synchronize(device)
         best = min(best, CLOCK() - t)
     return 2 * n**3 / best
+
+
+def training_loss(loss_fn: nn.Module, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if out.dim() == 5:  # DynUNet in training: (B, heads, C, H, W), full resolution first
+        w = DEEP_SUPERVISION_WEIGHTS[: out.shape[1]]
+        return sum(wi * loss_fn(out[:, i], target) for i, wi in enumerate(w)) / sum(w)
+    return loss_fn(out, target)
+
+
+def count_flops(name: str, size: int) -> dict[str, float]:
+    """FLOPs per image of a training step (forward + backward) and of inference, as executed; for our
+    model also the training FLOPs of the plain formulation (upsample then 3x3 conv), i.e. of the paper.
+
+    Counted on the CPU (the same for every dtype, memory format and device), on two images of at most
+    64x64, and scaled by the pixel count: every layer's FLOPs are proportional to its output pixels, which
+    scale exactly with the input's for sides that are multiples of 32 (tests/test_benchmark.py checks the
+    scaling).
+    """
+    side = min(size, FLOP_COUNT_SIZE)
+    scale = (size / side) ** 2 / 2
+    torch.manual_seed(0)
+    model = MODELS[name][0](False)
+    loss_fn = utils.SegmentationLoss("dice")
+    x = torch.randn(2, 3, side, side)
+
+    def train_flops() -> float:
+        with FlopCounterMode(display=False) as fc:
+            out = model.train()(x)
+            training_loss(loss_fn, out, torch.zeros_like(out[:, :1] if out.dim() == 4 else out[:, 0, :1])).backward()
+        return fc.get_total_flops() * scale
+
+    found = {"train_flops_per_image": train_flops()}
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.eval()(x)
+    found["infer_flops_per_image"] = fc.get_total_flops() * scale
+    if hasattr(model, "use_reference_formulation"):
+        model.use_reference_formulation()
+        found["paper_train_flops_per_image"] = train_flops()
+    return found
 
 
 class Runner:
@@ -280,66 +344,112 @@ class Runner:
         self.y = (torch.rand(b, 1, size, size, generator=g) > 0.7).float().to(device)
         if variant.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if variant.dtype == "bf16"
-                         else nullcontext())
+        dtype = AMP_DTYPES.get(variant.dtype)
+        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+        # as train.py: loss scaling only for fp16 (bf16 has float32's exponent range)
+        self.scaler = torch.amp.GradScaler(device.type) if variant.dtype == "fp16" else None
         self.train_times: list[float] = []
         self.infer_times: list[float] = []
 
-    def loss(self, out: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
-        target = self.y if target is None else target
-        if out.dim() == 5:  # DynUNet in training: (B, heads, C, H, W), full resolution first
-            w = DEEP_SUPERVISION_WEIGHTS[: out.shape[1]]
-            return sum(wi * self.loss_fn(out[:, i], target) for i, wi in enumerate(w)) / sum(w)
-        return self.loss_fn(out, target)
+    def loss(self, out: torch.Tensor) -> torch.Tensor:
+        return training_loss(self.loss_fn, out.float(), self.y)
 
-    def train_step(self, model: nn.Module | None = None) -> None:
-        model = model or self.model
-        model.train()
+    def train_step(self) -> None:
+        self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast:
-            loss = self.loss(model(self.x))
-        loss.backward()
-        self.optimizer.step()
+            out = self.model(self.x)
+        loss = self.loss(out)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
 
     def infer_step(self) -> None:
         self.model.eval()
         with torch.inference_mode(), self.autocast:
             self.model(self.x)
 
-    def timed(self, step: Callable[[], None]) -> float:
+    def timed(self, step: Callable[[], None], steps: int = 1) -> float:
+        """Seconds per step, over `steps` back-to-back steps (on CUDA one step is too short to time alone)."""
         synchronize(self.device)
         t = CLOCK()
-        step()
+        for _ in range(steps):
+            step()
         synchronize(self.device)
-        return CLOCK() - t
+        return (CLOCK() - t) / steps
 
-    def count_flops(self) -> dict[str, float]:
-        """FLOPs per image of a training step (forward + backward) and of inference, as executed; for our
-        model also the training FLOPs of the plain formulation (upsample then 3x3 conv), i.e. of the paper.
+    def measure_memory(self) -> dict[str, float | None]:
+        """Peak memory of the first training step (which allocates the gradients and Adam's state) and of an
+        inference step; the first steps also compile (torch.compile) and pick cuDNN's algorithms."""
+        with PeakMemory(self.device) as train_mem:
+            self.train_step()
+        with PeakMemory(self.device) as infer_mem:
+            self.infer_step()
+        return {"train_peak_mb": train_mem.peak_mb, "train_extra_mb": train_mem.extra_mb,
+                "infer_peak_mb": infer_mem.peak_mb, "infer_extra_mb": infer_mem.extra_mb}
 
-        Counted on two images of at most 64x64 and scaled by the pixel count: every layer's FLOPs are
-        proportional to its output pixels, which scale exactly with the input's for sides that are
-        multiples of 32 (tests/test_benchmark.py checks the scaling).
-        """
-        side = min(self.size, FLOP_COUNT_SIZE)
-        scale = (self.size / side) ** 2 / 2
-        x = torch.randn(2, 3, side, side, device=self.device)
-        model = copy.deepcopy(self.eager)
 
-        def train_flops() -> float:
-            with FlopCounterMode(display=False) as fc:
-                out = model.train()(x)
-                self.loss(out, torch.zeros_like(out[:, :1] if out.dim() == 4 else out[:, 0, :1])).backward()
-            return fc.get_total_flops() * scale
+def release(device: torch.device) -> None:
+    """Free what the models just measured left behind, so the next one's peak memory is its own: their
+    tensors once unreferenced (gc breaks the module graphs' cycles), the blocks CUDA's caching allocator
+    keeps, and its peak counter. torch.compile's graphs stay cached: they hold no weights, and phase 2's
+    fresh model of the same class reuses them instead of compiling again for a minute."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
 
-        found = {"train_flops_per_image": train_flops()}
-        with FlopCounterMode(display=False) as fc, torch.no_grad():
-            model.eval()(x)
-        found["infer_flops_per_image"] = fc.get_total_flops() * scale
-        if hasattr(model, "use_reference_formulation"):
-            model.use_reference_formulation()
-            found["paper_train_flops_per_image"] = train_flops()
-        return found
+
+@contextmanager
+def cuda_settings(device: torch.device):
+    """The backend flags train.py's setup_device sets on CUDA (without --deterministic): cuDNN picks the
+    fastest algorithm per shape, float32 matmuls and convolutions run on TF32 tensor cores. Restored after."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = saved
+
+
+# Dense (no sparsity) tensor-core peak of the dtype --amp auto trains in, in TFLOP/s, from NVIDIA's data sheets:
+# bf16 with float32 accumulation; fp16 on the GPUs below compute capability 8.0, which train in fp16. The first
+# matching pattern wins, so specific names come before general ones; an unlisted GPU gets no MFU.
+PEAK_TFLOPS: list[tuple[str, float, str]] = [
+    (r"H100.*NVL", 835.0, "bf16"),
+    (r"H100.*PCIe", 756.0, "bf16"),
+    (r"H100", 989.0, "bf16"),  # SXM
+    (r"H200.*NVL", 835.0, "bf16"),
+    (r"H200", 989.0, "bf16"),
+    (r"A100", 312.0, "bf16"),
+    (r"L40S", 362.0, "bf16"),
+    (r"\bA10\b", 125.0, "bf16"),  # not the A10G
+    (r"RTX 4090", 165.0, "bf16"),  # GeForce: half rate with float32 accumulation
+    (r"V100.*PCIe", 112.0, "fp16"),
+    (r"V100", 125.0, "fp16"),  # SXM2
+    (r"P100.*SXM", 21.2, "fp16"),
+    (r"P100", 18.7, "fp16"),  # PCIe
+    (r"\bT4\b", 65.0, "fp16"),
+]
+
+
+def peak_tflops(gpu_name: str) -> tuple[float, str] | None:
+    """(dense tensor-core TFLOP/s, its dtype) of a GPU named as torch.cuda.get_device_name names it, or None."""
+    for pattern, tflops, dtype in PEAK_TFLOPS:
+        if re.search(pattern, gpu_name, re.IGNORECASE):
+            return tflops, dtype
+    return None
 
 
 # the aten ops whose kernels do the FLOPs that flop_counter counts (their wrappers, such as aten::convolution,
@@ -393,10 +503,52 @@ def measure_data_pipeline(size: int, config: BenchConfig, device: torch.device) 
     return 1.0 / statistics.median(per_image)
 
 
-def run(config: BenchConfig, log: Callable = print) -> dict:
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if config.device == "auto" else config.device)
-    device = utils.select_device(str(device))
+def resolve_device(name: str) -> torch.device:
+    """--device as utils.select_device normalises it (cuda -> cuda:N); "auto" is cuda > cpu (not MPS, whose
+    memory this benchmark cannot measure)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return utils.select_device(name)
+
+
+def describe_device(hw, device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{hw.name} (compute capability {hw.capability[0]}.{hw.capability[1]})"
+    return utils.device_name(device)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+
+
+NOISE = 0.02  # speed differences below this share are called ties in the memory-format verdict
+
+
+def memory_format_verdicts(results: list[dict], model: str = "ours-instance") -> list[dict]:
+    """NCHW against channels-last training speed of `model` per size and dtype where both were timed. With
+    instance norm (GroupNorm kernels) the faster format differs between devices: train.py's default should
+    follow this figure."""
+    rows = {(e["size"], e["variant"]): e for e in results if e["model"] == model}
+    found = []
+    for (size, variant), nchw in rows.items():
+        cl = rows.get((size, variant + "-cl"))
+        if cl is None or "-" in variant:
+            continue
+        speedup = cl["train_images_per_s"] / nchw["train_images_per_s"]
+        faster = "neither" if abs(speedup - 1) < NOISE else "channels-last" if speedup > 1 else "NCHW"
+        found.append({"model": model, "size": size, "dtype": variant, "nchw_images_per_s": nchw["train_images_per_s"],
+                      "channels_last_images_per_s": cl["train_images_per_s"], "channels_last_speedup": speedup,
+                      "faster": faster})
+    return found
+
+
+def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None] | None = None) -> dict:
+    """Every model in every variant at every size. `save` gets the report so far after each size, so that a
+    crash (out of memory at the largest size, say) keeps the rows already finished."""
+    device = resolve_device(config.device)
+    hw = utils.hardware(device)
+    steps = config.steps or (10 if device.type == "cuda" else 1)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     global CLOCK
@@ -407,6 +559,9 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
     names, skipped = choose_models(config)
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
+    plan = [(n, v) for n in names for v in variants_for(n, hw, config.quick, config.compile)]
+    amp = amp_name(hw) if device.type == "cuda" else None
+    peak = peak_tflops(hw.name) if device.type == "cuda" else None
     idle_check = utils.OtherCpu()
     time.sleep(1.0)
     other_before = idle_check.share()
@@ -414,94 +569,117 @@ def run(config: BenchConfig, log: Callable = print) -> dict:
         log(f"warning: other processes are using {other_before:.0%} of the CPU: wall-clock figures will be noisy "
             "(--threads 1 --clock cpu measures this process's CPU time instead)")
     during = utils.OtherCpu()
-    results, matmul, data = [], {"fp32": [], "bf16": []}, []
-    malloc_tuned = False
-
-    # phase 1, per size: FLOPs, and peak memory of the first (warm-up) steps. Blocks of 64 KiB and more
-    # are mmapped while it runs, so that memory freed by one model leaves the resident set and the next
-    # model's growth is its own (glibc otherwise keeps blocks below its adaptive threshold in the heap)
-    measurable_rss = device.type == "cpu" and utils.mallopt(utils.M_MMAP_MAX, utils.DEFAULT_MMAP_MAX) \
-        and utils.mallopt(utils.M_MMAP_THRESHOLD, 64 << 10)
-    runners_by_size = {}
-    for size in config.sizes:
-        runners = [Runner(n, v, size, config, device) for n in names for v in variants_for(n, device, config.quick)]
-        for r in runners:
-            r.flops = r.count_flops()
-            with PeakMemory(device) as train_mem:
-                r.train_step()
-            with PeakMemory(device) as infer_mem:
-                r.infer_step()
-            r.memory = {"train_peak_mb": train_mem.peak_mb, "train_extra_mb": train_mem.extra_mb,
-                        "infer_peak_mb": infer_mem.peak_mb, "infer_extra_mb": infer_mem.extra_mb}
-        runners_by_size[size] = runners
-    if config.tune_malloc and device.type == "cpu":
-        malloc_tuned = utils.tune_glibc_malloc()
-    elif measurable_rss:
-        utils.mallopt(utils.M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
-
-    # phase 2, per size: timed rounds, every model once per round, so that load from other processes
-    # hits all of them alike
-    for size in config.sizes:
-        runners = runners_by_size.pop(size)
-        log(f"{size}x{size}: {len(runners)} model variants, batch {config.batch_size}, "
-            f"{config.warmup} warm-up + {config.repeats} timed rounds")
-        for r in runners:
-            for _ in range(max(config.warmup - 1, 0)):
-                r.train_step(), r.infer_step()
-        for _ in range(config.repeats):
-            matmul["fp32"].append(matmul_flops_per_s(device))
-            if device.type == "cuda":
-                matmul["bf16"].append(matmul_flops_per_s(device, torch.bfloat16))
-            for r in runners:
-                r.train_times.append(r.timed(r.train_step))
-                r.infer_times.append(r.timed(r.infer_step))
-        data_ips = measure_data_pipeline(size, config, device)
-        data.append({"size": size, "images_per_s": data_ips})
-        for r in runners:
-            share = kernel_time_share(r) if config.breakdown and device.type == "cpu" else None
-            step = statistics.median(r.train_times)
-            entry = {
-                "model": r.name, "variant": r.variant.name, "size": size, "description": MODELS[r.name][2],
-                "parameters": modules.count_parameters(r.eager),
-                "train_images_per_s": config.batch_size / step,
-                "infer_images_per_s": config.batch_size / statistics.median(r.infer_times),
-                "train_step_s": r.train_times, "infer_step_s": r.infer_times,
-                **r.flops, **r.memory,
-            }
-            entry["train_flops_per_s"] = entry["train_flops_per_image"] * entry["train_images_per_s"]
-            if "paper_train_flops_per_image" in entry:
-                entry["paper_train_flops_per_s"] = entry["paper_train_flops_per_image"] * entry["train_images_per_s"]
-            if share:
-                entry["kernel_time_share"] = share
-                entry["kernel_flops_per_s"] = entry["train_flops_per_s"] / share
-            results.append(entry)
-            log(f"  {r.name:14s} {r.variant.name:16s} train {entry['train_images_per_s']:8.2f} img/s  "
-                f"infer {entry['infer_images_per_s']:8.2f} img/s  {entry['train_flops_per_s'] / 1e9:8.1f} GFLOP/s")
-        log(f"  data pipeline {data_ips:.1f} img/s")
-        del runners
-        gc.collect()
-
-    matmul_summary = {k: {"median": statistics.median(v), "max": max(v), "all": v} for k, v in matmul.items() if v}
-    for e in results:
-        ref = matmul_summary["bf16" if e["variant"].startswith("bf16") else "fp32"]["median"]
-        e["matmul_fraction"] = e["train_flops_per_s"] / ref
-        if "kernel_flops_per_s" in e:
-            e["kernel_matmul_fraction"] = e["kernel_flops_per_s"] / ref
-        if "paper_train_flops_per_s" in e:
-            e["paper_matmul_fraction"] = e["paper_train_flops_per_s"] / ref
-    return {
-        "meta": {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "device": utils.device_name(device), "device_type": device.type, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "python": platform.python_version(),
-            "config": asdict(config), "malloc_tuned": malloc_tuned, "skipped": skipped,
-            "other_cpu_before": other_before, "other_cpu_during": during.share(),
-            "peers": {p: package_version(p) for p in ("monai", "segmentation_models_pytorch")},
-        },
-        "matmul_flops_per_s": matmul_summary,
-        "data_pipeline": data,
-        "results": results,
+    results, failed, data = [], {}, []
+    matmul = {"fp32": [], **({amp: []} if amp else {})}
+    meta = {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": describe_device(hw, device), "device_index": str(device), "device_type": device.type,
+        "capability": list(hw.capability) if hw.capability else None, "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "config": asdict(config), "steps_per_round": steps, "amp": amp,
+        "peak_tflops": {"tflops": peak[0], "dtype": peak[1]} if peak else None,
+        # the variant train.py trains its default (instance norm) model in here, from the same utils.hardware
+        "train_default": {"model": "ours-instance",
+                          "variant": Variant(amp or "fp32", hw.channels_last("instance")).name},
+        "malloc_tuned": False, "skipped": skipped, "failed": failed,
+        "other_cpu_before": other_before, "other_cpu_during": None,
+        "peers": {p: package_version(p) for p in ("monai", "segmentation_models_pytorch")},
+        "complete": False,
     }
+
+    def report() -> dict:
+        meta["other_cpu_during"] = during.share()
+        summary = {k: {"median": statistics.median(v), "max": max(v), "all": v} for k, v in matmul.items() if v}
+        for e in results:
+            ref = summary[e["variant"].split("-")[0]]["median"]
+            e["matmul_fraction"] = e["train_flops_per_s"] / ref
+            if "kernel_flops_per_s" in e:
+                e["kernel_matmul_fraction"] = e["kernel_flops_per_s"] / ref
+            if "paper_train_flops_per_s" in e:
+                e["paper_matmul_fraction"] = e["paper_train_flops_per_s"] / ref
+            if peak:
+                e["mfu"] = e["train_flops_per_s"] / (peak[0] * 1e12)
+        return {"meta": meta, "matmul_flops_per_s": summary, "data_pipeline": data, "results": results,
+                "memory_format": memory_format_verdicts(results)}
+
+    with cuda_settings(device):
+        # phase 1, per size and model: FLOPs (on the CPU), and peak memory of the first steps with nothing else
+        # alive: each model is freed before the next is built. Blocks of 64 KiB and more are mmapped on the CPU
+        # while it runs, so that memory freed by one model leaves the resident set and the next model's growth is
+        # its own (glibc otherwise keeps blocks below its adaptive threshold in the heap)
+        measurable_rss = device.type == "cpu" and utils.mallopt(utils.M_MMAP_MAX, utils.DEFAULT_MMAP_MAX) \
+            and utils.mallopt(utils.M_MMAP_THRESHOLD, 64 << 10)
+        flops, memory = {}, {}
+        for size in config.sizes:
+            for name, variant in plan:
+                runner = None
+                try:
+                    if (name, size) not in flops:
+                        flops[name, size] = count_flops(name, size)
+                    runner = Runner(name, variant, size, config, device)
+                    memory[name, variant, size] = runner.measure_memory()
+                except Exception as err:  # out of memory, torch.compile without a compiler: say so, measure the rest
+                    failed[f"{name} {variant.name} {size}"] = _first_line(err)
+                    log(f"  {name} {variant.name} at {size}x{size} failed: {_first_line(err)}")
+                finally:
+                    runner = None
+                    release(device)
+        if config.tune_malloc and device.type == "cpu":
+            meta["malloc_tuned"] = utils.tune_glibc_malloc()
+        elif measurable_rss:
+            utils.mallopt(utils.M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
+
+        # phase 2, per size: timed rounds, every model once per round, so that load from other processes
+        # hits all of them alike
+        for size in config.sizes:
+            runners = [Runner(n, v, size, config, device) for n, v in plan if (n, v, size) in memory]
+            log(f"{size}x{size}: {len(runners)} model variants, batch {config.batch_size}, {config.warmup} warm-up + "
+                f"{config.repeats} timed rounds of {steps} step{'s' if steps > 1 else ''}")
+            for _ in range(config.warmup):
+                for r in runners:
+                    r.timed(r.train_step, steps), r.timed(r.infer_step, steps)
+            for _ in range(config.repeats):
+                matmul["fp32"].append(matmul_flops_per_s(device))
+                if amp:
+                    matmul[amp].append(matmul_flops_per_s(device, AMP_DTYPES[amp]))
+                for r in runners:
+                    r.train_times.append(r.timed(r.train_step, steps))
+                    r.infer_times.append(r.timed(r.infer_step, steps))
+            data_ips = measure_data_pipeline(size, config, device)
+            data.append({"size": size, "images_per_s": data_ips})
+            for r in runners:
+                share = kernel_time_share(r) if config.breakdown and device.type == "cpu" else None
+                step = statistics.median(r.train_times)
+                entry = {
+                    "model": r.name, "variant": r.variant.name, "size": size, "description": MODELS[r.name][2],
+                    "parameters": modules.count_parameters(r.eager),
+                    "train_images_per_s": config.batch_size / step,
+                    "infer_images_per_s": config.batch_size / statistics.median(r.infer_times),
+                    "train_step_s": r.train_times, "infer_step_s": r.infer_times,
+                    **flops[r.name, size], **memory[r.name, r.variant, size],
+                }
+                entry["train_flops_per_s"] = entry["train_flops_per_image"] * entry["train_images_per_s"]
+                if "paper_train_flops_per_image" in entry:
+                    entry["paper_train_flops_per_s"] = entry["paper_train_flops_per_image"] * entry["train_images_per_s"]
+                if share:
+                    entry["kernel_time_share"] = share
+                    entry["kernel_flops_per_s"] = entry["train_flops_per_s"] / share
+                results.append(entry)
+                mfu = f"  MFU {entry['train_flops_per_s'] / (peak[0] * 1e12):6.1%}" if peak else ""
+                log(f"  {r.name:14s} {r.variant.name:16s} train {entry['train_images_per_s']:8.2f} img/s  "
+                    f"infer {entry['infer_images_per_s']:8.2f} img/s  {entry['train_flops_per_s'] / 1e9:8.1f} GFLOP/s"
+                    + mfu)
+            log(f"  data pipeline {data_ips:.1f} img/s")
+            runners = None
+            release(device)
+            if save is not None:
+                save(report())
+    meta["complete"] = True
+    final = report()
+    if save is not None:
+        save(final)
+    return final
 
 
 def package_version(name: str) -> str | None:
@@ -532,19 +710,32 @@ def _other_cpu_text(share: float | None) -> str:
 def markdown(report: dict) -> str:
     meta, mm = report["meta"], report["matmul_flops_per_s"]
     cfg = meta["config"]
+    cuda = meta["device_type"] == "cuda"
+    steps = meta.get("steps_per_round", 1)
+    peak = meta.get("peak_tflops")
+    amp = meta.get("amp")
     lines = [
         f"# Benchmark: {meta['device']}, {meta['date'][:10]}",
         "",
         f"torch {meta['torch']}, {meta['threads']} threads, {cfg.get('clock', 'wall')} clock, batch {cfg['batch_size']}, "
         f"median of {cfg['repeats']} "
-        f"interleaved rounds after {cfg['warmup']} warm-up; glibc malloc tuning "
-        f"{'on' if meta['malloc_tuned'] else 'off'}; {_other_cpu_text(meta.get('other_cpu_during'))}.",
-        "",
-        "Matmul reference, measured in every round: float32 median "
-        f"{mm['fp32']['median'] / 1e9:.0f} GFLOP/s (best {mm['fp32']['max'] / 1e9:.0f})"
-        + (f"; bfloat16 median {mm['bf16']['median'] / 1e12:.0f} TFLOP/s" if "bf16" in mm else "") + ".",
+        f"interleaved rounds{f' of {steps} steps' if steps > 1 else ''} after {cfg['warmup']} warm-up; "
+        + ("cuDNN autotuning and TF32 on, as train.py runs; " if cuda else "")
+        + f"glibc malloc tuning {'on' if meta['malloc_tuned'] else 'off'}; "
+        f"{_other_cpu_text(meta.get('other_cpu_during'))}.",
         "",
     ]
+    if not meta.get("complete", True):
+        done = sorted({e["size"] for e in report["results"]})
+        lines += [f"**Partial**: the run stopped before it finished; sizes done: {', '.join(map(str, done)) or 'none'}.",
+                  ""]
+    if "fp32" in mm:
+        lines += ["Matmul reference, measured in every round: float32" + (" (TF32)" if cuda else "") + " median "
+                  f"{mm['fp32']['median'] / 1e9:.0f} GFLOP/s (best {mm['fp32']['max'] / 1e9:.0f})"
+                  + (f"; {amp} median {mm[amp]['median'] / 1e12:.0f} TFLOP/s" if amp in mm else "") + ".", ""]
+    if peak:
+        lines += [f"MFU: training FLOP/s as counted below over the GPU's dense {peak['dtype']} tensor-core peak, "
+                  f"{peak['tflops']:g} TFLOP/s (data sheet).", ""]
     by_size: dict[int, list[dict]] = {}
     for e in report["results"]:
         by_size.setdefault(e["size"], []).append(e)
@@ -555,8 +746,9 @@ def markdown(report: dict) -> str:
             f"## {size}x{size}",
             "",
             "| model | variant | train img/s | inference img/s | train GFLOP/img | train GFLOP/s | of matmul "
-            f"| peak train memory MB | {OURS} train speed / this | {OURS} FLOP/s / this | ISIC epoch at this size |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| peak train memory MB | {OURS} train speed / this | {OURS} FLOP/s / this | ISIC epoch at this size |"
+            + (" MFU |" if peak else ""),
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""),
         ]
         for e in entries:
             ratio_ips = ratio_fl = "-"
@@ -564,12 +756,12 @@ def markdown(report: dict) -> str:
                 ratio_ips = f"{ours['train_images_per_s'] / e['train_images_per_s']:.2f}x"
                 ratio_fl = f"{ours['train_flops_per_s'] / e['train_flops_per_s']:.2f}x"
             epoch_s = ISIC_TRAIN_IMAGES / e["train_images_per_s"]
-            mem = e["train_peak_mb"] if report["meta"]["device_type"] == "cuda" else e["train_extra_mb"]
+            mem = e["train_peak_mb"] if cuda else e["train_extra_mb"]
             lines.append(
                 f"| {e['model']} | {e['variant']} | {e['train_images_per_s']:.2f} | {e['infer_images_per_s']:.2f} "
                 f"| {e['train_flops_per_image'] / 1e9:.2f} | {e['train_flops_per_s'] / 1e9:.1f} "
                 f"| {e['matmul_fraction']:.0%} | {_fmt(mem, '.0f')} | {ratio_ips} | {ratio_fl} "
-                f"| {format_seconds(epoch_s)} |"
+                f"| {format_seconds(epoch_s)} |" + (f" {e['mfu']:.1%} |" if peak else "")
             )
         lines.append("")
         for e in entries:
@@ -596,6 +788,18 @@ def markdown(report: dict) -> str:
             t = ISIC_TRAIN_IMAGES / e["train_images_per_s"] + ISIC_TRAIN_IMAGES / data[256]
             lines.append(f"- {e['model']} {e['variant']}: {format_seconds(t)}")
         lines.append("")
+    verdicts = report.get("memory_format", [])
+    if verdicts:
+        lines += ["Memory format with instance norm (ours-instance, training):", ""]
+        for v in verdicts:
+            lines.append(f"- {v['size']}x{v['size']}, {v['dtype']}: channels-last trains at "
+                         f"{v['channels_last_speedup']:.2f}x NCHW's speed ({v['channels_last_images_per_s']:.1f} against "
+                         f"{v['nchw_images_per_s']:.1f} img/s): "
+                         + ("no clear difference." if v["faster"] == "neither" else f"{v['faster']} is faster."))
+        default = meta.get("train_default")
+        if default:
+            lines.append(f"- train.py trains {default['model']} as {default['variant']} on this device.")
+        lines.append("")
     lines += [
         "Notes",
         "",
@@ -609,6 +813,8 @@ def markdown(report: dict) -> str:
     ]
     if meta["skipped"]:
         lines.append("- Not measured: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()))
+    if meta.get("failed"):
+        lines.append("- Failed (model variant size: error): " + "; ".join(f"{k}: {v}" for k, v in meta["failed"].items()))
     return "\n".join(lines) + "\n"
 
 
@@ -621,7 +827,9 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=defaults.device, help="auto (cuda > cpu; the default), cpu, cuda or cuda:N")
     p.add_argument("--quick", action=argparse.BooleanOptionalAction, default=defaults.quick,
-                   help="3 timed rounds, 1 warm-up, no optional variants: about 3 minutes on an idle 2-core CPU")
+                   help="3 timed rounds, 1 warm-up, fewer variants. CPU: about 3 minutes on an idle 2-core CPU. CUDA: "
+                        "about 2 minutes: fp32 (TF32), mixed precision, channels-last and compile for ours-batch, and "
+                        "NCHW against channels-last for ours-instance")
     p.add_argument("--sizes", type=int, nargs="+", default=defaults.sizes,
                    help="square input sides, multiples of 32 (default 128 256)")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per step (default 8)")
@@ -629,7 +837,12 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
                    help=f"models to run, from: {', '.join(MODELS)} (default: {', '.join(DEFAULT_MODELS)}"
                         f", and {', '.join(FULL_EXTRA_MODELS)} without --quick)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds, medians reported (default 5; quick 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per model first (default 2; quick 1)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds per model first (default 2; quick 1)")
+    p.add_argument("--steps", type=int, default=defaults.steps,
+                   help="steps per timed round (default 0: 1 on CPU, 10 on CUDA, where a step takes milliseconds)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=defaults.compile,
+                   help="CUDA: also time ours-batch under torch.compile (default on; its first steps compile for "
+                        "about a minute)")
     p.add_argument("--threads", type=int, default=defaults.threads,
                    help="torch CPU threads (default 0: torch's own choice, one per core)")
     p.add_argument("--clock", choices=("wall", "cpu"), default=defaults.clock,
@@ -647,20 +860,33 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
     p.add_argument("--out", default=defaults.out, help="folder for benchmark.json and benchmark.md (default runs/benchmark)")
     a = p.parse_args(argv)
     return BenchConfig(device=a.device, quick=a.quick, sizes=a.sizes, batch_size=a.batch_size, models=a.models,
-                       repeats=a.repeats, warmup=a.warmup, threads=a.threads, clock=a.clock, tune_malloc=a.tune_malloc,
-                       breakdown=a.breakdown, data_images=a.data_images, baseline_modules=a.baseline_modules,
-                       out=a.out)
+                       repeats=a.repeats, warmup=a.warmup, steps=a.steps, compile=a.compile, threads=a.threads,
+                       clock=a.clock, tune_malloc=a.tune_malloc, breakdown=a.breakdown, data_images=a.data_images,
+                       baseline_modules=a.baseline_modules, out=a.out)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and os.replace, so a reader (or a crash) never sees half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "benchmark.json", json.dumps(report, indent=2) + "\n")
+    _write_atomic(out / "benchmark.md", markdown(report))
 
 
 def main(argv: list[str] | None = None) -> dict:
     config = parse_args(argv)
-    report = run(config)
     out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "benchmark.json").write_text(json.dumps(report, indent=2) + "\n")
-    table = markdown(report)
-    (out / "benchmark.md").write_text(table)
-    print(table)
+    try:
+        report = run(config, save=lambda partial: write_report(partial, out))
+    except utils.DeviceError as err:  # a GPU this PyTorch build has no kernels for: the message says what to install
+        print(f"benchmark.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(markdown(report))
     print(f"wrote {out / 'benchmark.json'} and {out / 'benchmark.md'}")
     return report
 

@@ -7,9 +7,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import benchmark
 import utils
+from test_devices import fake_gpu, gpus  # noqa: F401 (gpus is a fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,14 +90,80 @@ def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
     assert "requirements-bench.txt" in skipped["dynunet"]
 
 
-def test_default_models_include_every_peer_and_variants_per_device():
+def test_default_models_include_every_peer_and_variants_per_device(monkeypatch):
     config = benchmark.BenchConfig(quick=True)
     assert benchmark.DEFAULT_MODELS == ["ours-batch", "ours-instance", "dynunet", "basicunet", "smp-unet-r34"]
-    cpu, cuda = benchmark.torch.device("cpu"), benchmark.torch.device("cuda")
+    cpu = utils.hardware(torch.device("cpu"))
     assert [v.name for v in benchmark.variants_for("ours-batch", cpu, True)] == ["fp32", "fp32-cl"]
     assert [v.name for v in benchmark.variants_for("dynunet", cpu, True)] == ["fp32"]
+    cuda = fake_gpu(monkeypatch, (9, 0))
     assert {v.name for v in benchmark.variants_for("ours-batch", cuda, False)} >= {"fp32", "bf16-cl", "bf16-cl-compile"}
     assert config.repeats == 3 and config.warmup == 1
+
+
+@pytest.mark.parametrize("capability, amp, compiles", [((6, 0), "fp16", False), ((7, 0), "fp16", True),
+                                                        ((8, 0), "bf16", True), ((9, 0), "bf16", True)])
+def test_cuda_variants_take_the_amp_dtype_and_compile_from_the_capability(monkeypatch, capability, amp, compiles):
+    # bf16 convolutions exist in cuDNN only from 8.0: a P100 or V100 benchmarks fp16, as train.py trains there
+    hw = fake_gpu(monkeypatch, capability, "Tesla P100-PCIE-16GB" if capability < (7, 0) else "NVIDIA H200")
+    assert benchmark.amp_name(hw) == amp
+    quick = [v.name for v in benchmark.variants_for("ours-batch", hw, quick=True)]
+    assert quick == ["fp32-cl", f"{amp}-cl"] + ([f"{amp}-cl-compile"] if compiles else [])
+    assert [v.name for v in benchmark.variants_for("ours-batch", hw, True, compile=False)] == ["fp32-cl", f"{amp}-cl"]
+    # both memory formats with instance norm, in the dtype training uses
+    assert [v.name for v in benchmark.variants_for("ours-instance", hw, quick=True)] == [amp, f"{amp}-cl"]
+    full = [v.name for v in benchmark.variants_for("ours-instance", hw, quick=False)]
+    assert full == ["fp32", "fp32-cl", amp, f"{amp}-cl"]
+    assert [v.name for v in benchmark.variants_for("dynunet", hw, quick=True)] == [f"{amp}-cl"]
+    runner = benchmark.Runner("ours-batch", benchmark.Variant(amp, True), 32, benchmark.BenchConfig(batch_size=1),
+                              torch.device("cpu"))
+    assert runner.autocast.fast_dtype == benchmark.AMP_DTYPES[amp]
+    assert (runner.scaler is not None) == (amp == "fp16")  # loss scaling only for fp16, as train.py
+
+
+def test_device_is_normalised_before_anything_uses_it(gpus, monkeypatch):
+    # a bare "cuda" made the loader's device comparison fail (cuda != cuda:0) after the first size
+    assert benchmark.resolve_device("cuda") == torch.device("cuda", 0)
+    assert benchmark.resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert benchmark.resolve_device("auto") == torch.device("cpu")
+
+
+def test_cuda_settings_match_train_py_and_are_restored():
+    before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with benchmark.cuda_settings(torch.device("cuda", 0)):  # only flags: no GPU needed
+            assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+            assert torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32
+        with benchmark.cuda_settings(torch.device("cpu")):
+            assert not torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = before
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", (989.0, "bf16")), ("NVIDIA H100 PCIe", (756.0, "bf16")),
+                                        ("NVIDIA H200", (989.0, "bf16")), ("NVIDIA A100-SXM4-80GB", (312.0, "bf16")),
+                                        ("NVIDIA A10", (125.0, "bf16")), ("NVIDIA A10G", None),
+                                        ("Tesla V100-SXM2-32GB", (125.0, "fp16")), ("Tesla P100-PCIE-16GB", (18.7, "fp16")),
+                                        ("Tesla T4", (65.0, "fp16")), ("NVIDIA GeForce RTX 4090", (165.0, "bf16")),
+                                        ("NVIDIA L40S", (362.0, "bf16")), ("NVIDIA GeForce GTX 1080", None)])
+def test_peak_tflops_by_gpu_name(name, peak):
+    assert benchmark.peak_tflops(name) == peak
+
+
+def test_quick_flags_parse():
+    config = benchmark.parse_args(["--device", "cuda", "--quick", "--no-compile", "--steps", "5", "--sizes", "256",
+                                   "--batch-size", "16"])
+    assert (config.quick, config.compile, config.steps, config.sizes, config.batch_size) == (True, False, 5, [256], 16)
+    assert (config.repeats, config.warmup) == (3, 1)
+    config = benchmark.parse_args([])
+    assert (config.quick, config.compile, config.steps, config.repeats, config.warmup) == (False, True, 0, 5, 2)
+    with pytest.raises(ValueError, match="--steps"):
+        benchmark.parse_args(["--steps", "-1"])
 
 
 def test_flops_scale_exactly_with_pixels():
@@ -116,13 +184,20 @@ def test_flops_scale_exactly_with_pixels():
 
 
 @pytest.mark.gpu
-def test_cuda_run_measures_bf16_and_channels_last_variants(tmp_path):
-    report = benchmark.main(["--device", "cuda", "--quick", "--sizes", "64", "--batch-size", "2", "--models",
-                             "ours-batch", "--repeats", "1", "--warmup", "1", "--out", str(tmp_path)])
-    variants = {e["variant"] for e in report["results"]}
-    assert {"fp32", "fp32-cl", "bf16", "bf16-cl"} <= variants
+def test_quick_cuda_run_times_amp_channels_last_and_both_formats_with_instance_norm(tmp_path):
+    report = benchmark.main(["--device", "cuda", "--quick", "--no-compile", "--sizes", "64", "--batch-size", "2",
+                             "--models", "ours-batch", "ours-instance", "--repeats", "1", "--warmup", "1",
+                             "--steps", "2", "--out", str(tmp_path)])
+    hw = utils.hardware(utils.select_device("cuda"))
+    amp = "bf16" if hw.capability >= (8, 0) else "fp16"
+    assert report["meta"]["device_index"] == str(hw.device) and report["meta"]["complete"]
+    assert [(e["model"], e["variant"]) for e in report["results"]] == [
+        ("ours-batch", "fp32-cl"), ("ours-batch", f"{amp}-cl"), ("ours-instance", amp), ("ours-instance", f"{amp}-cl")]
     assert all(e["train_peak_mb"] > 0 and e["matmul_fraction"] > 0 for e in report["results"])
-    assert report["matmul_flops_per_s"]["bf16"]["median"] > report["matmul_flops_per_s"]["fp32"]["median"]
+    assert report["matmul_flops_per_s"][amp]["median"] > report["matmul_flops_per_s"]["fp32"]["median"]
+    assert [v["dtype"] for v in report["memory_format"]] == [amp]
+    if report["meta"]["peak_tflops"]:
+        assert all(0 < e["mfu"] < 1 for e in report["results"])
 
 
 def test_markdown_says_whether_other_processes_made_timings_noisy():
@@ -188,3 +263,71 @@ def test_baseline_modules_are_timed_beside_ours(tmp_path):
     assert rows["ours-baseline", "fp32"]["train_flops_per_image"] == rows["ours-instance", "fp32"]["train_flops_per_image"]
     with pytest.raises(ValueError, match="no such file"):
         benchmark.main(["--models", "ours-baseline", "--baseline-modules", str(tmp_path / "missing.py")])
+
+
+TINY = ["--device", "cpu", "--quick", "--batch-size", "2", "--models", "ours-batch", "--repeats", "1", "--warmup", "0",
+        "--data-images", "4", "--threads", "1"]
+
+
+def test_each_model_is_measured_alone_and_a_failed_variant_is_named(tmp_path, monkeypatch):
+    import weakref
+
+    live = weakref.WeakSet()
+    measure = benchmark.Runner.measure_memory
+    alone = []
+
+    def measure_memory(self):
+        live.add(self)
+        alone.append(len(live))  # the models measured before must be gone (with their gradients and Adam state)
+        if self.variant.channels_last:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2 GiB\nmore detail")
+        return measure(self)
+
+    monkeypatch.setattr(benchmark.Runner, "measure_memory", measure_memory)
+    report = benchmark.main([*TINY, "--models", "ours-batch", "ours-instance", "--sizes", "32", "--out", str(tmp_path)])
+    assert alone == [1, 1, 1, 1]
+    assert [(e["model"], e["variant"]) for e in report["results"]] == [("ours-batch", "fp32"), ("ours-instance", "fp32")]
+    assert report["meta"]["failed"] == {
+        "ours-batch fp32-cl 32": "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB",
+        "ours-instance fp32-cl 32": "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"}
+    assert "Failed (model variant size: error): ours-batch fp32-cl 32" in (tmp_path / "benchmark.md").read_text()
+
+
+def test_finished_sizes_are_written_before_a_later_size_crashes(tmp_path, monkeypatch):
+    pipeline = benchmark.measure_data_pipeline
+
+    def crash_at_64(size, config, device):
+        if size == 64:
+            raise RuntimeError("simulated crash")
+        return pipeline(size, config, device)
+
+    monkeypatch.setattr(benchmark, "measure_data_pipeline", crash_at_64)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        benchmark.main([*TINY, "--sizes", "32", "64", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert {e["size"] for e in saved["results"]} == {32} and len(saved["results"]) == 2
+    assert saved["meta"]["complete"] is False
+    assert "**Partial**" in (tmp_path / "benchmark.md").read_text()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_mfu_and_the_instance_norm_memory_format_verdict():
+    report = fake_report()
+    report["meta"].update(device_type="cuda", peak_tflops={"tflops": 0.1, "dtype": "bf16"}, amp="bf16",
+                          train_default={"model": "ours-instance", "variant": "bf16-cl"})
+    report["matmul_flops_per_s"]["bf16"] = {"median": 400e9, "max": 400e9, "all": [400e9]}
+    for e in report["results"]:
+        e["mfu"] = e["train_flops_per_s"] / 0.1e12
+    rows = [{"model": "ours-instance", "variant": v, "size": 256, "train_images_per_s": ips}
+            for v, ips in (("bf16", 100.0), ("bf16-cl", 112.0), ("fp32", 50.0), ("fp32-cl", 49.5))]
+    report["memory_format"] = benchmark.memory_format_verdicts(rows + report["results"])
+    assert [(v["dtype"], v["faster"]) for v in report["memory_format"]] == [("bf16", "channels-last"), ("fp32", "neither")]
+    assert report["memory_format"][0]["channels_last_speedup"] == pytest.approx(1.12)
+    table = benchmark.markdown(report)
+    dyn_row = next(line for line in table.splitlines() if line.startswith("| dynunet"))
+    assert dyn_row.endswith("| 40.0% |")  # 40 GFLOP/s of a 100 GFLOP/s peak
+    assert "dense bf16 tensor-core peak, 0.1 TFLOP/s" in table and "bf16 median 0 TFLOP/s" in table
+    assert "256x256, bf16: channels-last trains at 1.12x NCHW's speed (112.0 against 100.0 img/s): " \
+           "channels-last is faster." in table
+    assert "fp32: channels-last trains at 0.99x NCHW's speed" in table and "no clear difference" in table
+    assert "train.py trains ours-instance as bf16-cl on this device." in table
