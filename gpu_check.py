@@ -1,0 +1,467 @@
+"""The first thing to run on a CUDA machine: the GPU tests, a quick benchmark, a training run stopped by SIGUSR1
+and resumed, and prediction, in about 5 minutes on one GPU (8 at most).
+
+    python gpu_check.py                     # logs, runs and the summary in runs/gpu-check/
+    python gpu_check.py --skip tests        # leave stages out: tests, benchmark, resume, predict
+
+Each stage runs its commands as separate processes, their output in <out>/<stage>.log; a failed stage is reported
+and the others still run. The summary (GPU, torch, training images/s and MFU at 256 px, peak memory, the faster
+memory format with instance norm, the resume and predict checks, the projected ISIC epoch) is printed and written
+to <out>/summary.json and <out>/summary.md. Exit status: 0 when every stage passed, 1 when one failed, 2 when
+there is no CUDA GPU to check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import utils
+
+ROOT = Path(__file__).resolve().parent
+STAGES = ("tests", "benchmark", "resume", "predict")
+ISIC_TRAIN_IMAGES = 2594  # ISIC 2018 Task 1 training images: the basis of the projected epoch
+BENCH_SIZE, BENCH_BATCH = 256, 16  # the image size and batch train.py uses on ISIC by default
+SYNTHETIC_IMAGES = 160  # the default split trains on 115 of them: 14 batches of 8, more than STEPS_PER_EPOCH
+STEPS_PER_EPOCH = 10  # --max-steps: every epoch of the resume check is exactly this long
+SIGNAL_AT_STEP = 15  # the interrupted run gets SIGUSR1 after this optimizer step: epoch 2, step 5 of 10
+PREEMPTED = 128 + signal.SIGUSR1  # train.py's exit status after saving last.pt on SIGUSR1
+# Deterministic kernels make a resumed run repeat the uninterrupted one bit for bit on the same GPU (as
+# tests/test_train.py asserts on the CPU); a resume error (a batch skipped or repeated, the schedule one step
+# off, Adam's moments lost) moves the weights by about the learning rate (1e-3), far above this.
+RESUME_ATOL = 1e-5
+NONDETERMINISTIC = "does not have a deterministic implementation"  # torch's warning under warn_only
+
+
+@dataclass
+class CheckConfig:
+    out: str = "runs/gpu-check"  # folder for the stage logs, the runs, summary.json and summary.md
+    device: str = "cuda"  # the GPU to check: cuda or cuda:N (the gpu-marked tests use the default GPU)
+    skip: list[str] = field(default_factory=list)  # stages to leave out, from STAGES
+    timeout: int = 300  # seconds one command may run before it is stopped and its stage fails
+
+    def __post_init__(self):
+        unknown = [s for s in self.skip if s not in STAGES]
+        if unknown:
+            raise ValueError(f"--skip {' '.join(unknown)}: choose from {', '.join(STAGES)}")
+        if self.timeout < 1:
+            raise ValueError(f"--timeout must be at least 1 second, got {self.timeout}")
+
+
+@dataclass
+class StageResult:
+    name: str
+    passed: bool
+    seconds: float
+    detail: str  # one line: what was measured, or why the stage failed
+    log: str  # the log of the stage's commands
+    values: dict = field(default_factory=dict)  # figures for the summary table
+
+
+# ----------------------------------------------------------------------------- running commands
+
+
+def run_command(command: list[str], log: Path, timeout: float, env: dict | None = None) -> int | None:
+    """Run one command from the repository root, its output appended to `log`. Returns its exit status, or
+    None when it ran past `timeout` (its whole process group is then killed) or could not start."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(command)}\n")
+        f.flush()
+        try:
+            # a session of its own, so that a timeout also ends the command's worker processes
+            process = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                       env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        except OSError as err:
+            f.write(f"[could not start: {err}]\n")
+            return None
+        try:
+            return process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            f.write(f"\n[stopped after {timeout} s]\n")
+            return None
+        finally:
+            if process.poll() is None:  # timed out, or gpu_check itself was interrupted
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+def last_line(log: Path) -> str:
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def status_text(code: int | None) -> str:
+    return "it timed out or could not start" if code is None else f"exit status {code}"
+
+
+def run_stages(stages: list[tuple[str, Callable[[], StageResult]]], log: Callable = print) -> list[StageResult]:
+    """Each stage in turn; one that fails (or raises) is reported, and the next one still runs."""
+    results = []
+    for i, (name, stage) in enumerate(stages, 1):
+        log(f"[{i}/{len(stages)}] {name} ...", flush=True)
+        start = time.perf_counter()
+        try:
+            result = stage()
+        except Exception as err:  # a bug or an unreadable output: this stage fails, the others still run
+            result = StageResult(name, False, 0.0, f"{type(err).__name__}: {err}", "")
+        result.seconds = round(time.perf_counter() - start, 1)
+        results.append(result)
+        log(f"    {'pass' if result.passed else 'FAIL'} ({result.seconds:.0f} s): {result.detail}", flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def stage_tests(config: CheckConfig, out: Path) -> StageResult:
+    log = out / "tests.log"
+    code = run_command([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], log,
+                       config.timeout)
+    summary = last_line(log)  # pytest's "6 passed, 300 deselected in 41.2s"
+    return StageResult("tests", code == 0, 0.0, summary if code is not None else status_text(code), str(log))
+
+
+def benchmark_figures(report: dict) -> dict:
+    """The summary's figures from benchmark.json: the variant train.py trains the default (instance norm) model in,
+    at the largest size timed; the memory-format verdict for instance norm; what torch.compile buys."""
+    meta, rows = report["meta"], report["results"]
+    size = max(e["size"] for e in rows)
+    default = meta["train_default"]
+    at_size = sorted((e for e in rows if e["size"] == size), key=lambda e: -e["train_images_per_s"])
+    # the default variant, else (it failed) the fastest of the same model, else the fastest of all
+    row = next((e for e in at_size if (e["model"], e["variant"]) == (default["model"], default["variant"])),
+               next((e for e in at_size if e["model"] == default["model"]), at_size[0]))
+    data = {d["size"]: d["images_per_s"] for d in report["data_pipeline"]}
+    figures = {"size": size, "batch_size": meta["config"]["batch_size"], "model": row["model"],
+               "variant": row["variant"], "train_images_per_s": row["train_images_per_s"], "mfu": row.get("mfu"),
+               "peak_tflops": meta.get("peak_tflops"), "peak_memory_mb": row["train_peak_mb"],
+               # an epoch is the training steps plus the loader's work, as benchmark.py projects it
+               "isic_epoch_s": ISIC_TRAIN_IMAGES / row["train_images_per_s"]
+               + (ISIC_TRAIN_IMAGES / data[size] if size in data else 0.0)}
+    verdict = next((v for v in report.get("memory_format", []) if v["size"] == size and v["dtype"] == meta.get("amp")),
+                   None)
+    if verdict:
+        figures["memory_format"] = verdict
+    by_variant = {e["variant"]: e for e in rows if e["model"] == "ours-batch" and e["size"] == size}
+    compiled = next((e for v, e in by_variant.items() if v.endswith("-compile")), None)
+    if compiled and compiled["variant"].removesuffix("-compile") in by_variant:
+        eager = by_variant[compiled["variant"].removesuffix("-compile")]
+        figures["compile_speedup"] = compiled["train_images_per_s"] / eager["train_images_per_s"]
+    return figures
+
+
+def stage_benchmark(config: CheckConfig, out: Path) -> StageResult:
+    log, folder = out / "benchmark.log", out / "benchmark"
+    code = run_command([sys.executable, "benchmark.py", "--device", config.device, "--quick", "--sizes",
+                        str(BENCH_SIZE), "--batch-size", str(BENCH_BATCH), "--models", "ours-batch", "ours-instance",
+                        "--out", str(folder)], log, config.timeout)
+    path = folder / "benchmark.json"
+    if not path.exists():
+        return StageResult("benchmark", False, 0.0, f"no benchmark.json ({status_text(code)})", str(log))
+    report = json.loads(path.read_text())
+    figures = benchmark_figures(report) if report["results"] else {}
+    problems = [status_text(code)] if code != 0 else []
+    problems += [f"{k} failed ({v})" for k, v in report["meta"].get("failed", {}).items()]
+    if not figures:
+        problems.append("no results")
+    detail = "; ".join(problems) if problems else (
+        f"{figures['train_images_per_s']:.0f} img/s ({figures['model']} {figures['variant']}, {figures['size']} px)")
+    return StageResult("benchmark", not problems, 0.0, detail, str(log), figures)
+
+
+def train_until_signal(step: int, argv: list[str]) -> None:
+    """train.py's main, which sends itself SIGUSR1 right after optimizer step `step` of the run: a preemption at a
+    known point mid-epoch, where a signal from outside would land wherever the GPU had got to. The handler, last.pt
+    and the exit status are train.py's own. Run as a process of its own (see stage_resume)."""
+    import train
+
+    count = 0
+
+    def after_step(optimizer, args, kwargs) -> None:
+        nonlocal count
+        count += 1
+        if count == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    hook = register_optimizer_step_post_hook(after_step)
+    try:
+        train.main(argv)
+    finally:
+        hook.remove()
+
+
+def max_weight_difference(a: dict, b: dict) -> float:
+    """The largest absolute difference between two state dicts' tensors (inf when their keys or shapes differ)."""
+    if a.keys() != b.keys():
+        return math.inf
+    worst = 0.0
+    for key in a:
+        if a[key].shape != b[key].shape:
+            return math.inf
+        worst = max(worst, (a[key].double() - b[key].double()).abs().max().item() if a[key].numel() else 0.0)
+    return worst
+
+
+def final_val_dice(run: Path) -> float | None:
+    try:
+        rows = list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))
+        return float(rows[-1]["val_dice"])
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+
+
+def stage_resume(config: CheckConfig, out: Path) -> StageResult:
+    """A short training run (instance norm, --amp auto: bf16 from compute capability 8.0, fp16 below) on a synthetic
+    set, stopped by SIGUSR1 mid-epoch and resumed with --resume auto, against the same run uninterrupted."""
+    log, data, runs = out / "resume.log", out / "synthetic", out / "runs"
+    timeout = config.timeout
+    code = run_command([sys.executable, "synthetic.py", "--out", str(data), "-n", str(SYNTHETIC_IMAGES), "--seed", "0"],
+                       log, timeout)
+    if code != 0:
+        return StageResult("resume", False, 0.0, f"synthetic.py failed ({status_text(code)})", str(log))
+    common = ["--device", config.device, "--data-dir", str(data), "--image-size", "64", "--epochs", "2",
+              "--batch-size", "8", "--max-steps", str(STEPS_PER_EPOCH), "--seed", "0", "--deterministic",
+              "--wandb", "disabled", "--no-progress", "--num-preview", "2", "--out-dir", str(runs)]
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "WANDB_MODE": "disabled"}  # cuBLAS reads it before its first call
+    stopped = run_command([sys.executable, "-c", "import sys, gpu_check; "
+                           "gpu_check.train_until_signal(int(sys.argv[1]), sys.argv[2:])", str(SIGNAL_AT_STEP),
+                           *common, "--name", "gpu-check-train"], log, timeout, env)
+    run = runs / "gpu-check-train"
+    if stopped != PREEMPTED or not (run / "last.pt").exists():
+        return StageResult("resume", False, 0.0, f"the interrupted run gave {status_text(stopped)}, expected "
+                           f"{PREEMPTED} (SIGUSR1) and last.pt", str(log))
+    saved = utils.load_checkpoint(run / "last.pt")
+    where = (saved["epoch"], saved["step"])
+    resumed = run_command([sys.executable, "train.py", *common, "--name", "gpu-check-train", "--resume", "auto"], log,
+                          timeout, env)
+    whole = run_command([sys.executable, "train.py", *common, "--name", "gpu-check-reference"], log, timeout, env)
+    if resumed != 0 or whole != 0:
+        return StageResult("resume", False, 0.0, f"the resumed run gave {status_text(resumed)}, the uninterrupted one "
+                           f"{status_text(whole)}", str(log))
+    difference = max_weight_difference(utils.load_checkpoint(run / "last.pt")["model"],
+                                       utils.load_checkpoint(runs / "gpu-check-reference" / "last.pt")["model"])
+    dice = final_val_dice(run), final_val_dice(runs / "gpu-check-reference")
+    mid_epoch = 0 < where[1] < STEPS_PER_EPOCH
+    passed = mid_epoch and difference <= RESUME_ATOL
+    detail = (f"SIGUSR1 at epoch {where[0] + 1}, step {where[1]}{'' if mid_epoch else ' (not mid-epoch)'}; resumed "
+              f"against uninterrupted: max weight difference {difference:.2g}, final val Dice "
+              + " against ".join("n/a" if d is None else f"{d:.4f}" for d in dice))
+    if not passed and NONDETERMINISTIC in log.read_text(errors="replace"):
+        detail += f"; torch warned that an op {NONDETERMINISTIC} (see {log.name}), so the runs may differ by noise"
+    return StageResult("resume", passed, 0.0, detail, str(log),
+                       {"max_weight_difference": difference if math.isfinite(difference) else None,
+                        "val_dice": list(dice), "stopped_at": list(where)})
+
+
+def stage_predict(config: CheckConfig, out: Path) -> StageResult:
+    """predict.py with the resume stage's best.pt on that run's held-out synthetic test images, scored."""
+    log, checkpoint, folder = out / "predict.log", out / "runs" / "gpu-check-train" / "best.pt", out / "predict"
+    if not checkpoint.exists():
+        return StageResult("predict", False, 0.0, f"no {checkpoint}: the resume stage makes it", str(log))
+    code = run_command([sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--device", config.device,
+                        "--output", str(folder)], log, config.timeout)
+    try:
+        dice = json.loads((folder / "metrics.json").read_text())["dice"]
+        images = len(list(csv.DictReader((folder / "metrics.csv").read_text().splitlines())))
+    except (OSError, ValueError, KeyError):
+        dice, images = None, 0
+    passed = code == 0 and dice is not None and math.isfinite(dice)
+    detail = (f"Dice {dice:.4f} on the run's {images} synthetic test images" if passed
+              else f"{status_text(code)}, metrics.json: {dice}")
+    return StageResult("predict", passed, 0.0, detail, str(log), {"dice": dice, "images": images})
+
+
+# ----------------------------------------------------------------------------- the summary
+
+
+def format_seconds(s: float) -> str:
+    return f"{s:.1f} s" if s < 10 else f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def build_summary(gpu: dict, results: list[StageResult], total_s: float) -> dict:
+    """summary.json's content: the GPU, every stage's result, and the headline figures."""
+    by_name = {r.name: r for r in results}
+    bench = by_name["benchmark"].values if "benchmark" in by_name else {}
+    figures = {}
+    if bench.get("train_images_per_s"):
+        figures = {
+            "train_images_per_s": bench["train_images_per_s"], "train_setting": f"{bench['model']} {bench['variant']}, "
+            f"{bench['size']} px, batch {bench['batch_size']}", "mfu": bench.get("mfu"),
+            "peak_tflops": bench.get("peak_tflops"), "peak_memory_mb": bench.get("peak_memory_mb"),
+            "memory_format": bench.get("memory_format"), "compile_speedup": bench.get("compile_speedup"),
+            "isic_epoch_s": bench["isic_epoch_s"],
+        }
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        **gpu,
+        "passed": all(r.passed for r in results),
+        "stages": [asdict(r) for r in results],
+        "figures": figures,
+        "total_s": round(total_s, 1),
+    }
+
+
+def _verdict_text(v: dict | None) -> str:
+    if not v:
+        return "not measured"
+    speed = (f"channels-last at {v['channels_last_speedup']:.2f}x NCHW's speed ({v['channels_last_images_per_s']:.0f} "
+             f"against {v['nchw_images_per_s']:.0f} img/s, {v['dtype']})")
+    return speed + (": no clear difference" if v["faster"] == "neither" else f": {v['faster']} is faster")
+
+
+def markdown(summary: dict) -> str:
+    f = summary["figures"]
+    stages = {s["name"]: s for s in summary["stages"]}
+
+    def check(name: str) -> str:
+        s = stages.get(name)
+        return "not run" if s is None else f"{'pass' if s['passed'] else 'FAIL'}: {s['detail']}"
+
+    peak = f.get("peak_tflops")
+    mfu = "n/a" if f.get("mfu") is None else f"{f['mfu']:.1%}" + (
+        f" of the dense {peak['dtype']} peak, {peak['tflops']:g} TFLOP/s" if peak else "")
+    if f.get("train_images_per_s") and f.get("mfu") is None:
+        mfu = "n/a (this GPU's peak is not in benchmark.py's table)"
+    speedup = f.get("compile_speedup")
+    compile_text = "n/a" if speedup is None else f"{speedup:.2f}x the eager training speed"
+    rows = [
+        ("GPU", f"{summary['gpu']}, compute capability {summary['capability']}"),
+        ("PyTorch", f"{summary['torch']} (CUDA {summary['cuda']}, cuDNN {summary['cudnn']})"),
+        (f"Training speed ({f['train_setting']})" if f else "Training speed",
+         f"{f['train_images_per_s']:.0f} images/s" if f else "not measured"),
+        ("MFU (model FLOPs / peak)", mfu if f else "not measured"),
+        ("Peak memory of a training step",
+         "n/a" if f.get("peak_memory_mb") is None else f"{f['peak_memory_mb']:,.0f} MB"),
+        ("Memory format with instance norm", _verdict_text(f.get("memory_format"))),
+        ("torch.compile (ours-batch)", compile_text),
+        ("Resume after SIGUSR1", check("resume")),
+        ("Prediction", check("predict")),
+        ("GPU tests (pytest -m gpu)", check("tests")),
+        (f"ISIC 2018 epoch at 256 px ({ISIC_TRAIN_IMAGES:,} images, training steps and loader, no validation)",
+         format_seconds(f["isic_epoch_s"]) if f else "not measured"),
+        ("Total time of this check", format_seconds(summary["total_s"])),
+    ]
+    lines = [f"# GPU check: {summary['gpu']}, {summary['date'][:10]}", "",
+             f"{'All stages passed' if summary['passed'] else 'Some stages FAILED'}.", "",
+             "| check | result |", "|---|---|"]
+    lines += [f"| {k} | {str(v).replace('|', '/')} |" for k, v in rows]
+    lines += ["", "| stage | result | time | log |", "|---|---|---:|---|"]
+    # logs are named relative to summary.md, which lies beside them
+    lines += [f"| {s['name']} | {'pass' if s['passed'] else 'FAIL'} | {format_seconds(s['seconds'])} "
+              f"| {Path(s['log']).name if s['log'] else '-'} |" for s in summary["stages"]]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> CheckConfig:
+    defaults = CheckConfig()
+    p = argparse.ArgumentParser(
+        prog="gpu_check.py", description=__doc__.split("\n\n")[0],
+        epilog="stages, in order:\n"
+               "  tests      python -m pytest -m gpu -q (the tests marked gpu)\n"
+               "  benchmark  python benchmark.py --device cuda --quick --sizes 256 --batch-size 16 --models ours-batch "
+               "ours-instance:\n"
+               "             images/s, MFU, peak memory, NCHW against channels-last with instance norm, torch.compile\n"
+               "  resume     synthetic.py, then train.py (64 px, 2 epochs of 10 steps, --deterministic) stopped by\n"
+               "             SIGUSR1 at epoch 2 step 5, resumed with --resume auto, and compared with an uninterrupted\n"
+               "             run: the final weights must agree within 1e-5\n"
+               "  predict    predict.py with the resumed run's best.pt on its synthetic test images\n\n"
+               "Exit status: 0 when every stage passed, 1 when one failed, 2 when there is no CUDA GPU.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=defaults.out,
+                   help=f"folder for the logs, runs, summary.json and summary.md (default {defaults.out})")
+    p.add_argument("--device", default=defaults.device,
+                   help="the GPU to check: cuda or cuda:N (default cuda; the gpu-marked tests use the default GPU)")
+    p.add_argument("--skip", nargs="+", default=[], choices=STAGES, metavar="STAGE",
+                   help=f"stages to leave out, from: {', '.join(STAGES)} (predict needs resume's checkpoint)")
+    p.add_argument("--timeout", type=int, default=defaults.timeout,
+                   help=f"seconds one command may run before it is stopped and its stage fails "
+                        f"(default {defaults.timeout})")
+    a = p.parse_args(argv)
+    return CheckConfig(out=a.out, device=a.device, skip=a.skip, timeout=a.timeout)
+
+
+def gpu_info(config: CheckConfig) -> dict:
+    """The GPU to check, or exit 2 with one line saying why there is none."""
+    if not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        print(f"gpu_check.py: no CUDA GPU is visible to PyTorch {torch.__version__} ({build}): nothing to check "
+              "here (on a CPU, run the test suite: python -m pytest)", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        hw = utils.hardware(utils.select_device(config.device))
+    except (ValueError, utils.DeviceError) as err:
+        print(f"gpu_check.py: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return {"gpu": hw.name, "capability": f"{hw.capability[0]}.{hw.capability[1]}", "device": str(hw.device),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn_version()}
+
+
+def cudnn_version() -> str | None:
+    """cuDNN's version as x.y.z: torch reports 9.10.2 as 91002 and 8.9.2 as 8902."""
+    v = torch.backends.cudnn.version()
+    if not v:
+        return None
+    major = v // 10000 if v >= 10000 else v // 1000
+    rest = v % 10000 if v >= 10000 else v % 1000
+    return f"{major}.{rest // 100}.{rest % 100}"
+
+
+def clear_outputs(out: Path, stages: list[str]) -> None:
+    """Remove what an earlier check left for the stages about to run (only the names this script writes: --out may
+    be a folder with other things in it)."""
+    owned = {"tests": ["tests.log"], "benchmark": ["benchmark.log", "benchmark"],
+             "resume": ["resume.log", "runs", "synthetic"], "predict": ["predict.log", "predict"]}
+    for name in [n for stage in stages for n in owned[stage]] + ["summary.json", "summary.md"]:
+        path = out / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    config = parse_args(argv)
+    gpu = gpu_info(config)
+    out = Path(config.out).resolve()
+    chosen = [s for s in STAGES if s not in config.skip]
+    clear_outputs(out, chosen)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"GPU check of {gpu['gpu']} (compute capability {gpu['capability']}, {gpu['device']}), torch {gpu['torch']}: "
+          f"{', '.join(chosen)}; logs in {out}/", flush=True)
+    bodies = {"tests": stage_tests, "benchmark": stage_benchmark, "resume": stage_resume, "predict": stage_predict}
+    start = time.perf_counter()
+    results = run_stages([(name, lambda body=bodies[name]: body(config, out)) for name in chosen])
+    summary = build_summary(gpu, results, time.perf_counter() - start)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = markdown(summary)
+    (out / "summary.md").write_text(table)
+    print("\n" + table)
+    print(f"wrote {out / 'summary.json'} and {out / 'summary.md'}")
+    if not summary["passed"]:
+        raise SystemExit(1)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

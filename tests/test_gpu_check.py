@@ -1,0 +1,224 @@
+"""Tests for gpu_check.py on the CPU: the no-GPU exit, the stage runner, the summary from canned stage results,
+the self-sent SIGUSR1, and the command line. The stages' real commands need a GPU and are not run here."""
+
+import json
+import math
+import signal
+import sys
+import types
+
+import pytest
+import torch
+
+import gpu_check
+
+
+def test_no_cuda_says_so_in_one_line_and_exits_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path / "check")])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1 and "no CUDA GPU is visible" in captured.err
+    assert "Traceback" not in captured.err and not (tmp_path / "check").exists()
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_stage_runner_goes_on_past_a_failed_stage(tmp_path):
+    def command_stage(name, code):
+        def stage():
+            log = tmp_path / f"{name}.log"
+            status = gpu_check.run_command(python(code), log, timeout=60)
+            return gpu_check.StageResult(name, status == 0, 0.0, gpu_check.last_line(log), str(log))
+        return name, stage
+
+    def broken():
+        raise KeyError("summary")
+
+    lines = []
+    results = gpu_check.run_stages([command_stage("first", "import sys; print('boom'); sys.exit(3)"),
+                                    ("second", broken), command_stage("third", "print('fine')")],
+                                   log=lambda *a, **k: lines.append(a[0]))
+    assert [(r.name, r.passed) for r in results] == [("first", False), ("second", False), ("third", True)]
+    assert results[0].detail == "boom" and results[1].detail == "KeyError: 'summary'" and results[2].detail == "fine"
+    assert "$ " in (tmp_path / "first.log").read_text()  # the log names the command it holds
+    assert lines[0] == "[1/3] first ..." and lines[1].startswith("    FAIL") and lines[-1].startswith("    pass")
+
+
+def test_a_command_past_its_timeout_is_stopped(tmp_path):
+    log = tmp_path / "slow.log"
+    assert gpu_check.run_command(python("import time; time.sleep(60)"), log, timeout=1) is None
+    assert "[stopped after 1 s]" in log.read_text()
+    assert gpu_check.run_command(["/nonexistent/program"], log, timeout=5) is None
+    assert "could not start" in log.read_text()
+
+
+def canned_benchmark(mfu=0.05, default_variant="bf16-cl"):
+    def row(model, variant, ips):
+        return {"model": model, "variant": variant, "size": 256, "train_images_per_s": ips,
+                "train_peak_mb": 1500.0, "mfu": mfu}
+    return {
+        "meta": {"config": {"batch_size": 16}, "amp": "bf16", "peak_tflops": {"tflops": 989.0, "dtype": "bf16"},
+                 "train_default": {"model": "ours-instance", "variant": default_variant}, "failed": {}},
+        "results": [row("ours-batch", "bf16-cl", 1000.0), row("ours-batch", "bf16-cl-compile", 1250.0),
+                    row("ours-instance", "bf16", 800.0), row("ours-instance", "bf16-cl", 900.0)],
+        "data_pipeline": [{"size": 256, "images_per_s": 9000.0}],
+        "memory_format": [{"model": "ours-instance", "size": 256, "dtype": "bf16", "nchw_images_per_s": 800.0,
+                           "channels_last_images_per_s": 900.0, "channels_last_speedup": 1.125,
+                           "faster": "channels-last"}],
+    }
+
+
+def test_benchmark_figures_take_the_variant_train_py_uses():
+    figures = gpu_check.benchmark_figures(canned_benchmark())
+    assert (figures["model"], figures["variant"], figures["size"], figures["batch_size"]) == \
+        ("ours-instance", "bf16-cl", 256, 16)
+    assert figures["train_images_per_s"] == 900.0 and figures["peak_memory_mb"] == 1500.0
+    assert figures["isic_epoch_s"] == pytest.approx(2594 / 900 + 2594 / 9000)
+    assert figures["compile_speedup"] == pytest.approx(1.25)
+    assert figures["memory_format"]["faster"] == "channels-last"
+    # the default variant missing (it failed): the fastest row of the same model stands in
+    assert gpu_check.benchmark_figures(canned_benchmark(default_variant="bf16-cl-compile"))["variant"] == "bf16-cl"
+
+
+def test_summary_from_canned_stage_results():
+    gpu = {"gpu": "NVIDIA H200", "capability": "9.0", "device": "cuda:0", "torch": "2.9.0", "cuda": "12.8",
+           "cudnn": "9.10.2"}
+    stages = [
+        gpu_check.StageResult("tests", True, 42.0, "7 passed, 320 deselected in 40.1s", "tests.log"),
+        gpu_check.StageResult("benchmark", True, 100.0, "900 img/s", "benchmark.log",
+                              gpu_check.benchmark_figures(canned_benchmark())),
+        gpu_check.StageResult("resume", False, 70.0, "the interrupted run gave exit status 1, expected 138",
+                              "resume.log"),
+        gpu_check.StageResult("predict", True, 12.0, "Dice 0.8000 on the run's 26 synthetic test images",
+                              "predict.log"),
+    ]
+    summary = gpu_check.build_summary(gpu, stages, 230.0)
+    assert summary["passed"] is False
+    assert json.loads(json.dumps(summary)) == summary  # plain JSON
+    assert summary["figures"]["train_images_per_s"] == 900.0
+    table = gpu_check.markdown(summary)
+    for text in ("| GPU | NVIDIA H200, compute capability 9.0 |",
+                 "| PyTorch | 2.9.0 (CUDA 12.8, cuDNN 9.10.2) |",
+                 "| Training speed (ours-instance bf16-cl, 256 px, batch 16) | 900 images/s |",
+                 "| MFU (model FLOPs / peak) | 5.0% of the dense bf16 peak, 989 TFLOP/s |",
+                 "| Peak memory of a training step | 1,500 MB |",
+                 "channels-last at 1.12x NCHW's speed (900 against 800 img/s, bf16): channels-last is faster |",
+                 "| torch.compile (ours-batch) | 1.25x the eager training speed |",
+                 "| Resume after SIGUSR1 | FAIL: the interrupted run gave exit status 1, expected 138 |",
+                 "| Prediction | pass: Dice 0.8000",
+                 "| GPU tests (pytest -m gpu) | pass: 7 passed, 320 deselected in 40.1s |",
+                 "images, training steps and loader, no validation) | 3.2 s |",  # 2594 / 900 + 2594 / 9000
+                 "| Total time of this check | 3.8 min |",
+                 "Some stages FAILED", "| resume | FAIL | 70 s | resume.log |"):
+        assert text in table, text
+
+
+def test_summary_without_a_benchmark_says_not_measured():
+    gpu = {"gpu": "Tesla T4", "capability": "7.5", "device": "cuda:0", "torch": "2.9.0", "cuda": "12.6",
+           "cudnn": "9.1.0"}
+    summary = gpu_check.build_summary(gpu, [gpu_check.StageResult("tests", True, 1.0, "ok", "tests.log")], 5.0)
+    table = gpu_check.markdown(summary)
+    assert summary["passed"] and "All stages passed" in table
+    assert "| Training speed | not measured |" in table and "| Resume after SIGUSR1 | not run |" in table
+
+
+def test_main_writes_the_summary_and_fails_when_a_stage_fails(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(gpu_check, "gpu_info", lambda config: {
+        "gpu": "Fake GPU", "capability": "9.0", "device": "cuda:0", "torch": "x", "cuda": "y", "cudnn": "z"})
+    ran = []
+
+    def fake(name, passed):
+        def stage(config, out):
+            ran.append(name)
+            return gpu_check.StageResult(name, passed, 0.0, f"{name} done", str(out / f"{name}.log"))
+        return stage
+
+    for name in gpu_check.STAGES:
+        monkeypatch.setattr(gpu_check, f"stage_{name}", fake(name, name != "benchmark"))
+    (tmp_path / "keep.txt").write_text("not ours")
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.main(["--out", str(tmp_path), "--skip", "tests"])
+    assert exit_info.value.code == 1
+    assert ran == ["benchmark", "resume", "predict"]  # past the failed benchmark
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["benchmark", "resume", "predict"]
+    assert "| benchmark | FAIL |" in (tmp_path / "summary.md").read_text()
+    assert (tmp_path / "keep.txt").exists()  # only what the check writes is cleared
+
+    for name in gpu_check.STAGES:
+        monkeypatch.setattr(gpu_check, f"stage_{name}", fake(name, True))
+    assert gpu_check.main(["--out", str(tmp_path)])["passed"]
+
+
+def test_clear_outputs_removes_only_the_stages_own_files(tmp_path):
+    for name in ("runs/old/last.pt", "synthetic/x.jpg", "benchmark/benchmark.json", "resume.log", "other/file"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    gpu_check.clear_outputs(tmp_path, ["resume"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark", "other"]
+
+
+def test_train_until_signal_sends_sigusr1_after_the_given_step(monkeypatch):
+    received = []
+
+    def fake_main(argv):
+        model = torch.nn.Linear(2, 1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        previous = signal.signal(signal.SIGUSR1, lambda signum, frame: received.append(steps))
+        try:
+            for steps in range(1, 5):
+                model(torch.ones(1, 2)).sum().backward()
+                optimizer.step()
+        finally:
+            signal.signal(signal.SIGUSR1, previous)
+        assert argv == ["--epochs", "2"]
+
+    monkeypatch.setitem(sys.modules, "train", types.SimpleNamespace(main=fake_main))
+    gpu_check.train_until_signal(2, ["--epochs", "2"])
+    assert received == [2]
+    # the hook is gone afterwards: later optimizers in this process are not signalled
+    optimizer = torch.optim.SGD(torch.nn.Linear(2, 1).parameters(), lr=0.1)
+    for _ in range(3):
+        optimizer.step()
+    assert received == [2]
+
+
+def test_weight_difference():
+    a = {"w": torch.zeros(3), "n": torch.tensor(4)}
+    assert gpu_check.max_weight_difference(a, {"w": torch.zeros(3), "n": torch.tensor(4)}) == 0
+    assert gpu_check.max_weight_difference(a, {"w": torch.tensor([0.0, 2e-3, 0.0]), "n": torch.tensor(4)}) == \
+        pytest.approx(2e-3)
+    assert gpu_check.max_weight_difference(a, {"w": torch.zeros(3)}) == math.inf
+    assert gpu_check.max_weight_difference(a, {"w": torch.zeros(4), "n": torch.tensor(4)}) == math.inf
+
+
+@pytest.mark.parametrize("raw, text", [(91002, "9.10.2"), (8902, "8.9.2"), (None, None)])
+def test_cudnn_version_text(monkeypatch, raw, text):
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: raw)
+    assert gpu_check.cudnn_version() == text
+
+
+def test_command_line():
+    config = gpu_check.parse_args([])
+    assert (config.out, config.device, config.skip, config.timeout) == ("runs/gpu-check", "cuda", [], 300)
+    config = gpu_check.parse_args(["--out", "x", "--device", "cuda:1", "--skip", "tests", "predict", "--timeout", "60"])
+    assert (config.out, config.device, config.skip, config.timeout) == ("x", "cuda:1", ["tests", "predict"], 60)
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--skip", "train"])
+    with pytest.raises(ValueError, match="--timeout"):
+        gpu_check.parse_args(["--timeout", "0"])
+
+
+def test_help_names_every_stage_and_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        gpu_check.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for stage in gpu_check.STAGES:
+        assert f"\n  {stage} " in text, stage
+    assert "SIGUSR1" in text and "2 when there is no CUDA GPU" in text
