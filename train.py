@@ -965,12 +965,14 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             if improved:
                 progress.best_metric, progress.best_epoch = row["val_dice"], epoch + 1
             done_steps = epoch * steps_per_epoch + result["step"]
+            planned_steps = pace.total_steps
             finished = result["overrun"] or done_steps >= pace.total_steps or epoch + 1 >= config.epochs
             if main_process:
                 row["seconds"] = round(time.perf_counter() - epoch_started, 2)
                 progress.history.append(row)
-                if finished and result["overrun"]:
-                    pace.plan = {**(pace.plan or {}), "total_steps": done_steps, "overrun": True}
+                if result["overrun"]:  # the run ends here: a resumption must not go on to the old plan
+                    pace.plan = {**(pace.plan or {}), "total_steps": done_steps, "planned_steps": planned_steps,
+                                 "overrun": True}
                 save(run_dir / "last.pt", epoch + 1)
                 if improved:
                     save(run_dir / "best.pt", epoch + 1)
@@ -983,7 +985,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                 wandb_log(wandb_run, {k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, epoch + 1)
             if result["overrun"]:
                 utils.print0(f"the {config.minutes:g}-minute budget ran out at step {done_steps} of the "
-                             f"{pace.total_steps} planned (the machine got slower than when the steps were timed); "
+                             f"{planned_steps} planned (the machine got slower than when the steps were timed); "
                              f"the run ends here with its learning rate not yet decayed")
             if not finished and preemption.requested(dist.is_distributed, device):
                 utils.print0(f"stopped by a signal after epoch {epoch + 1}; resume with --resume auto --name {config.name}")
@@ -1027,7 +1029,7 @@ def budget_summary(pace: budget.Pace, config: TrainConfig, history: list[dict], 
     plan = pace.plan or {}
     done = min(pace.total_steps, len(history) * steps_per_epoch)
     return {"minutes": config.minutes, "used_minutes": round(sum(float(r["seconds"]) for r in history) / 60, 3),
-            "planned_steps": plan.get("total_steps"), "done_steps": done, "step_seconds": plan.get("step_seconds"),
+            "planned_steps": plan.get("planned_steps", plan.get("total_steps")), "done_steps": done, "step_seconds": plan.get("step_seconds"),
             "epoch_end_seconds": plan.get("epoch_end_seconds"), "overrun": bool(plan.get("overrun"))}
 
 

@@ -116,12 +116,12 @@ def test_preempted_budget_run_resumes_to_the_uninterrupted_weights(isic_folder, 
     whole = train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "whole"))
     assert whole["budget"]["done_steps"] == 23
 
-    monkeypatch.setattr(train, "Preemption", signal_after(17))  # mid-epoch 2 (11 steps an epoch)
+    monkeypatch.setattr(train, "Preemption", signal_after(17))  # epoch 2, step 5 (11 steps and one end-of-epoch poll in epoch 1)
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut"))
     assert stopped.value.code == 128 + 10
     checkpoint = utils.load_checkpoint(tmp_path / "cut" / "last.pt")
-    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 6) and checkpoint["budget_plan"]["total_steps"] == 23
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 5) and checkpoint["budget_plan"]["total_steps"] == 23
 
     monkeypatch.setattr(train, "Preemption", plain)
     resumed = train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut", "--resume", "auto"))
