@@ -965,7 +965,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             if improved:
                 progress.best_metric, progress.best_epoch = row["val_dice"], epoch + 1
             done_steps = epoch * steps_per_epoch + result["step"]
-            planned_steps = pace.total_steps
+            planned_steps = pace.total_steps if pace.plan else None  # None: the budget ran out while still timing
             finished = result["overrun"] or done_steps >= pace.total_steps or epoch + 1 >= config.epochs
             if main_process:
                 row["seconds"] = round(time.perf_counter() - epoch_started, 2)
@@ -984,9 +984,10 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                              f"{row['images_per_s']:.1f} img/s  {limit}" + ("  *best" if improved else ""))
                 wandb_log(wandb_run, {k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, epoch + 1)
             if result["overrun"]:
-                utils.print0(f"the {config.minutes:g}-minute budget ran out at step {done_steps} of the "
-                             f"{planned_steps} planned (the machine got slower than when the steps were timed); "
-                             f"the run ends here with its learning rate not yet decayed")
+                utils.print0(f"the {config.minutes:g}-minute budget ran out at step {done_steps} "
+                             + (f"of the {planned_steps} planned (the machine got slower than when the steps were "
+                                f"timed)" if planned_steps else "before the steps could be timed (give more --minutes)")
+                             + "; the run ends here with its learning rate not yet decayed")
             if not finished and preemption.requested(dist.is_distributed, device):
                 utils.print0(f"stopped by a signal after epoch {epoch + 1}; resume with --resume auto --name {config.name}")
                 raise SystemExit(128 + (preemption.signum or 0))
