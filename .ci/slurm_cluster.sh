@@ -2,8 +2,8 @@
 # A one-node SLURM cluster on this machine, from Debian's packages, for tests/test_slurm_cluster.py.
 #   sudo bash .ci/slurm_cluster.sh start     # install slurm-wlm and munge if needed, start the daemons
 #   sudo bash .ci/slurm_cluster.sh stop      # cancel its jobs, stop the daemons
-# CPU only: the node claims 16 CPUs, 64 GB and 8 placeholder GPUs so the job scripts' #SBATCH lines
-# schedule unchanged. It refuses to touch a slurm.conf it did not write.
+# CPU only: the node claims 64 CPUs, 64 GB and 16 placeholder GPUs, so the job scripts' #SBATCH
+# lines schedule unchanged, six two-GPU jobs at once. It refuses to touch a slurm.conf it did not write.
 set -euo pipefail
 
 CLUSTER_NAME=unet-test  # tests/test_slurm_cluster.py runs only against a controller of this name

@@ -5,7 +5,7 @@
 # A sweep, one run folder per array task (see SWEEP in slurm/common.sh):
 #   SWEEP=seeds.txt sbatch --array=1-3 --output=logs/%x-%A_%a.out slurm/train.sh [train.py flags]
 #
-# Adjust the lines below for your cluster. Rangpur partitions: a100 (default), vgpu, p100, comp3710.
+# Adjust the lines below for your cluster. Rangpur partitions: a100 (default), vgpu, comp3710.
 #SBATCH --job-name=improved-unet
 #SBATCH --partition=a100
 #SBATCH --gres=gpu:1

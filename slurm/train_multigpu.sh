@@ -3,7 +3,10 @@
 #   mkdir -p logs && sbatch slurm/train_multigpu.sh [train.py flags]
 #   sbatch --nodes=2 slurm/train_multigpu.sh ...      # two nodes
 # One srun task per node starts torchrun, which starts one process per GPU; the nodes meet at a
-# c10d rendezvous on the first node of the allocation. --batch-size is per GPU.
+# c10d rendezvous on the first node of the allocation, on a port derived from the job id (MASTER_PORT
+# overrides), so jobs that share a node never meet at one. --batch-size is per GPU.
+#
+# Adjust the lines below for your cluster. Rangpur partitions: a100 (default), vgpu, comp3710.
 #SBATCH --job-name=improved-unet-ddp
 #SBATCH --partition=a100
 #SBATCH --nodes=1
@@ -26,8 +29,9 @@ activate_python_env
 RUN_NAME="${RUN_NAME:-$(default_run_name improved-unet-ddp)}"
 array_task_flags
 NNODES="${SLURM_NNODES:-1}"
-# GPUs per node: SLURM's count, else what the node shows; NPROC_PER_NODE overrides (e.g. CPU tests).
-NPROC_PER_NODE="${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}}"
+# Processes per node: the job's GPUs on this node (job_gpus_on_node in slurm/common.sh);
+# NPROC_PER_NODE overrides (e.g. CPU tests).
+NPROC_PER_NODE="${NPROC_PER_NODE:-$(job_gpus_on_node)}"
 if [[ "$NPROC_PER_NODE" -lt 1 ]]; then
     echo "error: no GPUs found on $(hostname); request them with --gres=gpu:N or set NPROC_PER_NODE" >&2
     exit 1
@@ -37,12 +41,13 @@ if command -v scontrol >/dev/null 2>&1 && [[ -n "${SLURM_JOB_NODELIST:-}" ]]; th
 else
     MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 fi
-MASTER_PORT="${MASTER_PORT:-29500}"
+MASTER_PORT="$(rendezvous_port)"
 job_banner "$NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT," \
            "run folder runs/$RUN_NAME ${TASK_FLAGS[*]}"
 
 # torchrun dies of USR1 unless told to handle it; told, it passes the signal to every rank and waits
 # for them to save (up to the shutdown timeout), so last.pt is complete before srun ends the step.
+# It then dies of a SignalException, whose traceback run_forwarding_signals keeps out of the log.
 torchrun=(torchrun)
 if [[ "$(torchrun --help 2>/dev/null)" == *--signals-to-handle* ]]; then
     torchrun+=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout=100)
@@ -58,8 +63,5 @@ fi
 
 status=0
 run_forwarding_signals "${launch[@]}" || status=$?
-if [[ "$SIGNALLED" == 1 ]]; then
-    echo "(torchrun reports the signal it passed on to the ranks as a SignalException: expected)"
-fi
 requeue_if_signalled "$status"
 exit "$status"

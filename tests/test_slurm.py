@@ -23,8 +23,9 @@ SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
 
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
+if [[ "$1 $2" == "show hostnames" ]]; then echo 127.0.0.1; exit 0; fi
+if [[ "$1 $2 $3" == "-o show job" ]]; then echo "JobId=${4%_*} JobState=${FAKE_JOB_STATE:-RUNNING}"; exit 0; fi
 echo "$*" >>"$(dirname "$0")/calls.log"
-if [[ "$1 $2" == "show hostnames" ]]; then echo 127.0.0.1; fi
 """
 FAKE_SRUN = """#!/usr/bin/env bash
 echo "srun $*" >>"$(dirname "$0")/calls.log"
@@ -102,7 +103,7 @@ def test_train_script_resumes_after_usr1(isic_folder, tmp_path, fake_slurm):
     assert again.returncode == 0, again.stdout + again.stderr
     assert "job 4242 attempt 2" in again.stdout and "resuming from" in again.stdout
     assert utils.load_checkpoint(tmp_path / "unet-4242" / "last.pt")["epoch"] == 3
-    assert re.search(r"^epoch 3/3  step \d+/\d+ \(\d+%\)  loss [\d.]+  img_s [\d.]+  ETA ", again.stdout, re.M)
+    assert re.search(r"^epoch 3(/3)?  step \d+/\d+ \(\d+%\)  loss [\d.]+  img_s [\d.]+  ETA ", again.stdout, re.M)
     assert "\r" not in again.stdout + again.stderr
     assert (fake_slurm / "calls.log").read_text() == "requeue 4242\n"  # a finished run is not requeued
 
@@ -132,6 +133,142 @@ def test_a_warned_array_task_requeues_itself_alone(fake_slurm):
                SLURM_ARRAY_TASK_ID="2")
     run_common(fake_slurm, "SIGNALLED=1; requeue_if_signalled 0")  # finished anyway: nothing to resume
     assert (fake_slurm / "calls.log").read_text() == "requeue 900_2\n"
+
+
+def test_a_cancelled_job_is_not_requeued(fake_slurm):
+    # scancel and the time limit send TERM as preemption does, but the job is COMPLETING, not RUNNING
+    ended = run_common(fake_slurm, "SIGNALLED=1; SIGNAL_NAME=SIGTERM; requeue_if_signalled 143",
+                       FAKE_JOB_STATE="COMPLETING", RUN_NAME="unet-4242")
+    assert "so it is not requeued; resubmit with RUN_NAME=unet-4242 to resume" in ended.stdout, ended.stdout
+    assert not (fake_slurm / "calls.log").exists()
+    preempted = run_common(fake_slurm, "SIGNALLED=1; SIGNAL_NAME=SIGTERM; requeue_if_signalled 143")
+    assert "requeueing job 4242 after SIGTERM; the job continues from its last checkpoint" in preempted.stdout
+    assert (fake_slurm / "calls.log").read_text() == "requeue 4242\n"
+
+
+FAKE_NVIDIA_SMI = """#!/usr/bin/env bash
+for i in 0 1 2 3 4 5 6 7; do echo "GPU $i: NVIDIA A100-SXM4-40GB (UUID: GPU-$i)"; done
+echo "  MIG 3g.20gb     Device  0: (UUID: MIG-0)"
+"""
+GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "CUDA_VISIBLE_DEVICES")
+
+
+def test_gpu_count_is_the_jobs_not_the_nodes(fake_slurm):
+    """The node shows 8 GPUs (and a MIG device); the job was given fewer."""
+    (fake_slurm / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (fake_slurm / "nvidia-smi").chmod(0o755)
+
+    def count(**variables):
+        exports = "".join(f"export {name}={value!r}; " for name, value in variables.items())
+        result = run_common(fake_slurm, f"unset {' '.join(GPU_VARIABLES)}; {exports}job_gpus_on_node")
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout)
+
+    assert count(SLURM_GPUS_ON_NODE="2", CUDA_VISIBLE_DEVICES="0,1,2,3") == 2
+    assert count(CUDA_VISIBLE_DEVICES="3,5") == 2  # SLURM sets it to the job's GPUs
+    assert count(CUDA_VISIBLE_DEVICES="GPU-5d1e,MIG-77aa,GPU-0b3c") == 3
+    assert count(CUDA_VISIBLE_DEVICES="2,-1,3") == 1  # CUDA ignores everything from -1 on
+    assert count(CUDA_VISIBLE_DEVICES="") == 0
+    assert count() == 8  # outside SLURM: the node's GPUs, not its MIG lines
+    (fake_slurm / "nvidia-smi").unlink()
+    assert count() == 0
+
+
+def test_rendezvous_port_is_the_jobs_own(fake_slurm):
+    port = "rendezvous_port"
+    assert run_common(fake_slurm, port, SLURM_JOB_ID="4242").stdout == "19242\n"
+    assert run_common(fake_slurm, port, SLURM_JOB_ID="1234243").stdout == "19243\n"  # the next job, the next port
+    assert run_common(fake_slurm, port, SLURM_JOB_ID="4242", MASTER_PORT="29517").stdout == "29517\n"
+    assert run_common(fake_slurm, f"unset SLURM_JOB_ID MASTER_PORT; {port}").stdout == "29500\n"
+
+
+# torchrun as the multi-GPU script starts it, without torch: it records its arguments, says it is
+# ready, and on USR1 or TERM does what torchrun does after passing the signal to the ranks: rank 0's
+# last line, then its own SignalException traceback, and exit status 1. FAKE_ERROR replaces the
+# traceback's last line with another exception.
+FAKE_TORCHRUN = """#!/usr/bin/env bash
+if [[ "$1" == --help ]]; then echo "  --signals-to-handle SIGNALS_TO_HANDLE"; exit 0; fi
+echo "torchrun $*" >>"$(dirname "$0")/calls.log"
+echo $$ >"$(dirname "$0")/torchrun.pid"
+on_signal() {
+    echo "stopped by SIGUSR1 at epoch 2, step 6; resume with --resume auto --name unet-4242"
+    cat >&2 <<EOF
+Traceback (most recent call last):
+  File "/venv/bin/torchrun", line 6, in <module>
+    sys.exit(main())
+             ^^^^^^
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/agent/server/api.py", line 923, in _invoke_run
+    time.sleep(monitor_interval)
+  File "/venv/lib/python3.11/site-packages/torch/distributed/elastic/multiprocessing/api.py", line 86, in _terminate_process_handler
+    raise SignalException(f"Process {os.getpid()} got signal: {sigval}", sigval=sigval)
+${FAKE_ERROR:-torch.distributed.elastic.multiprocessing.api.SignalException: Process $$ got signal: 10}
+EOF
+    exit 1
+}
+trap on_signal USR1 TERM
+echo "[rank0]: ready"
+while true; do sleep 0.1; done
+"""
+
+
+def start_multigpu_script(fake_slurm, **env) -> tuple[subprocess.Popen, list[str]]:
+    """train_multigpu.sh with the fake torchrun, on a node of 8 GPUs of which the job has 2 (1 and 3);
+    returns once the fake torchrun runs, with the lines written so far."""
+    for name, text in (("torchrun", FAKE_TORCHRUN), ("nvidia-smi", FAKE_NVIDIA_SMI)):
+        (fake_slurm / name).write_text(text)
+        (fake_slurm / name).chmod(0o755)
+    base = {k: v for k, v in slurm_env(fake_slurm).items() if k not in (*GPU_VARIABLES, "MASTER_PORT")}
+    process = subprocess.Popen(["bash", str(ROOT / "slurm" / "train_multigpu.sh"), "--epochs", "3"],
+                               env={**base, "CUDA_VISIBLE_DEVICES": "1,3", **env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    while (line := process.stdout.readline()) and "[rank0]: ready" not in line:
+        lines.append(line)
+    assert line, "".join(lines)
+    return process, [*lines, line]
+
+
+def finish(process: subprocess.Popen, lines: list[str], sig=None, whole_job=False) -> str:
+    """Sends `sig` to the job script, or with `whole_job` to all its processes, as `scancel --signal`
+    without --batch and preemption do; returns all of the output."""
+    if sig is not None:
+        if whole_job:
+            os.killpg(process.pid, sig)
+        else:
+            process.send_signal(sig)
+    rest, _ = process.communicate(timeout=60)
+    return "".join(lines) + rest
+
+
+@pytest.mark.parametrize("whole_job", [False, True], ids=["batch-shell", "whole-job"])
+def test_multigpu_script_requeues_with_one_line_not_torchruns_traceback(fake_slurm, whole_job):
+    process, lines = start_multigpu_script(fake_slurm)
+    output = finish(process, lines, signal.SIGUSR1, whole_job)
+    assert process.returncode == 1, output
+    assert "Traceback" not in output and "SignalException" not in output, output
+    assert "[rank0]: ready" in output and "stopped by SIGUSR1 at epoch 2, step 6;" in output
+    assert output.endswith("requeueing job 4242 after SIGUSR1: last.pt saved at epoch 2, step 6; "
+                           "the job continues from there\n"), output
+    calls = (fake_slurm / "calls.log").read_text().splitlines()
+    # the job's 2 GPUs, not the node's 8; the job's own port
+    assert "--nproc_per_node=2" in calls[0] and "--rdzv_endpoint=127.0.0.1:19242" in calls[0], calls
+    assert "1 node(s) x 2 process(es), rendezvous 127.0.0.1:19242" in output
+    assert calls[-1] == "requeue 4242"
+
+
+def test_multigpu_script_keeps_the_tracebacks_it_did_not_cause(fake_slurm):
+    # torchrun stopped by a signal that the job script did not send (scancel of the step): all of it shows
+    process, lines = start_multigpu_script(fake_slurm)
+    os.kill(int((fake_slurm / "torchrun.pid").read_text()), signal.SIGTERM)
+    output = finish(process, lines)
+    assert process.returncode == 1
+    assert "Traceback (most recent call last):" in output and "SignalException: Process" in output, output
+    assert "requeue" not in output and "requeue" not in (fake_slurm / "calls.log").read_text()
+    # an error while stopping after the warning: its traceback shows, and the job is requeued
+    process, lines = start_multigpu_script(fake_slurm, FAKE_ERROR="OSError: [Errno 28] No space left on device")
+    output = finish(process, lines, signal.SIGUSR1)
+    assert "Traceback (most recent call last):" in output and "OSError: [Errno 28]" in output, output
+    assert "requeueing job 4242 after SIGUSR1" in output
 
 
 def test_bad_python_env_fails_with_a_message(tmp_path, fake_slurm):

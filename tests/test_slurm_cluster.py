@@ -4,8 +4,9 @@ REQUIRE_SLURM=1 (CI sets it) a missing cluster fails instead.
 
 A requeued job may start again only two minutes after its requeue, so one fixture submits every job
 at once and each test then waits for its own: the two minutes are spent once, in parallel (about
-three minutes in all). There is no slurmdbd, hence no sacct: `scontrol show job` (finished jobs stay
-ten minutes) and the jobcomp/filetxt record, one line per attempt, are the scheduler's word.
+three minutes in all). The last test, six multi-GPU jobs side by side, runs alone after them (one to
+two minutes). There is no slurmdbd, hence no sacct: `scontrol show job` (finished jobs stay ten
+minutes) and the jobcomp/filetxt record, one line per attempt, are the scheduler's word.
 """
 
 import os
@@ -139,16 +140,17 @@ class Cluster:
             subprocess.run(["scancel", *self.submitted], capture_output=True, timeout=60)
 
 
-def signal_mid_epoch(jobs: list[Job], timeout: float = 240) -> None:
-    """scancel --signal=USR1 --batch (what SLURM does before a time limit, sent by hand) to each job as
-    soon as its log shows a progress line inside epoch 2."""
-    waiting = list(jobs)
+def signal_mid_epoch(jobs: list[Job], cancel: list[Job] = (), timeout: float = 240) -> None:
+    """scancel --signal=USR1 --batch (what SLURM does before a time limit, sent by hand) to each of
+    `jobs`, and a plain scancel to each of `cancel`, as soon as its log shows a progress line inside
+    epoch 2."""
+    waiting = {job: ["--signal=USR1", "--batch"] for job in jobs} | {job: [] for job in cancel}
 
     def send_ready():
-        for job in list(waiting):
-            if re.search(rf"^epoch 2/{EPOCHS}  step \d+/", job.text(), re.M):
-                subprocess.run(["scancel", "--signal=USR1", "--batch", job.spec], check=True, timeout=60)
-                waiting.remove(job)
+        for job, how in list(waiting.items()):
+            if re.search(rf"^epoch 2(/{EPOCHS})?  step \d+/", job.text(), re.M):
+                subprocess.run(["scancel", *how, job.spec], check=True, timeout=60)
+                del waiting[job]
         return not waiting
 
     wait_for(send_ready, timeout, f"epoch 2 in the logs of {[job.spec for job in waiting]}")
@@ -173,8 +175,8 @@ def jobs(cluster, tmp_path_factory):
         submitted = {
             "time_limit": limited,
             "usr1": slurm.submit("train.sh", "usr1", *slurm.flags("usr1")),
-            "ddp_usr1": slurm.submit("train_multigpu.sh", "ddp-usr1", *slurm.flags("ddp-usr1"),
-                                     env={"MASTER_PORT": "29632"}),
+            "cancelled": slurm.submit("train.sh", "cancelled", *slurm.flags("cancelled")),
+            "ddp_usr1": slurm.submit("train_multigpu.sh", "ddp-usr1", *slurm.flags("ddp-usr1")),
             "sweep": slurm.submit("train.sh", "sweep", *slurm.flags("sweep"), env={"SWEEP": str(sweep)},
                                   sbatch=["--array=1-2", "--output=logs/%x-%A_%a.out"]),
             "reference": slurm.submit("train.sh", "reference", *slurm.flags("reference"), sbatch=later,
@@ -182,7 +184,7 @@ def jobs(cluster, tmp_path_factory):
             "reference_2": slurm.submit("train.sh", "reference-2", *slurm.flags("reference-2", TIME_LIMIT_EPOCHS),
                                         sbatch=later, env=full_speed),
             "ddp_reference": slurm.submit("train_multigpu.sh", "ddp-reference", *slurm.flags("ddp-reference"),
-                                          sbatch=later, env={**full_speed, "MASTER_PORT": "29631"}),
+                                          sbatch=later, env=full_speed),
         }
         reference_id = submitted["reference"].spec
         submitted["predict"] = slurm.submit(
@@ -193,7 +195,7 @@ def jobs(cluster, tmp_path_factory):
         array_id = submitted.pop("sweep").spec
         for task in (1, 2):
             submitted[f"sweep_{task}"] = Job(f"{array_id}_{task}", slurm.tmp / "logs" / f"sweep-{array_id}_{task}.out")
-        signal_mid_epoch([submitted["usr1"], submitted["ddp_usr1"], submitted["sweep_2"]])
+        signal_mid_epoch([submitted["usr1"], submitted["ddp_usr1"], submitted["sweep_2"]], [submitted["cancelled"]])
         # The resumed attempt keeps the job's one-minute limit and could be warned again; a real job's
         # limit is hours. Raise it while the job waits in the queue after its requeue.
         wait_for(lambda: limited.info().get("Restarts") == "1", 240, f"job {limited.spec} to be requeued")
@@ -220,9 +222,9 @@ def same_weights(a: Path, b: Path) -> bool:
 def assert_readable(log: str) -> None:
     """Plain lines: no carriage returns, progress and per-epoch summary lines."""
     assert "\r" not in log
-    assert re.search(rf"^epoch 1/{EPOCHS}  step \d+/\d+ \(\d+%\)  loss [\d.]+  img_s [\d.]+  ETA \d\d:\d\d:\d\d$",
+    assert re.search(rf"^epoch 1(/{EPOCHS})?  step \d+/\d+ \(\d+%\)  loss [\d.]+  img_s [\d.]+  ETA \d\d:\d\d:\d\d$",
                      log, re.M), log
-    assert re.search(rf"^epoch +{EPOCHS}/{EPOCHS}  loss [\d.]+  val Dice", log, re.M), log
+    assert re.search(rf"^epoch +{EPOCHS}(/{EPOCHS})?  loss [\d.]+  val Dice", log, re.M), log
 
 
 def assert_resumed_mid_epoch(jobs, job: Job, info: dict, name: str, reference: Job, reference_name: str,
@@ -232,9 +234,11 @@ def assert_resumed_mid_epoch(jobs, job: Job, info: dict, name: str, reference: J
     log = job.text()
     assert info["Restarts"] == "1", (info, log)
     assert "attempt 1 on" in log and "attempt 2 on" in log, log  # the log keeps every attempt
-    assert "got USR1" in log and f"requeueing job {info['JobId']}" in log, log
     stopped = re.search(r"stopped by SIGUSR1 at epoch (\d+), step (\d+)", log)
     assert stopped and int(stopped.group(2)) > 0, log  # last.pt was written mid-epoch
+    assert "got USR1" in log, log
+    assert (f"requeueing job {info['JobId']} after SIGUSR1: last.pt saved at epoch {stopped.group(1)}, step "
+            f"{stopped.group(2)}; the job continues from there") in log, log
     assert re.search(r"resuming from \S+last\.pt", log), log
     folder = run_dir(jobs, job, name)
     assert epochs_in_metrics(folder) == list(range(1, epochs + 1))
@@ -278,6 +282,18 @@ def test_multigpu_script_two_processes_save_on_usr1_and_resume(jobs):
     assert "1 node(s) x 2 process(es)" in log
     # torchrun passed the signal on and waited for the ranks, instead of dying of it under srun
     assert "User defined signal 1" not in log and "closing signal SIGUSR1" in log, log
+    # and its SignalException traceback after the save stays out of the log: a requeue is one line
+    assert "Traceback" not in log and "SignalException" not in log and "srun: error" not in log, log
+
+
+def test_a_cancelled_job_stays_cancelled(jobs):
+    """scancel sends TERM to the job script, as preemption does; the job is ending, so no requeue."""
+    job = jobs["cancelled"]
+    decision = wait_for(lambda: re.search(r"^.*(requeueing|not requeued).*$", job.text(), re.M), 120,
+                        lambda: f"job {job.spec} to decide about a requeue:\n{job.text()[-3000:]}")
+    assert "got TERM" in job.text() and "so it is not requeued" in decision.group(0), job.text()
+    info = wait_for(lambda: (i := job.info()).get("JobState") in FINISHED and i, 120, f"job {job.spec} to end")
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", info
 
 
 def test_predict_script_writes_masks_and_metrics(jobs):
@@ -298,8 +314,65 @@ def test_array_tasks_are_sweep_runs_that_resume(jobs):
         assert epochs_in_metrics(folder) == list(range(1, EPOCHS + 1))
     log = second.text()
     assert second_info["Restarts"] == "1" and "attempt 2 on" in log and "got USR1" in log, log
-    assert f"requeueing job {array_id}_2;" in log, log  # only this task: `scontrol requeue <array id>` is all
+    # only this task: `scontrol requeue <array id>` would requeue them all
+    assert f"requeueing job {array_id}_2 after SIGUSR1" in log, log
     reference = run_dir(jobs, jobs["reference"], "reference") / "last.pt"
     jobs["reference"].finished()
     assert same_weights(folders[0] / "last.pt", reference)  # seed 0 is the reference's seed
     assert not same_weights(folders[1] / "last.pt", reference)
+
+
+def listening_ports() -> set[int]:
+    """The TCP ports that something on this machine listens on (state 0A in /proc/net/tcp*)."""
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            if state == "0A":
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+def rendezvous_port(job: Job) -> int | None:
+    banner = re.search(r"1 node\(s\) x 2 process\(es\), rendezvous \S+:(\d+),", job.text())
+    return int(banner.group(1)) if banner else None
+
+
+def test_multigpu_jobs_sharing_a_node_rendezvous_apart(cluster, tmp_path):
+    """Three pairs of two-process jobs on the one node. The second of each pair starts once the first
+    holds its rendezvous store, and the first ends while the second still trains. With one port for
+    every job the second would join the first's store and fail when the first ends (DistNetworkError:
+    what two jobs on one node did with MASTER_PORT fixed at 29500); with a port of its own each
+    completes."""
+    slurm = Cluster(tmp_path)
+    # the script's own resources (2 GPUs, 8 CPUs): six jobs fit on the node's 16 and 64 at once
+    release = {"first": tmp_path / "release-first", "second": tmp_path / "release-second"}
+
+    def submit(role: str, pair: int) -> Job:
+        name = f"{role}-{pair}"
+        return slurm.submit("train_multigpu.sh", name, *slurm.flags(name, epochs=1),
+                            env={"STEP_SLEEP": "", "STEP_WAIT_FOR": str(release[role])})
+
+    def training(jobs: list[Job]):
+        return lambda: all("run folder /" in job.text() for job in jobs)  # train.py's line, after the rendezvous
+
+    def logs(jobs: list[Job]):
+        return lambda: "\n".join(job.text()[-1000:] for job in jobs)
+
+    try:
+        firsts = [submit("first", pair) for pair in range(3)]
+        wait_for(lambda: all(rendezvous_port(job) in listening_ports() for job in firsts), 180, logs(firsts))
+        seconds = [submit("second", pair) for pair in range(3)]
+        wait_for(training(firsts + seconds), 240, logs(firsts + seconds))
+        release["first"].touch()
+        for job in firsts:
+            job.finished(timeout=180)
+        assert all(job.info().get("JobState") == "RUNNING" for job in seconds)  # they outlived the firsts
+        release["second"].touch()
+        for job in seconds:
+            job.finished(timeout=180)
+    finally:
+        release["first"].touch()
+        release["second"].touch()
+        slurm.cancel_all()
+    assert len({rendezvous_port(job) for job in firsts + seconds}) == 6

@@ -1,15 +1,24 @@
 """Slow steps for the real-scheduler tests (tests/test_slurm_cluster.py puts this folder on the jobs'
-PYTHONPATH): with STEP_SLEEP=<seconds> set, every optimizer step of a job's first attempt sleeps that
-long after it has run. A tiny run then lasts long enough for SLURM's signals to land mid-epoch without
-burning CPU, and the attempt after a requeue runs at full speed. Sleeping changes when things happen,
-never a number."""
+PYTHONPATH): in a job's first attempt, with STEP_SLEEP=<seconds> every optimizer step sleeps that long
+after it has run, and with STEP_WAIT_FOR=<path> every step waits until that file exists. A tiny run
+then lasts long enough for SLURM's signals to land mid-epoch, or for another job to start beside it,
+without burning CPU, and the attempt after a requeue runs at full speed. Waiting changes when things
+happen, never a number."""
 
 import os
 
-if os.environ.get("STEP_SLEEP") and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+if (os.environ.get("STEP_SLEEP") or os.environ.get("STEP_WAIT_FOR")) and \
+        os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
     import time
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    _seconds = float(os.environ["STEP_SLEEP"])
-    register_optimizer_step_post_hook(lambda optimizer, args, kwargs: time.sleep(_seconds))
+    _seconds = float(os.environ.get("STEP_SLEEP") or 0)
+    _wait_for = os.environ.get("STEP_WAIT_FOR")
+
+    def _pause(optimizer, args, kwargs):
+        time.sleep(_seconds)
+        while _wait_for and not os.path.exists(_wait_for):
+            time.sleep(0.2)
+
+    register_optimizer_step_post_hook(_pause)
