@@ -274,6 +274,43 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def recipe_of(name: str) -> str:
+    """A run's recipe: its name without a -seed-N suffix (seeds of one recipe are averaged)."""
+    return re.sub(r"-seed-\d+$", "", name)
+
+
+def choose_per_budget(rows: list[dict]) -> dict[str, tuple[str, list[dict]]]:
+    """For each wall-clock budget: the recipe with the highest mean validation Dice (the validation split
+    chooses; test scores are only reported) and its runs."""
+    chosen = {}
+    for budget in (b for b in BUDGETS if "--minutes" in BUDGETS[b]):
+        recipes: dict[str, list[dict]] = {}
+        for r in rows:
+            if r["budget"] == budget:
+                recipes.setdefault(recipe_of(r["name"]), []).append(r)
+        if recipes:
+            best = max(recipes, key=lambda k: sum(float(r["val_dice"]) for r in recipes[k]) / len(recipes[k]))
+            chosen[budget] = (best, recipes[best])
+    return chosen
+
+
+def budget_table(rows: list[dict]) -> str:
+    """README's "How long should I train?" table: per budget, the recipe validation chose, its command and
+    its test scores with predict.py's defaults (mean over its seeds)."""
+    lines = ["| budget | command | seeds | validation Dice | test Dice | test thr. Jaccard |", "|---|---|---:|---:|---:|---:|"]
+    mean = lambda runs, key: sum(float(r[key]) for r in runs) / len(runs)  # noqa: E731
+    for budget, (recipe, runs) in choose_per_budget(rows).items():
+        flags = flags_of(budget, recipe if recipe in RUNS else runs[0]["name"])
+        flags = [f for f in " ".join(flags).replace(" --batch-size 16", "").split() if f]
+        seeds = sorted(runs, key=lambda r: r["name"])
+        spread = (f" ({min(float(r['test_dice_tta']) for r in seeds):.3f}-"
+                  f"{max(float(r['test_dice_tta']) for r in seeds):.3f})") if len(seeds) > 1 else ""
+        lines.append(f"| {BUDGETS[budget][1]} min | `python train.py --data-dir DATA {' '.join(flags)}` | {len(seeds)} | "
+                     f"{mean(seeds, 'val_dice'):.3f} | {mean(seeds, 'test_dice_tta'):.3f}{spread} | "
+                     f"{mean(seeds, 'test_threshold_jaccard_tta'):.3f} |")
+    return "\n".join(lines)
+
+
 def plot_time_to_dice(rows: list[dict], curves_dir: Path, path: Path) -> None:
     """Validation Dice against cumulative training minutes, one panel per budget."""
     import matplotlib

@@ -404,8 +404,9 @@ class Preemption:
         self._previous.clear()
 
     def _handle(self, signum, frame) -> None:
+        if self.signum is None:  # under srun and torchrun the same warning can arrive twice: say it once
+            print(f"received {signal.Signals(signum).name}: saving last.pt after this step", file=sys.stderr, flush=True)
         self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving last.pt after this step", file=sys.stderr, flush=True)
 
     def requested(self, distributed: bool, device: torch.device) -> bool:
         """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""

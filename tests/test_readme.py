@@ -219,6 +219,18 @@ def results_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def budget_study():
+    import study
+
+    return study
+
+
+def budget_rows() -> list[dict]:
+    rows = budget_study().read_rows(ROOT / "results" / "budgets.csv")
+    assert rows, "results/budgets.csv is missing"
+    return rows
+
+
 def crossval_table() -> str:
     import crossval
 
@@ -243,6 +255,10 @@ GENERATED = {  # marker name -> (page, the code that generates the table, how to
     "config-table": ("docs/training.md", config_table, "python -c \"import train; print(train.config_table())\""),
     "recipes-table": ("docs/recipes.md", recipes_table, "python study.py --report, then paste results/recipes.md's table"),
     "crossval-table": ("docs/recipes.md", crossval_table, "paste results/crossval-screen.md"),
+    "budget-table": ("README.md", lambda: budget_study().budget_table(budget_rows()),
+                     "python -c \"import study; print(study.budget_table(study.read_rows('results/budgets.csv')))\""),
+    "budgets-table": ("docs/recipes.md", lambda: budget_study().markdown_table(budget_rows()),
+                      "python study.py --report --results results/budgets.csv --figure images/budgets_time_to_dice.png"),
 }
 
 
