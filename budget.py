@@ -64,7 +64,8 @@ class Pace:
         self._used_before = used_seconds
         self._started = time.perf_counter()
         self._times: list[float] = []  # when each step of the measurement window ended
-        self.step_seconds: float | None = self.plan["step_seconds"] if self.plan else None
+        # a plan stored by a run whose budget ran out before its steps were timed has no step time
+        self.step_seconds: float | None = self.plan.get("step_seconds", 0.0) if self.plan else None
 
     @property
     def budgeted(self) -> bool:

@@ -412,18 +412,24 @@ class Preemption:
         """True on every rank as soon as any rank got a signal (ranks must stop at the same step)."""
         return self.poll(distributed, device)[0]
 
-    def poll(self, distributed: bool, device: torch.device, overrun: bool = False) -> tuple[bool, bool]:
-        """(a signal came, a budget ran out) on any rank, agreed by every rank.
+    def poll(self, distributed: bool, device: torch.device, overrun: bool = False,
+             loss_sum: torch.Tensor | None = None) -> tuple[bool, bool, bool]:
+        """(a signal came, a budget ran out, the loss is not finite) on any rank, agreed by every rank, so
+        that all ranks stop, or fail, at the same step.
 
         Under DDP this is a collective and a host sync: call it at the same steps on every rank, and
         only every few steps (SLURM warns minutes ahead, so a check every CHECK_EVERY steps is soon enough).
         """
         if not distributed:
-            return self.signum is not None, overrun
-        flags = torch.tensor([float(self.signum is not None), float(overrun)], device=device)
+            bad = loss_sum is not None and not torch.isfinite(loss_sum).item()
+            return self.signum is not None, overrun, bad
+        flags = torch.stack([torch.tensor(float(self.signum is not None), device=device),
+                             torch.tensor(float(overrun), device=device),
+                             (~torch.isfinite(loss_sum)).float() if loss_sum is not None
+                             else torch.zeros((), device=device)])
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        signalled, overrun = flags.tolist()
-        return signalled > 0, overrun > 0
+        signalled, overrun, bad = flags.tolist()
+        return signalled > 0, overrun > 0, bad > 0
 
 
 # Steps between the reads that wait for a GPU (the loss's finiteness, the preemption flag under DDP):
@@ -545,15 +551,22 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
         global_step = epoch * per_epoch + step
         if pace is not None and pace.measuring and pace.observe(global_step, epoch * per_epoch + steps, sync):
             if on_measured is not None:
+                paused = time.perf_counter()
                 on_measured(global_step)
+                started += time.perf_counter() - paused  # images/s counts training steps only, not the probe
             steps = max(0, min(per_epoch, pace.total_steps - epoch * per_epoch))  # the plan may end this epoch
             bar.total = steps
-        if step % check_every == 0 and not torch.isfinite(total_loss):
-            raise TrainingError(
-                f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within the "
-                f"{check_every} steps before it). The last good checkpoint is kept. Try a lower --lr, "
-                f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
-        if bar.n % 10 == 0 or step == steps:
+        checking = step % check_every == 0 or step >= steps
+        signalled = overrun = False
+        if checking or not distributed:  # without DDP a signal is a Python flag: read it every step
+            signalled, overrun, bad = preemption.poll(distributed, device, pace is not None and pace.overrun(),
+                                                      total_loss if checking else None)
+            if bad:
+                raise TrainingError(
+                    f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within "
+                    f"the {check_every} steps before it). The last good checkpoint is kept. Try a lower --lr, "
+                    f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
+        if bar.enabled and (step % max(10, check_every) == 0 or step >= steps):  # a read-back, for a shown bar only
             rate = timed_images / max(time.perf_counter() - started, 1e-9)
             postfix = {"loss": f"{total_loss.item() / max(seen, 1):.4f}", "img_s": f"{rate:.1f}"}
             if pace is not None and pace.budgeted:
@@ -561,11 +574,9 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
                 postfix["steps"] = f"{global_step}/{pace.total_steps}"
             bar.set_postfix(**postfix)
         bar.update(1)
-        if step % check_every == 0 or step >= steps:
-            signalled, overrun = preemption.poll(distributed, device, pace is not None and pace.overrun())
-            if signalled or overrun:
-                stopped = signalled and step < steps
-                break
+        if signalled or overrun:
+            stopped = signalled and step < steps
+            break
     bar.close()
     if not torch.isfinite(total_loss):
         raise TrainingError(f"the training loss became {total_loss.item()} during epoch {epoch + 1}. The last good "
@@ -576,14 +587,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
 
 
 @torch.no_grad()
-def evaluate(model, loader, loss_fn, *, autocast, max_batches: int = 0) -> dict:
-    """Mean loss and ISIC metrics over a split (per image, then averaged across all ranks); with
-    max_batches, over the first batches only (to time a validation)."""
+def evaluate(model, loader, loss_fn, *, autocast) -> dict:
+    """Mean loss and ISIC metrics over a split (per image, then averaged across all ranks)."""
     model.eval()
     averager = utils.MetricAverager()
-    for index, (images, masks) in enumerate(loader):
-        if max_batches and index >= max_batches:
-            break
+    for images, masks in loader:
         with autocast():
             logits = model(images)
         logits = logits.float()
@@ -723,7 +731,10 @@ def prepare_run(config: TrainConfig, explicit: set[str], dist):
 
 
 def setup_device(config: TrainConfig, dist) -> torch.device:
-    device = utils.select_device(config.device)
+    try:
+        device = utils.select_device(config.device)
+    except ValueError as err:  # a device that is not there or not a device name: one line, not a traceback
+        raise utils.DeviceError(str(err)) from None
     if dist.is_distributed and device.type == "cuda" and device.index != dist.local_rank:
         if config.device not in ("auto", "cuda"):
             utils.print0(f"--device {config.device} under torchrun: each process uses its own GPU, cuda:LOCAL_RANK")
@@ -1098,7 +1109,8 @@ def main(argv=None) -> dict:
         parser.error("\n  ".join(problems))
     try:
         return train(config, explicit)
-    except (dataset.DataError, utils.CheckpointError, TrainingError, utils.ConfigError, RunInUseError) as err:
+    except (dataset.DataError, utils.CheckpointError, TrainingError, utils.ConfigError, RunInUseError,
+            utils.DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -153,7 +153,7 @@ def check_cuda_build(device: torch.device) -> None:
     device"; this says instead which GPU, which kernels the build has, and what to install.
     """
     arch_list = torch.cuda.get_arch_list()
-    if not arch_list:  # a build without CUDA: is_available() already said no
+    if not arch_list or getattr(torch.version, "hip", None):  # no CUDA build, or ROCm (gfx90a...: not checked here)
         return
     capability = tuple(torch.cuda.get_device_capability(device))
     if any(_arch_fits(arch, capability) for arch in arch_list):

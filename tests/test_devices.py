@@ -242,6 +242,26 @@ def test_a_gpu_without_kernels_in_this_build_is_named_with_what_to_install(gpus,
         utils.select_device("auto")
 
 
+def test_a_rocm_build_is_not_judged_by_cuda_kernel_names(gpus, monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["gfx90a", "gfx942"])
+    utils.check_cuda_build(torch.device("cuda", 0))  # ROCm names its kernels gfx...: no sm_ entry can match
+
+
+def test_train_names_a_gpu_without_kernels_in_one_line(gpus, isic_folder, tmp_path, monkeypatch, capsys):
+    import train
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["--device", "cuda", "--wandb", "disabled", "--data-dir", str(isic_folder), "--out-dir",
+                    str(tmp_path / "runs"), "--image-size", "32"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 1 and "Traceback" not in err
+    assert err.startswith("error: Tesla P100-PCIE-16GB") and "cu126" in err
+
+
 # --- init_distributed: the backend follows --device ---------------------------------------------------
 
 

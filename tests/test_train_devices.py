@@ -166,3 +166,31 @@ def test_compile_is_skipped_with_a_reason_below_capability_7(monkeypatch, capsys
     train.setup_model(config, None, utils.DistInfo(0, 0, 1, False), torch.device("cpu"))
     out = capsys.readouterr().out
     assert "--compile ignored on Tesla P100-PCIE-16GB" in out and "6.0" in out
+
+
+def test_a_single_gpu_run_stops_at_the_step_the_signal_came(isic_folder, monkeypatch):
+    """Off the CPU the loss is checked every CHECK_EVERY steps (a read-back); the signal flag, a Python
+    variable, is still read after every step, so "saving last.pt after this step" holds."""
+    monkeypatch.setattr(train, "CHECK_EVERY", {})  # the GPU's interval, on this CPU
+    model, batches, optimizer, scheduler, config, _ = tiny_step_setup(isic_folder, steps=4)
+    polls = []
+
+    class SignalAtStep2(train.Preemption):
+        def poll(self, distributed, device, overrun=False, loss_sum=None):
+            polls.append(loss_sum is not None)
+            if len(polls) == 2:
+                self.signum = 10
+            return super().poll(distributed, device, overrun, loss_sum)
+    result = train.train_one_epoch(
+        model, batches, optimizer, scheduler, utils.SegmentationLoss("dice"), autocast=train.nullcontext,
+        scaler=None, config=config, epoch=0, start_step=0, loss_sum=0.0, images_seen=0,
+        preemption=SignalAtStep2(), distributed=False, device=torch.device("cpu"))
+    assert result["stopped"] and result["step"] == 2
+    assert polls == [False, False], "the loss is read back only at the check interval"
+
+
+def test_a_plan_saved_before_its_steps_were_timed_resumes():
+    import budget
+
+    pace = budget.Pace(1.0, 10, 1000, plan={"total_steps": 8, "planned_steps": None, "overrun": True})
+    assert not pace.measuring and pace.total_steps == 8
