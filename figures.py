@@ -1,4 +1,4 @@
-"""The README's figures, drawn from the project's own code: the network diagram and synthetic examples.
+"""The figures of README.md and docs/, drawn from the project's own code: the network diagram and synthetic examples.
 
     python figures.py architecture --out images/architecture.png
     python figures.py synthetic --out images/synthetic_examples.png -n 6
@@ -225,7 +225,7 @@ def draw_synthetic(samples: list[dataset.Sample], width: int = 360) -> Figure:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Draw the README's figures into PNG files.")
+    parser = argparse.ArgumentParser(description="Draw the figures of README.md and docs/ into PNG files.")
     sub = parser.add_subparsers(dest="command", required=True)
     arch = sub.add_parser("architecture", help="diagram of the Improved UNet, read from a model instance")
     arch.add_argument("--out", type=Path, default=Path("images/architecture.png"), help="PNG to write")

@@ -20,7 +20,7 @@ Deviations from the paper, and why:
 - Normalisation: `norm="instance"` (the default) is the paper's affine instance normalisation, built
   as an `nn.GroupNorm` with one channel per group: the same function with the same parameters as
   `nn.InstanceNorm2d(affine=True)` (tested); `norm="batch"` is offered for comparison (on real ISIC
-  images it learns more slowly: README, recipe study).
+  images it learns more slowly: docs/recipes.md).
 - Dropout is channel-wise (`Dropout2d`); the authors' code drops single activations. Dropping whole
   feature maps is the usual choice for convolutional features, whose neighbours are correlated.
 - Convolutions followed by a normalisation have no bias: the normalisation subtracts any constant
@@ -38,11 +38,11 @@ Deviations from the paper, and why:
   tests/test_modules.py, and `model.use_reference_formulation()` switches back to that form.
   LeakyReLU, dropout and the residual sum run in place where autograd does not need their input.
 - The memory format is the caller's choice (`model.to(memory_format=torch.channels_last)`); the
-  activations follow the weights'. train.py trains channels-last on CUDA (cuDNN's bf16 kernels are
-  NHWC) and on CPU with batch norm (18-19% faster there), NCHW on CPU with instance norm, where
-  channels-last trains 9-19% slower (GroupNorm's channels-last backward); predict.py infers channels-last
-  everywhere (on CPU 4-14% faster than NCHW at 128-256 px: the fp32 and fp32-cl rows of
-  `python benchmark.py --device cpu --models ours-instance`).
+  activations follow the weights'. utils.Hardware decides it per device: channels-last on CUDA
+  (cuDNN's bf16 kernels are NHWC) and on CPU with batch norm (18-19% faster there), NCHW on CPU with
+  instance norm, where channels-last trains 9-19% slower (GroupNorm's channels-last backward), and
+  NCHW on MPS; predict.py infers channels-last on CUDA and CPU (on CPU 4-14% faster than NCHW at
+  128-256 px: the fp32 and fp32-cl rows of `python benchmark.py --device cpu --models ours-instance`).
 """
 
 from __future__ import annotations

@@ -131,7 +131,7 @@ CHOICES = utils.field_choices(TrainConfig)  # from the Literal annotations
 
 
 def config_table(cls=None, groups=None) -> str:
-    """The configuration reference of README.md, as a Markdown table generated from the dataclass."""
+    """The configuration reference of docs/training.md, as a Markdown table generated from the dataclass."""
     cls, groups = cls or TrainConfig, groups or GROUPS
     helps = utils.field_help(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -76,3 +76,20 @@ def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
     study.main(["--data-dir", str(root), "--budget", "screen", "--only", "default", "--results", str(results),
                 "--out-dir", str(tmp_path / "runs"), "--figure", str(tmp_path / "fig.png"), "--train-flags", tiny])
     assert len(study.read_rows(results)) == 2
+
+
+def test_the_budget_table_reports_the_recipe_its_first_run_chose_over_all_its_seeds():
+    def row(name, val, test, budget="min10"):
+        return {"budget": budget, "name": name, "val_dice": str(val), "test_dice_tta": str(test),
+                "test_threshold_jaccard_tta": str(test - 0.1)}
+    rows = [row("size-96", 0.880, 0.890), row("size-64", 0.879, 0.894), row("ema-0.99", 0.8795, 0.889),
+            row("size-96-seed-1", 0.870, 0.895), row("size-96-seed-2", 0.872, 0.900),  # seeds repeat the winner
+            row("size-64", 0.879, 0.891, "min5"), row("size-96", 0.870, 0.872, "min5")]
+    chosen = study.choose_per_budget(rows)
+    assert chosen["min10"][0] == "size-96" and len(chosen["min10"][1]) == 3
+    assert chosen["min5"][0] == "size-64" and "min30" not in chosen
+    table = study.budget_table(rows).splitlines()
+    assert table[2] == ("| 5 min | `python train.py --data-dir DATA --minutes 5 --image-size 64` | 1 | 0.879 | "
+                        "0.891 | 0.791 |")
+    assert table[3] == ("| 10 min | `python train.py --data-dir DATA --minutes 10 --image-size 96` | 3 | 0.874 | "
+                        "0.895 (0.890-0.900) | 0.795 |")
