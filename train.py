@@ -566,7 +566,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
                     f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within "
                     f"the {check_every} steps before it). The last good checkpoint is kept. Try a lower --lr, "
                     f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
-        if bar.enabled and (step % max(10, check_every) == 0 or step >= steps):  # a read-back, for a shown bar only
+        if bar.enabled and ((step - start_step - 1) % max(10, check_every) == 0 or step >= steps):  # for a shown bar only
             rate = timed_images / max(time.perf_counter() - started, 1e-9)
             postfix = {"loss": f"{total_loss.item() / max(seen, 1):.4f}", "img_s": f"{rate:.1f}"}
             if pace is not None and pace.budgeted:
@@ -913,6 +913,9 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         def epoch_end_seconds() -> float:
             """What an epoch's end costs here, timed by doing it: a validation, two checkpoints (last.pt and,
             when the score improved, best.pt) and the curves."""
+            if main_process:  # once, untimed: importing matplotlib is a first-time cost, not an epoch's
+                plot_curves([{"epoch": 1, "train_loss": 0.0, "val_loss": 0.0, "val_dice": 0.0, "val_jaccard": 0.0,
+                              "lr": 0.0}], run_dir / "curves.png")
             started = time.perf_counter()
             evaluate(scored_model, data.val_loader, loss_fn, autocast=autocast)
             if main_process:
@@ -1041,7 +1044,7 @@ def budget_summary(pace: budget.Pace, config: TrainConfig, history: list[dict], 
         return None
     plan = pace.plan or {}
     done = min(pace.total_steps, len(history) * steps_per_epoch)
-    return {"minutes": config.minutes, "used_minutes": round(sum(float(r["seconds"]) for r in history) / 60, 3),
+    return {"minutes": config.minutes, "used_minutes": round(pace.used_seconds() / 60, 3),  # the budget's own clock
             "planned_steps": plan.get("planned_steps", plan.get("total_steps")), "done_steps": done, "step_seconds": plan.get("step_seconds"),
             "epoch_end_seconds": plan.get("epoch_end_seconds"), "overrun": bool(plan.get("overrun"))}
 

@@ -68,16 +68,20 @@ def test_cosine_schedule_ends_at_the_planned_step():
 def test_budget_run_ends_within_one_validation_interval_of_its_minutes(tmp_path, capsys):
     minutes = 0.3
     data = write_isic_folder(tmp_path / "isic", n=48)  # epochs long enough that steps, not epoch ends, fill them
+    meter = utils.OtherCpu()
     summary = train.main(tiny_args(data, tmp_path, "--minutes", str(minutes), "--epochs", "1000",
                                    "--batch-size", "1", "--name", "budget"))
+    other = meter.share()
+    if other is not None and other > 0.1:  # a wall-clock budget on a shared CPU measures the other work too
+        pytest.skip(f"other processes took {other:.0%} of the CPU during the run; the budget cannot be judged")
     run = tmp_path / "budget"
     rows = list(csv.DictReader(open(run / "metrics.csv")))
-    used = sum(float(r["seconds"]) for r in rows)
+    plan = summary["budget"]
+    used = plan["used_minutes"] * 60  # training, validation, checkpoints and curves, by the budget's clock
     interval = max(float(r["seconds"]) for r in rows)  # one epoch: its steps and its validation
     assert abs(used - minutes * 60) <= interval, (used, interval, len(rows))
-    plan = summary["budget"]
     assert plan["done_steps"] == plan["planned_steps"] > 0 and not plan["overrun"]
-    assert plan["minutes"] == minutes and plan["used_minutes"] == pytest.approx(used / 60, abs=0.01)
+    assert plan["minutes"] == minutes and used >= sum(float(r["seconds"]) for r in rows)
     # the decision is stored where a resumed run and a reader find it
     assert utils.load_checkpoint(run / "last.pt")["budget_plan"]["total_steps"] == plan["planned_steps"]
     assert json.loads((run / "config.json").read_text())["budget_plan"]["total_steps"] == plan["planned_steps"]
@@ -97,11 +101,11 @@ def signal_after(polls: int):
     left = [polls]
 
     class SignalAfter(train.Preemption):
-        def poll(self, distributed, device, overrun=False):
+        def poll(self, distributed, device, overrun=False, loss_sum=None):
             left[0] -= 1
             if left[0] == 0:
                 self.signum = 10  # SIGUSR1
-            return super().poll(distributed, device, overrun)
+            return super().poll(distributed, device, overrun, loss_sum)
     return SignalAfter
 
 
