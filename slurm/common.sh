@@ -110,7 +110,7 @@ rendezvous_port() {
     fi
 }
 
-# Copies the job's output (stdin) to stdout line by line, except torchrun's own traceback after a
+# Copies one stream of the job's output (stdin) to stdout line by line, except torchrun's own traceback after a
 # signal: told to handle USR1, torchrun passes it to the ranks, waits for them to save, then dies of a
 # SignalException whose 28-line traceback reads like a crash. That block, and srun's report of
 # torchrun's exit after it, go to $1/held instead; run_forwarding_signals prints them unless the job
@@ -154,18 +154,21 @@ filter_job_output() {
 
 # Run the given command in the background, forward SLURM's warning signal (USR1, or TERM on
 # preemption) to it, and wait until it has written its checkpoint and exited. Its output goes through
-# filter_job_output. Returns its status; sets SIGNALLED=1 and SIGNAL_NAME when a signal arrived, and
-# STOPPED_AT to where training stopped, if it said so.
+# filter_job_output, stdout and stderr apart, so that a job's --error file still gets the errors.
+# Returns its status; sets SIGNALLED=1 and SIGNAL_NAME when a signal arrived, and STOPPED_AT to where
+# training stopped, if it said so.
 SIGNALLED=0
 SIGNAL_NAME=
 STOPPED_AT=
 run_forwarding_signals() {
-    local work filter pid status=0 final waits=0
+    local work filters=() pid status=0 final waits=0
     work="$(mktemp -d "${TMPDIR:-/tmp}/job-output.XXXXXX")"
-    mkfifo "$work/output"
+    mkfifo "$work/output" "$work/errors"
     filter_job_output "$work" <"$work/output" &
-    filter=$!
-    "$@" >"$work/output" 2>&1 &
+    filters+=($!)
+    filter_job_output "$work" <"$work/errors" >&2 &
+    filters+=($!)
+    "$@" >"$work/output" 2>"$work/errors" &
     pid=$!
     trap 'SIGNALLED=1; SIGNAL_NAME=SIGUSR1; echo "$(date +%T) job script: got USR1, asking pid '"$pid"' to save and stop"; kill -USR1 '"$pid"' 2>/dev/null || true' USR1
     trap 'SIGNALLED=1; SIGNAL_NAME=SIGTERM; echo "$(date +%T) job script: got TERM, asking pid '"$pid"' to save and stop"; kill -TERM '"$pid"' 2>/dev/null || true' TERM
@@ -180,16 +183,16 @@ run_forwarding_signals() {
         wait "$pid" 2>/dev/null && final=0 || final=$?
         ((final == 127)) || status=$final
     fi
-    # The filter ends when the last writer closes the pipe; a helper the command left behind (a
-    # logger's service process) may hold it open, so give it 10 s.
-    while kill -0 "$filter" 2>/dev/null && ((waits++ < 20)); do
+    # A filter ends when the last writer closes its pipe; a helper the command left behind (a
+    # logger's service process) may hold it open, so give them 10 s.
+    while kill -0 "${filters[@]}" 2>/dev/null && ((waits++ < 20)); do
         sleep 0.5
     done
-    kill -KILL "$filter" 2>/dev/null || true
-    wait "$filter" 2>/dev/null || true
+    kill -KILL "${filters[@]}" 2>/dev/null || true
+    wait "${filters[@]}" 2>/dev/null || true
     STOPPED_AT="$(cat "$work/stopped" 2>/dev/null || true)"
     if [[ "$SIGNALLED" != 1 && -s "$work/held" ]]; then
-        cat "$work/held"
+        cat "$work/held" >&2
     fi
     rm -rf "$work"
     # kept until here: a late signal must not kill the script while the filter finishes

@@ -271,6 +271,15 @@ def test_multigpu_script_keeps_the_tracebacks_it_did_not_cause(fake_slurm):
     assert "requeueing job 4242 after SIGUSR1" in output
 
 
+def test_errors_stay_on_stderr_for_an_error_file(fake_slurm):
+    # sbatch --error=FILE splits the streams: the job's errors must reach that file, not --output's
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "train.sh"), "--epochs", "many"], env=slurm_env(fake_slurm),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "invalid int value: 'many'" in result.stderr and "invalid int value" not in result.stdout
+    assert "run folder runs/" in result.stdout
+
+
 def test_bad_python_env_fails_with_a_message(tmp_path, fake_slurm):
     result = subprocess.run(["bash", str(ROOT / "slurm" / "train.sh"), "--help"],
                             env=slurm_env(fake_slurm, PYTHON_ENV=str(tmp_path / "no-such-env"), PATH="/usr/bin:/bin"),
