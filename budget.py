@@ -4,18 +4,13 @@ A student has a one-hour queue slot or a lunch break, not a number of epochs. Wi
 cosine schedule is cut off at a high learning rate; with too few the slot is wasted. `Pace` times the
 first training steps of a run, the end of an epoch (validation, checkpoint, curves) and from them:
 
-- with a budget, decides how many steps fit, and corrects that once, at the first epoch end a tenth
-  of the plan later, from the mean times of the steps and epoch ends since (a dozen steps and one
-  timed epoch end are a small sample: the first steps of a run and a busy moment on the machine
-  mislead it by up to a quarter; without the correction the budget came out 70-107% used on a
-  2-core CPU). Both decisions go into every checkpoint, so a preempted and resumed run follows the
-  same schedule to the same last step as an uninterrupted one;
+- with a budget, decides how many steps fit, once; the decision goes into every checkpoint, so a
+  preempted and resumed run follows the same schedule to the same last step as an uninterrupted one;
 - without one, estimates how long the run will take, so a CPU run that will take hours says so (and
   what the CPU budget reaches) before the user has waited for it.
 
 The plan is a plain dict (it is stored in checkpoints, summary.json and wandb):
     minutes, total_steps, step_seconds, epoch_end_seconds, decided_at_step
-and, once corrected, refit_at_step and first_total_steps (the first decision's step count).
 """
 
 from __future__ import annotations
@@ -29,11 +24,6 @@ import time
 # rank of a multi-GPU run closes its window at the same step (the plan is agreed on there).
 SKIP = 3
 WINDOW_STEPS = 12
-
-# The correction needs at least this many steps timed after the decision, and a tenth of the plan
-# (epoch ends in between are left out of their time); until then it waits for a later epoch end.
-REFIT_MIN_STEPS = 24
-REFIT_FRACTION = 0.1
 
 # A budget run that falls this far behind its plan (a machine that got busier than it was while the
 # steps were timed) ends at the budget instead, with the schedule not finished.
@@ -50,10 +40,8 @@ def fit_steps(budget_seconds: float, used_seconds: float, done_steps: int, step_
     """
     best = done_steps
     epochs = math.ceil(max_steps / steps_per_epoch)
-    current = max(1, math.ceil(max(done_steps, 1) / steps_per_epoch))  # the epoch under way, not yet ended
-    for e in range(current, epochs + 1):
-        # time left for steps if the run has e epochs (the ends before the current one are in used_seconds)
-        room = budget_seconds - used_seconds - (e - current + 1) * epoch_end_seconds
+    for e in range(max(1, math.ceil(max(done_steps, 1) / steps_per_epoch)), epochs + 1):
+        room = budget_seconds - used_seconds - e * epoch_end_seconds  # time left for steps with e epoch ends
         steps = min(e * steps_per_epoch, max_steps, done_steps + math.floor(max(room, 0.0) / step_seconds))
         if steps > (e - 1) * steps_per_epoch and steps > best:
             best = steps
@@ -76,8 +64,6 @@ class Pace:
         self._used_before = used_seconds
         self._started = time.perf_counter()
         self._times: list[float] = []  # when each step of the measurement window ended
-        self._since: tuple[float, int] | None = None  # (time, step) where the correction's interval starts
-        self._excluded, self._ends = 0.0, 0  # the epoch ends within that interval: seconds and count
         # a plan stored by a run whose budget ran out before its steps were timed has no step time
         self.step_seconds: float | None = self.plan.get("step_seconds", 0.0) if self.plan else None
 
@@ -97,25 +83,9 @@ class Pace:
     def used_seconds(self) -> float:
         return self._used_before + time.perf_counter() - self._started
 
-    @property
-    def refitted(self) -> bool:
-        return bool(self.plan) and "refit_at_step" in self.plan
-
-    def restart(self, global_step: int = 0) -> None:
+    def restart(self) -> None:
         """Start this session's clock now (after set-up, when the first step begins)."""
         self._started = time.perf_counter()
-        if self.plan is not None:  # a resumed plan not corrected yet: time this session's steps for it
-            self.mark(global_step)
-
-    def mark(self, global_step: int) -> None:
-        """Start the correction's interval here (after the decision, or when a resumed session starts)."""
-        self._since, self._excluded, self._ends = (time.perf_counter(), global_step), 0.0, 0
-
-    def exclude(self, seconds: float) -> None:
-        """An epoch end (validation and writes) took `seconds`: left out of the correction's step time,
-        and what the correction counts per epoch end instead of the first one's timing."""
-        self._excluded += seconds
-        self._ends += 1
 
     def observe(self, global_step: int, epoch_end_step: int, sync) -> bool:
         """Call after each training step while measuring; True when the window has just closed (then
@@ -143,27 +113,6 @@ class Pace:
                           epoch_end_seconds, self.steps_per_epoch, self.max_steps)
         self.plan = {"minutes": self.minutes, "total_steps": int(total), "step_seconds": round(self.step_seconds, 5),
                      "epoch_end_seconds": round(epoch_end_seconds, 4), "decided_at_step": int(global_step)}
-        self.mark(global_step)
-        return self.plan
-
-    def refit(self, global_step: int) -> dict | None:
-        """At an epoch end, before its validation (the device has finished its steps): fit the step count
-        again from the mean step time since the decision and the mean epoch end since, once. None when
-        there is nothing to correct or too few steps to judge by."""
-        if not self.budgeted or self.plan is None or self.refitted or self._since is None:
-            return None
-        since_time, since_step = self._since
-        steps = global_step - since_step
-        enough = max(REFIT_MIN_STEPS, REFIT_FRACTION * self.plan["total_steps"])
-        if steps < enough or global_step >= self.plan["total_steps"]:
-            return None
-        step_seconds = (time.perf_counter() - since_time - self._excluded) / steps
-        end_seconds = self._excluded / self._ends if self._ends else self.plan["epoch_end_seconds"]
-        total = fit_steps(self.minutes * 60, self.used_seconds(), global_step, step_seconds, end_seconds,
-                          self.steps_per_epoch, self.max_steps)
-        self.plan = {**self.plan, "total_steps": int(total), "step_seconds": round(step_seconds, 5),
-                     "epoch_end_seconds": round(end_seconds, 4), "refit_at_step": int(global_step),
-                     "first_total_steps": self.plan["total_steps"]}
         return self.plan
 
     def estimate_seconds(self, epoch_end_seconds: float, done_steps: int) -> float:

@@ -947,7 +947,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                     utils.print0(warning)
 
         # --- the epochs ---
-        pace.restart(progress.epoch * steps_per_epoch + progress.step)
+        pace.restart()
         if pace.measuring and not (pace.budgeted or checkpoint is None):
             pace.step_seconds = 0.0  # a resumed run without a budget: its cost was estimated when it started
         epoch = progress.epoch
@@ -966,18 +966,6 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                                  f"{result['step']}; resume with --resume auto --name {config.name}")
                 raise SystemExit(128 + (preemption.signum or 0))
             progress.step, progress.loss_sum, progress.images = 0, 0.0, 0
-            epoch_ended = time.perf_counter()
-            if pace.plan is not None and not pace.refitted:  # the same plan on every rank: all enter or none
-                refit = [pace.refit(epoch * steps_per_epoch + result["step"])]
-                if dist.is_distributed:  # rank 0's timing decides, as it did the plan
-                    torch.distributed.broadcast_object_list(refit, src=0)
-                if refit[0] is not None:
-                    pace.plan = progress.budget_plan = refit[0]
-                    if main_process:
-                        write_config(run_dir, config, model_config, norm_stats, pace.plan)
-                        utils.print0(f"budget {config.minutes:g} min: {pace.plan['step_seconds'] * 1000:.0f} ms a "
-                                     f"step since the plan was made, so {pace.plan['total_steps']} steps in all "
-                                     f"(first planned {pace.plan['first_total_steps']})")
             if dist.is_distributed:
                 # Each rank updated its own batch-norm statistics; evaluate (and save) rank 0's.
                 for buffer in scored_model.buffers():
@@ -1021,7 +1009,6 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             epoch += 1
             if finished:
                 break
-            pace.exclude(time.perf_counter() - epoch_ended)  # the correction times steps, not epoch ends
 
         summary = {"run_dir": str(run_dir), "best_epoch": progress.best_epoch, "best_val_dice": progress.best_metric,
                    "epochs": len(progress.history), "data_dir": config.data_dir, "synthetic": on_synthetic,
@@ -1058,10 +1045,8 @@ def budget_summary(pace: budget.Pace, config: TrainConfig, history: list[dict], 
     plan = pace.plan or {}
     done = min(pace.total_steps, len(history) * steps_per_epoch)
     return {"minutes": config.minutes, "used_minutes": round(pace.used_seconds() / 60, 3),  # the budget's own clock
-            "planned_steps": plan.get("planned_steps", plan.get("total_steps")), "done_steps": done,
-            "first_planned_steps": plan.get("first_total_steps", plan.get("planned_steps", plan.get("total_steps"))),
-            "step_seconds": plan.get("step_seconds"), "epoch_end_seconds": plan.get("epoch_end_seconds"),
-            "overrun": bool(plan.get("overrun"))}
+            "planned_steps": plan.get("planned_steps", plan.get("total_steps")), "done_steps": done, "step_seconds": plan.get("step_seconds"),
+            "epoch_end_seconds": plan.get("epoch_end_seconds"), "overrun": bool(plan.get("overrun"))}
 
 
 # What a 2-core CPU reaches in a short budget (results/budgets.csv); printed when a CPU run will take long.

@@ -42,50 +42,6 @@ def test_pace_measures_a_window_of_steps_then_decides():
     assert set(plan) >= {"minutes", "total_steps", "step_seconds", "epoch_end_seconds"}
 
 
-def test_the_plan_is_corrected_once_from_the_steps_after_it(monkeypatch):
-    # the window timed 0.5 s a step (a slow start); the steps after the decision take 0.4 s: the budget
-    # holds more of them, and the correction is made once
-    clock = [0.0]
-    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
-    pace = budget.Pace(minutes=10, steps_per_epoch=100, max_steps=10_000)
-    pace.restart()
-    for step in range(1, 16):
-        clock[0] += 0.5
-        if pace.observe(step, 100, sync=lambda: None):
-            break
-    assert pace.step_seconds == 0.5
-    first = pace.decide(step, epoch_end_seconds=10.0)["total_steps"]
-    assert first == budget.fit_steps(600, clock[0], step, 0.5, 10.0, 100, 10_000)
-    assert pace.refit(step + budget.REFIT_MIN_STEPS) is None  # too few steps to judge by yet
-    for _ in range(step, 100):
-        clock[0] += 0.4
-    assert pace.refit(100) is None  # 85 steps: not yet a tenth of the 1000 planned
-    clock[0] += 12.0  # epoch 1's end: validation and writes, left out of the step time
-    pace.exclude(12.0)
-    for _ in range(100, 200):
-        clock[0] += 0.4
-    plan = pace.refit(200)
-    assert plan["first_total_steps"] == first == 1000 and plan["refit_at_step"] == 200
-    assert plan["step_seconds"] == pytest.approx(0.4) and plan["epoch_end_seconds"] == 12.0  # the real one
-    # 93.5 s spent (7.5 + 185 x 0.4 + 12); (600 - 93.5 - 12 x (e - 1)) / 0.4 steps more with e epochs
-    assert plan["total_steps"] == budget.fit_steps(600, clock[0], 200, 0.4, 12.0, 100, 10_000)
-    assert plan["total_steps"] == 1136  # 12 epochs, the last one ending 64 steps early
-    clock[0] += 100.0
-    assert pace.refit(300) is None and pace.plan["total_steps"] == plan["total_steps"]  # once
-
-
-def test_a_correction_after_a_resumption_times_only_this_sessions_steps(monkeypatch):
-    clock = [1000.0]
-    monkeypatch.setattr(budget.time, "perf_counter", lambda: clock[0])
-    plan = {"minutes": 10, "total_steps": 400, "step_seconds": 1.0, "epoch_end_seconds": 10.0, "decided_at_step": 15}
-    pace = budget.Pace(10, steps_per_epoch=100, max_steps=10_000, plan=plan, used_seconds=300.0)
-    pace.restart(250)  # resumed mid-epoch 3 of a plan not corrected yet
-    clock[0] += 50 * 0.5
-    refit = pace.refit(300)
-    assert refit["step_seconds"] == pytest.approx(0.5)
-    assert refit["total_steps"] == budget.fit_steps(600, 325.0, 300, 0.5, 10.0, 100, 10_000)
-
-
 def test_a_short_first_epoch_closes_the_window_at_its_end():
     pace = budget.Pace(minutes=1.0, steps_per_epoch=2, max_steps=100)
     assert not pace.observe(1, 2, sync=lambda: None)
@@ -155,29 +111,25 @@ def signal_after(polls: int):
 
 @pytest.mark.parametrize("ema", [None, "0.9"])
 def test_preempted_budget_run_resumes_to_the_uninterrupted_weights(isic_folder, tmp_path, monkeypatch, ema):
-    """The plan is decided, corrected once, and stored: a run stopped mid-epoch and resumed follows it to the
-    same last step and the same weights, even where a new measurement would plan otherwise."""
+    """The plan is decided once and stored: a run stopped mid-epoch and resumed follows it to the same last
+    step and the same weights, even where a new measurement would plan otherwise."""
     plain = train.Preemption
-    # 11 steps an epoch: the window closes at the end of epoch 1 (step 11) and plans 60 steps; the
-    # correction, at the first epoch end 24 steps later (step 44), makes it 50. Each run asks for both;
-    # the resumed run must ask for neither.
-    planned = iter([60, 50, 60, 50, 5, 5])
+    planned = iter([23, 23, 5])  # uninterrupted, preempted, (a re-decision on resume must not happen)
     monkeypatch.setattr(budget, "fit_steps", lambda *a, **k: next(planned))
     extra = ["--minutes", "5", "--epochs", "1000", "--batch-size", "1"] + (["--ema", ema] if ema else [])
     whole = train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "whole"))
-    assert (whole["budget"]["first_planned_steps"], whole["budget"]["done_steps"]) == (60, 50)
+    assert whole["budget"]["done_steps"] == 23
 
-    monkeypatch.setattr(train, "Preemption", signal_after(4 * 12 + 5))  # epoch 5, step 5 (11 steps and an end-of-epoch poll an epoch)
+    monkeypatch.setattr(train, "Preemption", signal_after(17))  # epoch 2, step 5 (11 steps and one end-of-epoch poll in epoch 1)
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut"))
     assert stopped.value.code == 128 + 10
     checkpoint = utils.load_checkpoint(tmp_path / "cut" / "last.pt")
-    assert (checkpoint["epoch"], checkpoint["step"]) == (4, 5)
-    assert checkpoint["budget_plan"]["total_steps"] == 50 and checkpoint["budget_plan"]["refit_at_step"] == 44
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 5) and checkpoint["budget_plan"]["total_steps"] == 23
 
     monkeypatch.setattr(train, "Preemption", plain)
     resumed = train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut", "--resume", "auto"))
-    assert resumed["budget"]["planned_steps"] == 50
+    assert resumed["budget"]["planned_steps"] == 23
     assert_same_weights(weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
     if ema:
         saved = utils.load_checkpoint(tmp_path / "cut" / "last.pt")
