@@ -21,7 +21,7 @@ import re
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -32,7 +32,9 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import dataset
+import devices
 import loader
+import losses
 import modules
 import utils
 
@@ -151,7 +153,7 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # variant name -> 
 
 def amp_name(hw) -> str | None:
     """The dtype train.py's --amp auto trains in on this hardware, as a variant name (None: no autocast)."""
-    dtype = utils.amp_dtype("auto", hw)
+    dtype = devices.amp_dtype("auto", hw)
     return next((name for name, d in AMP_DTYPES.items() if d == dtype), None)
 
 
@@ -167,18 +169,23 @@ class Variant:
 
 
 def variants_for(model: str, hw, quick: bool, compile: bool = True) -> list[Variant]:
-    """What to time for one model on this hardware (utils.hardware: device type, amp dtype, compile support)."""
-    if hw.device.type != "cuda":
-        # ours: NCHW as train.py trains on CPU, channels-last as predict.py infers; peers as their users run them
-        return [Variant(), Variant(channels_last=True)] if model in ("ours-batch", "ours-instance") else [Variant()]
+    """What to time for one model on this hardware (devices.hardware: device type, amp dtype, compile support)."""
     amp = amp_name(hw)
+    if not hw.is_cuda:
+        # ours: both memory formats, in fp32 and in the CPU's native bf16 where it has one (what train.py's --amp
+        # auto picks); peers as their users run them
+        if model not in ("ours-batch", "ours-instance"):
+            return [Variant()]
+        return [Variant(dtype, cl) for dtype in ["fp32"] + ([amp] if amp else []) for cl in (False, True)]
     mixed = (lambda cl: [Variant(amp, cl)]) if amp else (lambda cl: [])
     compiled = [Variant(amp or "fp32", True, compile=True)] if compile and hw.can_compile else []
     if model == "ours-batch":  # fp32 (TF32) against mixed precision, and what compiling adds
         return ([] if quick else [Variant()]) + [Variant(channels_last=True)] + mixed(True) + compiled
     if model == "ours-instance":
-        # both memory formats: whether channels-last pays with instance norm (GroupNorm kernels) on this GPU
-        return ([] if quick else [Variant(), Variant(channels_last=True)]) + mixed(False) + mixed(True)
+        # both memory formats: whether channels-last pays with instance norm (GroupNorm kernels) on this GPU, and
+        # compiled as train.py --compile runs the default model (NCHW)
+        compiled = [Variant(amp or "fp32", False, compile=True)] if compile and hw.can_compile else []
+        return ([] if quick else [Variant(), Variant(channels_last=True)]) + mixed(False) + mixed(True) + compiled
     if model == "ours-plain":
         return ([] if quick else [Variant()]) + mixed(False)
     if model.startswith("ours"):
@@ -228,7 +235,7 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
-        if self.device.type == "cuda":
+        if devices.hardware(self.device).is_cuda:  # CUDA counts its own allocations; the CPU has only the RSS
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
@@ -242,7 +249,7 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        if self.device.type == "cuda":
+        if devices.hardware(self.device).is_cuda:
             torch.cuda.synchronize(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
@@ -260,10 +267,7 @@ class PeakMemory:
 
 
 def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+    devices.hardware(device).synchronize()
 
 
 CLOCK: Callable[[], float] = time.perf_counter  # run() switches to time.process_time for --clock cpu
@@ -271,7 +275,7 @@ CLOCK: Callable[[], float] = time.perf_counter  # run() switches to time.process
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype = torch.float32) -> float:
     """FLOP/s of one large square matmul (2048 on CPU, 8192 on CUDA), best of three."""
-    n = 8192 if device.type == "cuda" else 2048
+    n = 8192 if devices.hardware(device).is_cuda else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
@@ -305,7 +309,7 @@ def count_flops(name: str, size: int) -> dict[str, float]:
     scale = (size / side) ** 2 / 2
     torch.manual_seed(0)
     model = MODELS[name][0](False)
-    loss_fn = utils.SegmentationLoss("dice")
+    loss_fn = losses.SegmentationLoss("dice")
     x = torch.randn(2, 3, side, side)
 
     def train_flops() -> float:
@@ -335,9 +339,10 @@ class Runner:
             self.eager = self.eager.to(memory_format=torch.channels_last)
         self.model = torch.compile(self.eager) if variant.compile else self.eager
         # the training run's optimizer and loss (train.py: Adam, weight decay 1e-5, Dice)
+        hw = devices.hardware(device)
         self.optimizer = torch.optim.Adam(self.eager.parameters(), lr=1e-3, weight_decay=1e-5,
-                                          fused=device.type in ("cpu", "cuda"))
-        self.loss_fn = utils.SegmentationLoss("dice")
+                                          fused=hw.fused_optimizer)
+        self.loss_fn = losses.SegmentationLoss("dice")
         g = torch.Generator().manual_seed(size)
         b = config.batch_size
         self.x = torch.randn(b, 3, size, size, generator=g).to(device)
@@ -345,9 +350,8 @@ class Runner:
         if variant.channels_last:
             self.x = self.x.contiguous(memory_format=torch.channels_last)
         dtype = AMP_DTYPES.get(variant.dtype)
-        self.autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-        # as train.py: loss scaling only for fp16 (bf16 has float32's exponent range)
-        self.scaler = torch.amp.GradScaler(device.type) if variant.dtype == "fp16" else None
+        self.autocast = hw.autocast(dtype)()
+        self.scaler = hw.grad_scaler(dtype)  # as train.py: loss scaling only for fp16
         self.train_times: list[float] = []
         self.infer_times: list[float] = []
 
@@ -399,7 +403,7 @@ def release(device: torch.device) -> None:
     keeps, and its peak counter. torch.compile's graphs stay cached: they hold no weights, and phase 2's
     fresh model of the same class reuses them instead of compiling again for a minute."""
     gc.collect()
-    if device.type == "cuda":
+    if devices.hardware(device).is_cuda:
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -407,15 +411,14 @@ def release(device: torch.device) -> None:
 
 @contextmanager
 def cuda_settings(device: torch.device):
-    """The backend flags train.py's setup_device sets on CUDA (without --deterministic): cuDNN picks the
-    fastest algorithm per shape, float32 matmuls and convolutions run on TF32 tensor cores. Restored after."""
-    if device.type != "cuda":
+    """The backend flags train.py sets on CUDA (devices.configure_backends, without --deterministic): cuDNN picks
+    the fastest algorithm per shape, float32 matmuls and convolutions run on TF32 tensor cores. Restored after."""
+    hw = devices.hardware(device)
+    if not hw.is_cuda:
         yield
         return
     saved = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cudnn.benchmark = True
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    devices.configure_backends(hw)
     try:
         yield
     finally:
@@ -489,7 +492,7 @@ def measure_data_pipeline(size: int, config: BenchConfig, device: torch.device) 
         masks=rng.integers(0, 2, (n, size, size), dtype=np.uint8),
     )
     batches = loader.make_loader(split, config.batch_size, (0.6, 0.5, 0.4), (0.2, 0.2, 0.2), device=device,
-                                 train=True, seed=0)
+                                 train=True, seed=0, augment=loader.AUGMENT_PRESETS[loader.DEFAULT_AUGMENT])
     per_image = []
     for epoch in range(config.warmup + config.repeats):
         batches.set_epoch(epoch)
@@ -504,17 +507,17 @@ def measure_data_pipeline(size: int, config: BenchConfig, device: torch.device) 
 
 
 def resolve_device(name: str) -> torch.device:
-    """--device as utils.select_device normalises it (cuda -> cuda:N); "auto" is cuda > cpu (not MPS, whose
+    """--device as devices.select_device normalises it (cuda -> cuda:N); "auto" is cuda > cpu (not MPS, whose
     memory this benchmark cannot measure)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return utils.select_device(name)
+    return devices.select_device(name)
 
 
 def describe_device(hw, device: torch.device) -> str:
-    if device.type == "cuda":
+    if hw.capability is not None:
         return f"{hw.name} (compute capability {hw.capability[0]}.{hw.capability[1]})"
-    return utils.device_name(device)
+    return devices.device_name(device)
 
 
 def _first_line(err: BaseException) -> str:
@@ -547,8 +550,8 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
     """Every model in every variant at every size. `save` gets the report so far after each size, so that a
     crash (out of memory at the largest size, say) keeps the rows already finished."""
     device = resolve_device(config.device)
-    hw = utils.hardware(device)
-    steps = config.steps or (10 if device.type == "cuda" else 1)
+    hw = devices.hardware(device)
+    steps = config.steps or (10 if hw.is_cuda else 1)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     global CLOCK
@@ -560,12 +563,12 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
     for name, why in skipped.items():
         log(f"skipping {name}: {why}")
     plan = [(n, v) for n in names for v in variants_for(n, hw, config.quick, config.compile)]
-    amp = amp_name(hw) if device.type == "cuda" else None
-    peak = peak_tflops(hw.name) if device.type == "cuda" else None
+    amp = amp_name(hw)
+    peak = peak_tflops(hw.name) if hw.is_cuda else None
     idle_check = utils.OtherCpu()
     time.sleep(1.0)
     other_before = idle_check.share()
-    if device.type == "cpu" and other_before is not None and other_before > NOISY_OTHER_CPU:
+    if hw.is_cpu and other_before is not None and other_before > NOISY_OTHER_CPU:
         log(f"warning: other processes are using {other_before:.0%} of the CPU: wall-clock figures will be noisy "
             "(--threads 1 --clock cpu measures this process's CPU time instead)")
     during = utils.OtherCpu()
@@ -575,13 +578,13 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": describe_device(hw, device), "device_index": str(device), "device_type": device.type,
         "capability": list(hw.capability) if hw.capability else None, "torch": torch.__version__,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "cuda": torch.version.cuda if hw.is_cuda else None,
         "threads": torch.get_num_threads(), "python": platform.python_version(),
         "config": asdict(config), "steps_per_round": steps, "amp": amp,
         "peak_tflops": {"tflops": peak[0], "dtype": peak[1]} if peak else None,
-        # the variant train.py trains its default (instance norm) model in here, from the same utils.hardware
+        # the variant train.py trains its default (instance norm) model in here, from the same devices.hardware
         "train_default": {"model": "ours-instance",
-                          "variant": Variant(amp or "fp32", hw.channels_last("instance")).name},
+                          "variant": Variant(amp or "fp32", hw.channels_last("instance", dtype=hw.amp_dtype)).name},
         "malloc_tuned": False, "skipped": skipped, "failed": failed,
         "other_cpu_before": other_before, "other_cpu_during": None,
         "peers": {p: package_version(p) for p in ("monai", "segmentation_models_pytorch")},
@@ -608,8 +611,8 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
         # alive: each model is freed before the next is built. Blocks of 64 KiB and more are mmapped on the CPU
         # while it runs, so that memory freed by one model leaves the resident set and the next model's growth is
         # its own (glibc otherwise keeps blocks below its adaptive threshold in the heap)
-        measurable_rss = device.type == "cpu" and utils.mallopt(utils.M_MMAP_MAX, utils.DEFAULT_MMAP_MAX) \
-            and utils.mallopt(utils.M_MMAP_THRESHOLD, 64 << 10)
+        measurable_rss = hw.is_cpu and devices.mallopt(devices.M_MMAP_MAX, devices.DEFAULT_MMAP_MAX) \
+            and devices.mallopt(devices.M_MMAP_THRESHOLD, 64 << 10)
         flops, memory = {}, {}
         for size in config.sizes:
             for name, variant in plan:
@@ -625,10 +628,10 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
                 finally:
                     runner = None
                     release(device)
-        if config.tune_malloc and device.type == "cpu":
-            meta["malloc_tuned"] = utils.tune_glibc_malloc()
+        if config.tune_malloc and hw.is_cpu:
+            meta["malloc_tuned"] = devices.tune_glibc_malloc()
         elif measurable_rss:
-            utils.mallopt(utils.M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
+            devices.mallopt(devices.M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
 
         # phase 2, per size: timed rounds, every model once per round, so that load from other processes
         # hits all of them alike
@@ -649,7 +652,7 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
             data_ips = measure_data_pipeline(size, config, device)
             data.append({"size": size, "images_per_s": data_ips})
             for r in runners:
-                share = kernel_time_share(r) if config.breakdown and device.type == "cpu" else None
+                share = kernel_time_share(r) if config.breakdown and hw.is_cpu else None
                 step = statistics.median(r.train_times)
                 entry = {
                     "model": r.name, "variant": r.variant.name, "size": size, "description": MODELS[r.name][2],
@@ -883,7 +886,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(config.out)
     try:
         report = run(config, save=lambda partial: write_report(partial, out))
-    except utils.DeviceError as err:  # a GPU this PyTorch build has no kernels for: the message says what to install
+    except devices.DeviceError as err:  # a GPU this PyTorch build has no kernels for: the message says what to install
         print(f"benchmark.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     print(markdown(report))

@@ -17,8 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import checkpoint
 import predict
-import utils
 
 SCORES = ("dice", "threshold_jaccard", "jaccard")
 
@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     try:
         summary = summarise([Path(r) for r in args.runs], args.device)
-    except (CrossValidationError, predict.PredictError, utils.CheckpointError) as err:
+    except (CrossValidationError, predict.PredictError, checkpoint.CheckpointError) as err:
         print(f"crossval.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     out = Path(args.output) if args.output else Path(args.runs[0]).parent

@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-import utils
+import devices
 
 
 CACHE_FORMAT = "isic-cache/1"  # bump when the cache layout or the preprocessing changes
@@ -647,7 +647,7 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
     log(f"data: {data_dir}: {description}")
     cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir(data_dir)
     folder = cache_root / f"size{size}"
-    workers = config.num_workers or utils.usable_cpus()  # the job's CPUs, not the whole node's
+    workers = config.num_workers or devices.usable_cpus()  # the job's CPUs, not the whole node's
     out: dict[str, CachedSplit] = {}
     with _locked(folder):
         manifest_path = folder / "manifest.json"

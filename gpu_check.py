@@ -32,7 +32,8 @@ from typing import Callable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-import utils
+import checkpoint
+import devices
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("tests", "benchmark", "resume", "predict")
@@ -160,11 +161,12 @@ def benchmark_figures(report: dict) -> dict:
                    None)
     if verdict:
         figures["memory_format"] = verdict
-    by_variant = {e["variant"]: e for e in rows if e["model"] == "ours-batch" and e["size"] == size}
-    compiled = next((e for v, e in by_variant.items() if v.endswith("-compile")), None)
-    if compiled and compiled["variant"].removesuffix("-compile") in by_variant:
-        eager = by_variant[compiled["variant"].removesuffix("-compile")]
-        figures["compile_speedup"] = compiled["train_images_per_s"] / eager["train_images_per_s"]
+    for model, key in (("ours-batch", "compile_speedup"), ("ours-instance", "compile_speedup_instance")):
+        by_variant = {e["variant"]: e for e in rows if e["model"] == model and e["size"] == size}
+        compiled = next((e for v, e in by_variant.items() if v.endswith("-compile")), None)
+        if compiled and compiled["variant"].removesuffix("-compile") in by_variant:
+            eager = by_variant[compiled["variant"].removesuffix("-compile")]
+            figures[key] = compiled["train_images_per_s"] / eager["train_images_per_s"]
     return figures
 
 
@@ -248,7 +250,7 @@ def stage_resume(config: CheckConfig, out: Path) -> StageResult:
     if stopped != PREEMPTED or not (run / "last.pt").exists():
         return StageResult("resume", False, 0.0, f"the interrupted run gave {status_text(stopped)}, expected "
                            f"{PREEMPTED} (SIGUSR1) and last.pt", str(log))
-    saved = utils.load_checkpoint(run / "last.pt")
+    saved = checkpoint.load_checkpoint(run / "last.pt")
     where = (saved["epoch"], saved["step"])
     resumed = run_command([sys.executable, "train.py", *common, "--name", "gpu-check-train", "--resume", "auto"], log,
                           timeout, env)
@@ -256,8 +258,8 @@ def stage_resume(config: CheckConfig, out: Path) -> StageResult:
     if resumed != 0 or whole != 0:
         return StageResult("resume", False, 0.0, f"the resumed run gave {status_text(resumed)}, the uninterrupted one "
                            f"{status_text(whole)}", str(log))
-    difference = max_weight_difference(utils.load_checkpoint(run / "last.pt")["model"],
-                                       utils.load_checkpoint(runs / "gpu-check-reference" / "last.pt")["model"])
+    difference = max_weight_difference(checkpoint.load_checkpoint(run / "last.pt")["model"],
+                                       checkpoint.load_checkpoint(runs / "gpu-check-reference" / "last.pt")["model"])
     dice = final_val_dice(run), final_val_dice(runs / "gpu-check-reference")
     mid_epoch = 0 < where[1] < STEPS_PER_EPOCH
     passed = mid_epoch and difference <= RESUME_ATOL
@@ -307,6 +309,7 @@ def build_summary(gpu: dict, results: list[StageResult], total_s: float) -> dict
             f"{bench['size']} px, batch {bench['batch_size']}", "mfu": bench.get("mfu"),
             "peak_tflops": bench.get("peak_tflops"), "peak_memory_mb": bench.get("peak_memory_mb"),
             "memory_format": bench.get("memory_format"), "compile_speedup": bench.get("compile_speedup"),
+            "compile_speedup_instance": bench.get("compile_speedup_instance"),
             "isic_epoch_s": bench["isic_epoch_s"],
         }
     return {
@@ -340,8 +343,8 @@ def markdown(summary: dict) -> str:
         f" of the dense {peak['dtype']} peak, {peak['tflops']:g} TFLOP/s" if peak else "")
     if f.get("train_images_per_s") and f.get("mfu") is None:
         mfu = "n/a (this GPU's peak is not in benchmark.py's table)"
-    speedup = f.get("compile_speedup")
-    compile_text = "n/a" if speedup is None else f"{speedup:.2f}x the eager training speed"
+    def compile_text(speedup: float | None) -> str:
+        return "n/a" if speedup is None else f"{speedup:.2f}x the eager training speed"
     rows = [
         ("GPU", f"{summary['gpu']}, compute capability {summary['capability']}"),
         ("PyTorch", f"{summary['torch']} (CUDA {summary['cuda']}, cuDNN {summary['cudnn']})"),
@@ -351,7 +354,8 @@ def markdown(summary: dict) -> str:
         ("Peak memory of a training step",
          "n/a" if f.get("peak_memory_mb") is None else f"{f['peak_memory_mb']:,.0f} MB"),
         ("Memory format with instance norm", _verdict_text(f.get("memory_format"))),
-        ("torch.compile (ours-batch)", compile_text),
+        ("torch.compile (ours-batch, NHWC)", compile_text(f.get("compile_speedup"))),
+        ("torch.compile (ours-instance, the default model, NCHW)", compile_text(f.get("compile_speedup_instance"))),
         ("Resume after SIGUSR1", check("resume")),
         ("Prediction", check("predict")),
         ("GPU tests (pytest -m gpu)", check("tests")),
@@ -409,8 +413,8 @@ def gpu_info(config: CheckConfig) -> dict:
               "here (on a CPU, run the test suite: python -m pytest)", file=sys.stderr)
         raise SystemExit(2)
     try:
-        hw = utils.hardware(utils.select_device(config.device))
-    except (ValueError, utils.DeviceError) as err:
+        hw = devices.hardware(devices.select_device(config.device))
+    except (ValueError, devices.DeviceError) as err:
         print(f"gpu_check.py: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     return {"gpu": hw.name, "capability": f"{hw.capability[0]}.{hw.capability[1]}", "device": str(hw.device),

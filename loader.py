@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import dataset
+import devices
 
 
 @dataclass
@@ -46,6 +47,7 @@ AUGMENT_PRESETS = {
     "full": AugmentConfig(),
 }
 
+DEFAULT_AUGMENT = "flips"  # what train.py trains with unless --augment says otherwise (benchmark.py times it)
 
 def _mix_seed(*parts: int) -> int:
     digest = hashlib.sha256("/".join(str(int(p)) for p in parts).encode()).digest()
@@ -68,8 +70,8 @@ def _affine_grid(theta: torch.Tensor, size: int) -> torch.Tensor:
 class Draws:
     """One batch's random choices, made on the CPU from one generator, so they do not depend on the device.
 
-    affine, flip_x and turns steer Python code and stay on the host; todo, theta and jitter are what
-    the device computes with (moved there by to_device, or by BatchLoader once per epoch).
+    affine, flip_x and turns steer Python code and stay on the host; todo, theta, jitter and symmetry are
+    what the device computes with (moved there by to_device, or by BatchLoader once per epoch).
     """
 
     affine: torch.Tensor  # bool (B,): resampled through the rotation/zoom grid
@@ -78,13 +80,14 @@ class Draws:
     todo: torch.Tensor  # int64 (N,): the indices of the resampled samples
     theta: torch.Tensor  # float32 (N, 2, 3): their affine_grid matrices
     jitter: torch.Tensor  # float32 (B, 3): brightness, contrast, saturation draws in [-1, 1]
+    symmetry: torch.Tensor  # int64 (B,): flip + 2 x turns of the samples not resampled (0: left as they are)
 
     def device_parts(self) -> list[torch.Tensor]:
-        return [self.todo, self.theta, self.jitter]
+        return [self.todo, self.theta, self.jitter, self.symmetry]
 
     def with_device_parts(self, parts: list[torch.Tensor]) -> Draws:
-        todo, theta, jitter = parts
-        return Draws(self.affine, self.flip_x, self.turns, todo, theta, jitter)
+        todo, theta, jitter, symmetry = parts
+        return Draws(self.affine, self.flip_x, self.turns, todo, theta, jitter, symmetry)
 
 
 def draw_augmentation(b: int, generator: torch.Generator, cfg: AugmentConfig) -> Draws:
@@ -101,24 +104,39 @@ def draw_augmentation(b: int, generator: torch.Generator, cfg: AugmentConfig) ->
     cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
     theta = torch.zeros(len(todo), 2, 3)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = cos * fx, -sin, sin * fx, cos
-    return Draws(affine, flip_x, turns, todo, theta, u[:, 5:8] * 2 - 1)
+    symmetry = (flip_x.long() + 2 * turns) * (~affine)  # the resampled ones get theirs inside theta
+    return Draws(affine, flip_x, turns, todo, theta, u[:, 5:8] * 2 - 1, symmetry)
 
 
 def to_device(groups: list[list[torch.Tensor]], device: torch.device) -> list[list[torch.Tensor]]:
     """The same tensors on `device`, moved with one host-to-device copy.
 
-    They are flattened into one float32 buffer (pinned on CUDA, so the copy does not stall the host),
-    copied, and cut back into their shapes and dtypes; integers must stay below 2^24, which float32
-    holds exactly. A copy per tensor and step would each wait for the device.
+    They are flattened into one float32 buffer, copied as devices.copy_to decides (pinned and
+    asynchronous to CUDA only), and cut back into their shapes and dtypes; integers must stay below
+    2^24, which float32 holds exactly. A copy per tensor and step would each wait for the device.
     """
     flat = [t for group in groups for t in group]
-    if device.type == "cpu" or not flat:
+    hw = devices.hardware(device)
+    if hw.is_cpu or not flat:
         return groups
-    buffer = torch.cat([t.reshape(-1).float() for t in flat])
-    if device.type == "cuda":
-        buffer = buffer.pin_memory()
-    parts = iter(buffer.to(device, non_blocking=True).split([t.numel() for t in flat]))
+    buffer = devices.copy_to(torch.cat([t.reshape(-1).float() for t in flat]), hw)
+    parts = iter(buffer.split([t.numel() for t in flat]))
     return [[next(parts).view(t.shape).to(t.dtype) for t in group] for group in groups]
+
+
+def symmetry_index(flip_x: torch.Tensor, turns: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, S*S) source pixel of each output pixel for a left-right flip then `turns` quarter turns of a
+    square (torch.rot90 over (H, W)): one gather then applies each sample's own symmetry, in one op for
+    the whole batch instead of a flip and a rot90 per sample."""
+    row = torch.arange(size, device=turns.device).view(1, size, 1).expand(len(turns), size, size)  # output (i, j)
+    col = torch.arange(size, device=turns.device).view(1, 1, size).expand(len(turns), size, size)
+    k = turns.view(-1, 1, 1) % 4
+    last = size - 1
+    # rot90 by k: out[i, j] = in[src_i, src_j]
+    src_i = torch.where(k == 0, row, torch.where(k == 1, col, torch.where(k == 2, last - row, last - col)))
+    src_j = torch.where(k == 0, col, torch.where(k == 1, last - row, torch.where(k == 2, last - col, row)))
+    src_j = torch.where(flip_x.view(-1, 1, 1), last - src_j, src_j)  # the flip comes first, on the input
+    return (src_i * size + src_j).reshape(len(turns), size * size)
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,15 +168,10 @@ def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: Draws, 
     """
     b, s = images.shape[0], images.shape[1]
     if cfg.flips and not draws.affine.all():
-        # samples without a resampling step get their flip and turn as exact uint8 copies
-        plain = (~draws.affine).nonzero().flatten().tolist()
-        images, masks = images.clone(), masks.clone()
-        for i in plain:
-            img, msk = images[i], masks[i]
-            if draws.flip_x[i]:
-                img, msk = img.flip(1), msk.flip(1)
-            k = int(draws.turns[i])
-            images[i], masks[i] = torch.rot90(img, k, (0, 1)), torch.rot90(msk, k, (0, 1))
+        # samples without a resampling step get their flip and turn as exact uint8 copies: one gather
+        index = symmetry_index(draws.symmetry % 2 == 1, draws.symmetry // 2, s)  # (B, S*S), on the device
+        images = images.reshape(b, s * s, -1).gather(1, index[:, :, None].expand(-1, -1, images.shape[-1]))
+        images, masks = images.view(b, s, s, -1), masks.reshape(b, s * s).gather(1, index).view(b, s, s)
     x = images.permute(0, 3, 1, 2).contiguous().float()  # (B, 3, S, S), 0-255
     m = masks[:, None].float()  # (B, 1, S, S)
 
@@ -204,10 +217,8 @@ class BatchLoader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and self.device.index is None:
-            # "cuda" means the current GPU, and tensors there report cuda:N
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = devices.normalize(device)  # "cuda" means the current GPU, and tensors there report cuda:N
+        self.hw = devices.hardware(self.device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
         self.augment = (augment or AugmentConfig()) if train else None
@@ -231,15 +242,17 @@ class BatchLoader:
     def _place(self, split: dataset.CachedSplit, keep_on_device) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(images, masks, whether they are on the device) of the cache."""
         images, masks = (torch.from_numpy(a if a.flags.writeable else a.copy()) for a in (split.images, split.masks))
-        if self.device.type == "cuda":
+        if self.hw.is_cpu:
+            return images, masks, True
+        if self.hw.is_cuda:
             need = images.nbytes + masks.nbytes
             fits = keep_on_device is True or (
                 keep_on_device == "auto" and need < 0.4 * torch.cuda.mem_get_info(self.device)[0])
-            if fits:
-                return images.to(self.device), masks.to(self.device), True
-        elif self.device.type != "cpu" and keep_on_device is not False:
+        else:  # MPS: unified memory, the cache costs no copy there
+            fits = keep_on_device is not False
+        if fits:
             return images.to(self.device), masks.to(self.device), True
-        return images, masks, self.device.type == "cpu"
+        return images, masks, False
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Fix the epoch (shuffle and augmentation follow from seed, epoch, rank); start_batch resumes mid-epoch."""
@@ -263,12 +276,13 @@ class BatchLoader:
         """uint8 images and masks of the samples idx (on the cache's device) as a batch on the device."""
         if self.on_device:
             return self.images[idx], self.masks[idx]
-        pin = self.device.type == "cuda"
+        pin = self.hw.pin_memory
         img = torch.empty((len(idx), *self.images.shape[1:]), dtype=torch.uint8, pin_memory=pin)
         msk = torch.empty((len(idx), *self.masks.shape[1:]), dtype=torch.uint8, pin_memory=pin)
         torch.index_select(self.images, 0, idx, out=img)
         torch.index_select(self.masks, 0, idx, out=msk)
-        return img.to(self.device, non_blocking=True), msk.to(self.device, non_blocking=True)
+        # asynchronous only from these pinned buffers to CUDA (Hardware.non_blocking)
+        return img.to(self.device, non_blocking=self.hw.non_blocking), msk.to(self.device, non_blocking=self.hw.non_blocking)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order = self.indices()
@@ -284,7 +298,7 @@ class BatchLoader:
         for pick, draw, moved in zip(picks, draws, to_device(needs, self.device)):
             images, masks = self._fetch(moved[0] if self.on_device else pick)
             if draw is not None:
-                yield apply_augmentation(images, masks, draw.with_device_parts(moved[-3:]), self.augment,
+                yield apply_augmentation(images, masks, draw.with_device_parts(moved[-4:]), self.augment,
                                          self.mean_t, self.std_t)
             else:
                 yield dataset.normalize(images, self.mean_t, self.std_t), masks[:, None].float()

@@ -2,8 +2,7 @@
 
 The metrics follow the official scorer (`isic-challenge-scoring`, SegmentationScore): a confusion
 matrix per image, six metrics per image with its conventions, then the plain mean over images;
-each per-image ratio is float32 (within 2e-7 of the scorer's float64) on every device. utils.py
-re-exports everything here, so `utils.dice_loss` and `losses.dice_loss` are the same function.
+each per-image ratio is float32 (within 2e-7 of the scorer's float64) on every device.
 """
 
 from __future__ import annotations
@@ -98,7 +97,7 @@ class SegmentationLoss(nn.Module):
 
 def _confusion_counts(pred: torch.Tensor, target: torch.Tensor):
     """True positives, false positives and false negatives per row of (B, N) boolean masks."""
-    if pred.device.type == "cpu":
+    if pred.device.type == "cpu":  # where the tensor is, not a device decision: numpy can read it there
         # numpy's count_nonzero on bool is about 15x faster than torch's sum at full image size
         p, t = pred.numpy(), target.numpy()
         tp = np.count_nonzero(p & t, axis=1)

@@ -24,7 +24,7 @@ import time
 import warnings
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,10 +35,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
 import dataset
+import devices
+import losses
 import utils
 
-METRICS = utils.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
+METRICS = losses.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
 ISIC_ID = re.compile(r"ISIC_\d{7}")
 MASK_SUFFIX = re.compile(r"_segmentation$", re.IGNORECASE)  # ISIC 2016/2017 wrote _Segmentation
 
@@ -108,7 +111,7 @@ def main(argv=None) -> PredictResult:
         parser.error("; ".join(problems))
     try:
         result = run(config)
-    except (PredictError, utils.CheckpointError, dataset.DataError) as err:
+    except (PredictError, checkpoint.CheckpointError, dataset.DataError) as err:
         print(f"predict.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if result.failures:
@@ -146,12 +149,12 @@ def latest_checkpoint(runs_dir: str | Path) -> Path:
 def load_model(path: str | Path, device: torch.device) -> LoadedModel:
     """Rebuild the network from a checkpoint: architecture, weights, normalisation and image size."""
     path = Path(path)
-    state = utils.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
-    model, image_size, mean, std = utils.model_from_checkpoint(state, path)
+    state = checkpoint.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
+    model, image_size, mean, std = checkpoint.model_from_checkpoint(state, path)
     # the inference memory format of the device: channels-last on CUDA (cuDNN's bf16 kernels are NHWC) and on CPU
     # (oneDNN's NHWC forward is 4-14% faster at 128-256 px, for either norm), NCHW on MPS
     norm = state["model_config"].get("norm", "instance")
-    channels_last = utils.hardware(device).channels_last(norm, training=False)
+    channels_last = devices.hardware(device).channels_last(norm, training=False)
     model.eval().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
@@ -208,10 +211,10 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: boo
     """Lesion probabilities in [0, 1], float32 (B, S, S), for normalised images float32 (B, 3, S, S).
 
     With tta, the mean over the image and its horizontal, vertical and double flip (each mapped back).
-    The network runs under autocast to `amp` when given (utils.amp_dtype chooses it); the sigmoid and the
+    The network runs under autocast to `amp` when given (devices.amp_dtype chooses it); the sigmoid and the
     mean run in float32.
     """
-    autocast = torch.autocast(images.device.type, dtype=amp) if amp is not None else nullcontext()
+    autocast = devices.hardware(images.device).autocast(amp)()
     flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
     total = None
     for dims in flips:
@@ -226,8 +229,12 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: boo
 
 
 def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """A probability map (S, S) resized to the original (H, W), bilinear (antialiased when shrinking)."""
+    """A probability map (S, S) resized to the original (H, W), bilinear (antialiased when shrinking).
+
+    Where the device has no antialiased resize (MPS before PyTorch 2.7) a shrink runs on the CPU."""
     shrink = size[0] < probs.shape[0] or size[1] < probs.shape[1]  # antialiasing costs 2x and changes no upsampling
+    if shrink and not devices.hardware(probs.device).antialias_resize:
+        probs = probs.cpu()
     return F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0, 0]
 
 
@@ -441,17 +448,17 @@ def default_output(checkpoint: Path, runs_dir: str) -> Path:
 class StageTimer:
     """Seconds spent per stage, summed over threads (so with --workers they can exceed wall time)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, hw: devices.Hardware):
         self.seconds: dict[str, float] = defaultdict(float)
-        self.sync = device.type == "cuda"  # CUDA runs asynchronously: wait so time lands on the right stage
+        self.hw = hw  # GPUs run asynchronously: wait so time lands on the right stage
         self.lock = threading.Lock()
 
     @contextmanager
     def __call__(self, stage: str):
         start = time.perf_counter()
         yield
-        if self.sync and stage in ("forward", "resize back"):
-            torch.cuda.synchronize()
+        if stage in ("forward", "resize back"):
+            self.hw.synchronize()
         self.add(stage, time.perf_counter() - start)
 
     def add(self, stage: str, seconds: float) -> None:
@@ -603,13 +610,14 @@ class Segmenter:
         self.mean, self.std = (torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(device)
                                for v in (loaded.mean, loaded.std))
         # on CPU the network already uses every core: file threads beside it slowed it (2 cores: 2 vs 4 images/s)
-        self.workers = config.workers if config.workers is not None else (0 if device.type == "cpu" else 4)
-        self.timer = StageTimer(device)
+        self.hw = devices.hardware(device)
+        self.workers = config.workers if config.workers is not None else (0 if self.hw.is_cpu else 4)
+        self.timer = StageTimer(self.hw)
         self.device = device
         self.failures: list[tuple[str, str]] = []
         self.written: list[Path] = []
         self.rows: list[dict] = []
-        self.averager = utils.MetricAverager()
+        self.averager = losses.MetricAverager()
 
     def fail(self, name: str, reason: str) -> None:
         self.failures.append((name, reason))
@@ -643,10 +651,8 @@ class Segmenter:
         if not good:
             return
         images = torch.from_numpy(np.stack([entry.small for entry in good]))  # (B, S, S, 3) uint8
-        if self.device.type == "cuda":
-            images = images.pin_memory()  # so the copy below runs beside the host's work
-        # uint8 to the device (a quarter of the float32 bytes), normalised there
-        x = dataset.normalize(images.to(self.device, non_blocking=True), self.mean, self.std)  # (B, 3, S, S)
+        # uint8 to the device (a quarter of the float32 bytes; pinned and asynchronous on CUDA), normalised there
+        x = dataset.normalize(devices.copy_to(images, self.hw), self.mean, self.std)  # (B, 3, S, S)
         with self.timer("forward"):
             probs = predict_probabilities(self.loaded.model, x, self.config.tta, self.amp)  # (B, S, S)
         if self.config.postprocess:
@@ -680,7 +686,7 @@ class Segmenter:
         elif entry.truth is not None:
             # at the original resolution, as the challenge scores; on the host, where both masks already are
             with self.timer("score"):
-                scores = utils.segmentation_metrics(torch.from_numpy(prediction)[None],
+                scores = losses.segmentation_metrics(torch.from_numpy(prediction)[None],
                                                     torch.from_numpy(entry.truth > 0)[None])
             self.averager.update(scores)
             self.rows.append({"image_id": item.id, **{key: scores[key].item() for key in METRICS}})
@@ -689,17 +695,17 @@ class Segmenter:
 def run(config: PredictConfig) -> PredictResult:
     """Everything main() does after parsing: returns what was written, what failed and the scores."""
     try:
-        device = utils.select_device(config.device)
-        hw = utils.hardware(device)
-        amp = utils.amp_dtype(config.amp, hw)
-    except (ValueError, utils.DeviceError) as err:
+        device = devices.select_device(config.device)
+        hw = devices.hardware(device)
+        amp = devices.amp_dtype(config.amp, hw)
+    except (ValueError, devices.DeviceError) as err:
         raise PredictError(str(err)) from None
     if not config.checkpoint:
-        checkpoint = latest_checkpoint(config.runs_dir)
-        print(f"No --checkpoint: using {checkpoint} (the most recent run under {config.runs_dir}/)")
-        loaded = load_model(checkpoint, device)
+        first = latest_checkpoint(config.runs_dir)
+        print(f"No --checkpoint: using {first} (the most recent run under {config.runs_dir}/)")
+        loaded = load_model(first, device)
     else:
-        checkpoint = Path(config.checkpoint[0])
+        first = Path(config.checkpoint[0])
         loaded = load_ensemble([Path(c) for c in config.checkpoint], device)
 
     if config.export_onnx:
@@ -711,7 +717,7 @@ def run(config: PredictConfig) -> PredictResult:
 
     items = gather_items(config, loaded)
     output_dir = Path(config.output) if config.output else (
-        Path("predict_out") if len(config.checkpoint) > 1 else default_output(checkpoint, config.runs_dir))
+        Path("predict_out") if len(config.checkpoint) > 1 else default_output(first, config.runs_dir))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):
@@ -819,7 +825,7 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
     import onnx
 
     exported = onnx.load(str(path))
-    metadata = {"format": utils.CHECKPOINT_FORMAT, "image_size": str(loaded.image_size),
+    metadata = {"format": checkpoint.CHECKPOINT_FORMAT, "image_size": str(loaded.image_size),
                 "mean": json.dumps(loaded.mean), "std": json.dumps(loaded.std),
                 "preprocessing": "RGB uint8 resized to image_size x image_size, x = (uint8 / 255 - mean) / std",
                 "output": "logits; sigmoid gives the lesion probability"}

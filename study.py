@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import dataset
+import devices
 import utils
 
 HERE = Path(__file__).resolve().parent
@@ -211,7 +212,7 @@ def run_one(budget: str, name: str, args) -> dict:
            "val_threshold_jaccard": round(float(best["val_threshold_jaccard"]), 4), **scores,
            "train_minutes": round(sum(float(r["seconds"]) for r in history) / 60, 2),
            "wall_minutes": round(wall / 60, 2), "other_cpu": "" if other is None else round(other, 3),
-           "machine": utils.device_name(utils.select_device("auto")),
+           "machine": devices.device_name(devices.select_device("auto")),
            "date": datetime.date.today().isoformat(), "commit": commit()}
     utils.print0(f"[{budget}/{name}] val Dice {row['val_dice']}  test Dice (TTA) {row.get('test_dice_tta')}  "
                  f"thresholded Jaccard {row.get('test_threshold_jaccard_tta')}  ({row['train_minutes']} min training)")

@@ -12,15 +12,11 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import errno
 import math
-import os
 import signal
-import socket
 import sys
 import time
-import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,9 +25,13 @@ import torch
 import torch.nn as nn
 
 import budget
+import checkpoint
 import dataset
+import devices
 import loader
+import losses
 import modules
+import record
 import synthetic
 import utils
 
@@ -70,7 +70,7 @@ class TrainConfig:
     loss: Literal["dice+bce", "dice"] = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
     ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.99); the average is validated and saved as the model; 0: off
     # --- augmentation ---
-    augment: Literal["none", "flips", "light", "full"] = "flips"  # preset: none, flips (the square's 8 symmetries), light or full (see loader.AUGMENT_PRESETS)
+    augment: Literal["none", "flips", "light", "full"] = loader.DEFAULT_AUGMENT  # preset: none, flips (the square's 8 symmetries), light or full (see loader.AUGMENT_PRESETS)
     flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
     rotate_deg: float | None = None  # rotation drawn from [-x, x] degrees; default: the preset's
     zoom: float | None = None  # zoom factor drawn from [1 - x, 1 + x]; default: the preset's
@@ -80,8 +80,8 @@ class TrainConfig:
     saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA from capability 8.0 (A100, H100), fp16 below (P100, V100: cuDNN has no bf16 convolutions there), off on CPU and MPS
-    channels_last: bool | None = None  # NHWC activations; default: on CUDA (its bf16 kernels are NHWC) and on CPU with batch norm, off on CPU with instance norm, whose channels-last backward is slow (measured: benchmark.py fp32 vs fp32-cl)
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA from capability 8.0 (A100, H100) and on CPUs with AVX512_BF16 or AMX, fp16 on older GPUs (P100, V100: cuDNN has no bf16 convolutions there), off (fp32) elsewhere
+    channels_last: bool | None = None  # NHWC activations; default: with batch norm on CUDA (cuDNN's tensor-core kernels are NHWC) and on a CPU in fp32; NCHW with instance norm, whose kernels are NCHW (an NHWC run converts at every norm), and on MPS
     tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
     compile: bool = False  # torch.compile the model on CUDA from capability 7.0 (Triton's minimum; ignored with a warning elsewhere); the first epoch pays for compilation
     seed: int = 0  # seed for weights, shuffling and augmentation (each rank adds its rank)
@@ -205,178 +205,6 @@ def apply_recipe(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, 
     return dataclasses.replace(config, **overrides), set(overrides)
 
 
-# ----------------------------------------------------------------------------- run folder
-
-
-class RunInUseError(RuntimeError):
-    """Another live process holds the run folder."""
-
-
-class RunLock:
-    """A lock file in the run folder, so two runs never write the same checkpoints.
-
-    It records host and pid; a lock left by a process that no longer exists on this host is taken
-    over, so a crashed run does not block its own resumption forever.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-        self.held = False
-
-    def acquire(self) -> None:
-        host = socket.gethostname()
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner_host, owner_pid = self._owner()
-                if owner_host == host and owner_pid is not None and not _pid_alive(owner_pid):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
-                    continue
-                raise RunInUseError(
-                    f"{self.path.parent} is in use by another run (pid {owner_pid} on {owner_host}). "
-                    f"Choose another --name, or wait for that run to finish; if it is no longer "
-                    f"running, delete {self.path}.") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(f"{host} {os.getpid()}\n")
-            self.held = True
-            return
-
-    def _owner(self):
-        try:
-            host, pid = self.path.read_text().split()
-            return host, int(pid)
-        except (OSError, ValueError):
-            return None, None
-
-    def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_jaccard", "val_threshold_jaccard",
-                  "val_accuracy", "val_sensitivity", "val_specificity", "lr", "images_per_s", "seconds"]
-
-
-def write_json(path: Path, value) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- plots
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    """Loss, validation Dice and learning rate per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [row["epoch"] for row in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(epochs, [row["train_loss"] for row in history], label="train")
-    axes[0].plot(epochs, [row["val_loss"] for row in history], label="validation")
-    axes[0].set_title("Dice loss")
-    axes[0].legend()
-    axes[1].plot(epochs, [row["val_dice"] for row in history], label="Dice")
-    axes[1].plot(epochs, [row["val_jaccard"] for row in history], label="Jaccard")
-    axes[1].set_title("validation")
-    axes[1].legend()
-    axes[2].plot(epochs, [row["lr"] for row in history])
-    axes[2].set_title("learning rate")
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_predictions(images, masks, predictions, path: Path, titles=None) -> None:
-    """Rows of image | ground truth | prediction (uint8 images (N,H,W,3), masks (N,H,W) {0,1})."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
-    for i in range(n):
-        axes[i, 0].imshow(images[i])
-        axes[i, 1].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
-        axes[i, 2].imshow(images[i])
-        axes[i, 2].contour(masks[i], levels=[0.5], colors="lime", linewidths=1)
-        axes[i, 2].contour(predictions[i], levels=[0.5], colors="red", linewidths=1)
-        if titles:
-            axes[i, 0].set_ylabel(titles[i], fontsize=8)
-    for ax, title in zip(axes[0], ["image", "ground truth", "prediction (red) vs truth (green)"]):
-        ax.set_title(title, fontsize=9)
-    for ax in axes.ravel():
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- wandb
-
-
-def wandb_mode(config: TrainConfig) -> str:
-    """Flag, then WANDB_MODE, then online only when an API key is configured (else offline)."""
-    if config.wandb:
-        return config.wandb
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path.home() / ".netrc"
-    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
-        return "online"
-    return "offline"
-
-
-def start_wandb(config: TrainConfig, run_dir: Path, run_id: str | None):
-    """A wandb run (resumed when run_id is known), or None; never lets wandb stop training."""
-    mode = wandb_mode(config)
-    if mode == "disabled":
-        return None
-    try:
-        import wandb
-
-        return wandb.init(
-            project=config.wandb_project, entity=config.wandb_entity, name=run_dir.name,
-            tags=config.wandb_tags or None, config=dataclasses.asdict(config), dir=str(run_dir),
-            id=run_id, resume="allow" if run_id else None, mode=mode,
-        )
-    except Exception as err:  # wandb raises many error types when it cannot start; none may stop training
-        warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); training goes on without it. "
-                      f"Use --wandb offline to log locally and `wandb sync` later.", stacklevel=2)
-        return None
-
-
-def wandb_log(run, values: dict, step: int) -> None:
-    if run is None:
-        return
-    try:
-        run.log(values, step=step)
-    except Exception as err:  # a lost connection must not stop training
-        warnings.warn(f"wandb.log failed ({err}); continuing", stacklevel=2)
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -418,7 +246,7 @@ class Preemption:
         that all ranks stop, or fail, at the same step.
 
         Under DDP this is a collective and a host sync: call it at the same steps on every rank, and
-        only every few steps (SLURM warns minutes ahead, so a check every CHECK_EVERY steps is soon enough).
+        only every few steps (SLURM warns minutes ahead, so a check every Hardware.check_every steps is soon enough).
         """
         if not distributed:
             bad = loss_sum is not None and not torch.isfinite(loss_sum).item()
@@ -430,12 +258,6 @@ class Preemption:
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         signalled, overrun, bad = flags.tolist()
         return signalled > 0, overrun > 0, bad > 0
-
-
-# Steps between the reads that wait for a GPU (the loss's finiteness, the preemption flag under DDP):
-# each one stalls the queue of kernels the CPU has launched ahead. On a CPU there is no queue to stall.
-CHECK_EVERY = {"cpu": 1}
-CHECK_EVERY_DEFAULT = 25
 
 
 def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int, pace: budget.Pace | None = None):
@@ -457,16 +279,6 @@ def make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int, pace: b
         progress = (step - warmup) / max(1.0, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def amp_settings(amp: str, device: torch.device):
-    """(autocast context factory, GradScaler or None), with the dtype that utils.hardware chooses for
-    --amp auto. GradScaler only for fp16: bf16 has fp32's exponent range and needs no loss scaling."""
-    dtype = utils.amp_dtype(amp, utils.hardware(device))
-    if dtype is None:
-        return nullcontext, None
-    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
-    return (lambda: torch.autocast(device.type, dtype=dtype)), scaler
 
 
 class WeightAverage:
@@ -500,27 +312,27 @@ class WeightAverage:
 
 def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, scaler, config: TrainConfig, epoch: int,
                     start_step: int, loss_sum: float, images_seen: int, preemption: Preemption,
-                    distributed: bool, device: torch.device, pace: budget.Pace | None = None,
+                    distributed: bool, hw: devices.Hardware, pace: budget.Pace | None = None,
                     on_measured=None, average: WeightAverage | None = None, steps_per_epoch: int | None = None) -> dict:
     """One pass over the training loader from `start_step`; stops early on a preemption signal, at the
     end of a --minutes plan, or when a budget run has fallen too far behind it.
 
     The loss is summed in float32 on the device (MPS has no float64) and read back only every
-    CHECK_EVERY steps and for the progress bar, so the step itself never waits for the GPU. While
+    hw.check_every steps and for the progress bar, so the step itself never waits for the GPU. While
     `pace` is measuring, `on_measured(global_step)` is called once when its timing window closes.
     """
     model.train()
+    device = hw.device
     per_epoch = steps_per_epoch or (len(loader) if config.max_steps == 0 else min(len(loader), config.max_steps))
     steps = per_epoch if pace is None else max(0, min(per_epoch, pace.total_steps - epoch * per_epoch))
     total_loss = torch.tensor(loss_sum, device=device, dtype=torch.float32)
     seen = images_seen
-    check_every = CHECK_EVERY.get(device.type, CHECK_EVERY_DEFAULT)
+    check_every = hw.check_every
     bar = utils.Progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}",
                          enabled=config.progress and utils.is_main_process())
     started, timed_images = time.perf_counter(), 0
     step = start_step
     stopped = overrun = False
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     loader.set_epoch(epoch, start_batch=start_step)  # mid-epoch resume: the same batches from start_step on
     for step_index, (images, masks) in enumerate(loader, start=start_step):
         if step_index >= steps:
@@ -549,7 +361,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
         timed_images += images.shape[0]
         step = step_index + 1
         global_step = epoch * per_epoch + step
-        if pace is not None and pace.measuring and pace.observe(global_step, epoch * per_epoch + steps, sync):
+        if pace is not None and pace.measuring and pace.observe(global_step, epoch * per_epoch + steps, hw.synchronize):
             if on_measured is not None:
                 paused = time.perf_counter()
                 on_measured(global_step)
@@ -590,15 +402,16 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
 def evaluate(model, loader, loss_fn, *, autocast) -> dict:
     """Mean loss and ISIC metrics over a split (per image, then averaged across all ranks)."""
     model.eval()
-    averager = utils.MetricAverager()
+    averager = losses.MetricAverager()
     for images, masks in loader:
         with autocast():
             logits = model(images)
         logits = logits.float()
-        per_image = utils.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5)
+        per_image = losses.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5)
         per_image["loss"] = loss_fn(logits, masks).detach().expand(images.shape[0])
         averager.update(per_image)
     return averager.compute()
+
 
 @torch.no_grad()
 def predict_preview(model, split, mean, std, count: int, device, autocast):
@@ -613,7 +426,7 @@ def predict_preview(model, split, mean, std, count: int, device, autocast):
     return images.numpy(), split.masks[:count].copy(), predictions, list(split.ids[:count])
 
 
-# ----------------------------------------------------------------------------- the run
+# ----------------------------------------------------------------------------- set-up
 
 
 def resolve_data(config: TrainConfig, explicit: set[str], resuming: bool) -> tuple[TrainConfig, bool]:
@@ -644,13 +457,13 @@ def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Pat
             return None, config
     else:
         path = Path(config.resume)
-    checkpoint = utils.load_checkpoint(path)
-    saved = {k: v for k, v in checkpoint["train_config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    state = checkpoint.load_checkpoint(path)
+    saved = {k: v for k, v in state["train_config"].items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     merged = TrainConfig(**{**saved, **{k: getattr(config, k) for k in explicit | {"resume"}}})
     if "name" not in explicit:
         merged = dataclasses.replace(merged, name=path.parent.name, out_dir=str(path.parent.parent))
-    utils.print0(f"resuming from {path} (epoch {checkpoint['epoch'] + 1}, step {checkpoint.get('step', 0)})")
-    return checkpoint, merged
+    utils.print0(f"resuming from {path} (epoch {state['epoch'] + 1}, step {state.get('step', 0)})")
+    return state, merged
 
 
 def check_same_split(saved: dict | None, current: dict, config: TrainConfig) -> None:
@@ -677,15 +490,6 @@ def run_name(config: TrainConfig, distributed: bool) -> str:
     return name[0]
 
 
-def train(config: TrainConfig, explicit: set[str] = frozenset()) -> dict:
-    """Run (or resume) training; returns the summary that is also written to summary.json."""
-    dist = utils.init_distributed(config.device)  # gloo for --device cpu even on a GPU node
-    try:
-        return _train(config, set(explicit), dist)
-    finally:
-        utils.cleanup_distributed()
-
-
 @dataclass
 class Data:
     """The splits a run trains and validates on, their loaders and the normalisation statistics."""
@@ -700,56 +504,36 @@ class Data:
     description: str
 
 
-@dataclass
-class TrainState:
-    """Where training stands: what a checkpoint restores besides the weights and the optimiser."""
-
-    epoch: int = 0  # the next epoch to run
-    step: int = 0  # the next step within it (a run stopped mid-epoch resumes there)
-    loss_sum: float = 0.0  # the epoch's summed loss and image count so far
-    images: int = 0
-    best_metric: float = -1.0
-    best_epoch: int = -1
-    history: list = field(default_factory=list)
-    wandb_id: str | None = None
-    budget_plan: dict | None = None  # the --minutes plan, once decided (see budget.Pace)
-    used_seconds: float = 0.0  # training and validation time so far, across resumptions
-
-
 def prepare_run(config: TrainConfig, explicit: set[str], dist):
     """The run's settings (resumed, recipe, synthetic fallback), its checkpoint if resuming, and the flag
     saying whether it trains on the synthetic set."""
     config = dataclasses.replace(config, name=run_name(config, dist.is_distributed))
-    checkpoint, config = load_resume_checkpoint(config, explicit, Path(config.out_dir) / config.name)
-    if checkpoint is None:
+    state, config = load_resume_checkpoint(config, explicit, Path(config.out_dir) / config.name)
+    if state is None:
         config, from_recipe = apply_recipe(config, explicit)
         explicit = explicit | from_recipe  # the synthetic set's defaults do not override a recipe
-    config, on_synthetic = resolve_data(config, explicit, resuming=checkpoint is not None)
+    config, on_synthetic = resolve_data(config, explicit, resuming=state is not None)
     if on_synthetic and dist.rank == 0:
         synthetic.ensure_synthetic(config.synthetic_images, seed=0, log=utils.print0)
-    return config, checkpoint, on_synthetic
+    return config, state, on_synthetic
 
 
-def setup_device(config: TrainConfig, dist) -> torch.device:
+def setup_device(config: TrainConfig, dist) -> devices.Hardware:
     try:
-        device = utils.select_device(config.device)
+        device = devices.select_device(config.device)
     except ValueError as err:  # a device that is not there or not a device name: one line, not a traceback
-        raise utils.DeviceError(str(err)) from None
-    if dist.is_distributed and device.type == "cuda" and device.index != dist.local_rank:
+        raise devices.DeviceError(str(err)) from None
+    hw = devices.hardware(device)
+    if dist.is_distributed and hw.is_cuda and device.index != dist.local_rank:
         if config.device not in ("auto", "cuda"):
             utils.print0(f"--device {config.device} under torchrun: each process uses its own GPU, cuda:LOCAL_RANK")
-        device = torch.device("cuda", dist.local_rank)  # the GPU the process group bound this rank to
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not config.deterministic
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    elif device.type == "cpu" and config.tune_malloc:
-        utils.tune_glibc_malloc()  # about 10% faster 256x256 steps on a 2-core VM (benchmark.py --no-tune-malloc)
+        hw = devices.hardware(torch.device("cuda", dist.local_rank))  # the GPU the process group bound this rank to
+    devices.configure_backends(hw, config.deterministic, config.tune_malloc)
     utils.seed_everything(config.seed + dist.rank, deterministic=config.deterministic)
-    return device
+    return hw
 
 
-def setup_data(config: TrainConfig, checkpoint: dict | None, dist, device: torch.device) -> Data:
+def setup_data(config: TrainConfig, state: dict | None, dist, device: torch.device) -> Data:
     """Splits from the uint8 cache (built once, by rank 0; the other ranks wait and then read it)."""
     data_config = utils.subconfig(dataset.DataConfig, config)
     if dist.rank == 0:
@@ -759,8 +543,8 @@ def setup_data(config: TrainConfig, checkpoint: dict | None, dist, device: torch
     if dist.rank != 0:
         splits = dataset.prepare_splits(data_config, log=lambda *a, **k: None)
     split_ids = {name: list(getattr(splits, name).ids) for name in dataset.SPLITS}
-    if checkpoint is not None:
-        check_same_split(checkpoint.get("splits"), split_ids, config)
+    if state is not None:
+        check_same_split(state.get("splits"), split_ids, config)
     train_split = splits.train
     if config.limit_samples:
         train_split = dataset.CachedSplit(train_split.ids[:config.limit_samples],
@@ -781,254 +565,266 @@ def setup_data(config: TrainConfig, checkpoint: dict | None, dist, device: torch
                 splits.description)
 
 
-def setup_model(config: TrainConfig, checkpoint: dict | None, dist, device: torch.device):
-    """(the model to train, wrapped for DDP or compile as asked; the plain model that checkpoints hold;
-    its ModelConfig)."""
+@dataclass
+class Model:
+    """The network in its three roles: what the loop calls, what the optimizer trains, what is scored and saved."""
+
+    train: nn.Module  # wrapped for DDP or compile as asked
+    raw: nn.Module  # the plain model the optimizer trains: checkpoints hold it without wrapper prefixes
+    config: modules.ModelConfig
+    channels_last: bool
+    average: WeightAverage | None = None  # --ema: validated and saved as "model"
+
+    @property
+    def scored(self) -> nn.Module:
+        return self.average.model if self.average is not None else self.raw
+
+
+def setup_model(config: TrainConfig, state: dict | None, dist, hw: devices.Hardware, dtype) -> Model:
     model_config = utils.subconfig(modules.ModelConfig, config)
     model = modules.build_model(model_config)
-    if checkpoint is not None:
-        if utils.checkpoint_model_config(checkpoint) != dataclasses.asdict(model_config):
-            raise utils.CheckpointError(
-                f"{config.resume}: the checkpoint's model {utils.checkpoint_model_config(checkpoint)} differs from this run's "
-                f"{dataclasses.asdict(model_config)}; drop the conflicting flags or start a new --name")
-        model.load_state_dict(checkpoint.get("online_model", checkpoint["model"]))  # "model" is the average with --ema
-    hardware = utils.hardware(device)
-    channels_last = config.channels_last if config.channels_last is not None else hardware.channels_last(config.norm)
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    raw_model = model  # checkpoints always hold the plain model, without DDP or compile wrappers
+    if state is not None:
+        checkpoint.check_model_config(state, model_config, config.resume)
+        checkpoint.load_weights(state, model)
+    channels_last = config.channels_last if config.channels_last is not None else \
+        hw.channels_last(config.norm, training=True, dtype=dtype)
+    model.to(hw.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    raw_model = model
     if dist.is_distributed:
         if config.sync_batchnorm and config.norm == "batch":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             raw_model = model
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile and not hardware.can_compile:
-        utils.print0(f"--compile ignored on {hardware.name}: torch.compile's GPU kernels (Triton) need CUDA "
-                     f"capability 7.0 or higher" + (f", this GPU has {hardware.capability[0]}.{hardware.capability[1]}"
-                                                    if hardware.capability else ""))
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[hw.device.index] if hw.is_cuda else None)
+    if config.compile and not hw.can_compile:
+        utils.print0(f"--compile ignored on {hw.name}: torch.compile's GPU kernels (Triton) need CUDA "
+                     f"capability 7.0 or higher (or a ROCm GPU from gfx90a)" +
+                     (f", this GPU has {hw.capability[0]}.{hw.capability[1]}" if hw.capability else ""))
     elif config.compile:
         model = torch.compile(model)
-    return model, raw_model, model_config
+    average = WeightAverage(raw_model, config.ema) if config.ema > 0 else None
+    if average is not None and state is not None:
+        checkpoint.load_weights(state, raw_model, average)
+    return Model(model, raw_model, model_config, channels_last, average)
 
 
-def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoch: int, device: torch.device,
-                       pace: budget.Pace):
-    """(optimizer, scheduler, autocast factory, GradScaler or None, loss)."""
-    # the fused kernel updates all parameters in one pass: a third of the time of the default multi-tensor
-    # Adam on CPU (9 vs 28 ms a step for this model), and the usual choice on CUDA
+@dataclass
+class Optimisation:
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    autocast: object  # a factory of autocast contexts
+    scaler: torch.amp.GradScaler | None
+    loss_fn: nn.Module
+
+
+def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoch: int, hw: devices.Hardware,
+                       pace: budget.Pace) -> Optimisation:
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                 fused=device.type in ("cpu", "cuda"))
+                                 fused=hw.fused_optimizer)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch, pace)
-    autocast, scaler = amp_settings(config.amp, device)
-    return optimizer, scheduler, autocast, scaler, utils.SegmentationLoss(config.loss)
+    autocast, scaler, _ = devices.precision(config.amp, hw)
+    return Optimisation(optimizer, scheduler, autocast, scaler, losses.SegmentationLoss(config.loss))
 
 
-def restore(checkpoint: dict | None, optimizer, scheduler, scaler, main_process: bool) -> TrainState:
-    """The optimiser, scheduler, scaler and RNG states of a resumed run, and where it stood."""
-    if checkpoint is None:
-        return TrainState()
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    match_parameter_layout(optimizer)
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if scaler is not None and checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    if main_process:  # other ranks keep their own per-rank streams
-        utils.set_rng_state(checkpoint["rng"])
-    loss_sum, images = checkpoint.get("epoch_loss", (0.0, 0))
-    return TrainState(checkpoint["epoch"], checkpoint.get("step", 0), loss_sum, images, checkpoint["best_metric"],
-                      checkpoint["best_epoch"], list(checkpoint.get("history", [])), checkpoint.get("wandb_run_id"),
-                      checkpoint.get("budget_plan"), checkpoint.get("used_seconds", 0.0))
+# ----------------------------------------------------------------------------- the run
 
 
-def match_parameter_layout(optimizer) -> None:
-    """Give each optimizer state tensor its parameter's memory layout.
+def train(config: TrainConfig, explicit: set[str] = frozenset()) -> dict:
+    """Run (or resume) training; returns the summary that is also written to summary.json."""
+    dist = devices.init_distributed(config.device)  # gloo for --device cpu even on a GPU node
+    try:
+        return _train(config, set(explicit), dist)
+    finally:
+        devices.cleanup_distributed()
 
-    load_state_dict keeps the strides the state was saved with, and the fused Adam kernel treats a
-    parameter and its moments as flat memory: a run saved in NCHW and resumed channels-last (a CPU
-    run continued on a GPU, or another --channels-last) would add each moment to the wrong weight,
-    silently. Copying the state into the parameter's layout keeps every element with its weight.
-    """
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+@dataclass
+class Run:
+    """One training run while it trains: what every phase below reads and updates."""
+
+    config: TrainConfig
+    dist: devices.DistInfo
+    hw: devices.Hardware
+    data: Data
+    model: Model
+    optim: Optimisation
+    pace: budget.Pace
+    progress: checkpoint.TrainState
+    writer: checkpoint.CheckpointWriter
+    record: record.RunRecord
+    preemption: Preemption
+    steps_per_epoch: int
+
+    @property
+    def main(self) -> bool:
+        return self.dist.rank == 0
+
+    def save(self, name: str, epoch: int, step: int = 0, epoch_loss=(0.0, 0), rngs=None) -> None:
+        """Write a checkpoint on rank 0. `rngs`: every rank's RNG states, gathered by all ranks together."""
+        if self.main:
+            self.writer.write(self.record.dir / name, self.progress, epoch=epoch, step=step, epoch_loss=epoch_loss,
+                              rngs=rngs, used_seconds=self.pace.used_seconds())
+
+    def validate(self) -> dict:
+        # the plain model: a DDP forward is a collective, and ranks may hold unequal batch counts
+        return evaluate(self.model.scored, self.data.val_loader, self.optim.loss_fn, autocast=self.optim.autocast)
+
+    def write_config(self) -> None:
+        self.record.write_config(self.config, self.model.config, self.writer.norm_stats, self.pace.plan)
 
 
 def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
-    main_process = dist.rank == 0
-    config, checkpoint, on_synthetic = prepare_run(config, explicit, dist)
-    device = setup_device(config, dist)
-    data = setup_data(config, checkpoint, dist, device)
-    model, raw_model, model_config = setup_model(config, checkpoint, dist, device)
+    config, state, on_synthetic = prepare_run(config, explicit, dist)
+    hw = setup_device(config, dist)
+    dtype = devices.amp_dtype(config.amp, hw)
+    data = setup_data(config, state, dist, hw.device)
+    model = setup_model(config, state, dist, hw, dtype)
     steps_per_epoch = min(len(data.train_loader), config.max_steps or len(data.train_loader))
-    saved = checkpoint or {}
+    saved = state or {}
     pace = budget.Pace(config.minutes, steps_per_epoch, config.epochs * steps_per_epoch, saved.get("budget_plan"),
                        saved.get("used_seconds", 0.0))
-    optimizer, scheduler, autocast, scaler, loss_fn = setup_optimisation(config, raw_model, steps_per_epoch, device, pace)
-    progress = restore(checkpoint, optimizer, scheduler, scaler, main_process)
-    average = WeightAverage(raw_model, config.ema) if config.ema > 0 else None
-    if average is not None and checkpoint is not None and "online_model" in checkpoint:
-        average.model.load_state_dict(checkpoint["model"])
-        average.updates = checkpoint.get("ema_updates", 0)
-    scored_model = average.model if average is not None else raw_model  # what validation scores and best.pt holds
-    norm_stats = {"mean": list(data.mean), "std": list(data.std)}
-
-    run_dir = Path(config.out_dir) / config.name
-    lock = RunLock(run_dir)
-    wandb_run = None
-    if main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    preemption = Preemption()
-    preemption.install()
+    optim = setup_optimisation(config, model.raw, steps_per_epoch, hw, pace)
+    progress = checkpoint.restore(state, optim.optimizer, optim.scheduler, optim.scaler, dist.rank, dist.world_size)
+    writer = checkpoint.CheckpointWriter(model.raw, model.config, dataclasses.asdict(config),
+                                         {"mean": list(data.mean), "std": list(data.std)}, data.split_ids,
+                                         optim.optimizer, optim.scheduler, optim.scaler, model.average)
+    run = Run(config, dist, hw, data, model, optim, pace, progress, writer,
+              record.RunRecord(Path(config.out_dir) / config.name, dist.rank == 0), Preemption(), steps_per_epoch)
     try:
-        if main_process:
-            write_json(run_dir / "splits.json", {"data_dir": config.data_dir, "split_seed": config.split_seed,
-                                                 "folds": config.folds, "fold": config.fold,
-                                                 "description": data.description, **data.split_ids})
-            write_config(run_dir, config, model_config, norm_stats, pace.plan)
-            wandb_run = start_wandb(config, run_dir, progress.wandb_id)
-            progress.wandb_id = wandb_run.id if wandb_run is not None else progress.wandb_id
-            utils.print0(f"run folder {run_dir} | {len(data.train.ids)} train / {len(data.val.ids)} val images at "
-                         f"{config.image_size}px | device {device} | {modules.count_parameters(raw_model):,} parameters"
-                         + (f" | budget {config.minutes:g} min" if pace.budgeted else ""))
-
-        def save(path: Path, epoch: int, step: int = 0, epoch_loss=(0.0, 0)) -> None:
-            state = {
-                "format": utils.CHECKPOINT_FORMAT, "model": scored_model.state_dict(),
-                "model_config": dataclasses.asdict(model_config), "train_config": dataclasses.asdict(config),
-                "image_size": config.image_size, "norm_stats": norm_stats,
-                "epoch": epoch, "step": step, "epoch_loss": list(epoch_loss),
-                "best_metric": progress.best_metric, "best_epoch": progress.best_epoch, "history": progress.history,
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": utils.rng_state(), "wandb_run_id": progress.wandb_id, "splits": data.split_ids,
-                "budget_plan": pace.plan, "used_seconds": pace.used_seconds(),
-            }
-            if average is not None:  # "model" is the average (what predict.py uses); training resumes from these
-                state |= {"online_model": raw_model.state_dict(), "ema_updates": average.updates}
-            utils.save_checkpoint(state, path)
-
-        def epoch_end_seconds() -> float:
-            """What an epoch's end costs here, timed by doing it: a validation, two checkpoints (last.pt and,
-            when the score improved, best.pt) and the curves."""
-            if main_process:  # once, untimed: importing matplotlib is a first-time cost, not an epoch's
-                plot_curves([{"epoch": 1, "train_loss": 0.0, "val_loss": 0.0, "val_dice": 0.0, "val_jaccard": 0.0,
-                              "lr": 0.0}], run_dir / "curves.png")
-            started = time.perf_counter()
-            evaluate(scored_model, data.val_loader, loss_fn, autocast=autocast)
-            if main_process:
-                probe = run_dir / ".pace-probe.pt"
-                for _ in range(2):
-                    save(probe, progress.epoch)
-                probe.unlink()
-                plot_curves(progress.history or [{"epoch": 1, "train_loss": 0.0, "val_loss": 0.0, "val_dice": 0.0,
-                                                  "val_jaccard": 0.0, "lr": 0.0}], run_dir / "curves.png")
-            seconds = time.perf_counter() - started
-            model.train()
-            return seconds
-
-        def on_measured(global_step: int) -> None:
-            """The throughput is measured: fix a --minutes plan, or say what the run will cost."""
-            end_seconds = epoch_end_seconds()
-            if pace.budgeted and pace.plan is None:
-                plan = [pace.decide(global_step, end_seconds)]
-                if dist.is_distributed:  # every rank must stop at the same step: rank 0's measurement decides
-                    torch.distributed.broadcast_object_list(plan, src=0)
-                    pace.plan = plan[0]
-                progress.budget_plan = pace.plan
-                if main_process:
-                    write_config(run_dir, config, model_config, norm_stats, pace.plan)
-                    utils.print0(budget_line(pace, steps_per_epoch, end_seconds))
-            elif main_process and not pace.budgeted:
-                warning = cost_warning(config, device, pace.estimate_seconds(end_seconds, global_step))
-                if warning:
-                    utils.print0(warning)
-
-        # --- the epochs ---
-        pace.restart()
-        if pace.measuring and not (pace.budgeted or checkpoint is None):
-            pace.step_seconds = 0.0  # a resumed run without a budget: its cost was estimated when it started
-        epoch = progress.epoch
-        while epoch < config.epochs and epoch * steps_per_epoch < pace.total_steps:
-            epoch_started = time.perf_counter()
-            result = train_one_epoch(
-                model, data.train_loader, optimizer, scheduler, loss_fn, autocast=autocast, scaler=scaler,
-                config=config, epoch=epoch, start_step=progress.step, loss_sum=progress.loss_sum,
-                images_seen=progress.images, preemption=preemption, distributed=dist.is_distributed, device=device,
-                pace=pace, on_measured=on_measured if pace.measuring else None, average=average,
-                steps_per_epoch=steps_per_epoch)
-            if result["stopped"]:
-                if main_process:
-                    save(run_dir / "last.pt", epoch, result["step"], (result["loss_sum"], result["images"]))
-                    utils.print0(f"stopped by {signal.Signals(preemption.signum).name} at epoch {epoch + 1}, step "
-                                 f"{result['step']}; resume with --resume auto --name {config.name}")
-                raise SystemExit(128 + (preemption.signum or 0))
-            progress.step, progress.loss_sum, progress.images = 0, 0.0, 0
-            if dist.is_distributed:
-                # Each rank updated its own batch-norm statistics; evaluate (and save) rank 0's.
-                for buffer in scored_model.buffers():
-                    torch.distributed.broadcast(buffer, src=0)
-            # The plain model: a DDP forward is a collective, and ranks may hold unequal batch counts.
-            val = evaluate(scored_model, data.val_loader, loss_fn, autocast=autocast)
-            lr = optimizer.param_groups[0]["lr"]  # at the end of the epoch
-            row = {"epoch": epoch + 1, "train_loss": result["loss_sum"] / max(result["images"], 1),
-                   "val_loss": val["loss"], "lr": lr, "images_per_s": result["images_per_s"],
-                   **{f"val_{k}": v for k, v in val.items() if k != "loss"}}
-            improved = row["val_dice"] > progress.best_metric
-            if improved:
-                progress.best_metric, progress.best_epoch = row["val_dice"], epoch + 1
-            done_steps = epoch * steps_per_epoch + result["step"]
-            planned_steps = pace.total_steps if pace.plan else None  # None: the budget ran out while still timing
-            finished = result["overrun"] or done_steps >= pace.total_steps or epoch + 1 >= config.epochs
-            if main_process:
-                row["seconds"] = round(time.perf_counter() - epoch_started, 2)
-                progress.history.append(row)
-                if result["overrun"]:  # the run ends here: a resumption must not go on to the old plan
-                    pace.plan = {**(pace.plan or {}), "total_steps": done_steps, "planned_steps": planned_steps,
-                                 "overrun": True}
-                save(run_dir / "last.pt", epoch + 1)
-                if improved:
-                    save(run_dir / "best.pt", epoch + 1)
-                utils.write_csv(run_dir / "metrics.csv", progress.history, METRIC_COLUMNS)
-                plot_curves(progress.history, run_dir / "curves.png")
-                limit = pace.describe(done_steps) if pace.budgeted else f"{epoch + 1:>3}/{config.epochs}"
-                utils.print0(f"epoch {epoch + 1:>3}  loss {row['train_loss']:.4f}  "
-                             f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "
-                             f"{row['images_per_s']:.1f} img/s  {limit}" + ("  *best" if improved else ""))
-                wandb_log(wandb_run, {k: v for k, v in row.items() if k != "epoch"} | {"epoch": epoch + 1}, epoch + 1)
-            if result["overrun"]:
-                utils.print0(f"the {config.minutes:g}-minute budget ran out at step {done_steps} "
-                             + (f"of the {planned_steps} planned (the machine got slower than when the steps were "
-                                f"timed)" if planned_steps else "before the steps could be timed (give more --minutes)")
-                             + "; the run ends here with its learning rate not yet decayed")
-            if not finished and preemption.requested(dist.is_distributed, device):
-                utils.print0(f"stopped by a signal after epoch {epoch + 1}; resume with --resume auto --name {config.name}")
-                raise SystemExit(128 + (preemption.signum or 0))
-            epoch += 1
-            if finished:
-                break
-
-        summary = {"run_dir": str(run_dir), "best_epoch": progress.best_epoch, "best_val_dice": progress.best_metric,
-                   "epochs": len(progress.history), "data_dir": config.data_dir, "synthetic": on_synthetic,
-                   "ema": config.ema, "budget": budget_summary(pace, config, progress.history, steps_per_epoch)}
-        if main_process:
-            finish(summary, progress, scored_model, data, config, device, autocast, wandb_run, run_dir)
+        progress.wandb_id = run.record.open(config, progress.wandb_id)
+        run.preemption.install()
+        run.record.write_splits(config, data.description, data.split_ids)
+        run.write_config()
+        utils.print0(f"run folder {run.record.dir} | {len(data.train.ids)} train / {len(data.val.ids)} val images at "
+                     f"{config.image_size}px | device {hw.describe(dtype, model.channels_last)} | "
+                     f"{modules.count_parameters(model.raw):,} parameters"
+                     + (f" | budget {config.minutes:g} min" if pace.budgeted else ""))
+        train_epochs(run, resumed=state is not None)
+        summary = {"run_dir": str(run.record.dir), "best_epoch": progress.best_epoch,
+                   "best_val_dice": progress.best_metric, "epochs": len(progress.history), "data_dir": config.data_dir,
+                   "synthetic": on_synthetic, "ema": config.ema,
+                   "budget": budget_summary(pace, config, progress.history, steps_per_epoch)}
+        if run.main:
+            best = progress.history[progress.best_epoch - 1] if 0 < progress.best_epoch <= len(progress.history) else {}
+            summary["best_metrics"] = {k: v for k, v in best.items() if k.startswith("val_")}
+            preview = predict_preview(model.scored, data.val, data.mean, data.std, config.num_preview, hw.device,
+                                      optim.autocast)
+            run.record.write_summary(summary, preview, config.epochs)
         return summary
     finally:
-        preemption.uninstall()
-        if wandb_run is not None:
-            try:
-                wandb_run.finish()
-            except Exception:  # a wandb failure at shutdown must not hide the run's result
-                pass
-        lock.release()
+        run.preemption.uninstall()
+        run.record.close()
 
 
-def write_config(run_dir: Path, config: TrainConfig, model_config, norm_stats: dict, plan: dict | None) -> None:
-    write_json(run_dir / "config.json", {"train": dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
-                                         "norm_stats": norm_stats, "budget_plan": plan})
+def train_epochs(run: Run, resumed: bool) -> None:
+    """The epochs from where the run stands to --epochs or the end of the --minutes plan."""
+    config, progress, pace = run.config, run.progress, run.pace
+    pace.restart()
+    if pace.measuring and not (pace.budgeted or not resumed):
+        pace.step_seconds = 0.0  # a resumed run without a budget: its cost was estimated when it started
+    epoch = progress.epoch
+    while epoch < config.epochs and epoch * run.steps_per_epoch < pace.total_steps:
+        epoch_started = time.perf_counter()
+        result = train_one_epoch(
+            run.model.train, run.data.train_loader, run.optim.optimizer, run.optim.scheduler, run.optim.loss_fn,
+            autocast=run.optim.autocast, scaler=run.optim.scaler, config=config, epoch=epoch, start_step=progress.step,
+            loss_sum=progress.loss_sum, images_seen=progress.images, preemption=run.preemption,
+            distributed=run.dist.is_distributed, hw=run.hw, pace=pace,
+            on_measured=(lambda step: on_measured(run, step)) if pace.measuring else None,
+            average=run.model.average, steps_per_epoch=run.steps_per_epoch)
+        if result["stopped"]:
+            run.save("last.pt", epoch, result["step"], (result["loss_sum"], result["images"]),
+                     checkpoint.rank_rng_states(run.dist.is_distributed))
+            utils.print0(f"stopped by {signal.Signals(run.preemption.signum).name} at epoch {epoch + 1}, step "
+                         f"{result['step']}; resume with --resume auto --name {config.name}")
+            raise SystemExit(128 + (run.preemption.signum or 0))
+        finished = end_epoch(run, epoch, result, time.perf_counter() - epoch_started)
+        if not finished and run.preemption.requested(run.dist.is_distributed, run.hw.device):
+            utils.print0(f"stopped by a signal after epoch {epoch + 1}; resume with --resume auto --name {config.name}")
+            raise SystemExit(128 + (run.preemption.signum or 0))
+        epoch += 1
+        if finished:
+            break
+
+
+def end_epoch(run: Run, epoch: int, result: dict, train_seconds: float) -> bool:
+    """Validate, save last.pt (and best.pt on improvement), write the record; True when the run is done."""
+    config, progress, pace = run.config, run.progress, run.pace
+    progress.step, progress.loss_sum, progress.images = 0, 0.0, 0
+    if run.dist.is_distributed:
+        # Each rank updated its own batch-norm statistics; evaluate (and save) rank 0's.
+        for buffer in run.model.scored.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    started = time.perf_counter()
+    val = run.validate()
+    lr = run.optim.optimizer.param_groups[0]["lr"]  # at the end of the epoch
+    row = {"epoch": epoch + 1, "train_loss": result["loss_sum"] / max(result["images"], 1),
+           "val_loss": val["loss"], "lr": lr, "images_per_s": result["images_per_s"],
+           **{f"val_{k}": v for k, v in val.items() if k != "loss"}}
+    improved = row["val_dice"] > progress.best_metric
+    if improved:
+        progress.best_metric, progress.best_epoch = row["val_dice"], epoch + 1
+    done_steps = epoch * run.steps_per_epoch + result["step"]
+    planned_steps = pace.total_steps if pace.plan else None  # None: the budget ran out while still timing
+    finished = result["overrun"] or done_steps >= pace.total_steps or epoch + 1 >= config.epochs
+    if result["overrun"]:  # the run ends here: a resumption must not go on to the old plan
+        pace.plan = {**(pace.plan or {}), "total_steps": done_steps, "planned_steps": planned_steps, "overrun": True}
+        progress.budget_plan = pace.plan
+    rngs = checkpoint.rank_rng_states(run.dist.is_distributed)  # every rank's, gathered together
+    if run.main:
+        row["seconds"] = round(train_seconds + time.perf_counter() - started, 2)
+        progress.history.append(row)
+        run.save("last.pt", epoch + 1, rngs=rngs)
+        if improved:
+            run.save("best.pt", epoch + 1, rngs=rngs)
+        run.record.write_epoch(progress.history)
+        limit = pace.describe(done_steps) if pace.budgeted else f"{epoch + 1:>3}/{config.epochs}"
+        utils.print0(f"epoch {epoch + 1:>3}  loss {row['train_loss']:.4f}  "
+                     f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "
+                     f"{row['images_per_s']:.1f} img/s  {limit}" + ("  *best" if improved else ""))
+    if result["overrun"]:
+        utils.print0(f"the {config.minutes:g}-minute budget ran out at step {done_steps} "
+                     + (f"of the {planned_steps} planned (the machine got slower than when the steps were "
+                        f"timed)" if planned_steps else "before the steps could be timed (give more --minutes)")
+                     + "; the run ends here with its learning rate not yet decayed")
+    return finished
+
+
+def epoch_end_seconds(run: Run) -> float:
+    """What an epoch's end costs here, timed by doing it: a validation, two checkpoints (last.pt and,
+    when the score improved, best.pt) and the curves."""
+    probe_history = run.progress.history or record.EMPTY_HISTORY
+    if run.main:  # once, untimed: importing matplotlib is a first-time cost, not an epoch's
+        record.plot_curves(record.EMPTY_HISTORY, run.record.dir / "curves.png")
+    started = time.perf_counter()
+    run.validate()
+    if run.main:
+        probe = run.record.dir / ".pace-probe.pt"
+        for _ in range(2):
+            run.save(probe.name, run.progress.epoch)
+        probe.unlink()
+        record.plot_curves(probe_history, run.record.dir / "curves.png")
+    seconds = time.perf_counter() - started
+    run.model.train.train()
+    return seconds
+
+
+def on_measured(run: Run, global_step: int) -> None:
+    """The throughput is measured: fix a --minutes plan, or say what the run will cost."""
+    pace = run.pace
+    end_seconds = epoch_end_seconds(run)
+    if pace.budgeted and pace.plan is None:
+        plan = [pace.decide(global_step, end_seconds)]
+        if run.dist.is_distributed:  # every rank must stop at the same step: rank 0's measurement decides
+            torch.distributed.broadcast_object_list(plan, src=0)
+            pace.plan = plan[0]
+        run.progress.budget_plan = pace.plan
+        if run.main:
+            run.write_config()
+            utils.print0(budget_line(pace, run.steps_per_epoch, end_seconds))
+    elif run.main and not pace.budgeted:
+        warning = cost_warning(run.config, run.hw.device, pace.estimate_seconds(end_seconds, global_step))
+        if warning:
+            utils.print0(warning)
 
 
 def budget_line(pace: budget.Pace, steps_per_epoch: int, end_seconds: float) -> str:
@@ -1058,7 +854,7 @@ def cost_warning(config: TrainConfig, device: torch.device, estimate_seconds: fl
     """A warning, printed before the run has cost much, when it will take long on this machine: over an
     hour on a CPU, or longer than the SLURM job has left (then the job requeues to finish)."""
     lines = []
-    if device.type == "cpu" and estimate_seconds > 3600:
+    if devices.hardware(device).is_cpu and estimate_seconds > 3600:
         lines.append(f"warning: this run is estimated to take {budget.format_minutes(estimate_seconds)} on this CPU "
                      f"({config.epochs} epochs at {config.image_size}px). For a short CPU budget use "
                      f"`{CPU_BUDGET_COMMAND.replace('DATA', config.data_dir)}` ({CPU_BUDGET_REACHES}); "
@@ -1071,38 +867,6 @@ def cost_warning(config: TrainConfig, device: torch.device, estimate_seconds: fl
     return "\n".join(lines) or None
 
 
-def finish(summary: dict, progress: TrainState, raw_model, data: Data, config: TrainConfig, device, autocast,
-           wandb_run, run_dir: Path) -> None:
-    """summary.json, predictions.png (and to wandb), and where everything is."""
-    best = progress.history[progress.best_epoch - 1] if 0 < progress.best_epoch <= len(progress.history) else {}
-    summary["best_metrics"] = {k: v for k, v in best.items() if k.startswith("val_")}
-    images, masks, predictions, ids = predict_preview(raw_model, data.val, data.mean, data.std, config.num_preview,
-                                                      device, autocast)
-    if len(ids):
-        plot_predictions(images, masks, predictions, run_dir / "predictions.png", titles=ids)
-        log_wandb_predictions(wandb_run, images, masks, predictions, ids, config.epochs)
-    write_json(run_dir / "summary.json", summary)
-    utils.print0(f"\nbest validation Dice {progress.best_metric:.4f} at epoch {progress.best_epoch}\n"
-                 f"  checkpoints  {run_dir / 'best.pt'}, {run_dir / 'last.pt'}\n"
-                 f"  metrics      {run_dir / 'metrics.csv'}, {run_dir / 'summary.json'}\n"
-                 f"  figures      {run_dir / 'curves.png'}, {run_dir / 'predictions.png'}\n"
-                 f"  predict with python predict.py --checkpoint {run_dir / 'best.pt'}")
-
-
-def log_wandb_predictions(run, images, masks, predictions, ids, step: int) -> None:
-    """Prediction images with the ground truth and the prediction as wandb mask overlays."""
-    if run is None:
-        return
-    import wandb
-
-    labels = {0: "background", 1: "lesion"}
-    panels = [wandb.Image(image, caption=name, masks={
-        "prediction": {"mask_data": prediction, "class_labels": labels},
-        "ground_truth": {"mask_data": mask, "class_labels": labels}})
-        for image, mask, prediction, name in zip(images, masks, predictions, ids)]
-    wandb_log(run, {"predictions": panels}, step)
-
-
 def main(argv=None) -> dict:
     config, explicit, parser = utils.parse_config(
         TrainConfig, argv, "Train the Improved UNet (Isensee et al. 2017) on ISIC 2018 Task 1 with a Dice loss.",
@@ -1112,9 +876,16 @@ def main(argv=None) -> dict:
         parser.error("\n  ".join(problems))
     try:
         return train(config, explicit)
-    except (dataset.DataError, utils.CheckpointError, TrainingError, utils.ConfigError, RunInUseError,
-            utils.DeviceError) as err:
+    except (dataset.DataError, checkpoint.CheckpointError, TrainingError, utils.ConfigError, record.RunInUseError,
+            devices.DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except OSError as err:  # a record file (metrics.csv, curves.png, ...) could not be written: a full disk
+        where = f"{err.filename}: " if err.filename else ""
+        cause = "the disk is full or your quota is exceeded" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \
+            err.strerror or str(err)
+        print(f"error: could not write {where}{cause}. The checkpoints written so far are kept; free disk space or "
+              f"choose another --out-dir, then resume with --resume auto", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import benchmark
+import devices
 import utils
 from test_devices import fake_gpu, gpus  # noqa: F401 (gpus is a fixture)
 
@@ -22,9 +23,10 @@ def test_tiny_run_writes_json_and_markdown(tmp_path):
                              "--threads", "1", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "benchmark.json").read_text())
     assert saved == json.loads(json.dumps(report))
-    # on CPU ours runs NCHW (as train.py trains there) and channels-last (as predict.py infers)
+    # on CPU ours runs in both memory formats, in fp32 and, where the CPU computes bf16 natively, in bf16
+    native = ["bf16"] if devices.cpu_has_native_bf16() else []
     assert [(e["model"], e["variant"], e["size"]) for e in saved["results"]] == [
-        ("ours-batch", "fp32", 32), ("ours-batch", "fp32-cl", 32)]
+        ("ours-batch", variant, 32) for dtype in ["fp32", *native] for variant in (dtype, f"{dtype}-cl")]
     entry = saved["results"][0]
     assert entry["parameters"] == 3_186_483
     for key in ("train_images_per_s", "infer_images_per_s", "train_flops_per_s", "matmul_fraction"):
@@ -93,7 +95,7 @@ def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
 def test_default_models_include_every_peer_and_variants_per_device(monkeypatch):
     config = benchmark.BenchConfig(quick=True)
     assert benchmark.DEFAULT_MODELS == ["ours-batch", "ours-instance", "dynunet", "basicunet", "smp-unet-r34"]
-    cpu = utils.hardware(torch.device("cpu"))
+    cpu = devices.hardware(torch.device("cpu"))
     assert [v.name for v in benchmark.variants_for("ours-batch", cpu, True)] == ["fp32", "fp32-cl"]
     assert [v.name for v in benchmark.variants_for("dynunet", cpu, True)] == ["fp32"]
     cuda = fake_gpu(monkeypatch, (9, 0))
@@ -188,7 +190,7 @@ def test_quick_cuda_run_times_amp_channels_last_and_both_formats_with_instance_n
     report = benchmark.main(["--device", "cuda", "--quick", "--no-compile", "--sizes", "64", "--batch-size", "2",
                              "--models", "ours-batch", "ours-instance", "--repeats", "1", "--warmup", "1",
                              "--steps", "2", "--out", str(tmp_path)])
-    hw = utils.hardware(utils.select_device("cuda"))
+    hw = devices.hardware(devices.select_device("cuda"))
     amp = "bf16" if hw.capability >= (8, 0) else "fp16"
     assert report["meta"]["device_index"] == str(hw.device) and report["meta"]["complete"]
     assert [(e["model"], e["variant"]) for e in report["results"]] == [

@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import budget
+import checkpoint
 import predict
 import train
 import utils
@@ -89,7 +90,7 @@ def test_budget_run_ends_within_one_validation_interval_of_its_minutes(tmp_path,
     assert plan["done_steps"] == plan["planned_steps"] > 0 and not plan["overrun"]
     assert plan["minutes"] == minutes and used >= sum(float(r["seconds"]) for r in rows)
     # the decision is stored where a resumed run and a reader find it
-    assert utils.load_checkpoint(run / "last.pt")["budget_plan"]["total_steps"] == plan["planned_steps"]
+    assert checkpoint.load_checkpoint(run / "last.pt")["budget_plan"]["total_steps"] == plan["planned_steps"]
     assert json.loads((run / "config.json").read_text())["budget_plan"]["total_steps"] == plan["planned_steps"]
     assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)  # the schedule decayed fully by the budget
     out = capsys.readouterr().out
@@ -130,16 +131,16 @@ def test_preempted_budget_run_resumes_to_the_uninterrupted_weights(isic_folder, 
     with pytest.raises(SystemExit) as stopped:
         train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut"))
     assert stopped.value.code == 128 + 10
-    checkpoint = utils.load_checkpoint(tmp_path / "cut" / "last.pt")
-    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 5) and checkpoint["budget_plan"]["total_steps"] == 23
+    state = checkpoint.load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert (state["epoch"], state["step"]) == (1, 5) and state["budget_plan"]["total_steps"] == 23
 
     monkeypatch.setattr(train, "Preemption", plain)
     resumed = train.main(tiny_args(isic_folder, tmp_path, *extra, "--name", "cut", "--resume", "auto"))
     assert resumed["budget"]["planned_steps"] == 23
     assert_same_weights(weights(tmp_path / "whole" / "last.pt"), weights(tmp_path / "cut" / "last.pt"))
     if ema:
-        saved = utils.load_checkpoint(tmp_path / "cut" / "last.pt")
-        assert_same_weights(utils.load_checkpoint(tmp_path / "whole" / "last.pt")["online_model"],
+        saved = checkpoint.load_checkpoint(tmp_path / "cut" / "last.pt")
+        assert_same_weights(checkpoint.load_checkpoint(tmp_path / "whole" / "last.pt")["online_model"],
                             saved["online_model"])
 
 
@@ -191,11 +192,11 @@ def test_weight_average_follows_the_formula_with_its_warm_up():
 
 def test_ema_run_saves_the_average_as_the_model_predict_uses(isic_folder, tmp_path):
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--ema", "0.9", "--name", "ema"))
-    best = utils.load_checkpoint(tmp_path / "ema" / "best.pt")
+    best = checkpoint.load_checkpoint(tmp_path / "ema" / "best.pt")
     assert best["ema_updates"] > 0 and best["train_config"]["ema"] == 0.9
     differs = [k for k in best["model"] if not torch.equal(best["model"][k], best["online_model"][k])]
     assert differs, "the average should differ from the trained weights"
-    model, *_ = utils.model_from_checkpoint(best, tmp_path / "ema" / "best.pt")
+    model, *_ = checkpoint.model_from_checkpoint(best, tmp_path / "ema" / "best.pt")
     for key, value in model.state_dict().items():
         assert torch.equal(value, best["model"][key])
     result = predict.main(["--checkpoint", str(tmp_path / "ema" / "best.pt"), "--output", str(tmp_path / "pred"),

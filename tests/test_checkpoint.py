@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-import utils
+import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def make_state(tag: int = 0) -> dict:
     optimizer.step()
     scheduler.step()
     return {
-        "format": utils.CHECKPOINT_FORMAT,
+        "format": checkpoint.CHECKPOINT_FORMAT,
         "model": model.state_dict(),
         "model_config": {"in_channels": 3, "num_classes": 1, "base_channels": 4, "norm": "batch"},
         "train_config": {"lr": 5e-4, "wandb_tags": ["a"], "name": None},
@@ -42,7 +42,7 @@ def make_state(tag: int = 0) -> dict:
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
-        "rng": utils.rng_state(),
+        "rng": checkpoint.rng_state(),
         "wandb_run_id": None,
     }
 
@@ -65,8 +65,8 @@ def assert_same(a, b):
 def test_round_trip_with_weights_only(tmp_path):
     state = make_state(3)
     path = tmp_path / "run" / "last.pt"  # the folder is created
-    utils.save_checkpoint(state, path)
-    loaded = utils.load_checkpoint(path)
+    checkpoint.save_checkpoint(state, path)
+    loaded = checkpoint.load_checkpoint(path)
     assert_same(state, loaded)
     assert torch.load(path, weights_only=True)["epoch"] == 4  # loads with plain torch too
     assert os.listdir(path.parent) == ["last.pt"]  # no temporary file left
@@ -74,16 +74,16 @@ def test_round_trip_with_weights_only(tmp_path):
 
 def test_overwrite_replaces_previous(tmp_path):
     path = tmp_path / "last.pt"
-    utils.save_checkpoint(make_state(0), path)
-    utils.save_checkpoint(make_state(1), path)
-    assert utils.load_checkpoint(path)["epoch"] == 2
+    checkpoint.save_checkpoint(make_state(0), path)
+    checkpoint.save_checkpoint(make_state(1), path)
+    assert checkpoint.load_checkpoint(path)["epoch"] == 2
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
 @pytest.mark.parametrize("failing", ["torch.save", "os.fsync", "os.replace"])
 def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, failing):
     path = tmp_path / "last.pt"
-    utils.save_checkpoint(make_state(0), path)
+    checkpoint.save_checkpoint(make_state(0), path)
     new_state = make_state(1)
 
     def no_space(*args, **kwargs):
@@ -93,10 +93,10 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, failing):
 
     module, name = failing.split(".")
     monkeypatch.setattr({"torch": torch, "os": os}[module], name, no_space)
-    with pytest.raises(utils.CheckpointError, match=f"{path}.*No space left on device.*free disk space"):
-        utils.save_checkpoint(new_state, path)
+    with pytest.raises(checkpoint.CheckpointError, match=f"{path}.*No space left on device.*free disk space"):
+        checkpoint.save_checkpoint(new_state, path)
     monkeypatch.undo()
-    assert utils.load_checkpoint(path)["epoch"] == 1
+    assert checkpoint.load_checkpoint(path)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
@@ -106,11 +106,11 @@ def test_save_refuses_values_weights_only_cannot_load(tmp_path):
     state = make_state(0)
     state["train_config"]["data_dir"] = tmp_path  # a Path, not a str
     with pytest.raises(TypeError, match=r"\['train_config'\]\['data_dir'\] holds a pathlib.*str\(path\)"):
-        utils.save_checkpoint(state, tmp_path / "last.pt")
+        checkpoint.save_checkpoint(state, tmp_path / "last.pt")
     state["train_config"]["data_dir"] = str(tmp_path)
     state["best_metric"] = np.float64(0.5)
     with pytest.raises(TypeError, match=r"\['best_metric'\] holds a numpy.float64"):
-        utils.save_checkpoint(state, tmp_path / "last.pt")
+        checkpoint.save_checkpoint(state, tmp_path / "last.pt")
     assert os.listdir(tmp_path) == []
 
 
@@ -122,7 +122,7 @@ def write_bad(kind: str, path: Path) -> Path:
     elif kind == "empty":
         path.write_bytes(b"")
     elif kind == "truncated":
-        utils.save_checkpoint(make_state(0), path)
+        checkpoint.save_checkpoint(make_state(0), path)
         data = path.read_bytes()
         path.write_bytes(data[: len(data) // 2])
     elif kind == "text":
@@ -151,8 +151,8 @@ def write_bad(kind: str, path: Path) -> Path:
 )
 def test_load_bad_files_name_the_file(tmp_path, kind, message):
     path = write_bad(kind, tmp_path / "last.pt")
-    with pytest.raises(utils.CheckpointError, match=message) as caught:
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match=message) as caught:
+        checkpoint.load_checkpoint(path)
     assert str(path) in str(caught.value)
 
 
@@ -170,14 +170,14 @@ class CreatesFile:
 def test_malicious_checkpoint_runs_no_code(tmp_path, container):
     target = tmp_path / "created_by_unpickling"
     path = tmp_path / "evil.pt"
-    payload = {"format": utils.CHECKPOINT_FORMAT, "model": CreatesFile(target)}
+    payload = {"format": checkpoint.CHECKPOINT_FORMAT, "model": CreatesFile(target)}
     if container == "torch.save":
         torch.save(payload, path)
     else:
         with open(path, "wb") as f:
             pickle.dump(payload, f, protocol=2)  # torch's own protocol
-    with pytest.raises(utils.CheckpointError, match=f"refused to load checkpoint {path}.*could run code"):
-        utils.load_checkpoint(path)
+    with pytest.raises(checkpoint.CheckpointError, match=f"refused to load checkpoint {path}.*could run code"):
+        checkpoint.load_checkpoint(path)
     assert not target.exists()
     # the file really is dangerous: an unsafe load runs the code
     if container == "torch.save":
@@ -187,13 +187,13 @@ def test_malicious_checkpoint_runs_no_code(tmp_path, container):
 
 WRITER = textwrap.dedent(
     """
-    import sys, torch, utils
+    import sys, torch, checkpoint
     path = sys.argv[1]
     weights = torch.empty(2_000_000)  # 8 MB, so the kill is likely to land inside a write
     version = 1
     while True:
         weights.fill_(version)
-        utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "version": version, "model": {"w": weights}}, path)
+        checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "version": version, "model": {"w": weights}}, path)
         print(version, flush=True)
         version += 1
     """
@@ -214,8 +214,8 @@ def partial_file(folder: Path, full_size: int) -> bool:
 @pytest.mark.slow
 def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
     path = tmp_path / "last.pt"
-    first = {"format": utils.CHECKPOINT_FORMAT, "version": 0, "model": {"w": torch.zeros(2_000_000)}}
-    utils.save_checkpoint(first, path)
+    first = {"format": checkpoint.CHECKPOINT_FORMAT, "version": 0, "model": {"w": torch.zeros(2_000_000)}}
+    checkpoint.save_checkpoint(first, path)
     full_size = path.stat().st_size
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
@@ -232,7 +232,7 @@ def test_sigkill_while_writing_leaves_previous_checkpoint_loadable(tmp_path):
             writer.kill()
             writer.wait()
     assert writer.returncode == -signal.SIGKILL
-    state = utils.load_checkpoint(path)
+    state = checkpoint.load_checkpoint(path)
     assert state["version"] >= 1
     assert torch.all(state["model"]["w"] == state["version"])  # one whole checkpoint, not a mixture
 
@@ -243,8 +243,83 @@ def test_checkpoint_from_when_the_memory_format_was_a_model_setting_still_loads(
     model = modules.ImprovedUNet(modules.ModelConfig(base_channels=4, dropout=0.0))
     state = {"model": model.state_dict(), "image_size": 32, "norm_stats": {"mean": [0.5] * 3, "std": [0.2] * 3},
              "model_config": {**dataclasses.asdict(model.config), "channels_last": True}}  # as such runs stored it
-    rebuilt, size, _, _ = utils.model_from_checkpoint(state, "old.pt")
+    rebuilt, size, _, _ = checkpoint.model_from_checkpoint(state, "old.pt")
     x = torch.randn(1, 3, 32, 32)
     model.eval(), rebuilt.eval()
     with torch.no_grad():
         assert size == 32 and torch.equal(rebuilt(x), model(x))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 64 MiB file system (tmpfs), so that a full disk fails as it does on a cluster's home folder; root only."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.decode().strip() or 'not root'})")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(folder: Path, leave: int = 0) -> None:
+    """Fill the file system, then free `leave` bytes again."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        with pytest.raises(OSError) as full:
+            while True:
+                f.write(b"\0" * (1 << 16))
+                f.flush()
+    assert full.value.errno == errno.ENOSPC
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+
+
+def test_a_real_full_disk_ends_training_in_one_line_and_keeps_last_pt(small_disk, isic_folder, capsys):
+    """torch.save reports a full disk as RuntimeError('unexpected pos ...'); the run still ends with one line that
+    names the file and the cause, and the last good checkpoint stays loadable."""
+    from test_train import tiny_args
+    import train
+
+    runs = small_disk / "runs"
+    train.main(tiny_args(isic_folder, runs, "--epochs", "1", "--name", "full"))
+    fill(small_disk, leave=256 << 10)  # room for the lock and config.json, not for a checkpoint
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as ended:
+        train.main(tiny_args(isic_folder, runs, "--epochs", "3", "--name", "full", "--resume", "auto"))
+    err = capsys.readouterr().err.strip()
+    assert ended.value.code == 1 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: could not write checkpoint {runs / 'full' / 'last.pt'}") and "disk is full" in err
+    assert "Traceback" not in err and "unexpected pos" not in err
+    assert checkpoint.load_checkpoint(runs / "full" / "last.pt")["epoch"] == 1
+    assert not [p for p in (runs / "full").iterdir() if p.name.endswith(".tmp")]
+    fill(small_disk, leave=0)  # full to the last byte: the lock is the first write, and it says so too
+    with pytest.raises(SystemExit):
+        train.main(tiny_args(isic_folder, runs, "--epochs", "3", "--name", "full", "--resume", "auto"))
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: could not write {runs / 'full' / '.lock'}: the disk is full"), err
+    assert not (runs / "full" / ".lock").exists() and checkpoint.load_checkpoint(runs / "full" / "last.pt")["epoch"] == 1
+
+
+def test_each_rank_resumes_its_own_random_stream():
+    """A resumed 2-rank run: rank 1 continues rank 1's saved stream, not a restart from seed + rank."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    states, following = [], []
+    for seed in (10, 11):  # each rank's stream, three draws in
+        torch.manual_seed(seed)
+        torch.rand(3)
+        states.append(checkpoint.rng_state())
+        following.append(torch.rand(4))  # what that rank draws next
+    saved = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": states[0],
+             "rng_ranks": states, "epoch": 1, "best_metric": 0.5, "best_epoch": 1}
+    for rank in (1, 0):
+        torch.manual_seed(0)
+        checkpoint.restore(saved, optimizer, scheduler, None, rank=rank, world_size=2)
+        assert torch.equal(torch.rand(4), following[rank])
+    # saved by a run with another number of ranks: rank 1 keeps the stream it was seeded with
+    torch.manual_seed(99)
+    checkpoint.restore(saved, optimizer, scheduler, None, rank=1, world_size=3)
+    drawn = torch.rand(4)
+    torch.manual_seed(99)
+    assert torch.equal(drawn, torch.rand(4))

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import crossval
 import dataset
 import predict
@@ -110,7 +111,7 @@ def test_ensemble_of_different_image_sizes_is_refused(three_folds, tmp_path, cap
     root = three_folds / "isic"
     train.main(tiny_fold_args(root, tmp_path, 0, "--image-size", "48"))
     other = tmp_path / "cv-fold0" / "best.pt"
-    assert utils.load_checkpoint(other)["image_size"] == 48
+    assert checkpoint.load_checkpoint(other)["image_size"] == 48
     with pytest.raises(SystemExit) as exit_info:
         predict.main(["--checkpoint", str(three_folds / "runs" / "cv-fold0" / "best.pt"), str(other),
                       "--output", str(tmp_path / "o"), "--device", "cpu"])

@@ -352,14 +352,14 @@ def test_cache_builds_once_then_is_reused(tmp_path):
 
 
 def test_cache_build_threads_default_to_the_jobs_cpus(tmp_path, monkeypatch):
-    import utils
+    import devices
 
     make_set(tmp_path / "data", 4)
     threads = []
     build = dataset._build_split
     monkeypatch.setattr(dataset, "_build_split", lambda folder, name, samples, size, workers, *rest:
                         threads.append(workers) or build(folder, name, samples, size, workers, *rest))
-    monkeypatch.setattr(utils, "usable_cpus", lambda: 3)  # e.g. a SLURM job given 3 of a node's cores
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 3)  # e.g. a SLURM job given 3 of a node's cores
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     dataset.prepare_splits(config(tmp_path / "data", tmp_path, num_workers=0), log=Log())
     assert threads == [3, 3, 3]  # train, val, test

@@ -17,9 +17,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dataset
+import devices
 import loader
+import losses
 import modules
-import utils
 
 # --- the watch: float64 tensors and host-to-device copies ------------------------------------------
 
@@ -133,10 +134,10 @@ def gpus(monkeypatch):
 def test_cuda_without_an_index_is_the_device_tensors_report(gpus):
     # torch.device("cuda") != torch.device("cuda:0"), and tensors on the GPU report cuda:0
     assert torch.device("cuda") != torch.device("cuda", 0)
-    assert utils.select_device("cuda") == utils.select_device("auto") == torch.device("cuda", 0)
-    assert utils.select_device("cuda:1") == torch.device("cuda", 1)
+    assert devices.select_device("cuda") == devices.select_device("auto") == torch.device("cuda", 0)
+    assert devices.select_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="only 2 CUDA device"):
-        utils.select_device("cuda:2")
+        devices.select_device("cuda:2")
 
 
 def test_loader_given_cuda_without_an_index_works_on_the_cache_device(gpus, monkeypatch):
@@ -150,12 +151,12 @@ def test_loader_given_cuda_without_an_index_works_on_the_cache_device(gpus, monk
 def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(gpus, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_RANK", "1")
-    assert utils.select_device("cuda") == utils.select_device("auto") == torch.device("cuda", 1)
+    assert devices.select_device("cuda") == devices.select_device("auto") == torch.device("cuda", 1)
     with pytest.warns(UserWarning, match="cuda:0 ignored.*LOCAL_RANK.*cuda:1"):
-        assert utils.select_device("cuda:0") == torch.device("cuda", 1)
+        assert devices.select_device("cuda:0") == torch.device("cuda", 1)
     monkeypatch.setenv("LOCAL_RANK", "2")
     with pytest.raises(ValueError, match="LOCAL_RANK=2 but this node has 2 visible GPU.*nproc_per_node"):
-        utils.select_device("cuda")
+        devices.select_device("cuda")
 
 
 # --- Hardware: what each device does ------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_each_torchrun_process_takes_the_gpu_of_its_local_rank(gpus, monkeypatch
 def fake_gpu(monkeypatch, capability, name="NVIDIA H200"):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    return utils.hardware(torch.device("cuda", 0))
+    return devices.hardware(torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("capability, amp, compiles", [((9, 0), torch.bfloat16, True), ((8, 0), torch.bfloat16, True),
@@ -173,32 +174,98 @@ def fake_gpu(monkeypatch, capability, name="NVIDIA H200"):
 def test_cuda_amp_dtype_and_compile_follow_the_compute_capability(monkeypatch, capability, amp, compiles):
     hw = fake_gpu(monkeypatch, capability)
     assert (hw.device, hw.name, hw.capability) == (torch.device("cuda", 0), "NVIDIA H200", capability)
-    assert hw.amp_dtype == amp and utils.amp_dtype("auto", hw) == amp
+    assert hw.amp_dtype == amp and devices.amp_dtype("auto", hw) == amp
     assert hw.can_compile is compiles
-    assert hw.channels_last("instance") and hw.channels_last("batch")
+    # cuDNN's tensor-core kernels are NHWC; ATen's group norm (instance norm) makes its input NCHW
+    assert hw.channels_last("batch") and not hw.channels_last("instance")
 
 
-def test_cpu_and_mps_run_float32_uncompiled_in_their_own_memory_formats():
-    cpu, mps = utils.hardware(torch.device("cpu")), utils.hardware(torch.device("mps"))
-    assert (cpu.name, mps.name) == ("CPU", "Apple MPS")
-    for hw in (cpu, mps):
-        assert hw.capability is None and hw.amp_dtype is None and not hw.can_compile
-        assert utils.amp_dtype("auto", hw) is None
-    # CPU: channels-last trains faster with batch norm and slower with instance norm; it infers faster with both
-    assert cpu.channels_last("batch") and not cpu.channels_last("instance")
-    assert cpu.channels_last("instance", training=False)
+@pytest.mark.parametrize("native", [True, False])
+def test_the_cpu_trains_in_bf16_only_where_it_computes_bf16_natively(monkeypatch, native):
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+    cpu = devices.hardware(torch.device("cpu"))
+    assert cpu.name == "CPU" and cpu.capability is None and not cpu.can_compile
+    assert cpu.amp_dtype == devices.amp_dtype("auto", cpu) == (torch.bfloat16 if native else None)
+    # NCHW with instance norm (and in bf16); NHWC for fp32 batch norm and for inference
+    assert not cpu.channels_last("instance") and not cpu.channels_last("batch", dtype=torch.bfloat16)
+    assert cpu.channels_last("batch") and cpu.channels_last("instance", training=False)
+    assert cpu.describe(cpu.amp_dtype, False) == f"cpu ({'bf16' if native else 'fp32'}, NCHW)"
+
+
+def test_the_cpu_bf16_check_asks_torch_for_avx512_bf16_and_amx(monkeypatch):
+    for avx, amx in ((True, False), (False, True), (False, False)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert devices.cpu_has_native_bf16() is (avx or amx)
+
+
+def test_mps_runs_float32_nchw_with_waiting_copies_and_its_own_sync(monkeypatch):
+    mps = devices.hardware(torch.device("mps"))
+    assert mps.name == "Apple MPS" and mps.amp_dtype is None and not mps.can_compile
     assert not mps.channels_last("batch") and not mps.channels_last("instance", training=False)
+    # a non-blocking copy from pageable memory can be read after it was freed on MPS (pytorch#139550)
+    assert not mps.non_blocking and not mps.pin_memory and not mps.fused_optimizer
+    synced = []
+    monkeypatch.setattr(torch.mps, "synchronize", lambda: synced.append("mps"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append("cuda"))
+    mps.synchronize()
+    devices.hardware("cpu").synchronize()
+    assert synced == ["mps"]  # the budget's step timer waits for MPS too; a CPU has nothing to wait for
+
+
+def test_copies_to_mps_wait_and_copies_to_cuda_are_pinned_and_asynchronous(monkeypatch):
+    calls = []
+
+    class Probe(torch.Tensor):
+        def pin_memory(self):
+            calls.append("pin")
+            return self
+
+        def to(self, device, non_blocking=False):
+            calls.append(("to", str(device), non_blocking))
+            return self
+    for name in ("mps", "cuda:0"):
+        calls.clear()
+        hw = devices.Hardware(torch.device(name), name, None, None, False)
+        devices.copy_to(torch.zeros(3).as_subclass(Probe), hw)
+        expected = [("to", "mps", False)] if name == "mps" else ["pin", ("to", "cuda:0", True)]
+        assert calls == expected
+    cpu = torch.zeros(3)
+    assert devices.copy_to(cpu, devices.hardware("cpu")) is cpu
+
+
+@pytest.mark.parametrize("version, antialias", [("2.4.1", False), ("2.6.0", False), ("2.7.0", True), ("2.14.1", True)])
+def test_mps_shrinks_with_antialiasing_only_where_torch_has_it(monkeypatch, version, antialias):
+    monkeypatch.setattr(torch, "__version__", version)
+    assert devices.hardware(torch.device("mps")).antialias_resize is antialias
+    assert devices.hardware(torch.device("cpu")).antialias_resize
+
+
+@pytest.mark.parametrize("arch, bf16, amp, compiles", [("gfx906:sramecc+:xnack-", False, torch.float16, False),
+                                                       ("gfx90a:sramecc+:xnack-", True, torch.bfloat16, True),
+                                                       ("gfx942", True, torch.bfloat16, True),
+                                                       ("gfx1100", True, torch.bfloat16, True)])
+def test_rocm_is_judged_by_its_arch_not_a_capability(gpus, monkeypatch, arch, bf16, amp, compiles):
+    """gfx906 (MI50) would read as capability 9.0: bf16 and compile would be switched on for a GPU without them."""
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"gcnArchName": arch}))
+    hw = devices.hardware(torch.device("cuda", 0))
+    assert hw.capability is None and hw.amp_dtype == amp and hw.can_compile is compiles
+    assert arch.split(":")[0] in hw.name
 
 
 def test_explicit_amp_choices_and_the_slow_bf16_warning(monkeypatch):
-    cpu = utils.hardware(torch.device("cpu"))
-    assert [utils.amp_dtype(a, cpu) for a in ("bf16", "fp16", "off")] == [torch.bfloat16, torch.float16, None]
+    cpu = devices.hardware(torch.device("cpu"))
+    assert [devices.amp_dtype(a, cpu) for a in ("bf16", "fp16", "off")] == [torch.bfloat16, torch.float16, None]
     volta = fake_gpu(monkeypatch, (7, 0), "Tesla V100-SXM2-16GB")
     with pytest.warns(UserWarning, match="V100.*7.0.*bf16 convolutions only from 8.0"):
-        assert utils.amp_dtype("bf16", volta) == torch.bfloat16
-    assert utils.amp_dtype("off", volta) is None
+        assert devices.amp_dtype("bf16", volta) == torch.bfloat16
+    assert devices.amp_dtype("off", volta) is None
     with pytest.raises(ValueError, match="auto, bf16, fp16 or off"):
-        utils.amp_dtype("fp8", cpu)
+        devices.amp_dtype("fp8", cpu)
 
 
 # --- the PyTorch build against the GPU ----------------------------------------------------------------
@@ -218,34 +285,34 @@ def test_a_kernel_fits_the_gpu(gpus, monkeypatch, capability, arch_list, fits):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: arch_list)
     if fits:
-        utils.check_cuda_build(torch.device("cuda", 0))
+        devices.check_cuda_build(torch.device("cuda", 0))
     else:
-        with pytest.raises(utils.DeviceError):
-            utils.check_cuda_build(torch.device("cuda", 0))
+        with pytest.raises(devices.DeviceError):
+            devices.check_cuda_build(torch.device("cuda", 0))
 
 
 def test_a_gpu_without_kernels_in_this_build_is_named_with_what_to_install(gpus, monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (6, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100-PCIE-16GB")
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_75", "sm_80", "sm_90"])
-    with pytest.raises(utils.DeviceError) as caught:
-        utils.select_device("cuda")  # before anything runs on the GPU
+    with pytest.raises(devices.DeviceError) as caught:
+        devices.select_device("cuda")  # before anything runs on the GPU
     message = str(caught.value)
     for part in ("Tesla P100-PCIE-16GB", "capability 6.0", "sm_75, sm_80, sm_90", "sm_60 kernels",
                  "pip install torch --index-url https://download.pytorch.org/whl/cu126", "--device cpu"):
         assert part in message
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_60", "sm_70", "sm_75", "sm_80", "sm_90"])
-    assert utils.select_device("cuda") == torch.device("cuda", 0)
+    assert devices.select_device("cuda") == torch.device("cuda", 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (12, 0))
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
-    with pytest.raises(utils.DeviceError, match="12.0.*newer PyTorch build"):
-        utils.select_device("auto")
+    with pytest.raises(devices.DeviceError, match="12.0.*newer PyTorch build"):
+        devices.select_device("auto")
 
 
 def test_a_rocm_build_is_not_judged_by_cuda_kernel_names(gpus, monkeypatch):
     monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["gfx90a", "gfx942"])
-    utils.check_cuda_build(torch.device("cuda", 0))  # ROCm names its kernels gfx...: no sm_ entry can match
+    devices.check_cuda_build(torch.device("cuda", 0))  # ROCm names its kernels gfx...: no sm_ entry can match
 
 
 def test_train_names_a_gpu_without_kernels_in_one_line(gpus, isic_folder, tmp_path, monkeypatch, capsys):
@@ -281,13 +348,20 @@ def torchrun(gpus, monkeypatch):
 
 
 def test_cpu_run_on_a_gpu_node_uses_gloo(torchrun):
-    assert utils.init_distributed("cpu") == utils.DistInfo(1, 1, 2, True)
+    assert devices.init_distributed("cpu") == devices.DistInfo(1, 1, 2, True)
     assert torchrun == {"backend": "gloo", "timeout": datetime.timedelta(minutes=60)}
+
+
+def test_torchrun_on_a_mac_is_refused_in_one_line(torchrun, monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    with pytest.raises(devices.DeviceError, match="no distributed backend for Apple GPUs.*--device cpu"):
+        devices.init_distributed("mps")
+    assert torchrun == {}  # refused before any process group was started
 
 
 @pytest.mark.parametrize("device", ["cuda", "cuda:0", "auto", None])
 def test_cuda_ranks_use_nccl_on_the_gpu_of_their_local_rank(torchrun, device, recwarn):
-    utils.init_distributed(device)
+    devices.init_distributed(device)
     assert torchrun == {"backend": "nccl", "device_id": torch.device("cuda", 1), "set_device": torch.device("cuda", 1),
                         "timeout": datetime.timedelta(minutes=60)}
     # the user named GPU 0 for every rank: said once, in a line
@@ -297,11 +371,11 @@ def test_cuda_ranks_use_nccl_on_the_gpu_of_their_local_rank(torchrun, device, re
 def test_collective_timeout_covers_the_first_cache_build_and_can_be_set(torchrun, monkeypatch):
     # the other ranks wait at a barrier while rank 0 builds the cache; NCCL's own default is 10 minutes
     monkeypatch.setenv("DIST_TIMEOUT_MINUTES", "180")
-    utils.init_distributed("cpu")
+    devices.init_distributed("cpu")
     assert torchrun["timeout"] == datetime.timedelta(hours=3)
     monkeypatch.setenv("DIST_TIMEOUT_MINUTES", "soon")
     with pytest.raises(ValueError, match="DIST_TIMEOUT_MINUTES='soon'"):
-        utils.init_distributed("cpu")
+        devices.init_distributed("cpu")
 
 
 def test_one_gloo_process_through_init_distributed(monkeypatch, tmp_path):
@@ -317,13 +391,13 @@ def test_one_gloo_process_through_init_distributed(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch.distributed, "init_process_group", one_process)
     try:
-        utils.init_distributed("cpu")
+        devices.init_distributed("cpu")
         assert torch.distributed.get_backend() == "gloo" and seen["timeout"] == datetime.timedelta(minutes=60)
-        averager = utils.MetricAverager()  # the averager's exchange runs through the group
+        averager = losses.MetricAverager()  # the averager's exchange runs through the group
         averager.update({"dice": torch.tensor([0.25, 0.75])})
         assert averager.compute() == {"dice": 0.5}
     finally:
-        utils.cleanup_distributed()
+        devices.cleanup_distributed()
 
 
 # --- the job's CPUs -----------------------------------------------------------------------------------
@@ -333,11 +407,11 @@ def test_usable_cpus_are_the_jobs_not_the_nodes(monkeypatch):
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")
-    assert utils.usable_cpus() == 4  # the affinity mask is what the job may really run on
+    assert devices.usable_cpus() == 4  # the affinity mask is what the job may really run on
     monkeypatch.delattr(os, "sched_getaffinity")  # macOS, Windows
-    assert utils.usable_cpus() == 8
+    assert devices.usable_cpus() == 8
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "")
-    assert utils.usable_cpus() == 64
+    assert devices.usable_cpus() == 64
 
 
 # --- no float64 on the model, loss and metric path -----------------------------------------------------
@@ -347,18 +421,18 @@ def test_loss_metrics_and_averager_make_no_float64():
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 1, 16, 16, generator=gen, requires_grad=True)
     masks = (torch.rand(3, 1, 16, 16, generator=gen) > 0.5).float()
-    averager = utils.MetricAverager()
+    averager = losses.MetricAverager()
     with no_float64():
-        for kind in utils.SegmentationLoss.KINDS:
-            loss = utils.SegmentationLoss(kind)(logits, masks)
+        for kind in losses.SegmentationLoss.KINDS:
+            loss = losses.SegmentationLoss(kind)(logits, masks)
             loss.backward()
             averager.update({"loss": loss.detach()})
-        averager.update(utils.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5))
+        averager.update(losses.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5))
         averager.update({"python": [0.5, 1.0]})
         means = averager.compute()
         two_class = torch.randn(3, 2, 16, 16, generator=gen)
-        utils.dice_loss(two_class, masks[:, 0].long())
-    assert set(means) == {"loss", "python", *utils.METRIC_NAMES}
+        losses.dice_loss(two_class, masks[:, 0].long())
+    assert set(means) == {"loss", "python", *losses.METRIC_NAMES}
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])
@@ -366,13 +440,13 @@ def test_an_evaluation_pass_makes_no_float64(norm):
     split = dataset.CachedSplit([f"i{i}" for i in range(5)], np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3),
                                 dtype=np.uint8), np.random.default_rng(1).integers(0, 2, (5, 32, 32), dtype=np.uint8))
     model = modules.ImprovedUNet(modules.ModelConfig(base_channels=4, norm=norm)).eval()
-    criterion = utils.SegmentationLoss("dice+bce")
-    averager = utils.MetricAverager()
+    criterion = losses.SegmentationLoss("dice+bce")
+    averager = losses.MetricAverager()
     with no_float64(), torch.no_grad():
         for images, masks in loader.make_loader(split, 2, (0.5,) * 3, (0.2,) * 3, device="cpu", train=False, seed=0):
             logits = model(images)
             averager.update({"loss": criterion(logits, masks).reshape(1)})
-            averager.update(utils.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5))
+            averager.update(losses.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5))
         means = averager.compute()
     assert all(np.isfinite(v) for v in means.values())
 

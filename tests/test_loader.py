@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import dataset
+import loader
 from loader import AUGMENT_PRESETS, AugmentConfig, _affine_grid, augment_batch, make_loader, make_loaders
 from test_dataset import config, make_set
 
@@ -256,3 +257,21 @@ def test_augment_presets_resample_and_jitter_while_masks_stay_binary(preset):
     assert resampled <= len(m) if preset == "full" else resampled < len(m)
     assert not torch.allclose(x.mean((1, 2, 3)), plain.mean((1, 2, 3)), atol=1e-3)  # colour jitter
 
+
+
+def test_flips_and_turns_of_a_batch_equal_each_samples_own_flip_and_rot90():
+    """One gather for the batch, as the per-sample torch.flip and torch.rot90 would make each image."""
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8))
+    masks = torch.from_numpy(rng.integers(0, 2, (16, 12, 12), dtype=np.uint8))
+    cfg = loader.AUGMENT_PRESETS["flips"]
+    draws = loader.draw_augmentation(16, torch.Generator().manual_seed(3), cfg)
+    assert len(set(zip(draws.flip_x.tolist(), draws.turns.tolist()))) >= 6  # most of the 8 symmetries drawn
+    x, m = loader.apply_augmentation(images, masks, draws, cfg)
+    for i in range(16):
+        img, msk = images[i], masks[i]
+        if draws.flip_x[i]:
+            img, msk = img.flip(1), msk.flip(1)
+        k = int(draws.turns[i])
+        torch.testing.assert_close(x[i], torch.rot90(img, k, (0, 1)).permute(2, 0, 1).float() / 255)
+        assert torch.equal(m[i, 0], torch.rot90(msk, k, (0, 1)).float())

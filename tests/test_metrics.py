@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import utils
+import losses
 
 
 def masks(*rows_per_image):
@@ -29,9 +29,9 @@ def test_dice_loss_hand_computed():
     logits = torch.zeros(1, 1, 2, 2)  # p = 0.5 everywhere
     target = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
     # intersection 0.5, sum(p) + sum(t) = 2 + 1: Dice = (1 + 1) / (3 + 1) = 0.5
-    assert utils.dice_loss(logits, target).item() == pytest.approx(0.5)
+    assert losses.dice_loss(logits, target).item() == pytest.approx(0.5)
     # without smoothing: Dice = 1 / 3
-    assert utils.dice_loss(logits, target, smooth=0.0).item() == pytest.approx(2 / 3)
+    assert losses.dice_loss(logits, target, smooth=0.0).item() == pytest.approx(2 / 3)
 
 
 def test_dice_loss_is_a_mean_over_images():
@@ -39,7 +39,7 @@ def test_dice_loss_is_a_mean_over_images():
     logits = torch.zeros(2, 1, 2, 2)
     logits[1] = (target[1] * 2 - 1) * 40  # second image predicted perfectly
     # image 0: 0.5 as above; image 1: Dice (4 + 1) / (4 + 1) = 1, loss 0; mean 0.25 (not pooled pixels)
-    assert utils.dice_loss(logits, target).item() == pytest.approx(0.25)
+    assert losses.dice_loss(logits, target).item() == pytest.approx(0.25)
 
 
 def test_dice_loss_softmax_hand_computed_and_target_forms():
@@ -49,28 +49,28 @@ def test_dice_loss_softmax_hand_computed_and_target_forms():
     expected = 1 - (2 / 3 + 1 / 2) / 2
     one_hot = F.one_hot(labels, 2).permute(0, 3, 1, 2).float()
     for target in (labels, labels[:, None], one_hot):
-        assert utils.dice_loss(logits, target).item() == pytest.approx(expected)
+        assert losses.dice_loss(logits, target).item() == pytest.approx(expected)
 
 
 def test_dice_loss_empty_mask_needs_the_smoothing():
     target = torch.zeros(1, 1, 4, 4)
     logits = torch.full((1, 1, 4, 4), -40.0, requires_grad=True)
-    loss = utils.dice_loss(logits, target)
+    loss = losses.dice_loss(logits, target)
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # empty prediction of an empty mask is perfect
     loss.backward()
     assert torch.isfinite(logits.grad).all()
     # without it the same near-perfect prediction (sigmoid(-40) > 0) scores the worst loss, 1
-    assert utils.dice_loss(logits.detach(), target, smooth=0.0).item() == pytest.approx(1.0)
+    assert losses.dice_loss(logits.detach(), target, smooth=0.0).item() == pytest.approx(1.0)
 
 
 def test_dice_loss_is_float32_under_bf16_autocast():
     logits = torch.randn(2, 1, 16, 16).bfloat16()
     target = (torch.rand(2, 1, 16, 16) > 0.5).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = utils.dice_loss(logits, target)
-        bce = utils.SegmentationLoss("dice+bce")(logits, target)
+        loss = losses.dice_loss(logits, target)
+        bce = losses.SegmentationLoss("dice+bce")(logits, target)
     assert loss.dtype == torch.float32 and bce.dtype == torch.float32
-    assert loss.item() == pytest.approx(utils.dice_loss(logits.float(), target).item(), abs=1e-7)
+    assert loss.item() == pytest.approx(losses.dice_loss(logits.float(), target).item(), abs=1e-7)
 
 
 def test_dice_loss_matches_hard_dice_metric():
@@ -78,8 +78,8 @@ def test_dice_loss_matches_hard_dice_metric():
     target = torch.rand(3, 1, 8, 8, generator=gen) > 0.5
     pred = torch.rand(3, 1, 8, 8, generator=gen) > 0.5
     logits = (pred.float() * 2 - 1) * 40  # sigmoid = 0 or 1 to float precision
-    hard = utils.segmentation_metrics(pred[:, 0], target[:, 0])["dice"].mean().item()
-    assert utils.dice_loss(logits, target.float(), smooth=0.0).item() == pytest.approx(1 - hard, abs=1e-6)
+    hard = losses.segmentation_metrics(pred[:, 0], target[:, 0])["dice"].mean().item()
+    assert losses.dice_loss(logits, target.float(), smooth=0.0).item() == pytest.approx(1 - hard, abs=1e-6)
 
 
 @pytest.mark.slow  # importing monai takes over 10 s
@@ -88,7 +88,7 @@ def test_dice_loss_matches_monai():
     logits = torch.randn(2, 1, 8, 8)
     target = (torch.rand(2, 1, 8, 8) > 0.5).float()
     reference = monai_losses.DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(logits, target)
-    assert utils.dice_loss(logits, target).item() == pytest.approx(reference.item(), abs=1e-6)
+    assert losses.dice_loss(logits, target).item() == pytest.approx(reference.item(), abs=1e-6)
 
 
 @pytest.mark.slow  # importing monai takes over 10 s
@@ -97,26 +97,26 @@ def test_dice_plus_bce_loss_matches_monai():
     logits = torch.randn(3, 1, 16, 16) * 3
     target = (torch.rand(3, 1, 16, 16) > 0.6).float()
     reference = monai_losses.DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0)(logits, target)
-    assert utils.SegmentationLoss("dice+bce")(logits, target).item() == pytest.approx(reference.item(), abs=1e-5)
+    assert losses.SegmentationLoss("dice+bce")(logits, target).item() == pytest.approx(reference.item(), abs=1e-5)
 
 
 def test_dice_loss_rejects_mismatched_target():
     with pytest.raises(ValueError, match="does not match logits"):
-        utils.dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))
+        losses.dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))
 
 
 def test_segmentation_loss_kinds():
     logits = torch.randn(2, 1, 8, 8, requires_grad=True)
     target = (torch.rand(2, 1, 8, 8) > 0.5).float()
-    dice = utils.SegmentationLoss("dice")(logits, target)
-    both = utils.SegmentationLoss("dice+bce")(logits, target)
+    dice = losses.SegmentationLoss("dice")(logits, target)
+    both = losses.SegmentationLoss("dice+bce")(logits, target)
     bce = F.binary_cross_entropy(torch.sigmoid(logits), target)  # from probabilities, not logits
-    assert dice.item() == pytest.approx(utils.dice_loss(logits, target).item())
+    assert dice.item() == pytest.approx(losses.dice_loss(logits, target).item())
     assert both.item() == pytest.approx(dice.item() + bce.item(), abs=1e-6)
     both.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     with pytest.raises(ValueError, match="dice, dice\\+bce"):
-        utils.SegmentationLoss("focal")
+        losses.SegmentationLoss("focal")
 
 
 # --- segmentation_metrics ----------------------------------------------------------------------
@@ -125,11 +125,11 @@ def test_segmentation_loss_kinds():
 def test_metrics_known_values():
     truth = masks(["1100", "1100"], ["1100", "0000"], ["1111", "0000"])
     pred = masks(["1100", "1100"], ["0011", "0000"], ["1100", "0000"])
-    m = utils.segmentation_metrics(pred, truth)
-    assert set(m) == set(utils.METRIC_NAMES)
+    m = losses.segmentation_metrics(pred, truth)
+    assert set(m) == set(losses.METRIC_NAMES)
     assert all(v.shape == (3,) and v.dtype == torch.float32 for v in m.values())  # MPS has no float64
     # perfect
-    assert [m[k][0].item() for k in utils.METRIC_NAMES] == [1.0] * 6
+    assert [m[k][0].item() for k in losses.METRIC_NAMES] == [1.0] * 6
     # disjoint: TP 0, FP 2, FN 2, TN 4
     assert m["dice"][1].item() == 0 and m["jaccard"][1].item() == 0 and m["sensitivity"][1].item() == 0
     assert m["specificity"][1].item() == pytest.approx(4 / 6) and m["accuracy"][1].item() == pytest.approx(0.5)
@@ -143,9 +143,9 @@ def test_metrics_empty_mask_conventions():
     empty, some, full = ["0000", "0000"], ["0110", "0000"], ["1111", "1111"]
     truth = masks(empty, empty, some, full)
     pred = masks(empty, some, empty, full)
-    m = {k: v.tolist() for k, v in utils.segmentation_metrics(pred, truth).items()}
+    m = {k: v.tolist() for k, v in losses.segmentation_metrics(pred, truth).items()}
     # both empty: a perfect score in every metric
-    assert [m[k][0] for k in utils.METRIC_NAMES] == [1.0] * 6
+    assert [m[k][0] for k in losses.METRIC_NAMES] == [1.0] * 6
     # empty truth, lesion predicted: Jaccard and Dice 0, sensitivity a "freebie" 1
     assert (m["jaccard"][1], m["dice"][1], m["sensitivity"][1]) == (0.0, 0.0, 1.0)
     assert m["specificity"][1] == pytest.approx(6 / 8)
@@ -164,20 +164,20 @@ def test_threshold_jaccard_keeps_exactly_065():
     for i, lesion in enumerate([1_300_000, 1_200_000, 1_300_011]):
         truth[i, :lesion] = True
         pred[i, 2_000_000:] = i == 2  # the third image's union is every pixel: Jaccard (13 * pixels - 1) / (20 * pixels)
-    m = utils.segmentation_metrics(pred, truth)
+    m = losses.segmentation_metrics(pred, truth)
     assert m["jaccard"][2].item() == m["jaccard"][0].item() == np.float32(0.65)
     assert m["threshold_jaccard"].tolist() == [np.float32(0.65), 0.0, 0.0]
 
 
 def test_metrics_accept_channel_dim_and_reject_non_bool():
     truth = torch.rand(2, 1, 8, 8) > 0.5
-    flat = utils.segmentation_metrics(truth[:, 0], truth[:, 0])
-    with_channel = utils.segmentation_metrics(truth, truth)
+    flat = losses.segmentation_metrics(truth[:, 0], truth[:, 0])
+    with_channel = losses.segmentation_metrics(truth, truth)
     assert all(torch.equal(flat[k], with_channel[k]) for k in flat)
     with pytest.raises(TypeError, match="threshold first"):
-        utils.segmentation_metrics(truth.float(), truth)
+        losses.segmentation_metrics(truth.float(), truth)
     with pytest.raises(ValueError, match="differs"):
-        utils.segmentation_metrics(truth, truth[:, :, :4])
+        losses.segmentation_metrics(truth, truth[:, :, :4])
 
 
 # --- the official scorer -----------------------------------------------------------------------
@@ -239,25 +239,25 @@ def test_metrics_equal_official_isic_scorer(tmp_path):
 
     truth = torch.from_numpy(np.stack([t for t, _ in cases]))
     pred = torch.from_numpy(np.stack([p for _, p in cases]))
-    ours = utils.segmentation_metrics(pred, truth)
+    ours = losses.segmentation_metrics(pred, truth)
 
     # per image: the scorer's own SegmentationScore on one image pair at a time
     pairs = list(load_image.iter_image_pairs(truth_dir, pred_dir))
     assert len(pairs) == len(cases)
     for i, pair in enumerate(pairs):
         theirs = scoring.SegmentationScore([pair]).macro_average
-        for name in utils.METRIC_NAMES:
+        for name in losses.METRIC_NAMES:
             # the scorer's float64 ratio rounded to float32: half a float32 step of a value <= 1 at most
             assert ours[name][i].item() == pytest.approx(theirs[name], rel=0, abs=2**-25), (i, name)
 
     # means: the scorer's result for the whole folder against MetricAverager over uneven batches
     theirs = scoring.SegmentationScore.from_dir(truth_dir, pred_dir).macro_average
-    averager = utils.MetricAverager()
+    averager = losses.MetricAverager()
     for start, stop in [(0, 5), (5, 6), (6, len(cases))]:
-        averager.update(utils.segmentation_metrics(pred[start:stop], truth[start:stop]))
+        averager.update(losses.segmentation_metrics(pred[start:stop], truth[start:stop]))
     means = averager.compute()
-    assert set(means) == set(utils.METRIC_NAMES)
-    for name in utils.METRIC_NAMES:
+    assert set(means) == set(losses.METRIC_NAMES)
+    for name in losses.METRIC_NAMES:
         assert means[name] == pytest.approx(theirs[name], rel=0, abs=2**-25), name
     # the random cases must span the threshold, or the thresholded Jaccard check proves little
     assert 0 < means["threshold_jaccard"] < means["jaccard"]
@@ -267,7 +267,7 @@ def test_metrics_equal_official_isic_scorer(tmp_path):
 
 
 def test_metric_averager_means_over_images_not_batches():
-    averager = utils.MetricAverager()
+    averager = losses.MetricAverager()
     averager.update({"dice": torch.tensor([1.0, 1.0, 1.0]), "loss": torch.tensor([0.5])})
     averager.update({"dice": torch.tensor([0.0]), "loss": torch.tensor([1.5])})
     assert averager.compute() == {"dice": 0.75, "loss": 1.0}
@@ -277,7 +277,7 @@ def test_metric_averager_means_over_images_not_batches():
 
 def test_metric_averager_sums_float32_values_exactly():
     # a float32 running sum of 0.1 drifts by about 1e-4 over 100 000 values; the exact sum does not
-    averager = utils.MetricAverager()
+    averager = losses.MetricAverager()
     tenth = torch.full((1000,), 0.1)
     for _ in range(100):
         averager.update({"dice": tenth, "python": [0.25, 0.75]})
@@ -287,18 +287,18 @@ def test_metric_averager_sums_float32_values_exactly():
 
 WORKER = """
 import json, sys, torch, utils
-info = utils.init_distributed()
+info = devices.init_distributed()
 assert info.is_distributed and info.world_size == 2 and torch.distributed.get_backend() == "gloo", info
 gen = torch.Generator().manual_seed(0)
 pred, truth = torch.rand(10, 8, 8, generator=gen) > 0.5, torch.rand(10, 8, 8, generator=gen) > 0.6
 batches = [(0, 3), (3, 6), (6, 7)] if info.rank == 0 else [(7, 9), (9, 10)]  # 7 images and 3
-averager = utils.MetricAverager()
+averager = losses.MetricAverager()
 for start, stop in batches:
-    averager.update(utils.segmentation_metrics(pred[start:stop], truth[start:stop]))
+    averager.update(losses.segmentation_metrics(pred[start:stop], truth[start:stop]))
 if info.rank == 1:
     averager.update({"extra": torch.tensor([2.0, 4.0])})  # a key the other rank never saw
 result = averager.compute()
-utils.cleanup_distributed()
+devices.cleanup_distributed()
 json.dump({"rank": info.rank, "means": result}, open(sys.argv[1], "w"))
 """
 
@@ -326,7 +326,7 @@ def test_metric_averager_all_reduces_across_two_gloo_processes(tmp_path):
 
     gen = torch.Generator().manual_seed(0)
     pred, truth = torch.rand(10, 8, 8, generator=gen) > 0.5, torch.rand(10, 8, 8, generator=gen) > 0.6
-    single = {k: math.fsum(v.tolist()) / len(v) for k, v in utils.segmentation_metrics(pred, truth).items()}
+    single = {k: math.fsum(v.tolist()) / len(v) for k, v in losses.segmentation_metrics(pred, truth).items()}
     single["extra"] = 3.0
     for rank in range(2):
         means = json.loads((tmp_path / f"rank{rank}.json").read_text())["means"]
@@ -334,8 +334,8 @@ def test_metric_averager_all_reduces_across_two_gloo_processes(tmp_path):
         for name in single:
             assert means[name] == pytest.approx(single[name], rel=1e-12), (rank, name)
     # a mean of the two ranks' means would differ: the split is uneven and the ranks' values are not equal
-    first = utils.segmentation_metrics(pred[:7], truth[:7])["dice"].mean().item()
-    second = utils.segmentation_metrics(pred[7:], truth[7:])["dice"].mean().item()
+    first = losses.segmentation_metrics(pred[:7], truth[:7])["dice"].mean().item()
+    second = losses.segmentation_metrics(pred[7:], truth[7:])["dice"].mean().item()
     assert (first + second) / 2 != pytest.approx(single["dice"], rel=1e-6)
 
 
@@ -345,15 +345,15 @@ def test_loss_and_metrics_on_cuda_match_cpu():
     logits = torch.randn(2, 1, 32, 32, generator=gen)
     target = (torch.rand(2, 1, 32, 32, generator=gen) > 0.5).float()
     with torch.autocast("cuda", dtype=torch.float16):
-        loss = utils.dice_loss(logits.cuda().half(), target.cuda())
+        loss = losses.dice_loss(logits.cuda().half(), target.cuda())
     assert loss.dtype == torch.float32
-    assert loss.item() == pytest.approx(utils.dice_loss(logits.half().float(), target).item(), abs=1e-6)
+    assert loss.item() == pytest.approx(losses.dice_loss(logits.half().float(), target).item(), abs=1e-6)
     pred, truth = logits[:, 0] > 0, target[:, 0] > 0.5
-    on_gpu = utils.segmentation_metrics(pred.cuda(), truth.cuda())
-    on_cpu = utils.segmentation_metrics(pred, truth)
-    averager = utils.MetricAverager()
+    on_gpu = losses.segmentation_metrics(pred.cuda(), truth.cuda())
+    on_cpu = losses.segmentation_metrics(pred, truth)
+    averager = losses.MetricAverager()
     averager.update(on_gpu)
     means = averager.compute()
-    for name in utils.METRIC_NAMES:
+    for name in losses.METRIC_NAMES:
         assert torch.equal(on_gpu[name].cpu(), on_cpu[name])
         assert means[name] == pytest.approx(on_cpu[name].mean().item())

@@ -13,6 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
+import devices
+import losses
 import predict
 import utils
 from modules import ImprovedUNet, ModelConfig
@@ -135,7 +137,6 @@ def test_worker_threads_give_the_same_masks(checkpoint, data, tmp_path):
 
 
 def test_metrics_files_overlays_and_probability_maps(checkpoint, data, tmp_path):
-    import utils
 
     images, truth, sizes = data
     (images / "ISIC_0000009.jpg").unlink()
@@ -154,7 +155,7 @@ def test_metrics_files_overlays_and_probability_maps(checkpoint, data, tmp_path)
         assert means[key] == result.metrics[key]
     for row in rows:  # scored at the original resolution, on exactly the files written
         truth_mask = np.asarray(Image.open(truth / f"{row['image_id']}_segmentation.png")) > 127
-        expected = utils.segmentation_metrics(torch.from_numpy(masks[row["image_id"]] == 255)[None],
+        expected = losses.segmentation_metrics(torch.from_numpy(masks[row["image_id"]] == 255)[None],
                                               torch.from_numpy(truth_mask)[None])
         assert np.float32(row["dice"]) == expected["dice"][0].item()
     assert (out / "cases.png").is_file()
@@ -468,9 +469,9 @@ def test_prediction_and_scoring_make_no_float64(checkpoint, data, tmp_path):
 @pytest.mark.parametrize("amp, expected", [("auto", torch.bfloat16), ("off", None), ("fp16", torch.float16)])
 def test_autocast_dtype_comes_from_the_device(checkpoint, data, tmp_path, monkeypatch, capsys, amp, expected):
     images, _, _ = data
-    # a device whose own choice is bf16, as utils.hardware says of a CUDA GPU from compute capability 8.0
-    gpu_like = utils.Hardware(torch.device("cpu"), "NVIDIA A100-SXM4-80GB", (8, 0), torch.bfloat16, True)
-    monkeypatch.setattr(utils, "hardware", lambda device: gpu_like)
+    # a device whose own choice is bf16, as devices.hardware says of a CUDA GPU from compute capability 8.0
+    gpu_like = devices.Hardware(torch.device("cpu"), "NVIDIA A100-SXM4-80GB", (8, 0), torch.bfloat16, True)
+    monkeypatch.setattr(devices, "hardware", lambda device: gpu_like)
     seen = []
     real = predict.predict_probabilities
     monkeypatch.setattr(predict, "predict_probabilities",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-import utils
+import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
@@ -95,14 +95,14 @@ def test_train_script_resumes_after_usr1(isic_folder, tmp_path, fake_slurm):
     assert "got USR1" in output, output
     assert process.returncode == 128 + signal.SIGUSR1, output
     assert (fake_slurm / "calls.log").read_text() == "requeue 4242\n"
-    stopped = utils.load_checkpoint(tmp_path / "unet-4242" / "last.pt")
+    stopped = checkpoint.load_checkpoint(tmp_path / "unet-4242" / "last.pt")
     assert stopped["epoch"] < 3
 
     again = subprocess.run(command, env=slurm_env(fake_slurm, SLURM_RESTART_COUNT="1"), capture_output=True,
                            text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "job 4242 attempt 2" in again.stdout and "resuming from" in again.stdout
-    assert utils.load_checkpoint(tmp_path / "unet-4242" / "last.pt")["epoch"] == 3
+    assert checkpoint.load_checkpoint(tmp_path / "unet-4242" / "last.pt")["epoch"] == 3
     assert re.search(r"^epoch 3(/3)?  step \d+/\d+ \(\d+%\)  loss [\d.]+  img_s [\d.]+  ETA ", again.stdout, re.M)
     assert "\r" not in again.stdout + again.stderr
     assert (fake_slurm / "calls.log").read_text() == "requeue 4242\n"  # a finished run is not requeued

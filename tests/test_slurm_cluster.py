@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import utils
+import checkpoint
 from conftest import write_isic_folder
 
 pytestmark = pytest.mark.slurm
@@ -215,7 +215,7 @@ def epochs_in_metrics(folder: Path) -> list[int]:
 
 
 def same_weights(a: Path, b: Path) -> bool:
-    first, second = utils.load_checkpoint(a)["model"], utils.load_checkpoint(b)["model"]
+    first, second = checkpoint.load_checkpoint(a)["model"], checkpoint.load_checkpoint(b)["model"]
     return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
@@ -310,7 +310,7 @@ def test_array_tasks_are_sweep_runs_that_resume(jobs):
     second_info = second.finished()
     folders = [jobs["tmp"] / "runs" / f"sweep-{array_id}_{task}" for task in (1, 2)]
     for folder, seed in zip(folders, (0, 1)):
-        assert utils.load_checkpoint(folder / "last.pt")["train_config"]["seed"] == seed
+        assert checkpoint.load_checkpoint(folder / "last.pt")["train_config"]["seed"] == seed
         assert epochs_in_metrics(folder) == list(range(1, EPOCHS + 1))
     log = second.text()
     assert second_info["Restarts"] == "1" and "attempt 2 on" in log and "got USR1" in log, log

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import dataset
 import loader
+import losses
 import modules
 import train
 import utils
@@ -29,7 +31,7 @@ def tiny_args(data_dir, out_dir, *extra):
 
 
 def weights(path):
-    return utils.load_checkpoint(path)["model"]
+    return checkpoint.load_checkpoint(path)["model"]
 
 
 def assert_same_weights(a, b):
@@ -62,11 +64,11 @@ def test_tiny_run_writes_the_run_folder(isic_folder, tmp_path, capsys):
     saved = json.loads((run / "summary.json").read_text())
     assert saved["best_epoch"] == summary["best_epoch"] in (1, 2)
     assert saved["best_val_dice"] == pytest.approx(max(float(r["val_dice"]) for r in rows))
-    checkpoint = utils.load_checkpoint(run / "last.pt")
-    assert checkpoint["epoch"] == 2 and checkpoint["image_size"] == 32
-    assert checkpoint["model_config"]["base_channels"] == 4
-    assert len(checkpoint["norm_stats"]["mean"]) == 3
-    assert checkpoint["train_config"]["data_dir"] == str(isic_folder)
+    state = checkpoint.load_checkpoint(run / "last.pt")
+    assert state["epoch"] == 2 and state["image_size"] == 32
+    assert state["model_config"]["base_channels"] == 4
+    assert len(state["norm_stats"]["mean"]) == 3
+    assert state["train_config"]["data_dir"] == str(isic_folder)
     out = capsys.readouterr().out
     assert "best validation Dice" in out and str(run / "best.pt") in out
 
@@ -105,8 +107,8 @@ def test_paper_recipe_fills_only_the_settings_not_given(isic_folder, tmp_path):
     assert saved["weight_decay"] == 0  # given on the command line: the recipe leaves it alone
     rows = list(csv.DictReader(open(tmp_path / "paper" / "metrics.csv")))
     assert [float(r["lr"]) for r in rows] == pytest.approx([5e-4 * 0.985, 5e-4 * 0.985 ** 2])
-    checkpoint = utils.load_checkpoint(tmp_path / "paper" / "last.pt")
-    assert checkpoint["model_config"]["dropout"] == 0.3 and checkpoint["train_config"]["recipe"] == "paper"
+    state = checkpoint.load_checkpoint(tmp_path / "paper" / "last.pt")
+    assert state["model_config"]["dropout"] == 0.3 and state["train_config"]["recipe"] == "paper"
 
 
 def test_augment_preset_and_knobs_from_flags():
@@ -126,7 +128,7 @@ def test_augmentation_settings_reach_the_run_folder_and_checkpoint(isic_folder, 
                          "--rotate-deg", "30"))
     saved = json.loads((tmp_path / "aug" / "config.json").read_text())["train"]
     assert (saved["augment"], saved["rotate_deg"], saved["zoom"]) == ("light", 30.0, None)
-    assert utils.load_checkpoint(tmp_path / "aug" / "last.pt")["train_config"]["rotate_deg"] == 30.0
+    assert checkpoint.load_checkpoint(tmp_path / "aug" / "last.pt")["train_config"]["rotate_deg"] == 30.0
 
 
 def test_resume_after_epoch_matches_uninterrupted_run(isic_folder, tmp_path):
@@ -160,7 +162,7 @@ def test_signal_mid_epoch_saves_and_resume_matches(isic_folder, tmp_path):
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGUSR1, output
     assert "received SIGUSR1" in output
-    stopped = utils.load_checkpoint(tmp_path / "preempted" / "last.pt")
+    stopped = checkpoint.load_checkpoint(tmp_path / "preempted" / "last.pt")
     assert (stopped["epoch"], stopped["step"]) < (3, 0)
 
     resumed = subprocess.run([*command, *args, "--resume", "auto"], cwd=tmp_path, env=env, capture_output=True,
@@ -176,7 +178,7 @@ def test_signal_mid_epoch_saves_and_resume_matches(isic_folder, tmp_path):
 def test_resume_from_a_checkpoint_path_extends_training(isic_folder, tmp_path):
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--resume", str(tmp_path / "run" / "last.pt")))
-    assert utils.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
+    assert checkpoint.load_checkpoint(tmp_path / "run" / "last.pt")["epoch"] == 2
 
 
 def test_resume_with_a_different_model_is_refused(isic_folder, tmp_path, capsys):
@@ -199,7 +201,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(isic_folder, tmp_path, m
         def forward(self, logits, target):
             return logits.sum() * float("nan")
 
-    monkeypatch.setattr(utils, "SegmentationLoss", NanLoss)
+    monkeypatch.setattr(losses, "SegmentationLoss", NanLoss)
     with pytest.raises(SystemExit) as exit_info:
         train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "run", "--resume", "auto"))
     assert exit_info.value.code == 1
@@ -243,7 +245,7 @@ def test_flag_choices_come_from_the_annotations_and_match_what_they_name():
     assert train.CHOICES["arch"] == list(modules.ARCHS)
     assert train.CHOICES["augment"] == list(loader.AUGMENT_PRESETS)
     assert train.CHOICES["norm"] == ["instance", "batch"] and set(modules.NORMS) == {"instance", "batch"}
-    assert train.CHOICES["loss"] == list(reversed(utils.SegmentationLoss.KINDS))
+    assert train.CHOICES["loss"] == list(reversed(losses.SegmentationLoss.KINDS))
     grouped = [name for names in train.GROUPS.values() for name in names]
     assert grouped == [f.name for f in dataclasses.fields(train.TrainConfig)]  # every field once, in order
 
@@ -310,7 +312,7 @@ def test_wandb_offline_writes_the_run_locally(isic_folder, tmp_path):
     runs = list((tmp_path / "logged" / "wandb").glob("offline-run-*"))
     assert runs, "no offline wandb run folder"
     assert any(runs[0].rglob("*.wandb"))
-    assert utils.load_checkpoint(tmp_path / "logged" / "last.pt")["wandb_run_id"]
+    assert checkpoint.load_checkpoint(tmp_path / "logged" / "last.pt")["wandb_run_id"]
 
 
 def test_wandb_failure_falls_back_with_a_warning(isic_folder, tmp_path, monkeypatch):
@@ -338,15 +340,15 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
     assert result.stdout.count("best validation Dice") == 1  # only rank 0 prints
     row = next(csv.DictReader(open(tmp_path / "ddp" / "metrics.csv")))
 
-    checkpoint = utils.load_checkpoint(tmp_path / "ddp" / "last.pt")
-    model, _, _, _ = utils.model_from_checkpoint(checkpoint, "last.pt")
-    config = train.TrainConfig(**checkpoint["train_config"])
+    state = checkpoint.load_checkpoint(tmp_path / "ddp" / "last.pt")
+    model, _, _, _ = checkpoint.model_from_checkpoint(state, "last.pt")
+    config = train.TrainConfig(**state["train_config"])
     splits = dataset.prepare_splits(dataset.DataConfig(
         data_dir=config.data_dir, image_size=config.image_size, val_fraction=config.val_fraction,
         test_fraction=config.test_fraction, split_seed=config.split_seed), log=lambda *a, **k: None)
     batches = loader.make_loader(splits.val, 3, splits.mean, splits.std, device=torch.device("cpu"),
                                   train=False, seed=0)
-    single = train.evaluate(model, batches, utils.SegmentationLoss("dice"), autocast=train.nullcontext)
+    single = train.evaluate(model, batches, losses.SegmentationLoss("dice"), autocast=train.nullcontext)
     assert float(row["val_dice"]) == pytest.approx(single["dice"], abs=1e-5)
     assert float(row["val_jaccard"]) == pytest.approx(single["jaccard"], abs=1e-5)
 
@@ -356,8 +358,8 @@ def test_dynunet_baseline_trains_and_predict_rebuilds_it(isic_folder, tmp_path):
     import predict
 
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "dyn", "--arch", "dynunet"))
-    checkpoint = utils.load_checkpoint(tmp_path / "dyn" / "best.pt")
-    assert checkpoint["model_config"]["arch"] == "dynunet"
+    state = checkpoint.load_checkpoint(tmp_path / "dyn" / "best.pt")
+    assert state["model_config"]["arch"] == "dynunet"
     result = predict.main(["--checkpoint", str(tmp_path / "dyn" / "best.pt"), "--output", str(tmp_path / "out"),
                            "--device", "cpu"])
     assert result.written and 0 <= result.metrics["dice"] <= 1
@@ -374,11 +376,11 @@ def test_the_stored_split_keeps_test_images_out_of_training_when_the_folder_chan
     train.main(tiny_args(root, tmp_path, "--epochs", "1", "--name", "run"))
     stored = json.loads((tmp_path / "run" / "splits.json").read_text())
     assert stored["test"] and not set(stored["test"]) & set(stored["train"])
-    checkpoint = tmp_path / "run" / "best.pt"
-    assert utils.load_checkpoint(checkpoint)["splits"]["test"] == stored["test"]
+    best = tmp_path / "run" / "best.pt"
+    assert checkpoint.load_checkpoint(best)["splits"]["test"] == stored["test"]
 
     def scored():
-        result = predict.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--device", "cpu"])
+        result = predict.main(["--checkpoint", str(best), "--output", str(tmp_path / "out"), "--device", "cpu"])
         return sorted(row["image_id"] for row in result.per_image)
 
     assert scored() == sorted(stored["test"])
@@ -398,7 +400,7 @@ def test_the_stored_split_keeps_test_images_out_of_training_when_the_folder_chan
     gone = stored["test"][0]
     (root / "ISIC2018_Task1-2_Training_Input" / f"{gone}.jpg").unlink()
     with pytest.raises(SystemExit) as exit_info:
-        predict.main(["--checkpoint", str(checkpoint), "--output", str(tmp_path / "out"), "--device", "cpu"])
+        predict.main(["--checkpoint", str(best), "--output", str(tmp_path / "out"), "--device", "cpu"])
     assert exit_info.value.code == 2
     assert gone in capsys.readouterr().err
 

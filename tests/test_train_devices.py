@@ -1,6 +1,7 @@
 """train.py on the devices it never meets here (CUDA, MPS, torchrun), checked on the CPU: what a training
 step may create on the device, a resume across memory formats, and which GPU each rank takes."""
 
+import contextlib
 from unittest import mock
 
 import pytest
@@ -8,11 +9,14 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import checkpoint
+import devices
 import loader
+import losses
 import modules
 import train
 import utils
-from test_train import assert_same_weights, tiny_args, weights
+from test_train import tiny_args, weights
 
 
 class Float64Ops(TorchDispatchMode):
@@ -69,9 +73,9 @@ def tiny_step_setup(isic_folder, steps=3):
 
 def run_epoch(model, batches, optimizer, scheduler, config, average=None):
     return train.train_one_epoch(
-        model, batches, optimizer, scheduler, utils.SegmentationLoss("dice+bce"), autocast=train.nullcontext,
+        model, batches, optimizer, scheduler, losses.SegmentationLoss("dice+bce"), autocast=contextlib.nullcontext,
         scaler=None, config=config, epoch=0, start_step=0, loss_sum=0.0, images_seen=0,
-        preemption=train.Preemption(), distributed=False, device=torch.device("cpu"), average=average)
+        preemption=train.Preemption(), distributed=False, hw=devices.hardware("cpu"), average=average)
 
 
 def test_a_training_step_and_validation_make_no_float64_tensor(isic_folder):
@@ -81,7 +85,7 @@ def test_a_training_step_and_validation_make_no_float64_tensor(isic_folder):
         result = run_epoch(model, batches, optimizer, scheduler, config, average)
         val = loader.make_loader(splits.val, 2, splits.mean, splits.std, device="cpu", train=False, seed=0)
         logits = model(next(iter(val))[0])
-        per_image = utils.segmentation_metrics(logits[:, 0] > 0, next(iter(val))[1][:, 0] > 0.5)
+        per_image = losses.segmentation_metrics(logits[:, 0] > 0, next(iter(val))[1][:, 0] > 0.5)
     assert result["step"] == 3 and per_image["dice"].dtype == torch.float32
     assert guard.seen == [], f"float64 made during training or validation: {sorted(set(guard.seen))}"
 
@@ -100,7 +104,7 @@ def test_a_training_step_moves_nothing_to_the_device_but_its_batch(isic_folder):
 def test_resume_across_memory_formats_with_fused_adam_matches_the_uninterrupted_run(isic_folder, tmp_path):
     """Saved NCHW, resumed channels-last (a CPU run continued on a GPU): fused Adam treats each parameter and its
     moments as flat memory, so moments kept in the old layout would update the wrong weights (0.04 apart)."""
-    paper = ("--schedule", "paper", "--warmup-epochs", "0", "--norm", "batch")
+    paper = ("--schedule", "paper", "--warmup-epochs", "0", "--norm", "batch", "--amp", "off")  # fp32: the layouts agree
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "whole", "--no-channels-last", *paper))
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "moved", "--no-channels-last", *paper))
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "moved", "--channels-last", "--resume",
@@ -119,7 +123,7 @@ def test_optimizer_state_takes_its_parameters_layout():
     conv = conv.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(conv.parameters(), fused=True)
     optimizer.load_state_dict(saved)
-    train.match_parameter_layout(optimizer)
+    checkpoint.match_parameter_layout(optimizer)
     state = optimizer.state[conv.weight]
     assert state["exp_avg"].stride() == conv.weight.stride() == state["exp_avg_sq"].stride()
     assert torch.equal(state["exp_avg"], saved["state"][0]["exp_avg"])  # same values, new layout
@@ -129,17 +133,20 @@ def test_optimizer_state_takes_its_parameters_layout():
                                                          ("auto", 2, "cuda:2"), ("cpu", 1, "cpu")])
 def test_each_torchrun_rank_trains_on_its_own_gpu(asked, local_rank, expected, monkeypatch, capsys):
     chosen = torch.device("cpu") if asked == "cpu" else torch.device("cuda", 0)
-    monkeypatch.setattr(utils, "select_device", lambda name: chosen)
+    monkeypatch.setattr(devices, "select_device", lambda name: chosen)
+    monkeypatch.setattr(devices, "hardware", lambda device: devices.Hardware(torch.device(device), "GPU", (9, 0),
+                                                                           torch.bfloat16, True))
+    monkeypatch.setattr(devices, "configure_backends", lambda *a, **k: None)
     monkeypatch.setattr(utils, "seed_everything", lambda *a, **k: None)
     config = train.TrainConfig(device=asked)
-    device = train.setup_device(config, utils.DistInfo(local_rank, local_rank, 4, True))
-    assert device == torch.device(expected)
+    hw = train.setup_device(config, devices.DistInfo(local_rank, local_rank, 4, True))
+    assert hw.device == torch.device(expected)
     assert ("own GPU" in capsys.readouterr().out) == (asked == "cuda:0")
 
 
 def test_train_asks_for_the_process_group_of_its_device(isic_folder, tmp_path, monkeypatch):
     seen = []
-    monkeypatch.setattr(utils, "init_distributed", lambda device=None: seen.append(device) or utils.DistInfo(0, 0, 1, False))
+    monkeypatch.setattr(devices, "init_distributed", lambda device=None: seen.append(device) or devices.DistInfo(0, 0, 1, False))
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "cpu"))
     assert seen == ["cpu"]
 
@@ -147,31 +154,29 @@ def test_train_asks_for_the_process_group_of_its_device(isic_folder, tmp_path, m
 @pytest.mark.parametrize("capability, dtype, scaled", [((9, 0), torch.bfloat16, False), ((8, 0), torch.bfloat16, False),
                                                        ((7, 0), torch.float16, True), ((6, 0), torch.float16, True)])
 def test_amp_auto_follows_the_gpu_capability(capability, dtype, scaled, monkeypatch):
-    hardware = utils.Hardware(torch.device("cuda", 0), "GPU", capability,
+    hardware = devices.Hardware(torch.device("cuda", 0), "GPU", capability,
                               torch.bfloat16 if capability >= (8, 0) else torch.float16, capability >= (7, 0))
-    monkeypatch.setattr(utils, "hardware", lambda device: hardware)
     seen = {}
-    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.update(dtype=dtype) or train.nullcontext())
+    monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.update(dtype=dtype) or contextlib.nullcontext())
     with mock.patch.object(torch.amp, "GradScaler", lambda device: "scaler"):
-        autocast, scaler = train.amp_settings("auto", torch.device("cuda", 0))
+        autocast, scaler, _ = devices.precision("auto", hardware)
     autocast()
     assert seen["dtype"] == dtype and (scaler == "scaler") == scaled
 
 
 def test_compile_is_skipped_with_a_reason_below_capability_7(monkeypatch, capsys):
-    hardware = utils.Hardware(torch.device("cpu"), "Tesla P100-PCIE-16GB", (6, 0), torch.float16, False)
-    monkeypatch.setattr(utils, "hardware", lambda device: hardware)
+    hardware = devices.Hardware(torch.device("cpu"), "Tesla P100-PCIE-16GB", (6, 0), torch.float16, False)
     monkeypatch.setattr(torch, "compile", lambda model: pytest.fail("compiled on a GPU Triton cannot drive"))
     config = train.TrainConfig(compile=True, base_channels=4)
-    train.setup_model(config, None, utils.DistInfo(0, 0, 1, False), torch.device("cpu"))
+    train.setup_model(config, None, devices.DistInfo(0, 0, 1, False), hardware, None)
     out = capsys.readouterr().out
     assert "--compile ignored on Tesla P100-PCIE-16GB" in out and "6.0" in out
 
 
 def test_a_single_gpu_run_stops_at_the_step_the_signal_came(isic_folder, monkeypatch):
-    """Off the CPU the loss is checked every CHECK_EVERY steps (a read-back); the signal flag, a Python
+    """Off the CPU the loss is checked every Hardware.check_every steps (a read-back); the signal flag, a Python
     variable, is still read after every step, so "saving last.pt after this step" holds."""
-    monkeypatch.setattr(train, "CHECK_EVERY", {})  # the GPU's interval, on this CPU
+    monkeypatch.setattr(devices.Hardware, "check_every", 25)  # the GPU's interval, on this CPU
     model, batches, optimizer, scheduler, config, _ = tiny_step_setup(isic_folder, steps=4)
     polls = []
 
@@ -182,9 +187,9 @@ def test_a_single_gpu_run_stops_at_the_step_the_signal_came(isic_folder, monkeyp
                 self.signum = 10
             return super().poll(distributed, device, overrun, loss_sum)
     result = train.train_one_epoch(
-        model, batches, optimizer, scheduler, utils.SegmentationLoss("dice"), autocast=train.nullcontext,
+        model, batches, optimizer, scheduler, losses.SegmentationLoss("dice"), autocast=contextlib.nullcontext,
         scaler=None, config=config, epoch=0, start_step=0, loss_sum=0.0, images_seen=0,
-        preemption=SignalAtStep2(), distributed=False, device=torch.device("cpu"))
+        preemption=SignalAtStep2(), distributed=False, hw=devices.hardware("cpu"))
     assert result["stopped"] and result["step"] == 2
     assert polls == [False, False], "the loss is read back only at the check interval"
 

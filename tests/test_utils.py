@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
+import devices
 import utils
 
 
@@ -21,20 +23,20 @@ def test_seed_everything_repeats_all_generators():
 
 
 def test_select_device_auto_and_cpu():
-    assert utils.select_device("cpu") == torch.device("cpu")
-    assert utils.select_device("auto").type in {"cpu", "cuda", "mps"}
+    assert devices.select_device("cpu") == torch.device("cpu")
+    assert devices.select_device("auto").type in {"cpu", "cuda", "mps"}
 
 
 def test_select_device_unavailable_cuda_names_what_exists():
     if torch.cuda.is_available():
         pytest.skip("CUDA is present here")
     with pytest.raises(ValueError, match="CUDA is not available.*available: cpu"):
-        utils.select_device("cuda")
+        devices.select_device("cuda")
 
 
 def test_select_device_rejects_nonsense():
     with pytest.raises(ValueError, match="not a device name"):
-        utils.select_device("gpu0")
+        devices.select_device("gpu0")
 
 
 def test_print0_prints_on_rank0_only(capsys, monkeypatch):
@@ -47,7 +49,7 @@ def test_print0_prints_on_rank0_only(capsys, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_device_selected_when_present():
-    assert utils.select_device("auto").type == "cuda"
+    assert devices.select_device("auto").type == "cuda"
 
 
 def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
@@ -56,28 +58,28 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
 
     utils.seed_everything(7)
     np.random.randn()  # leaves a cached Gaussian in NumPy's state
-    saved = utils.rng_state()
+    saved = checkpoint.rng_state()
     expected = draw()
-    utils.save_checkpoint({"format": utils.CHECKPOINT_FORMAT, "rng": saved}, tmp_path / "last.pt")
+    checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "rng": saved}, tmp_path / "last.pt")
     utils.seed_everything(8)
-    utils.set_rng_state(utils.load_checkpoint(tmp_path / "last.pt")["rng"])
+    checkpoint.set_rng_state(checkpoint.load_checkpoint(tmp_path / "last.pt")["rng"])
     assert draw() == expected
 
 
 def test_init_distributed_is_a_no_op_for_one_process(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    assert utils.init_distributed() == utils.DistInfo(0, 0, 1, False)
+    assert devices.init_distributed() == devices.DistInfo(0, 0, 1, False)
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert utils.init_distributed() == (0, 0, 1, False)
+    assert devices.init_distributed() == (0, 0, 1, False)
     assert not torch.distributed.is_initialized()
-    utils.cleanup_distributed()  # nothing to leave: must not raise
+    devices.cleanup_distributed()  # nothing to leave: must not raise
 
 
 def test_cleanup_distributed_meets_the_other_ranks_then_leaves(tmp_path, monkeypatch):
     """Under gloo a barrier comes first (a rank must not finalise Python while a gloo thread still
     frees its last collective's tensors); a rank that never arrives only delays the leaving."""
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    utils.cleanup_distributed()
+    devices.cleanup_distributed()
     assert not torch.distributed.is_initialized()
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store2'}", rank=0, world_size=1)
     calls = []
@@ -87,7 +89,7 @@ def test_cleanup_distributed_meets_the_other_ranks_then_leaves(tmp_path, monkeyp
         raise RuntimeError("rank 1 failed to pass monitoredBarrier")
 
     monkeypatch.setattr(torch.distributed, "monitored_barrier", absent_peer)
-    utils.cleanup_distributed(barrier_timeout=5)
+    devices.cleanup_distributed(barrier_timeout=5)
     assert calls == [5] and not torch.distributed.is_initialized()
 
 
@@ -95,17 +97,17 @@ def test_init_distributed_says_how_to_launch(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(RuntimeError, match="RANK or LOCAL_RANK is missing.*torchrun"):
-        utils.init_distributed()
+        devices.init_distributed()
 
 
 @pytest.mark.gpu
 def test_rng_state_restores_cuda_generator():
     torch.zeros(1, device="cuda")  # rng_state() skips CUDA until something has initialised it
     torch.cuda.manual_seed(1)
-    saved = utils.rng_state()
+    saved = checkpoint.rng_state()
     assert saved["cuda"] is not None
     expected = torch.rand(3, device="cuda")
-    utils.set_rng_state(saved)
+    checkpoint.set_rng_state(saved)
     assert torch.equal(torch.rand(3, device="cuda"), expected)
 
 
@@ -115,7 +117,7 @@ import torch
 import modules, utils
 torch.set_num_threads(1)
 if sys.argv[1] == "tuned":
-    assert utils.tune_glibc_malloc()
+    assert devices.tune_glibc_malloc()
 model = modules.ImprovedUNet()
 opt = torch.optim.Adam(model.parameters())
 x = torch.randn(2, 3, 128, 128).contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,266 @@
+"""The record of a training run in its folder: the lock, config.json, splits.json, metrics.csv, curves.png,
+predictions.png, summary.json and the wandb run. train.py decides what happens; this file writes it down.
+
+Only rank 0 keeps a record; the other ranks get a RunRecord whose methods do nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import utils
+
+
+class RunInUseError(RuntimeError):
+    """Another live process holds the run folder."""
+
+
+class RunLock:
+    """A lock file in the run folder, so two runs never write the same checkpoints.
+
+    It records host and pid; a lock left by a process that no longer exists on this host is taken
+    over, so a crashed run does not block its own resumption forever.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self.held = False
+
+    def acquire(self) -> None:
+        host = socket.gethostname()
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner_host, owner_pid = self._owner()
+                if owner_host == host and owner_pid is not None and not _pid_alive(owner_pid):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                raise RunInUseError(
+                    f"{self.path.parent} is in use by another run (pid {owner_pid} on {owner_host}). "
+                    f"Choose another --name, or wait for that run to finish; if it is no longer "
+                    f"running, delete {self.path}.") from None
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(f"{host} {os.getpid()}\n")
+            except OSError as err:  # a full disk: leave no empty lock that would block the next attempt
+                self.path.unlink(missing_ok=True)
+                raise OSError(err.errno, err.strerror, str(self.path)) from None
+            self.held = True
+            return
+
+    def _owner(self):
+        try:
+            host, pid = self.path.read_text().split()
+            return host, int(pid)
+        except (OSError, ValueError):
+            return None, None
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_jaccard", "val_threshold_jaccard",
+                  "val_accuracy", "val_sensitivity", "val_specificity", "lr", "images_per_s", "seconds"]
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    """Loss, validation Dice and learning rate per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(epochs, [row["train_loss"] for row in history], label="train")
+    axes[0].plot(epochs, [row["val_loss"] for row in history], label="validation")
+    axes[0].set_title("Dice loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [row["val_dice"] for row in history], label="Dice")
+    axes[1].plot(epochs, [row["val_jaccard"] for row in history], label="Jaccard")
+    axes[1].set_title("validation")
+    axes[1].legend()
+    axes[2].plot(epochs, [row["lr"] for row in history])
+    axes[2].set_title("learning rate")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with utils.writing(path):
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+EMPTY_HISTORY = [{"epoch": 1, "train_loss": 0.0, "val_loss": 0.0, "val_dice": 0.0, "val_jaccard": 0.0, "lr": 0.0}]
+
+
+def plot_predictions(images, masks, predictions, path: Path, titles=None) -> None:
+    """Rows of image | ground truth | prediction (uint8 images (N,H,W,3), masks (N,H,W) {0,1})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.5 * n), squeeze=False)
+    for i in range(n):
+        axes[i, 0].imshow(images[i])
+        axes[i, 1].imshow(masks[i], cmap="gray", vmin=0, vmax=1)
+        axes[i, 2].imshow(images[i])
+        axes[i, 2].contour(masks[i], levels=[0.5], colors="lime", linewidths=1)
+        axes[i, 2].contour(predictions[i], levels=[0.5], colors="red", linewidths=1)
+        if titles:
+            axes[i, 0].set_ylabel(titles[i], fontsize=8)
+    for ax, title in zip(axes[0], ["image", "ground truth", "prediction (red) vs truth (green)"]):
+        ax.set_title(title, fontsize=9)
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    with utils.writing(path):
+        fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- wandb
+
+
+def wandb_mode(config) -> str:
+    """Flag, then WANDB_MODE, then online only when an API key is configured (else offline)."""
+    if config.wandb:
+        return config.wandb
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+def start_wandb(config, run_dir: Path, run_id: str | None):
+    """A wandb run (resumed when run_id is known), or None; never lets wandb stop training."""
+    mode = wandb_mode(config)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        return wandb.init(
+            project=config.wandb_project, entity=config.wandb_entity, name=run_dir.name,
+            tags=config.wandb_tags or None, config=dataclasses.asdict(config), dir=str(run_dir),
+            id=run_id, resume="allow" if run_id else None, mode=mode,
+        )
+    except Exception as err:  # wandb raises many error types when it cannot start; none may stop training
+        warnings.warn(f"wandb could not start ({type(err).__name__}: {err}); training goes on without it. "
+                      f"Use --wandb offline to log locally and `wandb sync` later.", stacklevel=2)
+        return None
+
+
+def wandb_log(run, values: dict, step: int) -> None:
+    if run is None:
+        return
+    try:
+        run.log(values, step=step)
+    except Exception as err:  # a lost connection must not stop training
+        warnings.warn(f"wandb.log failed ({err}); continuing", stacklevel=2)
+
+
+def log_wandb_predictions(run, images, masks, predictions, ids, step: int) -> None:
+    """Prediction images with the ground truth and the prediction as wandb mask overlays."""
+    if run is None:
+        return
+    import wandb
+
+    labels = {0: "background", 1: "lesion"}
+    panels = [wandb.Image(image, caption=name, masks={
+        "prediction": {"mask_data": prediction, "class_labels": labels},
+        "ground_truth": {"mask_data": mask, "class_labels": labels}})
+        for image, mask, prediction, name in zip(images, masks, predictions, ids)]
+    wandb_log(run, {"predictions": panels}, step)
+
+
+# ----------------------------------------------------------------------------- the record
+
+
+class RunRecord:
+    """The run folder of rank 0: locked while the run lives, with its files and its wandb run."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.dir, self.enabled = Path(run_dir), enabled
+        self.lock = RunLock(self.dir)
+        self.wandb = None
+
+    def open(self, config, wandb_id: str | None) -> str | None:
+        """Create and lock the folder, start wandb; returns the wandb run id to store in checkpoints."""
+        if not self.enabled:
+            return wandb_id
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock.acquire()
+        self.wandb = start_wandb(config, self.dir, wandb_id)
+        return self.wandb.id if self.wandb is not None else wandb_id
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            try:
+                self.wandb.finish()
+            except Exception:  # a wandb failure at shutdown must not hide the run's result
+                pass
+        self.lock.release()
+
+    def write_splits(self, config, description: str, split_ids: dict) -> None:
+        if self.enabled:
+            utils.write_json(self.dir / "splits.json", {"data_dir": config.data_dir, "split_seed": config.split_seed,
+                                                        "folds": config.folds, "fold": config.fold,
+                                                        "description": description, **split_ids})
+
+    def write_config(self, config, model_config, norm_stats: dict, plan: dict | None) -> None:
+        if self.enabled:
+            utils.write_json(self.dir / "config.json", {
+                "train": dataclasses.asdict(config), "model": dataclasses.asdict(model_config),
+                "norm_stats": norm_stats, "budget_plan": plan})
+
+    def write_epoch(self, history: list[dict]) -> None:
+        """metrics.csv, curves.png and the epoch's row to wandb."""
+        if not self.enabled:
+            return
+        utils.write_csv(self.dir / "metrics.csv", history, METRIC_COLUMNS)
+        plot_curves(history, self.dir / "curves.png")
+        row = history[-1]
+        wandb_log(self.wandb, {k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, row["epoch"])
+
+    def write_summary(self, summary: dict, preview, step: int) -> None:
+        """summary.json, predictions.png (and to wandb), and where everything is."""
+        if not self.enabled:
+            return
+        images, masks, predictions, ids = preview
+        if len(ids):
+            plot_predictions(images, masks, predictions, self.dir / "predictions.png", titles=ids)
+            log_wandb_predictions(self.wandb, images, masks, predictions, ids, step)
+        utils.write_json(self.dir / "summary.json", summary)
+        utils.print0(f"\nbest validation Dice {summary['best_val_dice']:.4f} at epoch {summary['best_epoch']}\n"
+                     f"  checkpoints  {self.dir / 'best.pt'}, {self.dir / 'last.pt'}\n"
+                     f"  metrics      {self.dir / 'metrics.csv'}, {self.dir / 'summary.json'}\n"
+                     f"  figures      {self.dir / 'curves.png'}, {self.dir / 'predictions.png'}\n"
+                     f"  predict with python predict.py --checkpoint {self.dir / 'best.pt'}")
