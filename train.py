@@ -822,7 +822,7 @@ def on_measured(run: Run, global_step: int) -> None:
             run.write_config()
             utils.print0(budget_line(pace, run.steps_per_epoch, end_seconds))
     elif run.main and not pace.budgeted:
-        warning = cost_warning(run.config, run.hw.device, pace.estimate_seconds(end_seconds, global_step))
+        warning = cost_warning(run.config, run.hw, pace.estimate_seconds(end_seconds, global_step))
         if warning:
             utils.print0(warning)
 
@@ -850,11 +850,11 @@ CPU_BUDGET_COMMAND = "python train.py --data-dir DATA --minutes 10 --image-size 
 CPU_BUDGET_REACHES = "test Dice 0.89 on ISIC 2018 with 2 CPU cores"
 
 
-def cost_warning(config: TrainConfig, device: torch.device, estimate_seconds: float) -> str | None:
+def cost_warning(config: TrainConfig, hw: devices.Hardware, estimate_seconds: float) -> str | None:
     """A warning, printed before the run has cost much, when it will take long on this machine: over an
     hour on a CPU, or longer than the SLURM job has left (then the job requeues to finish)."""
     lines = []
-    if devices.hardware(device).is_cpu and estimate_seconds > 3600:
+    if hw.is_cpu and estimate_seconds > 3600:
         lines.append(f"warning: this run is estimated to take {budget.format_minutes(estimate_seconds)} on this CPU "
                      f"({config.epochs} epochs at {config.image_size}px). For a short CPU budget use "
                      f"`{CPU_BUDGET_COMMAND.replace('DATA', config.data_dir)}` ({CPU_BUDGET_REACHES}); "

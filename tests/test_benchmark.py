@@ -17,6 +17,12 @@ from test_devices import fake_gpu, gpus  # noqa: F401 (gpus is a fixture)
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def fp32_cpu(monkeypatch):
+    """The CPU variants of an fp32-only CPU, whatever this one has (test_default_models... sets both cases)."""
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+
+
 def test_tiny_run_writes_json_and_markdown(tmp_path):
     report = benchmark.main(["--device", "cpu", "--quick", "--sizes", "32", "--batch-size", "2", "--models",
                              "ours-batch", "--repeats", "1", "--warmup", "0", "--data-images", "4",
@@ -95,8 +101,10 @@ def test_missing_peer_is_skipped_with_the_reason(monkeypatch):
 def test_default_models_include_every_peer_and_variants_per_device(monkeypatch):
     config = benchmark.BenchConfig(quick=True)
     assert benchmark.DEFAULT_MODELS == ["ours-batch", "ours-instance", "dynunet", "basicunet", "smp-unet-r34"]
-    cpu = devices.hardware(torch.device("cpu"))
-    assert [v.name for v in benchmark.variants_for("ours-batch", cpu, True)] == ["fp32", "fp32-cl"]
+    for native, names in ((False, ["fp32", "fp32-cl"]), (True, ["fp32", "fp32-cl", "bf16", "bf16-cl"])):
+        monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: native)
+        cpu = devices.hardware(torch.device("cpu"))
+        assert [v.name for v in benchmark.variants_for("ours-batch", cpu, True)] == names
     assert [v.name for v in benchmark.variants_for("dynunet", cpu, True)] == ["fp32"]
     cuda = fake_gpu(monkeypatch, (9, 0))
     assert {v.name for v in benchmark.variants_for("ours-batch", cuda, False)} >= {"fp32", "bf16-cl", "bf16-cl-compile"}
@@ -112,10 +120,11 @@ def test_cuda_variants_take_the_amp_dtype_and_compile_from_the_capability(monkey
     quick = [v.name for v in benchmark.variants_for("ours-batch", hw, quick=True)]
     assert quick == ["fp32-cl", f"{amp}-cl"] + ([f"{amp}-cl-compile"] if compiles else [])
     assert [v.name for v in benchmark.variants_for("ours-batch", hw, True, compile=False)] == ["fp32-cl", f"{amp}-cl"]
-    # both memory formats with instance norm, in the dtype training uses
-    assert [v.name for v in benchmark.variants_for("ours-instance", hw, quick=True)] == [amp, f"{amp}-cl"]
+    # both memory formats with instance norm, in the dtype training uses, and compiled as train.py --compile runs it
+    compiled = [f"{amp}-compile"] if compiles else []
+    assert [v.name for v in benchmark.variants_for("ours-instance", hw, quick=True)] == [amp, f"{amp}-cl", *compiled]
     full = [v.name for v in benchmark.variants_for("ours-instance", hw, quick=False)]
-    assert full == ["fp32", "fp32-cl", amp, f"{amp}-cl"]
+    assert full == ["fp32", "fp32-cl", amp, f"{amp}-cl", *compiled]
     assert [v.name for v in benchmark.variants_for("dynunet", hw, quick=True)] == [f"{amp}-cl"]
     runner = benchmark.Runner("ours-batch", benchmark.Variant(amp, True), 32, benchmark.BenchConfig(batch_size=1),
                               torch.device("cpu"))
@@ -131,12 +140,12 @@ def test_device_is_normalised_before_anything_uses_it(gpus, monkeypatch):
     assert benchmark.resolve_device("auto") == torch.device("cpu")
 
 
-def test_cuda_settings_match_train_py_and_are_restored():
+def test_cuda_settings_match_train_py_and_are_restored(gpus):
     before = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with benchmark.cuda_settings(torch.device("cuda", 0)):  # only flags: no GPU needed
+        with benchmark.cuda_settings(torch.device("cuda", 0)):  # only flags: a mocked GPU is enough
             assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
             assert torch.backends.cudnn.allow_tf32
         assert not torch.backends.cudnn.benchmark and not torch.backends.cuda.matmul.allow_tf32

@@ -108,7 +108,7 @@ def test_summary_from_canned_stage_results():
                  "| MFU (model FLOPs / peak) | 5.0% of the dense bf16 peak, 989 TFLOP/s |",
                  "| Peak memory of a training step | 1,500 MB |",
                  "channels-last at 1.12x NCHW's speed (900 against 800 img/s, bf16): channels-last is faster |",
-                 "| torch.compile (ours-batch) | 1.25x the eager training speed |",
+                 "| torch.compile (ours-batch, NHWC) | 1.25x the eager training speed |",
                  "| Resume after SIGUSR1 | FAIL: the interrupted run gave exit status 1, expected 138 |",
                  "| Prediction | pass: Dice 0.8000",
                  "| GPU tests (pytest -m gpu) | pass: 7 passed, 320 deselected in 40.1s |",

@@ -286,7 +286,7 @@ def test_metric_averager_sums_float32_values_exactly():
 
 
 WORKER = """
-import json, sys, torch, utils
+import json, sys, torch, devices, losses
 info = devices.init_distributed()
 assert info.is_distributed and info.world_size == 2 and torch.distributed.get_backend() == "gloo", info
 gen = torch.Generator().manual_seed(0)

@@ -15,9 +15,11 @@ import torch
 
 import checkpoint
 import dataset
+import devices
 import loader
 import losses
 import modules
+import record
 import train
 import utils
 
@@ -277,7 +279,7 @@ def test_second_run_on_the_same_folder_is_refused(isic_folder, tmp_path, capsys)
     run = tmp_path / "run"
     run.mkdir()
     # pid 1 is alive for as long as this machine is up: a live owner
-    (run / ".lock").write_text(f"{train.socket.gethostname()} 1\n")
+    (run / ".lock").write_text(f"{record.socket.gethostname()} 1\n")
     with pytest.raises(SystemExit):
         train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
     assert "is in use by another run" in capsys.readouterr().err
@@ -289,7 +291,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(isic_folder, tmp_path):
     run.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (run / ".lock").write_text(f"{train.socket.gethostname()} {dead.pid}\n")
+    (run / ".lock").write_text(f"{record.socket.gethostname()} {dead.pid}\n")
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
     assert (run / "last.pt").is_file() and not (run / ".lock").exists()
 
@@ -348,7 +350,8 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
         test_fraction=config.test_fraction, split_seed=config.split_seed), log=lambda *a, **k: None)
     batches = loader.make_loader(splits.val, 3, splits.mean, splits.std, device=torch.device("cpu"),
                                   train=False, seed=0)
-    single = train.evaluate(model, batches, losses.SegmentationLoss("dice"), autocast=train.nullcontext)
+    autocast = devices.precision(config.amp, devices.hardware("cpu"))[0]  # as the run validated (bf16 where native)
+    single = train.evaluate(model, batches, losses.SegmentationLoss("dice"), autocast=autocast)
     assert float(row["val_dice"]) == pytest.approx(single["dice"], abs=1e-5)
     assert float(row["val_jaccard"]) == pytest.approx(single["jaccard"], abs=1e-5)
 

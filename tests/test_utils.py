@@ -114,7 +114,7 @@ def test_rng_state_restores_cuda_generator():
 _STEP_FAULTS = """
 import resource, sys
 import torch
-import modules, utils
+import devices, modules
 torch.set_num_threads(1)
 if sys.argv[1] == "tuned":
     assert devices.tune_glibc_malloc()
