@@ -81,6 +81,11 @@ RUNS = {
     "size-64-seed-1": ["--image-size", "64", "--seed", "1"],
     "size-64-seed-2": ["--image-size", "64", "--seed", "2"],
     "size-128": ["--image-size", "128"],
+    "size-128-seed-1": ["--image-size", "128", "--seed", "1"],
+    "size-128-seed-2": ["--image-size", "128", "--seed", "2"],
+    "size-160": ["--image-size", "160"],
+    "size-160-seed-1": ["--image-size", "160", "--seed", "1"],
+    "size-160-seed-2": ["--image-size", "160", "--seed", "2"],
     # an exponential moving average of the weights, validated and saved instead of them
     "ema-0.99": ["--ema", "0.99"],
 }
