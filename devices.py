@@ -197,23 +197,26 @@ class Hardware:
     def is_cpu(self) -> bool:
         return self.device.type == "cpu"
 
-    def channels_last(self, norm: str, training: bool = True, dtype: torch.dtype | None = None) -> bool:
-        """The default memory format of the network's activations: NHWC (True) or NCHW, for autocast to `dtype`.
+    def channels_last(self, norm: str, training: bool = True, dtype: torch.dtype | None = None,
+                      size: int | None = None) -> bool:
+        """The default memory format of the network's activations: NHWC (True) or NCHW, for autocast to `dtype`
+        and inputs of `size` px.
 
         Instance norm trains NCHW everywhere: ATen's group-norm kernels make their input contiguous, so in
         NHWC each of the ~25 norms converts the activations to NCHW and the next convolution back
-        (upstream measured +24% step time for nnU-Net on CUDA, pytorch#59168; on a 2-core Xeon, bf16
-        training ran 81 img/s NCHW against 25 NHWC at 96 px). Batch norm runs NHWC on CUDA, where
+        (upstream measured +24% step time for nnU-Net on CUDA, pytorch#59168; on a 2-core Xeon with AMX,
+        bf16 training ran 81 img/s NCHW against 25 NHWC at 96 px). Batch norm runs NHWC on CUDA, where
         cuDNN's tensor-core kernels are NHWC, and trains NHWC on the CPU in fp32 (18-19% faster there).
-        CPU inference runs NHWC. MPS: NCHW, its best-supported layout. gpu_check.py measures both formats
-        with each norm on a real GPU.
+        CPU inference runs NHWC, except in bf16 up to 128 px, where NCHW is faster (forward, batch 8, on
+        the Xeon: 96 px 198 against 110 img/s, 128 px 135 against 112; 256 px NHWC 37.5 against 21.8).
+        MPS: NCHW, its best-supported layout. gpu_check.py measures both formats with each norm on a GPU.
         """
         if self.device.type == "mps":
             return False
         if self.is_cuda:
             return norm == "batch"
         if not training:
-            return True
+            return dtype is None or size is None or size > 128
         return norm == "batch" and dtype is None
 
     @property

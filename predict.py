@@ -146,15 +146,14 @@ def latest_checkpoint(runs_dir: str | Path) -> Path:
     return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
-def load_model(path: str | Path, device: torch.device) -> LoadedModel:
+def load_model(path: str | Path, device: torch.device, amp: torch.dtype | None = None) -> LoadedModel:
     """Rebuild the network from a checkpoint: architecture, weights, normalisation and image size."""
     path = Path(path)
     state = checkpoint.load_checkpoint(path, map_location="cpu")  # CheckpointError: missing, truncated, foreign
     model, image_size, mean, std = checkpoint.model_from_checkpoint(state, path)
-    # the inference memory format of the device: channels-last on CUDA (cuDNN's bf16 kernels are NHWC) and on CPU
-    # (oneDNN's NHWC forward is 4-14% faster at 128-256 px, for either norm), NCHW on MPS
+    # the inference memory format that devices.py chooses for this device, norm, precision and input size
     norm = state["model_config"].get("norm", "instance")
-    channels_last = devices.hardware(device).channels_last(norm, training=False)
+    channels_last = devices.hardware(device).channels_last(norm, training=False, dtype=amp, size=image_size)
     model.eval().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
@@ -185,9 +184,9 @@ class Ensemble(torch.nn.Module):
         return torch.logit(total / len(self.models), eps=1e-6)
 
 
-def load_ensemble(paths: list[Path], device: torch.device) -> LoadedModel:
+def load_ensemble(paths: list[Path], device: torch.device, amp: torch.dtype | None = None) -> LoadedModel:
     """One checkpoint as it is; several as an Ensemble, refused unless they see the same input size."""
-    members = [load_model(path, device) for path in paths]
+    members = [load_model(path, device, amp) for path in paths]
     if len(members) == 1:
         return members[0]
     first = members[0]
@@ -703,10 +702,10 @@ def run(config: PredictConfig) -> PredictResult:
     if not config.checkpoint:
         first = latest_checkpoint(config.runs_dir)
         print(f"No --checkpoint: using {first} (the most recent run under {config.runs_dir}/)")
-        loaded = load_model(first, device)
+        loaded = load_model(first, device, amp)
     else:
         first = Path(config.checkpoint[0])
-        loaded = load_ensemble([Path(c) for c in config.checkpoint], device)
+        loaded = load_ensemble([Path(c) for c in config.checkpoint], device, amp)
 
     if config.export_onnx:
         export_onnx(loaded, config.export_onnx)

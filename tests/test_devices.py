@@ -189,6 +189,10 @@ def test_the_cpu_trains_in_bf16_only_where_it_computes_bf16_natively(monkeypatch
     # NCHW with instance norm (and in bf16); NHWC for fp32 batch norm and for inference
     assert not cpu.channels_last("instance") and not cpu.channels_last("batch", dtype=torch.bfloat16)
     assert cpu.channels_last("batch") and cpu.channels_last("instance", training=False)
+    # inference: NHWC, except bf16 at the small sizes where NCHW measured faster
+    assert cpu.channels_last("instance", training=False, dtype=None, size=96)
+    assert not cpu.channels_last("instance", training=False, dtype=torch.bfloat16, size=96)
+    assert cpu.channels_last("instance", training=False, dtype=torch.bfloat16, size=256)
     assert cpu.describe(cpu.amp_dtype, False) == f"cpu ({'bf16' if native else 'fp32'}, NCHW)"
 
 
