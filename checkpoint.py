@@ -181,11 +181,6 @@ def model_from_checkpoint(state: dict, path) -> tuple[torch.nn.Module, int, tupl
     return model, image_size, mean, std
 
 
-def load_model(path) -> tuple[torch.nn.Module, int, tuple, tuple]:
-    """model_from_checkpoint(load_checkpoint(path)): the model for prediction, on the CPU."""
-    return model_from_checkpoint(load_checkpoint(path), path)
-
-
 # ----------------------------------------------------------------------------- random number generators
 
 

@@ -184,11 +184,6 @@ class Hardware:
     can_compile: bool  # torch.compile is possible and worth it: NVIDIA from 7.0 (Triton's minimum), ROCm CDNA2+
 
     @property
-    def kind(self) -> str:
-        """"cuda", "mps" or "cpu": the device type, for autocast and GradScaler."""
-        return self.device.type
-
-    @property
     def is_cuda(self) -> bool:
         """A CUDA (or ROCm) GPU: kernels run asynchronously, behind a queue that a host read stalls."""
         return self.device.type == "cuda"
@@ -248,11 +243,6 @@ class Hardware:
     def antialias_resize(self) -> bool:
         """Whether F.interpolate(..., antialias=True) runs on this device (MPS got it in PyTorch 2.7)."""
         return self.device.type != "mps" or _torch_version() >= (2, 7)
-
-    @property
-    def host_metrics(self) -> bool:
-        """Confusion counts on the host: numpy counts bools ~15x faster than torch's sum at full image size."""
-        return self.is_cpu
 
     def synchronize(self) -> None:
         """Wait until the device has finished its queued work, so a clock reads the real time."""

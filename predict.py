@@ -206,14 +206,14 @@ def load_ensemble(paths: list[Path], device: torch.device, amp: torch.dtype | No
 
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False,
-                          amp: torch.dtype | None = None) -> torch.Tensor:
+                          amp: torch.dtype | None = None, hw: devices.Hardware | None = None) -> torch.Tensor:
     """Lesion probabilities in [0, 1], float32 (B, S, S), for normalised images float32 (B, 3, S, S).
 
     With tta, the mean over the image and its horizontal, vertical and double flip (each mapped back).
     The network runs under autocast to `amp` when given (devices.amp_dtype chooses it); the sigmoid and the
     mean run in float32.
     """
-    autocast = devices.hardware(images.device).autocast(amp)()
+    autocast = (hw or devices.hardware(images.device)).autocast(amp)()
     flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
     total = None
     for dims in flips:
@@ -227,12 +227,13 @@ def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: boo
     return total / len(flips)
 
 
-def resize_probabilities(probs: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def resize_probabilities(probs: torch.Tensor, size: tuple[int, int], antialias_here: bool = True) -> torch.Tensor:
     """A probability map (S, S) resized to the original (H, W), bilinear (antialiased when shrinking).
 
-    Where the device has no antialiased resize (MPS before PyTorch 2.7) a shrink runs on the CPU."""
+    Where the device has no antialiased resize (antialias_here False: Hardware.antialias_resize, MPS
+    before PyTorch 2.7) a shrink runs on the CPU."""
     shrink = size[0] < probs.shape[0] or size[1] < probs.shape[1]  # antialiasing costs 2x and changes no upsampling
-    if shrink and not devices.hardware(probs.device).antialias_resize:
+    if shrink and not antialias_here:
         probs = probs.cpu()
     return F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0, 0]
 
@@ -653,7 +654,7 @@ class Segmenter:
         # uint8 to the device (a quarter of the float32 bytes; pinned and asynchronous on CUDA), normalised there
         x = dataset.normalize(devices.copy_to(images, self.hw), self.mean, self.std)  # (B, 3, S, S)
         with self.timer("forward"):
-            probs = predict_probabilities(self.loaded.model, x, self.config.tta, self.amp)  # (B, S, S)
+            probs = predict_probabilities(self.loaded.model, x, self.config.tta, self.amp, self.hw)  # (B, S, S)
         if self.config.postprocess:
             with self.timer("postprocess"):
                 edited = [postprocess_probabilities(p, self.config.threshold) for p in probs.cpu().numpy()]
@@ -665,7 +666,7 @@ class Segmenter:
         """Resize one probability map (S, S) back to the original size, threshold, queue its files, score."""
         config, item, name = self.config, entry.item, entry.item.image.name
         with self.timer("resize back"):
-            full = resize_probabilities(prob, entry.size)  # (H, W) float32
+            full = resize_probabilities(prob, entry.size, self.hw.antialias_resize)  # (H, W) float32
             predicted = full > config.threshold  # (H, W) bool, on the device
             prediction = predicted.cpu().numpy()
             probability = (full * 255).round().to(torch.uint8).cpu().numpy() if config.save_probabilities else None

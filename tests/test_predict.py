@@ -476,7 +476,7 @@ def test_autocast_dtype_comes_from_the_device(checkpoint, data, tmp_path, monkey
     seen = []
     real = predict.predict_probabilities
     monkeypatch.setattr(predict, "predict_probabilities",
-                        lambda model, x, tta, amp: seen.append(amp) or real(model, x, tta, amp))
+                        lambda model, x, tta, amp, hw=None: seen.append(amp) or real(model, x, tta, amp, hw))
     assert run_main(["--checkpoint", checkpoint, "--input", images / "ISIC_0000001.jpg", "--output", tmp_path / "out",
                      "--amp", amp]) == 0
     assert seen == [expected]
