@@ -113,6 +113,8 @@ class TrainConfig:
 # 0.3, every augmentation), since the real-data defaults above were chosen on real images.
 SYNTHETIC_DEFAULTS = {"image_size": 64, "epochs": 30, "batch_size": 8, "lr": 2e-3, "schedule": "cosine",
                       "norm": "batch", "dropout": 0.3, "augment": "full", "loss": "dice", "warmup_epochs": 0.0}
+# The fields above in which the synthetic run departs from the real-data recipe: the run says so, and why.
+SYNTHETIC_RECIPE_FIELDS = ("norm", "dropout", "augment", "loss", "warmup_epochs")
 
 # Named sets of settings; each fills the fields the user did not set. "paper" is Isensee et al. 2017's
 # training as far as it carries over to 2D: instance norm, dropout 0.3, Adam 5e-4 with weight decay
@@ -439,9 +441,13 @@ def resolve_data(config: TrainConfig, explicit: set[str], resuming: bool) -> tup
             f"`python download.py --root {config.data_dir}`, or point --data-dir at your copy.")
     overrides = {k: v for k, v in SYNTHETIC_DEFAULTS.items() if k not in explicit}
     config = dataclasses.replace(config, data_dir=synthetic.SYNTHETIC_DIR, **overrides)
+    own_recipe = [k for k in SYNTHETIC_RECIPE_FIELDS if k in overrides]
     utils.print0(f"No ISIC data at {TrainConfig.data_dir}: training on the built-in synthetic lesion set in "
                  f"{synthetic.SYNTHETIC_DIR} ({', '.join(f'{k}={v}' for k, v in overrides.items())}). "
-                 f"For the real data run `python download.py` or pass --data-dir.")
+                 + (f"Its model, augmentation and loss ({', '.join(own_recipe)}) are the ones this synthetic run "
+                    "was measured with, not the real-data recipe, which was chosen on ISIC images "
+                    "(docs/training.md#the-zero-argument-run). " if own_recipe else "")
+                 + "For the real data run `python download.py` or pass --data-dir.")
     return config, True
 
 
