@@ -51,9 +51,11 @@ def simple_commands(line: str):
 COMMANDS = [(page, line) for page in PAGES for line in shell_lines(page.read_text())]
 
 # Programs whose lines are shown as shell, not checked here (their effect is described beside them).
-UNCHECKED = {"mkdir", "git", "cp", "wandb", "for", "done", "cd", "ls", "nvidia-smi", "scontrol", "squeue", "scancel"}
+UNCHECKED = {"mkdir", "git", "cp", "wandb", "for", "done", "cd", "ls", "nvidia-smi", "scontrol", "squeue", "scancel",
+             "python3", "module", "source", "export", "conda", "tail", "scp", "df", "quota", "ln", "rm"}
 # The SLURM scripts hand the flags after the script name to these scripts.
-SLURM_SCRIPT_TARGETS = {"slurm/train.sh": "train", "slurm/train_multigpu.sh": "train", "slurm/predict.sh": "predict"}
+SLURM_SCRIPT_TARGETS = {"slurm/train.sh": "train", "slurm/train_multigpu.sh": "train", "slurm/predict.sh": "predict",
+                        "slurm/gpu_check.sh": "gpu_check"}
 
 
 class _Parsed(Exception):
