@@ -5,6 +5,13 @@
     python predict.py --input imgs/ --masks truth/     # also metrics.csv, metrics.json and cases.png
     python predict.py --checkpoint runs/cv-*/best.pt   # several models (folds, seeds): their probabilities averaged
     python predict.py --export-onnx model.onnx         # write an ONNX model (dynamic batch and size) and exit
+    python predict.py --input big/ --parts 4 --part 2  # the second quarter of a folder (one task of an array job)
+
+A mask is written whole (to a hidden file, then renamed), and the output folder records the checkpoint
+and settings that wrote it (predictions.json). Run the same command again, after an interruption or a
+preempted job, and the images whose files are already there are skipped; the parts of a split folder
+fill one output folder, and a last run without --parts scores all of it. An output folder written by
+another checkpoint or with other settings is refused, never mixed.
 
 Exit status: 0 when every file was segmented (and scored), 1 when some files failed (each is named),
 2 when nothing could run (a missing or foreign checkpoint, no inputs, an unusable flag).
@@ -17,7 +24,10 @@ import csv
 import dataclasses
 import glob
 import json
+import hashlib
+import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -70,6 +80,10 @@ class PredictConfig:
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
     export_onnx: str | None = None  # write the model to this ONNX file (dynamic batch, height and width) and exit
+    # --- batch jobs ---
+    parts: int = 1  # split the inputs (in file-name order) into this many parts of nearly equal size, and segment one: --part
+    part: int = 1  # which part to segment, 1 to --parts (slurm/predict.sh takes it from the array task)
+    overwrite: bool = False  # segment every image again and replace the output folder's files; default: skip the images whose files a run of the same checkpoint and settings already wrote there
 
 
 GROUPS = utils.field_groups(PredictConfig)  # from the "# --- name ---" lines above
@@ -99,6 +113,10 @@ def check_config(config: PredictConfig) -> list[str]:
         problems.append(f"--workers must not be negative, got {config.workers}")
     if not 0 < config.threshold < 1:
         problems.append(f"--threshold must be between 0 and 1 (exclusive), got {config.threshold}")
+    if config.parts < 1:
+        problems.append(f"--parts must be at least 1, got {config.parts}")
+    elif not 1 <= config.part <= config.parts:
+        problems.append(f"--part must be between 1 and --parts ({config.parts}), got {config.part}")
     return problems
 
 
@@ -110,15 +128,48 @@ def main(argv=None) -> PredictResult:
     if problems:
         parser.error("; ".join(problems))
     try:
-        result = run(config)
+        with stop_on_signals():
+            result = run(config)
     except (PredictError, checkpoint.CheckpointError, dataset.DataError) as err:
         print(f"predict.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except Stopped as stop:
+        # the masks in flight were finished by Segmenter's clean-up; a half mask never has its final name
+        print(f"predict.py: stopped by {stop.name}; every mask written so far is whole and is skipped when the same "
+              f"command runs again", flush=True)
+        raise SystemExit(128 + stop.signum) from None
     if result.failures:
         print(f"predict.py: {len(result.failures)} of {result.total} files failed: "
               + ", ".join(name for name, _ in result.failures), file=sys.stderr, flush=True)
         raise SystemExit(1)
     return result
+
+
+class Stopped(Exception):
+    """A signal (SLURM's warning USR1, preemption's TERM) asked the run to stop."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum, self.name = signum, signal.Signals(signum).name
+
+
+@contextmanager
+def stop_on_signals():
+    """USR1 and TERM raise Stopped in the main thread, so the writes in flight finish before the exit."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    wanted = [getattr(signal, name) for name in ("SIGUSR1", "SIGTERM") if hasattr(signal, name)]  # Windows: TERM only
+    previous = {sig: signal.signal(sig, stop) for sig in wanted}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # ----------------------------------------------------------------------------- model
@@ -442,6 +493,90 @@ def default_output(checkpoint: Path, runs_dir: str) -> Path:
         return Path("predict_out")
 
 
+# ----------------------------------------------------------------------------- the output folder
+
+RECORD = "predictions.json"  # in the output folder: the checkpoints and settings its masks came from
+SETTINGS = ("image_size", "threshold", "tta", "postprocess")  # with the checkpoints' contents, what decides a mask
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def output_record(paths: list[Path], loaded: LoadedModel, config: PredictConfig) -> dict:
+    """What the masks of this run depend on: the checkpoints' bytes (not their paths) and the settings."""
+    return {"checkpoints": [{"path": str(path), "sha256": file_sha256(path)} for path in paths],
+            "image_size": loaded.image_size, "threshold": config.threshold, "tta": config.tta,
+            "postprocess": config.postprocess}
+
+
+def record_differences(there: dict, here: dict) -> list[str]:
+    differences = []
+    if [c.get("sha256") for c in there.get("checkpoints", [])] != [c["sha256"] for c in here["checkpoints"]]:
+        names = ", ".join(c.get("path", "?") for c in there.get("checkpoints", []))
+        differences.append(f"another checkpoint ({names}, other contents than {here['checkpoints'][0]['path']})")
+    differences += [f"--{key.replace('_', '-')} {there.get(key)} (here {here[key]})" for key in SETTINGS
+                    if key != "image_size" and there.get(key) != here[key]]
+    return differences
+
+
+def claim_output(output_dir: Path, record: dict, overwrite: bool) -> None:
+    """Write predictions.json, or check that the one there is this run's: masks of two checkpoints, or of
+    two thresholds, must never share a folder unnoticed. Parts of an array job claim one folder at once;
+    the record appears whole (hard link of a finished file), so each part reads a complete one."""
+    path = output_dir / RECORD
+    draft = output_dir / f".{RECORD}.{os.getpid()}.part"
+    draft.write_text(json.dumps(record, indent=2) + "\n")
+    try:
+        if overwrite:
+            os.replace(draft, path)
+            return
+        masks = sorted(output_dir.glob("*_segmentation.png"))
+        try:
+            os.link(draft, path)
+            if masks:  # masks from before the record, or from another tool
+                path.unlink()
+                raise PredictError(f"{output_dir} holds {len(masks)} masks (e.g. {masks[0].name}) but no {RECORD} "
+                                   f"saying which checkpoint wrote them; pass --overwrite to replace them, or choose "
+                                   f"another --output")
+            return
+        except FileExistsError:
+            pass
+    finally:
+        draft.unlink(missing_ok=True)
+    try:
+        there = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PredictError(f"cannot read {path} ({err}); delete it, or pass --overwrite to segment every image "
+                           f"again") from None
+    differences = record_differences(there, record)
+    if differences:
+        raise PredictError(f"{output_dir} holds masks written with {'; '.join(differences)}; choose another "
+                           f"--output, or pass --overwrite to replace them")
+
+
+def part_of(items: list[Item], parts: int, part: int) -> list[Item]:
+    """The part-th of `parts` consecutive slices of nearly equal size (sizes differ by one at most)."""
+    if parts > len(items):
+        raise PredictError(f"--parts {parts} is more than the {len(items)} images to segment; use at most "
+                           f"{len(items)} parts")
+    return items[(part - 1) * len(items) // parts: part * len(items) // parts]
+
+
+def output_paths(item: Item, output_dir: Path, config: PredictConfig) -> list[Path]:
+    """The files this image gets: its mask, and its overlay and probability map when asked for."""
+    paths = [output_dir / f"{item.id}_segmentation.png"]
+    if config.save_probabilities:
+        paths.append(output_dir / "probabilities" / f"{item.id}_probability.png")
+    if config.overlay:
+        paths.append(output_dir / "overlays" / f"{item.id}_overlay.jpg")
+    return paths
+
+
 # ----------------------------------------------------------------------------- the pipeline
 
 
@@ -528,8 +663,11 @@ class Writer:
         self.failures: list[tuple[str, str]] = []
 
     def _write(self, save, path: Path):
+        # whole or not at all: a run stopped mid-write leaves a hidden .part file, never a half mask under its name
+        part = path.with_name(f".{path.name}.part")
         with self.timer("write"):
-            save(path)
+            save(part)
+            os.replace(part, path)
 
     def submit(self, name: str, save, path: Path) -> None:
         if self.pool is None:
@@ -557,7 +695,7 @@ class Writer:
 
 def save_png(array: np.ndarray):
     """A saver writing a uint8 (H, W) array as a single-channel 8-bit PNG (fast zlib level: masks compress well)."""
-    return lambda path: Image.fromarray(array).save(path, compress_level=1)
+    return lambda path: Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
 def outline(mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -598,6 +736,7 @@ class PredictResult:
     metrics: dict[str, float] | None = None  # means over the scored images, keyed as the scorer names them
     per_image: list[dict] = dataclasses.field(default_factory=list)  # image_id and the six metrics per image
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # per stage (summed over threads) and total
+    skipped: list[Path] = dataclasses.field(default_factory=list)  # masks an earlier run wrote, kept as they were
 
 
 class Segmenter:
@@ -641,6 +780,26 @@ class Segmenter:
             if pool is not None:
                 pool.shutdown()
 
+    def score_written(self, items: list[Item]) -> None:
+        """Score masks that an earlier run wrote (skipped now) against their ground truth, as finish() does."""
+        for item in items:
+            if item.mask is None:
+                continue
+            path = self.output_dir / f"{item.id}_segmentation.png"
+            try:
+                prediction, truth = dataset.load_mask(path) > 0, dataset.load_mask(item.mask) > 0
+            except (dataset.DataError, OSError, ValueError) as err:
+                self.fail(item.image.name, str(err) or type(err).__name__)
+                continue
+            if prediction.shape != truth.shape:
+                self.fail(item.image.name, f"ground truth {item.mask} is {truth.shape[1]}x{truth.shape[0]} but "
+                                           f"{path} is {prediction.shape[1]}x{prediction.shape[0]}")
+                continue
+            with self.timer("score"):
+                scores = losses.segmentation_metrics(torch.from_numpy(prediction)[None], torch.from_numpy(truth)[None])
+            self.averager.update(scores)
+            self.rows.append({"image_id": item.id, **{key: scores[key].item() for key in METRICS}})
+
     def segment_batch(self, batch: list[Loaded]) -> None:
         good = []
         for entry in batch:
@@ -679,7 +838,7 @@ class Segmenter:
         if config.overlay:
             with self.timer("overlay"):
                 picture = overlay_image(entry.image, prediction, entry.truth)
-            self.writer.submit(name, lambda p: Image.fromarray(picture).save(p, quality=90),
+            self.writer.submit(name, lambda p: Image.fromarray(picture).save(p, format="JPEG", quality=90),
                                self.output_dir / "overlays" / f"{item.id}_overlay.jpg")
         if entry.truth_error is not None:
             self.fail(name, entry.truth_error)
@@ -703,10 +862,11 @@ def run(config: PredictConfig) -> PredictResult:
     if not config.checkpoint:
         first = latest_checkpoint(config.runs_dir)
         print(f"No --checkpoint: using {first} (the most recent run under {config.runs_dir}/)")
-        loaded = load_model(first, device, amp)
+        loaded, checkpoint_paths = load_model(first, device, amp), [first]
     else:
-        first = Path(config.checkpoint[0])
-        loaded = load_ensemble([Path(c) for c in config.checkpoint], device, amp)
+        checkpoint_paths = [Path(c) for c in config.checkpoint]
+        first = checkpoint_paths[0]
+        loaded = load_ensemble(checkpoint_paths, device, amp)
 
     if config.export_onnx:
         export_onnx(loaded, config.export_onnx)
@@ -716,6 +876,9 @@ def run(config: PredictConfig) -> PredictResult:
         return PredictResult(None, 0, [Path(config.export_onnx)], [])
 
     items = gather_items(config, loaded)
+    if config.parts > 1:
+        whole, items = len(items), part_of(items, config.parts, config.part)
+        print(f"Part {config.part} of {config.parts}: {len(items)} of the {whole} images, {items[0].id} to {items[-1].id}")
     output_dir = Path(config.output) if config.output else (
         Path("predict_out") if len(config.checkpoint) > 1 else default_output(first, config.runs_dir))
     try:
@@ -723,30 +886,46 @@ def run(config: PredictConfig) -> PredictResult:
         for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):
             if wanted:
                 (output_dir / sub).mkdir(exist_ok=True)
+        claim_output(output_dir, output_record(checkpoint_paths, loaded, config), config.overwrite)
     except OSError as err:
-        raise PredictError(f"cannot create the output folder {output_dir}: {err}; choose another --output") from None
+        raise PredictError(f"cannot write in the output folder {output_dir}: {err}; choose another --output") from None
+    done = [] if config.overwrite else [item for item in items
+                                        if all(p.is_file() for p in output_paths(item, output_dir, config))]
+    skipped = {item.id for item in done}
+    todo = [item for item in items if item.id not in skipped]
+    if done:
+        print(f"{len(done)} of the {len(items)} images were segmented into {output_dir}/ by an earlier run of this "
+              f"checkpoint and settings: skipped (--overwrite redoes them)")
     models = f"{len(config.checkpoint)} models (mean probability)" if len(config.checkpoint) > 1 else checkpoint
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "float32")
-    print(f"Segmenting {len(items)} images on {device} ({hw.name}, {precision}) with {models} "
+    print(f"Segmenting {len(todo)} images on {device} ({hw.name}, {precision}) with {models} "
           f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"
           f"{', post-processing' if config.postprocess else ''}) into {output_dir}/")
 
     start = time.perf_counter()
     segmenter = Segmenter(loaded, config, output_dir, device, amp)
-    segmenter(items)
+    if todo:
+        segmenter(todo)
+    segmenter.score_written(done)
     seconds = dict(segmenter.timer.seconds, total=time.perf_counter() - start)
-    done = len(items) - len({name for name, _ in segmenter.failures})
-    print(f"Segmented {done} of {len(items)} images in {seconds['total']:.1f} s "
-          f"({done / seconds['total']:.2f} images/s); per stage, summed over threads: {segmenter.timer.summary()}")
+    segmented = len(todo) - len({name for name, _ in segmenter.failures})
+    print(f"Segmented {segmented} of {len(todo)} images in {seconds['total']:.1f} s "
+          f"({segmented / seconds['total']:.2f} images/s); per stage, summed over threads: {segmenter.timer.summary()}")
 
-    rows, metrics = segmenter.rows, None
+    order = {item.id: index for index, item in enumerate(items)}
+    rows, metrics = sorted(segmenter.rows, key=lambda row: order[row["image_id"]]), None
     if rows:
         metrics = segmenter.averager.compute()
-        write_metrics(rows, metrics, output_dir)
         print(metrics_table(rows, metrics))
-        plot_cases(rows, {item.id: item for item in items}, output_dir)
-        print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
-    return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds)
+        if config.parts > 1:
+            print(f"These are the scores of part {config.part} of {config.parts} only; once every part is done, run "
+                  f"the command again without --parts to score the whole folder (its masks are skipped, not redone)")
+        else:
+            write_metrics(rows, metrics, output_dir)
+            plot_cases(rows, {item.id: item for item in items}, output_dir)
+            print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
+    return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds,
+                         skipped=[output_dir / f"{item.id}_segmentation.png" for item in done])
 
 
 # ----------------------------------------------------------------------------- evaluation outputs

@@ -22,8 +22,10 @@ class RunInUseError(RuntimeError):
 class RunLock:
     """A lock file in the run folder, so two runs never write the same checkpoints.
 
-    It records host and pid; a lock left by a process that no longer exists on this host is taken
-    over, so a crashed run does not block its own resumption forever.
+    It records host, pid and the SLURM job attempt. A lock is taken over when its owner is gone: a
+    process that no longer exists on this host (a crash), or an earlier attempt of this same SLURM job
+    (a job killed hard, by a node failure, the OOM killer or a kill after a slow save, and requeued
+    onto any node: SLURM never runs two attempts of one job at once).
     """
 
     def __init__(self, run_dir: Path):
@@ -31,39 +33,64 @@ class RunLock:
         self.held = False
 
     def acquire(self) -> None:
-        host = socket.gethostname()
+        host, job, attempt = socket.gethostname(), *slurm_attempt()
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
-                owner_host, owner_pid = self._owner()
-                if owner_host == host and owner_pid is not None and not _pid_alive(owner_pid):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                owner = self._owner()
+                if owner is not None and _stale(owner, host, job, attempt):
+                    self.path.unlink(missing_ok=True)
                     continue
+                owner_host, owner_pid, owner_job, _ = owner or (None, None, None, None)
+                of_job = f", SLURM job {owner_job}" if owner_job else ""
                 raise RunInUseError(
-                    f"{self.path.parent} is in use by another run (pid {owner_pid} on {owner_host}). "
+                    f"{self.path.parent} is in use by another run (pid {owner_pid} on {owner_host}{of_job}). "
                     f"Choose another --name, or wait for that run to finish; if it is no longer "
                     f"running, delete {self.path}.") from None
             try:
                 with os.fdopen(fd, "w") as f:
-                    f.write(f"{host} {os.getpid()}\n")
+                    f.write(f"{host} {os.getpid()} {job or '-'} {attempt}\n")
             except OSError as err:  # a full disk: leave no empty lock that would block the next attempt
                 self.path.unlink(missing_ok=True)
                 raise OSError(err.errno, err.strerror, str(self.path)) from None
             self.held = True
             return
 
-    def _owner(self):
+    def _owner(self) -> tuple[str, int, str | None, int] | None:
+        """(host, pid, SLURM job or None, attempt); a lock of two fields predates the job fields."""
         try:
-            host, pid = self.path.read_text().split()
-            return host, int(pid)
-        except (OSError, ValueError):
-            return None, None
+            fields = self.path.read_text().split()
+            host, pid = fields[0], int(fields[1])
+            job = fields[2] if len(fields) > 2 and fields[2] != "-" else None
+            return host, pid, job, int(fields[3]) if len(fields) > 3 else 0
+        except (OSError, ValueError, IndexError):
+            return None
 
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def slurm_attempt() -> tuple[str | None, int]:
+    """This process's SLURM job, as squeue names it (an array task is <array id>_<task id>), and its
+    attempt (SLURM_RESTART_COUNT counts requeues); (None, 0) outside SLURM."""
+    job = os.environ.get("SLURM_JOB_ID") or None
+    if job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        job = f"{os.environ.get('SLURM_ARRAY_JOB_ID', job)}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    try:
+        attempt = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        attempt = 0
+    return job, attempt
+
+
+def _stale(owner: tuple, host: str, job: str | None, attempt: int) -> bool:
+    owner_host, owner_pid, owner_job, owner_attempt = owner
+    if job is not None and owner_job == job and owner_attempt < attempt:
+        return True  # an earlier attempt of this job, on whichever node: it ended before this one began
+    return owner_host == host and not _pid_alive(owner_pid)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -9,6 +9,10 @@ activate_python_env() {
     if [[ -z "$env" ]]; then
         return 0
     fi
+    # Activation scripts (conda's above all, and its packages' activate.d hooks) read variables that may
+    # be unset; under the job scripts' set -u that would end the job before training. Relaxed here only.
+    local strict=0
+    [[ $- == *u* ]] && strict=1 && set +u
     if [[ -f "$env/bin/activate" ]]; then
         # shellcheck disable=SC1091
         source "$env/bin/activate"
@@ -23,20 +27,46 @@ activate_python_env() {
              "environment (conda is not on PATH; try 'module load conda' first)" >&2
         exit 1
     fi
+    ((strict == 0)) || set -u
     if ! python -c "import torch" 2>/dev/null; then
         echo "error: the environment '$env' has no torch; run 'pip install -r requirements.txt' in it" >&2
         exit 1
     fi
 }
 
-# The run folder's name: the job's name and id, which survive a requeue, so a requeued job finds its
-# own run folder and resumes it. An array task is <name>-<array job id>_<task id>, like squeue shows it.
+# The run folder's default name: the job's name and id, which survive a requeue, so a requeued job finds
+# its own run folder and resumes it. An array task is <name>-<array job id>_<task id>, like squeue shows it.
 default_run_name() {
     local id="${SLURM_JOB_ID:-local}"
     if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
         id="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
     fi
     echo "${SLURM_JOB_NAME:-$1}-$id"
+}
+
+# The value the script's own flags give FLAG (the last one wins, as in argparse: "--name x" or "--name=x"),
+# else $2. Usage: flag_value --name DEFAULT "$@"
+flag_value() {
+    local flag="$1" value="$2"
+    shift 2
+    while (($#)); do
+        case "$1" in
+            "$flag") (($# > 1)) && value="$2" && shift ;;
+            "$flag"=*) value="${1#*=}" ;;
+        esac
+        shift
+    done
+    echo "$value"
+}
+
+# The run folder that train.py will write, as it will name it: --out-dir (default runs) and --name,
+# else RUN_NAME, else default_run_name. Sets RUN_NAME and RUN_DIR; $1 is the job's default name.
+run_folder() {
+    local fallback="$1"
+    shift
+    RUN_NAME="$(flag_value --name "${RUN_NAME:-$(default_run_name "$fallback")}" "$@")"
+    # shellcheck disable=SC2034  # read by the job scripts that source this file
+    RUN_DIR="$(flag_value --out-dir runs "$@")/$RUN_NAME"
 }
 
 # A job array is a sweep: task N adds the flags on line N of the file named by SWEEP (flags separated
@@ -211,7 +241,7 @@ requeue_if_signalled() {
     fi
     # An array task's SLURM_JOB_ID can equal the array's id, which names every task: requeue
     # <array id>_<task id>, this task alone.
-    local job="$SLURM_JOB_ID" state resume="resubmit with RUN_NAME=${RUN_NAME:-<run folder name>} to resume"
+    local job="$SLURM_JOB_ID" state resume="${RESUME_HOW:-resubmit with RUN_NAME=${RUN_NAME:-<run folder name>} to resume}"
     if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
         job="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
     fi
@@ -228,7 +258,7 @@ requeue_if_signalled() {
     if [[ -n "$STOPPED_AT" ]]; then
         echo "requeueing job $job after $SIGNAL_NAME: last.pt saved at $STOPPED_AT; the job continues from there"
     else
-        echo "requeueing job $job after $SIGNAL_NAME; the job continues from its last checkpoint"
+        echo "requeueing job $job after $SIGNAL_NAME; the job continues ${CONTINUES_FROM:-from its last checkpoint}"
     fi
     scontrol requeue "$job" || echo "error: 'scontrol requeue $job' failed; $resume" >&2
 }

@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # Segment a folder of images with a trained checkpoint and, given ground truth, score them.
-#   mkdir -p logs && sbatch slurm/predict.sh --checkpoint runs/NAME/best.pt --input DIR [--masks DIR]
+#   mkdir -p logs && sbatch slurm/predict.sh --checkpoint runs/NAME/best.pt --input DIR [--masks DIR] --output OUT
 # All flags go to predict.py; see `python predict.py --help`.
+#
+# A warned or preempted job is requeued and skips the masks it already wrote. A large folder splits
+# across an array job, one part per task (predict.py --parts/--part from the array), into one OUT:
+#   sbatch --array=1-4 --output=logs/%x-%A_%a.out slurm/predict.sh --input DIR --output OUT ...
+# then score the whole folder once every part is done (no image is segmented again):
+#   sbatch --dependency=afterok:<array job id> slurm/predict.sh --input DIR --masks TRUTH --output OUT ...
 #SBATCH --job-name=improved-unet-predict
 #SBATCH --partition=a100
 #SBATCH --gres=gpu:1
@@ -9,6 +15,9 @@
 #SBATCH --mem=16G
 #SBATCH --time=00:30:00
 #SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@60
+#SBATCH --requeue
 set -euo pipefail
 
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
@@ -16,5 +25,17 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source slurm/common.sh
 activate_python_env
 
-echo "$(date +%T) job ${SLURM_JOB_ID:-local} on $(hostname): python predict.py $*"
-python predict.py "$@"
+# An array task segments its part: the tasks' order among the array's ids (--array=0-3, 1-4 or 0-9:3 alike).
+PART_FLAGS=()
+if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
+    PART_FLAGS=(--parts "${SLURM_ARRAY_TASK_COUNT:-1}"
+                --part $(((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-SLURM_ARRAY_TASK_ID}) / ${SLURM_ARRAY_TASK_STEP:-1} + 1)))
+fi
+job_banner "python predict.py $* ${PART_FLAGS[*]}"
+
+# shellcheck disable=SC2034  # read by requeue_if_signalled in slurm/common.sh
+RESUME_HOW="resubmit the same command: the masks already written are skipped" CONTINUES_FROM="with the masks not yet written"
+status=0
+run_forwarding_signals python predict.py "$@" "${PART_FLAGS[@]}" || status=$?
+requeue_if_signalled "$status"
+exit "$status"

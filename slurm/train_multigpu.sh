@@ -26,8 +26,8 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source slurm/common.sh
 activate_python_env
 
-RUN_NAME="${RUN_NAME:-$(default_run_name improved-unet-ddp)}"
 array_task_flags
+run_folder improved-unet-ddp "$@" "${TASK_FLAGS[@]}"
 NNODES="${SLURM_NNODES:-1}"
 # Processes per node: the job's GPUs on this node (job_gpus_on_node in slurm/common.sh);
 # NPROC_PER_NODE overrides (e.g. CPU tests).
@@ -43,22 +43,30 @@ else
 fi
 MASTER_PORT="$(rendezvous_port)"
 job_banner "$NNODES node(s) x $NPROC_PER_NODE process(es), rendezvous $MASTER_ADDR:$MASTER_PORT," \
-           "run folder runs/$RUN_NAME ${TASK_FLAGS[*]}"
+           "trains into $RUN_DIR ${TASK_FLAGS[*]}"
 
 # torchrun dies of USR1 unless told to handle it; told, it passes the signal to every rank and waits
 # for them to save (up to the shutdown timeout), so last.pt is complete before srun ends the step.
 # It then dies of a SignalException, whose traceback run_forwarding_signals keeps out of the log.
+# Each flag is checked on its own: torchrun gained --shutdown-timeout releases after --signals-to-handle,
+# and it refuses a flag it does not know. Without the timeout flag the ranks get torchrun's own 30 s.
 torchrun=(torchrun)
-if [[ "$(torchrun --help 2>/dev/null)" == *--signals-to-handle* ]]; then
-    torchrun+=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" --shutdown-timeout=100)
+torchrun_help="$(torchrun --help 2>/dev/null || true)"
+if [[ "$torchrun_help" == *--signals-to-handle* ]]; then
+    torchrun+=("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
 else
     echo "warning: this torchrun cannot forward USR1 (PyTorch too old); a warned job may not save" >&2
+fi
+if [[ "$torchrun_help" == *--shutdown-timeout* ]]; then
+    torchrun+=(--shutdown-timeout=100)
 fi
 launch=("${torchrun[@]}" --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" --rdzv_id="${SLURM_JOB_ID:-local}"
         --rdzv_backend=c10d --rdzv_endpoint="$MASTER_ADDR:$MASTER_PORT"
         train.py --resume auto --name "$RUN_NAME" "$@" "${TASK_FLAGS[@]}")
+# srun does not pass the job's --cpus-per-task on to its step (Slurm 22.05 and later): without it every
+# rank and its loader workers would share one core.
 if command -v srun >/dev/null 2>&1 && [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    launch=(srun --kill-on-bad-exit=1 "${launch[@]}")
+    launch=(srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "${launch[@]}")
 fi
 
 status=0

@@ -31,6 +31,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# What a cluster user may have exported that the job scripts read (their Python environment, a run name, a
+# sweep, a rendezvous, a SLURM job of their own): the SLURM tests start from an environment without them.
+JOB_VARIABLES = {"PYTHON_ENV", "RUN_NAME", "SWEEP", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "RESUME_HOW",
+                 "CONTINUES_FROM", "CUDA_VISIBLE_DEVICES", "GLOO_SOCKET_IFNAME", "VIRTUAL_ENV", "CONDA_PREFIX",
+                 "CONDA_DEFAULT_ENV"}
+JOB_PREFIXES = ("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "PET_", "TORCHELASTIC_")
+
+
+def clean_environ() -> dict[str, str]:
+    """os.environ without JOB_VARIABLES and the SLURM and torchrun variables."""
+    return {k: v for k, v in os.environ.items() if k not in JOB_VARIABLES and not k.startswith(JOB_PREFIXES)}
+
+
 def write_isic_folder(root: Path, n: int = 16, size: int = 48, seed: int = 0) -> Path:
     """A tiny data set in the official ISIC 2018 Task 1 layout: a dark disc on lighter skin."""
     import numpy as np

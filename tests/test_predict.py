@@ -481,3 +481,122 @@ def test_autocast_dtype_comes_from_the_device(checkpoint, data, tmp_path, monkey
                      "--amp", amp]) == 0
     assert seen == [expected]
     assert "NVIDIA A100-SXM4-80GB" in capsys.readouterr().out
+
+
+def good_images(data, tmp_path) -> Path:
+    """The data's readable images alone (the corrupt file would fail every run)."""
+    images, _, _ = data
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for path in images.iterdir():
+        if path.name != "ISIC_0000009.jpg":
+            (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_a_second_run_skips_the_masks_written_whole_and_scores_all_of_them(checkpoint, data, tmp_path, capsys):
+    images, truth, sizes = good_images(data, tmp_path), data[1], data[2]
+    full, out = tmp_path / "full", tmp_path / "out"
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", full]) == 0
+    reference = json.loads((full / "metrics.json").read_text())
+    # an interrupted run: two masks whole, one left as the hidden part file a stop mid-write leaves
+    first = predict.run(predict.PredictConfig(checkpoint=[str(checkpoint)], input=str(images), output=str(out)))
+    kept = sorted(out.glob("*_segmentation.png"))
+    for path in kept[2:]:
+        path.unlink()
+    (out / f".{kept[2].name}.part").write_bytes(b"half a png")
+    inodes = {path.name: path.stat().st_ino for path in kept[:2]}
+    capsys.readouterr()
+
+    again = predict.run(predict.PredictConfig(checkpoint=[str(checkpoint)], input=str(images), masks=str(truth),
+                                              output=str(out)))
+    assert "2 of the 5 images were segmented into" in capsys.readouterr().out
+    assert sorted(p.name for p in again.skipped) == sorted(inodes) and len(again.written) == 3
+    assert {path.name: path.stat().st_ino for path in kept[:2]} == inodes  # never rewritten
+    assert set(read_masks(out)) == set(sizes) and first.total == 5
+    for name, mask in read_masks(full).items():
+        np.testing.assert_array_equal(read_masks(out)[name], mask)
+    # the skipped masks are scored from the files: the whole folder's scores, as one uninterrupted run's
+    assert json.loads((out / "metrics.json").read_text()) == reference
+    assert len((out / "metrics.csv").read_text().splitlines()) == 6
+
+
+def test_parts_of_a_folder_fill_one_output_and_a_last_run_scores_it(checkpoint, data, tmp_path, capsys):
+    images, truth = good_images(data, tmp_path), data[1]
+    out = tmp_path / "out"
+    parts = []
+    for part in (1, 2, 3):
+        result = predict.run(predict.PredictConfig(checkpoint=[str(checkpoint)], input=str(images), masks=str(truth),
+                                                   output=str(out), parts=3, part=part))
+        parts.append(sorted(p.name for p in result.written))
+    assert [len(names) for names in parts] == [1, 2, 2]  # 5 images in three nearly equal slices
+    assert sorted(sum(parts, [])) == sorted(p.name for p in out.glob("*_segmentation.png"))
+    assert not (out / "metrics.json").exists()  # a part's scores are not the folder's
+    assert "part 3 of 3 only" in capsys.readouterr().out
+    last = predict.run(predict.PredictConfig(checkpoint=[str(checkpoint)], input=str(images), masks=str(truth),
+                                             output=str(out)))
+    assert last.written == [] and len(last.skipped) == 5 and len(last.per_image) == 5
+    assert json.loads((out / "metrics.json").read_text())["dice"] == pytest.approx(last.metrics["dice"])
+
+
+def test_an_output_folder_of_another_checkpoint_or_threshold_is_refused(checkpoint, data, tmp_path, capsys):
+    images = good_images(data, tmp_path)
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", out]) == 0
+    other = save_checkpoint(tmp_path / "other" / "best.pt", seed=1)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert run_main(["--checkpoint", other, "--input", images, "--output", out]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds masks written with another checkpoint ({checkpoint}" in err and "--overwrite" in err, err
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", out, "--threshold", "0.3"]) == 2
+    assert "--threshold 0.5 (here 0.3)" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # nothing touched
+    # --overwrite takes the folder over: every mask again, the record now the other checkpoint's
+    assert run_main(["--checkpoint", other, "--input", images, "--output", out, "--overwrite"]) == 0
+    assert json.loads((out / "predictions.json").read_text())["checkpoints"][0]["path"] == str(other)
+    # masks with no record of their checkpoint (another tool's) are not mixed in either
+    (out / "predictions.json").unlink()
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", out]) == 2
+    assert "holds 5 masks (e.g. ISIC_0000001_segmentation.png) but no predictions.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--parts", "3", "--part", "4"], "--part must be between 1 and --parts (3), got 4"),
+    (["--parts", "3", "--part", "0"], "--part must be between 1 and --parts (3), got 0"),
+    (["--parts", "0"], "--parts must be at least 1, got 0"),
+])
+def test_a_part_outside_the_parts_is_refused(flags, message, capsys):
+    assert run_main(flags) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_more_parts_than_images_is_a_clear_error(checkpoint, data, tmp_path, capsys):
+    images = good_images(data, tmp_path)
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", tmp_path / "o", "--parts", "6",
+                     "--part", "6"]) == 2
+    assert "--parts 6 is more than the 5 images to segment; use at most 5 parts" in capsys.readouterr().err
+
+
+def test_a_signal_stops_prediction_with_whole_masks_and_one_line(checkpoint, data, tmp_path, monkeypatch, capsys):
+    """SLURM's USR1 mid-folder: the masks in flight are finished, none is left half written."""
+    import signal
+
+    images = good_images(data, tmp_path)
+    out = tmp_path / "out"
+    finish = predict.Segmenter.finish
+    calls = []
+
+    def finish_then_signal(self, entry, prob):
+        finish(self, entry, prob)
+        calls.append(entry.item.id)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(predict.Segmenter, "finish", finish_then_signal)
+    status = run_main(["--checkpoint", checkpoint, "--input", images, "--output", out, "--batch-size", 1,
+                       "--workers", 2])
+    assert status == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1; every mask written so far is whole" in capsys.readouterr().out
+    assert sorted(read_masks(out)) == sorted(calls) and len(calls) == 2
+    assert not list(out.glob(".*.part"))
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run

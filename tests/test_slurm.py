@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import checkpoint
+from conftest import clean_environ
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((ROOT / "slurm").glob("*.sh"))
@@ -46,7 +47,7 @@ def fake_slurm(tmp_path):
 
 
 def slurm_env(fake_slurm, job_id="4242", **extra):
-    env = {**os.environ, "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "unet", "SLURM_SUBMIT_DIR": str(ROOT),
+    env = {**clean_environ(), "SLURM_JOB_ID": job_id, "SLURM_JOB_NAME": "unet", "SLURM_SUBMIT_DIR": str(ROOT),
            "PATH": f"{fake_slurm}:{Path(sys.executable).parent}:{os.environ['PATH']}", "WANDB_MODE": "disabled"}
     env.update(extra)
     return env
@@ -187,7 +188,12 @@ def test_rendezvous_port_is_the_jobs_own(fake_slurm):
 # last line, then its own SignalException traceback, and exit status 1. FAKE_ERROR replaces the
 # traceback's last line with another exception.
 FAKE_TORCHRUN = """#!/usr/bin/env bash
-if [[ "$1" == --help ]]; then echo "  --signals-to-handle SIGNALS_TO_HANDLE"; exit 0; fi
+known="--nnodes --nproc_per_node --rdzv_id --rdzv_backend --rdzv_endpoint ${FAKE_TORCHRUN_FLAGS---signals-to-handle}"
+if [[ "$1" == --help ]]; then printf '  %s VALUE\\n' $known; exit 0; fi
+for arg in "$@"; do  # argparse's answer to a flag it does not know, before the script's own flags
+    [[ "$arg" == *.py ]] && break
+    if [[ " $known " != *" ${arg%%=*} "* ]]; then echo "torchrun: error: unrecognized arguments: $arg" >&2; exit 2; fi
+done
 echo "torchrun $*" >>"$(dirname "$0")/calls.log"
 echo $$ >"$(dirname "$0")/torchrun.pid"
 on_signal() {
@@ -217,7 +223,7 @@ def start_multigpu_script(fake_slurm, **env) -> tuple[subprocess.Popen, list[str
     for name, text in (("torchrun", FAKE_TORCHRUN), ("nvidia-smi", FAKE_NVIDIA_SMI)):
         (fake_slurm / name).write_text(text)
         (fake_slurm / name).chmod(0o755)
-    base = {k: v for k, v in slurm_env(fake_slurm).items() if k not in (*GPU_VARIABLES, "MASTER_PORT")}
+    base = {k: v for k, v in slurm_env(fake_slurm).items() if k not in GPU_VARIABLES}
     process = subprocess.Popen(["bash", str(ROOT / "slurm" / "train_multigpu.sh"), "--epochs", "3"],
                                env={**base, "CUDA_VISIBLE_DEVICES": "1,3", **env}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -256,6 +262,71 @@ def test_multigpu_script_requeues_with_one_line_not_torchruns_traceback(fake_slu
     assert calls[-1] == "requeue 4242"
 
 
+@pytest.mark.parametrize("flags", ["--signals-to-handle", "--signals-to-handle --shutdown-timeout", ""],
+                         ids=["signals-only", "signals-and-timeout", "neither"])
+def test_multigpu_script_passes_torchrun_only_the_flags_it_has(fake_slurm, flags):
+    """torchrun gained --shutdown-timeout releases after --signals-to-handle; a PyTorch between the two
+    refuses the second flag as argparse does, and every multi-GPU job would fail at launch."""
+    process, lines = start_multigpu_script(fake_slurm, FAKE_TORCHRUN_FLAGS=flags, SLURM_CPUS_PER_TASK="8")
+    output = finish(process, lines, signal.SIGUSR1)
+    assert "unrecognized arguments" not in output and "[rank0]: ready" in output, output
+    launch = (fake_slurm / "calls.log").read_text().splitlines()[1]
+    assert ("--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in launch) == ("--signals-to-handle" in flags)
+    assert ("--shutdown-timeout=100" in launch) == ("--shutdown-timeout" in flags)
+    assert ("cannot forward USR1" in output) == (not flags)
+    # the step gets the job's cores: srun no longer passes --cpus-per-task on by itself (Slurm 22.05)
+    assert (fake_slurm / "calls.log").read_text().startswith("srun --kill-on-bad-exit=1 --cpus-per-task=8 torchrun")
+
+
+def test_the_run_folder_in_the_log_is_the_one_train_py_writes(fake_slurm):
+    show = 'run_folder improved-unet "$@"; echo "$RUN_NAME $RUN_DIR"'
+
+    def folder(*flags, **env):
+        result = subprocess.run(["bash", "-c", f"set -euo pipefail; source slurm/common.sh; {show}", "bash", *flags],
+                                cwd=ROOT, env=slurm_env(fake_slurm, **env), capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert folder("--epochs", "3") == "unet-4242 runs/unet-4242"
+    assert folder("--name", "isic", "--epochs", "3") == "isic runs/isic"
+    assert folder("--name=first", "--out-dir", "/scratch/me", "--name", "isic") == "isic /scratch/me/isic"
+    assert folder("--out-dir=/scratch/me", RUN_NAME="resumed") == "resumed /scratch/me/resumed"
+    assert folder("--name", "isic", RUN_NAME="resumed") == "isic runs/isic"  # train.py's --name comes last
+
+
+def test_errors_name_the_run_folder_and_how_to_resume_it(fake_slurm):
+    ended = run_common(fake_slurm, 'run_folder x --name isic; SIGNALLED=1; SIGNAL_NAME=SIGTERM; requeue_if_signalled 143',
+                       FAKE_JOB_STATE="COMPLETING")
+    assert "so it is not requeued; resubmit with RUN_NAME=isic to resume" in ended.stdout, ended.stdout
+
+
+FAKE_CONDA = """#!/usr/bin/env bash
+# conda's shell hook defines a function; its activation reads variables that may be unset, as conda's own do
+if [[ "$1 $2" == "shell.bash hook" ]]; then
+    echo 'conda() { [[ "$1" == activate ]] && export CONDA_DEFAULT_ENV="$2${CONDA_PS1_BACKUP:+}$NEVER_SET_BY_ANYONE"; }'
+fi
+"""
+
+
+def test_conda_activation_that_reads_unset_variables_does_not_end_the_job(fake_slurm):
+    (fake_slurm / "conda").write_text(FAKE_CONDA)
+    (fake_slurm / "conda").chmod(0o755)
+    result = subprocess.run(["bash", str(ROOT / "slurm" / "train.sh"), "--help"],
+                            env=slurm_env(fake_slurm, PYTHON_ENV="unet"), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "usage: train.py" in result.stdout
+
+
+def test_the_callers_job_variables_do_not_reach_the_scripts(fake_slurm, monkeypatch):
+    """A cluster user runs the tests with their own PYTHON_ENV, RUN_NAME or SLURM job exported."""
+    for name, value in {"PYTHON_ENV": "/nowhere/env", "RUN_NAME": "theirs", "SLURM_ARRAY_TASK_ID": "3",
+                        "MASTER_PORT": "1", "SLURM_CPUS_PER_TASK": "2"}.items():
+        monkeypatch.setenv(name, value)
+    shown = run_common(fake_slurm, 'activate_python_env; run_folder x; echo "$RUN_DIR ${MASTER_PORT:-} '
+                                   '${SLURM_CPUS_PER_TASK:-}"')
+    assert shown.returncode == 0 and shown.stdout == "runs/unet-4242  \n", shown.stdout + shown.stderr
+
+
 def test_multigpu_script_keeps_the_tracebacks_it_did_not_cause(fake_slurm):
     # torchrun stopped by a signal that the job script did not send (scancel of the step): all of it shows
     process, lines = start_multigpu_script(fake_slurm)
@@ -277,7 +348,7 @@ def test_errors_stay_on_stderr_for_an_error_file(fake_slurm):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "invalid int value: 'many'" in result.stderr and "invalid int value" not in result.stdout
-    assert "run folder runs/" in result.stdout
+    assert "trains into runs/unet-4242" in result.stdout
 
 
 def test_bad_python_env_fails_with_a_message(tmp_path, fake_slurm):

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import write_isic_folder
+from conftest import clean_environ, write_isic_folder
 
 pytestmark = pytest.mark.slurm
 
@@ -111,7 +111,7 @@ class Cluster:
     def __init__(self, tmp: Path):
         self.tmp = tmp
         (tmp / "logs").mkdir(parents=True)
-        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        self.env = {**clean_environ(), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
                     "PYTHONPATH": str(ROOT / "tests" / "slurm_site"), "STEP_SLEEP": STEP_SLEEP,
                     "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
         self.submitted: list[str] = []

@@ -296,6 +296,39 @@ def test_stale_lock_of_a_dead_process_is_taken_over(isic_folder, tmp_path):
     assert (run / "last.pt").is_file() and not (run / ".lock").exists()
 
 
+@pytest.mark.parametrize("lock, env, taken_over", [
+    # a hard-killed job, requeued onto another node: the lock of its own first attempt is stale
+    ("node-b 1 4242 0", {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}, True),
+    ("node-b 1 900_3 1", {"SLURM_JOB_ID": "905", "SLURM_ARRAY_JOB_ID": "900", "SLURM_ARRAY_TASK_ID": "3",
+                          "SLURM_RESTART_COUNT": "2"}, True),
+    # the same attempt elsewhere (another step of the job), another job, another array task, no job at all
+    ("node-b 1 4242 1", {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}, False),
+    ("node-b 1 4241 0", {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}, False),
+    ("node-b 1 900_2 0", {"SLURM_JOB_ID": "905", "SLURM_ARRAY_JOB_ID": "900", "SLURM_ARRAY_TASK_ID": "3",
+                          "SLURM_RESTART_COUNT": "1"}, False),
+    ("node-b 1 4242 0", {}, False),
+    ("node-b 1", {"SLURM_JOB_ID": "4242", "SLURM_RESTART_COUNT": "1"}, False),  # a lock written before jobs were
+])
+def test_a_lock_left_by_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_path, monkeypatch, lock, env,
+                                                                               taken_over):
+    for name in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / ".lock").write_text(lock + "\n")
+    run_lock = record.RunLock(tmp_path)
+    if taken_over:
+        run_lock.acquire()
+        host, pid, job, attempt = (tmp_path / ".lock").read_text().split()
+        assert (host, int(pid)) == (record.socket.gethostname(), os.getpid())
+        assert (job, attempt) == (lock.split()[2], env["SLURM_RESTART_COUNT"])
+        run_lock.release()
+    else:
+        with pytest.raises(record.RunInUseError, match="in use by another run \\(pid 1 on node-b"):
+            run_lock.acquire()
+        assert (tmp_path / ".lock").read_text() == lock + "\n"
+
+
 def test_zero_argument_run_falls_back_to_synthetic_data(tmp_path, monkeypatch, capsys):
     """With no ISIC data, the default command generates the synthetic set and trains on it."""
     monkeypatch.chdir(tmp_path)
