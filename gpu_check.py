@@ -1,5 +1,5 @@
 """The first thing to run on a CUDA machine: the GPU tests, a quick benchmark, a training run stopped by SIGUSR1
-and resumed, and prediction, in about 5 minutes on one GPU (8 at most).
+and resumed, and prediction; its --timeout bounds each command.
 
     python gpu_check.py                     # logs, runs and the summary in runs/gpu-check/
     python gpu_check.py --skip tests        # leave stages out: tests, benchmark, resume, predict

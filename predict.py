@@ -163,8 +163,7 @@ def stop_on_signals():
     def stop(signum, frame):
         raise Stopped(signum)
 
-    wanted = [getattr(signal, name) for name in ("SIGUSR1", "SIGTERM") if hasattr(signal, name)]  # Windows: TERM only
-    previous = {sig: signal.signal(sig, stop) for sig in wanted}
+    previous = {sig: signal.signal(sig, stop) for sig in utils.stop_signals()}
     try:
         yield
     finally:
@@ -896,7 +895,7 @@ def run(config: PredictConfig) -> PredictResult:
     if done:
         print(f"{len(done)} of the {len(items)} images were segmented into {output_dir}/ by an earlier run of this "
               f"checkpoint and settings: skipped (--overwrite redoes them)")
-    models = f"{len(config.checkpoint)} models (mean probability)" if len(config.checkpoint) > 1 else checkpoint
+    models = f"{len(config.checkpoint)} models (mean probability)" if len(config.checkpoint) > 1 else first
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "float32")
     print(f"Segmenting {len(todo)} images on {device} ({hw.name}, {precision}) with {models} "
           f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"

@@ -225,7 +225,7 @@ class Preemption:
         self._previous = {}
 
     def install(self) -> None:
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in utils.stop_signals():
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def uninstall(self) -> None:

@@ -17,6 +17,7 @@ import math
 import os
 import random
 import re
+import signal
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,12 @@ def get_rank() -> int:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank()
     return int(os.environ.get("RANK", 0))
+
+
+def stop_signals() -> list[int]:
+    """The signals that ask a run to stop cleanly: SLURM's warning before a time limit (USR1) and
+    preemption's TERM. Windows has no USR1."""
+    return [getattr(signal, name) for name in ("SIGUSR1", "SIGTERM") if hasattr(signal, name)]
 
 
 def is_main_process() -> bool:

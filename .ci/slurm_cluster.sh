@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# A one-node SLURM cluster on this machine, from Debian's packages, for tests/test_slurm_cluster.py.
+# A two-node SLURM cluster on this machine, from Debian's packages, for tests/test_slurm_cluster.py.
 #   sudo bash .ci/slurm_cluster.sh start     # install slurm-wlm and munge if needed, start the daemons
 #   sudo bash .ci/slurm_cluster.sh stop      # cancel its jobs, stop the daemons
-# CPU only: the node claims 64 CPUs, 64 GB and 16 placeholder GPUs, so the job scripts' #SBATCH
-# lines schedule unchanged, six two-GPU jobs at once. It refuses to touch a slurm.conf it did not write.
+# CPU only: each node claims 64 CPUs, 64 GB and 16 placeholder GPUs, so the job scripts' #SBATCH
+# lines schedule unchanged, six two-GPU jobs at once. The first node is this machine; the second,
+# unet-node-b, is a slurmd in its own network, UTS and mount namespaces, with its own address on a
+# veth pair (10.77.0.2; this machine is 10.77.0.1 there), its own hostname and its own /etc/hosts.
+# Where namespaces cannot be made, the cluster has the first node only. It refuses to touch a
+# slurm.conf it did not write.
 set -euo pipefail
 
 CLUSTER_NAME=unet-test  # tests/test_slurm_cluster.py runs only against a controller of this name
@@ -11,6 +15,10 @@ CONF=/etc/slurm/slurm.conf
 MARKER="# written by .ci/slurm_cluster.sh"
 STATE=/var/lib/slurm-unet-test
 LOGS=/var/log/slurm-unet-test
+NODE_B=unet-node-b  # also the name of its network namespace
+LINK=unet0          # the veth end's name on both sides: GLOO_SOCKET_IFNAME=unet0 serves every node
+ADDR_A=10.77.0.1
+ADDR_B=10.77.0.2
 
 die() {
     echo "slurm_cluster: $*" >&2
@@ -28,25 +36,61 @@ install_packages() {
         die "apt-get could not install slurm-wlm and munge"
 }
 
+# The second node's network: a veth pair between this machine and the namespace. Returns 1 (and the
+# cluster keeps one node) where the kernel or the container refuses.
+make_network() {
+    if ip netns exec "$NODE_B" ip -4 addr show "$LINK" 2>/dev/null | grep -qF "$ADDR_B/"; then
+        return 0
+    fi
+    {
+        ip netns add "$NODE_B" &&
+            ip link add "$LINK" type veth peer name "$LINK-b" &&
+            ip link set "$LINK-b" netns "$NODE_B" &&
+            ip netns exec "$NODE_B" ip link set "$LINK-b" name "$LINK" &&
+            ip addr add "$ADDR_A/24" dev "$LINK" && ip link set "$LINK" up &&
+            ip netns exec "$NODE_B" ip addr add "$ADDR_B/24" dev "$LINK" &&
+            ip netns exec "$NODE_B" ip link set "$LINK" up &&
+            ip netns exec "$NODE_B" ip link set lo up &&
+            ip netns exec "$NODE_B" ip route add default via "$ADDR_A"
+    } 2>"$LOGS/network.log" || {
+        echo "slurm_cluster: no second node (network namespaces: $(tail -n 1 "$LOGS/network.log"))" >&2
+        ip netns delete "$NODE_B" 2>/dev/null || true
+        ip link delete "$LINK" 2>/dev/null || true
+        return 1
+    }
+}
+
+# Each node resolves both names, as on a real cluster: the second node's own /etc/hosts (bound over
+# the machine's in its mount namespace) and one line in this machine's.
+write_hosts() {
+    local node="$1"
+    printf '127.0.0.1 localhost\n%s %s\n%s %s\n' "$ADDR_A" "$node" "$ADDR_B" "$NODE_B" >"$STATE/hosts-$NODE_B"
+    grep -qF "$NODE_B $MARKER" /etc/hosts || echo "$ADDR_B $NODE_B $MARKER" >>/etc/hosts
+}
+
 write_config() {
     if [[ -f "$CONF" ]] && ! grep -qF "$MARKER" "$CONF"; then
         die "$CONF exists and was not written by this script; not replacing a real cluster's configuration"
     fi
-    local node
-    node="$(hostname -s)"
+    local node="$1" two="$2" ctld_addr=127.0.0.1 nodes
+    nodes="$node"
+    if [[ "$two" == 1 ]]; then
+        ctld_addr="$ADDR_A"
+        nodes="$node,$NODE_B"
+    fi
     mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" "$LOGS"
     cat >"$CONF" <<EOF
-$MARKER: a one-node test cluster
+$MARKER: a test cluster
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$node(127.0.0.1)
+SlurmctldHost=$node($ctld_addr)
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE/ctld
-SlurmdSpoolDir=$STATE/d
+SlurmdSpoolDir=$STATE/d/%n
 SlurmctldPidFile=$STATE/slurmctld.pid
-SlurmdPidFile=$STATE/slurmd.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
 SlurmctldLogFile=$LOGS/slurmctld.log
-SlurmdLogFile=$LOGS/slurmd.log
+SlurmdLogFile=$LOGS/slurmd-%n.log
 # No cgroups: containers and CI machines often lack a writable cgroup tree.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -67,17 +111,23 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOGS/jobcomp.log
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
-NodeName=$node NodeAddr=127.0.0.1 CPUs=64 RealMemory=65536 Gres=gpu:16 State=UNKNOWN
-PartitionName=a100 Nodes=$node Default=YES MaxTime=INFINITE State=UP
+NodeName=$node NodeAddr=$ctld_addr CPUs=64 RealMemory=65536 Gres=gpu:16 State=UNKNOWN
 EOF
+    if [[ "$two" == 1 ]]; then
+        echo "NodeName=$NODE_B NodeAddr=$ADDR_B CPUs=64 RealMemory=65536 Gres=gpu:16 State=UNKNOWN" >>"$CONF"
+    fi
+    echo "PartitionName=a100 Nodes=$nodes Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
     # Placeholder GPUs: slurmd wants one distinct device file per GPU (a count alone reports 0 GPUs,
     # the same file twice is refused); empty files stand in for /dev/nvidia*.
     mkdir -p "$STATE/gpu"
+    local each i
     {
         echo "$MARKER"
-        for i in $(seq 0 15); do
-            touch "$STATE/gpu/$i"
-            echo "NodeName=$node Name=gpu File=$STATE/gpu/$i"
+        for each in ${nodes//,/ }; do
+            for i in $(seq 0 15); do
+                touch "$STATE/gpu/$each-$i"
+                echo "NodeName=$each Name=gpu File=$STATE/gpu/$each-$i"
+            done
         done
     } >/etc/slurm/gres.conf
 }
@@ -95,33 +145,50 @@ start_munge() {
     cp /run/munge/munged.pid "$STATE/munged.pid"
 }
 
-wait_for_node() {
-    local i
+wait_for_nodes() {
+    local want="$1" i up
     for i in $(seq 60); do
-        if sinfo --noheader --responding --states=idle,mixed,allocated -o %N 2>/dev/null | grep -q .; then
-            echo "slurm_cluster: node $(hostname -s) is up (partition a100, ${i}s)"
+        up="$(sinfo --noheader --responding --states=idle,mixed,allocated -N -o %N 2>/dev/null | sort -u)"
+        if [[ -n "$up" ]] && (($(wc -l <<<"$up") >= want)); then
+            echo "slurm_cluster: nodes $(paste -sd, <<<"$up") are up (partition a100, ${i}s)"
             return 0
         fi
         sleep 1
     done
     tail -n 20 "$LOGS/slurmctld.log" "$LOGS/slurmd.log" >&2 || true
-    die "the node did not come up within 60 s; logs in $LOGS"
+    die "the nodes did not come up within 60 s; logs in $LOGS"
 }
 
 start() {
     [[ "$(id -u)" == 0 ]] || die "run as root (sudo): it installs packages and starts daemons"
     install_packages
-    write_config
+    local node two=0
+    node="$(hostname -s)"
+    mkdir -p "$STATE" "$LOGS"
+    if make_network; then
+        two=1
+        write_hosts "$node"
+    fi
+    write_config "$node" "$two"
     start_munge
     if ! scontrol ping >/dev/null 2>&1; then
         # -c: a clean state, so no job of an earlier run comes back, nor its job-completion record
         rm -f "$LOGS/jobcomp.log"
         slurmctld -i -c || die "slurmctld did not start; see $LOGS/slurmctld.log"
     fi
-    if ! pgrep -F "$STATE/slurmd.pid" >/dev/null 2>&1; then
-        slurmd || die "slurmd did not start; see $LOGS/slurmd.log"
+    mkdir -p "$STATE/d/$node"
+    if ! pgrep -F "$STATE/slurmd-$node.pid" >/dev/null 2>&1; then
+        slurmd || die "slurmd did not start; see $LOGS/slurmd-$node.log"
     fi
-    wait_for_node
+    if [[ "$two" == 1 ]] && ! pgrep -F "$STATE/slurmd-$NODE_B.pid" >/dev/null 2>&1; then
+        # its own hostname (slurmd finds its node by it) and /etc/hosts; slurmd then daemonizes. nsenter,
+        # not 'ip netns exec', which mounts a /sys of its own without the cgroup tree that slurmd reads
+        mkdir -p "$STATE/d/$NODE_B"
+        nsenter --net="/var/run/netns/$NODE_B" unshare --uts --mount sh -c \
+            "hostname $NODE_B && mount --bind $STATE/hosts-$NODE_B /etc/hosts && exec slurmd" ||
+            die "slurmd of $NODE_B did not start; see $LOGS/slurmd-$NODE_B.log"
+    fi
+    wait_for_nodes $((1 + two))
 }
 
 stop() {
@@ -131,7 +198,7 @@ stop() {
     fi
     local pids=() pid
     # munged only if this script started it: another service may need it
-    for pidfile in "$STATE/slurmd.pid" "$STATE/slurmctld.pid" "$STATE/munged.pid"; do
+    for pidfile in "$STATE"/slurmd*.pid "$STATE/slurmctld.pid" "$STATE/munged.pid"; do
         pid="$(cat "$pidfile" 2>/dev/null)" || continue
         if kill "$pid" 2>/dev/null; then
             pids+=("$pid")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check a GPU node before training on it: the GPU tests, a quick benchmark (images/s, MFU, memory),
-# a training run stopped by USR1 and resumed, and prediction (gpu_check.py; about 5 minutes on one GPU).
+# a training run stopped by USR1 and resumed, and prediction (gpu_check.py).
 #   mkdir -p logs && sbatch slurm/gpu_check.sh [gpu_check.py flags]
 #   sbatch --partition=vgpu slurm/gpu_check.sh       # another partition's GPUs
 # The logs and summary.md land in runs/<job name>-<job id>/ (--out DIR overrides); the job log ends with

@@ -66,6 +66,13 @@ launch=("${torchrun[@]}" --nnodes="$NNODES" --nproc_per_node="$NPROC_PER_NODE" -
 # srun does not pass the job's --cpus-per-task on to its step (Slurm 22.05 and later): without it every
 # rank and its loader workers would share one core.
 if command -v srun >/dev/null 2>&1 && [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    # Each node tells the others its SLURM node name as its address (--local-addr, evaluated on the node):
+    # by default torchrun looks its own up from the hostname, which many nodes map to 127.0.0.1 in
+    # /etc/hosts, and the other nodes' ranks would then wait for rank 0's store on their own loopback.
+    if [[ "$torchrun_help" == *--local-addr* ]]; then
+        # shellcheck disable=SC2016  # expanded on each node, not here
+        launch=(bash -c 'exec "$0" --local-addr="${SLURMD_NODENAME:-$(hostname)}" "$@"' "${launch[@]}")
+    fi
     launch=(srun --kill-on-bad-exit=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} "${launch[@]}")
 fi
 

@@ -188,7 +188,7 @@ def test_rendezvous_port_is_the_jobs_own(fake_slurm):
 # last line, then its own SignalException traceback, and exit status 1. FAKE_ERROR replaces the
 # traceback's last line with another exception.
 FAKE_TORCHRUN = """#!/usr/bin/env bash
-known="--nnodes --nproc_per_node --rdzv_id --rdzv_backend --rdzv_endpoint ${FAKE_TORCHRUN_FLAGS---signals-to-handle}"
+known="--nnodes --nproc_per_node --rdzv_id --rdzv_backend --rdzv_endpoint ${FAKE_TORCHRUN_FLAGS---signals-to-handle --local-addr}"
 if [[ "$1" == --help ]]; then printf '  %s VALUE\\n' $known; exit 0; fi
 for arg in "$@"; do  # argparse's answer to a flag it does not know, before the script's own flags
     [[ "$arg" == *.py ]] && break
@@ -276,6 +276,15 @@ def test_multigpu_script_passes_torchrun_only_the_flags_it_has(fake_slurm, flags
     assert ("cannot forward USR1" in output) == (not flags)
     # the step gets the job's cores: srun no longer passes --cpus-per-task on by itself (Slurm 22.05)
     assert (fake_slurm / "calls.log").read_text().startswith("srun --kill-on-bad-exit=1 --cpus-per-task=8 torchrun")
+
+
+def test_each_node_gives_torchrun_its_slurm_node_name_as_its_address(fake_slurm):
+    """Evaluated on the node (srun runs the command there): rank 0's node then names itself by a name every
+    node resolves, not by a hostname that its /etc/hosts maps to 127.0.0.1."""
+    process, lines = start_multigpu_script(fake_slurm, SLURMD_NODENAME="node-7")
+    finish(process, lines, signal.SIGUSR1)
+    launch = (fake_slurm / "calls.log").read_text().splitlines()[1]
+    assert launch.startswith("torchrun --local-addr=node-7 --signals-to-handle="), launch
 
 
 def test_the_run_folder_in_the_log_is_the_one_train_py_writes(fake_slurm):
@@ -368,8 +377,9 @@ def test_multigpu_script_runs_two_processes_on_cpu(isic_folder, tmp_path, fake_s
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 node(s) x 2 process(es)" in result.stdout
-    assert "srun --kill-on-bad-exit=1 torchrun --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in \
-        (fake_slurm / "calls.log").read_text()
+    calls = (fake_slurm / "calls.log").read_text()
+    assert calls.startswith("srun --kill-on-bad-exit=1 bash -c exec ") and \
+        " torchrun --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout=100 " in calls, calls
     assert (tmp_path / "unet-77" / "best.pt").is_file()
 
 

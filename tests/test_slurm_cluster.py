@@ -12,6 +12,7 @@ minutes) and the jobcomp/filetxt record, one line per attempt, are the scheduler
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,14 @@ def cluster():
         pytest.skip(problem)
     config = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, check=True).stdout
     return {"jobcomp": Path(re.search(r"^JobCompLoc\s*=\s*(\S+)", config, re.M).group(1))}
+
+
+def cluster_nodes() -> list[str]:
+    """The test cluster's responding nodes, this machine's first (.ci/slurm_cluster.sh makes one or two)."""
+    listed = subprocess.run(["sinfo", "--noheader", "--responding", "-N", "-o", "%N"], capture_output=True, text=True,
+                            timeout=30).stdout.split()
+    here = socket.gethostname().split(".")[0]
+    return sorted(set(listed), key=lambda node: node != here)
 
 
 def job_info(spec: str) -> dict:
@@ -175,6 +184,9 @@ def jobs(cluster, tmp_path_factory):
         submitted = {
             "time_limit": limited,
             "usr1": slurm.submit("train.sh", "usr1", *slurm.flags("usr1")),
+            # --name: the run folder is runs/hard-kill, and the log must say so
+            "hard_kill": slurm.submit("train.sh", "hard", *slurm.flags("hard-kill"), "--name", "hard-kill",
+                                      env={"STEP_SLEEP": "0.5"}),  # still training once the others are warned
             "cancelled": slurm.submit("train.sh", "cancelled", *slurm.flags("cancelled")),
             "ddp_usr1": slurm.submit("train_multigpu.sh", "ddp-usr1", *slurm.flags("ddp-usr1")),
             "sweep": slurm.submit("train.sh", "sweep", *slurm.flags("sweep"), env={"SWEEP": str(sweep)},
@@ -192,17 +204,58 @@ def jobs(cluster, tmp_path_factory):
             "--input", slurm.tmp / "data" / "reference" / "ISIC2018_Task1-2_Training_Input",
             "--masks", slurm.tmp / "data" / "reference" / "ISIC2018_Task1_Training_GroundTruth",
             "--output", slurm.tmp / "predictions", "--device", "cpu", sbatch=[f"--dependency=afterok:{reference_id}"])
+        # the same, one image a batch and slowed, to be warned mid-folder
+        submitted["predict_usr1"] = slurm.submit(
+            "predict.sh", "predict-usr1", "--checkpoint", slurm.tmp / "runs" / f"reference-{reference_id}" / "best.pt",
+            "--input", slurm.tmp / "data" / "reference" / "ISIC2018_Task1-2_Training_Input",
+            "--output", slurm.tmp / "predictions-usr1", "--device", "cpu", "--batch-size", "1",
+            sbatch=[f"--dependency=afterok:{reference_id}"], env={"PREDICT_SLEEP": "0.5"})
+        submitted["gpu_check"] = slurm.submit("gpu_check.sh", "gpucheck")
         array_id = submitted.pop("sweep").spec
         for task in (1, 2):
             submitted[f"sweep_{task}"] = Job(f"{array_id}_{task}", slurm.tmp / "logs" / f"sweep-{array_id}_{task}.out")
         signal_mid_epoch([submitted["usr1"], submitted["ddp_usr1"], submitted["sweep_2"]], [submitted["cancelled"]])
+        kill_hard_and_requeue(submitted["hard_kill"], slurm.tmp / "runs" / "hard-kill")
+        written_before_warning = warn_mid_folder(submitted["predict_usr1"], slurm.tmp / "predictions-usr1")
         # The resumed attempt keeps the job's one-minute limit and could be warned again; a real job's
         # limit is hours. Raise it while the job waits in the queue after its requeue.
         wait_for(lambda: limited.info().get("Restarts") == "1", 240, f"job {limited.spec} to be requeued")
         subprocess.run(["scontrol", "update", f"JobId={limited.spec}", "TimeLimit=10"], check=True, timeout=60)
-        yield {"tmp": slurm.tmp, "jobcomp": cluster["jobcomp"], **submitted}
+        yield {"tmp": slurm.tmp, "jobcomp": cluster["jobcomp"], "written_before_warning": written_before_warning,
+               **submitted}
     finally:
         slurm.cancel_all()
+
+
+def kill_hard_and_requeue(job: Job, folder: Path) -> None:
+    """What a node failure, the OOM killer or a kill after a slow save does: SIGKILL to the training
+    process in epoch 2, so its lock stays behind; the lock is then made another node's (where the job
+    ran before it was requeued elsewhere), and the job requeued by hand, as SLURM requeues after a node
+    failure."""
+    lock = folder / ".lock"
+    wait_for(lambda: re.search(rf"^epoch 2(/{EPOCHS})?  step \d+/", job.text(), re.M) and lock.is_file(), 240,
+             lambda: f"epoch 2 of job {job.spec}:\n{job.text()[-2000:]}")
+    host, pid, owner, attempt = lock.read_text().split()
+    assert (owner, attempt) == (job.spec, "0"), lock.read_text()
+    ran_on = job.info()["BatchHost"]
+    os.kill(int(pid), 9)  # the machine's pid space holds every node's processes
+    wait_for(lambda: (i := job.info()).get("JobState") in FINISHED and i, 120, f"job {job.spec} to fail")
+    subprocess.run(["scontrol", "requeue", job.spec], check=True, timeout=60)
+    others = [node for node in cluster_nodes() if node != ran_on]
+    if others:  # two nodes: the requeued job must start on the other one, where the lock is another host's
+        subprocess.run(["scontrol", "update", f"JobId={job.spec}", f"ExcNodeList={ran_on}"], check=True, timeout=60)
+    else:  # one node: the lock is made to read as another node's
+        lock.write_text(f"node-b {pid} {owner} {attempt}\n")
+
+
+def warn_mid_folder(job: Job, out: Path) -> dict[str, int]:
+    """SLURM's warning to a prediction job once it has written five masks; returns the masks (name -> inode)
+    that its first attempt left."""
+    wait_for(lambda: len(list(out.glob("*_segmentation.png"))) >= 5, 420,
+             lambda: f"masks from job {job.spec}:\n{job.text()[-2000:]}")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.spec], check=True, timeout=60)
+    wait_for(lambda: "requeueing job" in job.text(), 120, lambda: f"job {job.spec} to requeue:\n{job.text()}")
+    return {path.name: path.stat().st_ino for path in out.glob("*_segmentation.png")}
 
 
 def run_dir(jobs, job: Job, name: str) -> Path:
@@ -286,6 +339,46 @@ def test_multigpu_script_two_processes_save_on_usr1_and_resume(jobs):
     assert "Traceback" not in log and "SignalException" not in log and "srun: error" not in log, log
 
 
+def test_a_hard_killed_job_requeued_elsewhere_takes_over_its_own_lock_and_completes(jobs):
+    job = jobs["hard_kill"]
+    info = job.finished()
+    log = job.text()
+    folder = jobs["tmp"] / "runs" / "hard-kill"
+    assert info["Restarts"] == "1" and "attempt 2 on" in log, (info, log)
+    assert f"trains into {folder}" in log  # the --name the job was given, not <job name>-<job id>
+    assert "is in use by another run" not in log, log
+    nodes = re.findall(r"attempt \d+ on (\S+):", log)
+    assert len(nodes) == 2 and (nodes[0] != nodes[1]) == (len(cluster_nodes()) > 1), log  # requeued elsewhere
+    assert re.search(r"resuming from \S+last\.pt \(epoch [2-4], step 0\)", log), log  # from an epoch's end
+    assert epochs_in_metrics(folder) == list(range(1, EPOCHS + 1))
+    assert not (folder / ".lock").exists()
+    jobs["reference"].finished()
+    assert same_weights(folder / "last.pt", run_dir(jobs, jobs["reference"], "reference") / "last.pt")
+
+
+def test_a_warned_prediction_job_requeues_and_keeps_its_finished_masks(jobs):
+    job = jobs["predict_usr1"]
+    out, written = jobs["tmp"] / "predictions-usr1", jobs["written_before_warning"]
+    assert 5 <= len(written) < 48, written
+    info = job.finished()
+    log = job.text()
+    assert info["Restarts"] == "1" and "stopped by SIGUSR1" in log, log
+    assert f"{len(written)} of the 48 images were segmented into" in log, log
+    masks = {path.name: path.stat().st_ino for path in out.glob("*_segmentation.png")}
+    assert len(masks) == 48 and all(masks[name] == inode for name, inode in written.items())
+    assert not list(out.glob(".*.part"))
+
+
+def test_the_gpu_check_job_says_in_its_log_what_it_found(jobs):
+    """No GPU on the test cluster: gpu_check.py's own answer (exit 2, one line), and where the summary goes."""
+    job = jobs["gpu_check"]
+    info = wait_for(lambda: (i := job.info()).get("JobState") in FINISHED and i, 300, f"job {job.spec} to end")
+    log = job.text()
+    assert info["ExitCode"] == "2:0", (info, log)
+    assert f"summary in runs/gpucheck-{job.spec}/summary.md" in log, log
+    assert "gpu_check.py: no CUDA GPU is visible to PyTorch" in log, log
+
+
 def test_a_cancelled_job_stays_cancelled(jobs):
     """scancel sends TERM to the job script, as preemption does; the job is ending, so no requeue."""
     job = jobs["cancelled"]
@@ -345,12 +438,13 @@ def test_multigpu_jobs_sharing_a_node_rendezvous_apart(cluster, tmp_path):
     what two jobs on one node did with MASTER_PORT fixed at 29500); with a port of its own each
     completes."""
     slurm = Cluster(tmp_path)
+    node = cluster_nodes()[0]  # this machine, whose listening ports the test can read
     # the script's own resources (2 GPUs, 8 CPUs): six jobs fit on the node's 16 and 64 at once
     release = {"first": tmp_path / "release-first", "second": tmp_path / "release-second"}
 
     def submit(role: str, pair: int) -> Job:
         name = f"{role}-{pair}"
-        return slurm.submit("train_multigpu.sh", name, *slurm.flags(name, epochs=1),
+        return slurm.submit("train_multigpu.sh", name, *slurm.flags(name, epochs=1), sbatch=[f"--nodelist={node}"],
                             env={"STEP_SLEEP": "", "STEP_WAIT_FOR": str(release[role])})
 
     def training(jobs: list[Job]):
@@ -376,3 +470,32 @@ def test_multigpu_jobs_sharing_a_node_rendezvous_apart(cluster, tmp_path):
         release["second"].touch()
         slurm.cancel_all()
     assert len({rendezvous_port(job) for job in firsts + seconds}) == 6
+
+
+def test_a_two_node_job_trains_with_one_rendezvous_across_the_nodes(cluster, tmp_path):
+    """sbatch --nodes=2: one torchrun per node, started by srun, meeting at the first node's c10d store
+    (MASTER_ADDR from the job's node list), four gloo processes in all. The second node is a slurmd in
+    its own network namespace (.ci/slurm_cluster.sh); the nodes' link is named unet0 on both, which
+    GLOO_SOCKET_IFNAME names, as an administrator names a cluster's fabric."""
+    nodes = cluster_nodes()
+    if len(nodes) < 2:
+        message = f"the test cluster has one node ({nodes}); .ci/slurm_cluster.sh could not make the second"
+        if os.environ.get("REQUIRE_SLURM") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    slurm = Cluster(tmp_path)
+    job = slurm.submit("train_multigpu.sh", "two-nodes", *slurm.flags("two-nodes", epochs=2), sbatch=["--nodes=2"],
+                       env={"STEP_SLEEP": "", "GLOO_SOCKET_IFNAME": "unet0"})
+    try:
+        info = job.finished(timeout=300)
+    finally:
+        slurm.cancel_all()
+    log = job.text()
+    allocated = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True,
+                               timeout=30).stdout.split()
+    assert set(allocated) == set(nodes), info
+    # the first node of the allocation hosts the rendezvous, whichever of the two it is
+    assert f"2 node(s) x 2 process(es), rendezvous {allocated[0]}:" in log, log
+    folder = tmp_path / "runs" / f"two-nodes-{job.spec}"
+    assert epochs_in_metrics(folder) == [1, 2]
+    assert len(checkpoint.load_checkpoint(folder / "last.pt")["rng_ranks"]) == 4  # one random stream per rank

@@ -202,3 +202,22 @@ def test_progress_is_silent_when_disabled_and_tqdm_in_a_terminal(capsys):
     bar.update(8)
     bar.close()
     assert "epoch 1/1" in capsys.readouterr().err
+
+
+def test_a_python_without_sigusr1_still_installs_the_stop_handlers(monkeypatch):
+    """Windows has SIGTERM but no SIGUSR1: training and prediction must start there all the same."""
+    import signal
+
+    import predict
+    import train
+
+    monkeypatch.delattr(signal, "SIGUSR1")
+    assert utils.stop_signals() == [signal.SIGTERM]
+    before = signal.getsignal(signal.SIGTERM)
+    preemption = train.Preemption()
+    preemption.install()
+    assert signal.getsignal(signal.SIGTERM) == preemption._handle
+    preemption.uninstall()
+    with predict.stop_on_signals():
+        assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_DFL)
+    assert signal.getsignal(signal.SIGTERM) == before
