@@ -1,11 +1,11 @@
-"""The job scripts submitted with sbatch to a real SLURM scheduler: the one-node test cluster that
-`sudo bash .ci/slurm_cluster.sh start` sets up. Skipped where no such cluster answers; with
+"""The job scripts submitted with sbatch to a real SLURM scheduler: the two-node test cluster that
+`sudo bash .ci/slurm_cluster.sh start` sets up (this machine, and a slurmd in namespaces of its own). Skipped where no such cluster answers; with
 REQUIRE_SLURM=1 (CI sets it) a missing cluster fails instead.
 
 A requeued job may start again only two minutes after its requeue, so one fixture submits every job
 at once and each test then waits for its own: the two minutes are spent once, in parallel (about
-three minutes in all). The last test, six multi-GPU jobs side by side, runs alone after them (one to
-two minutes). There is no slurmdbd, hence no sacct: `scontrol show job` (finished jobs stay ten
+three minutes in all). Then six multi-GPU jobs side by side on this machine, and one job across both
+nodes, each alone (one to two minutes each). There is no slurmdbd, hence no sacct: `scontrol show job` (finished jobs stay ten
 minutes) and the jobcomp/filetxt record, one line per attempt, are the scheduler's word.
 """
 
