@@ -32,17 +32,13 @@ Deviations from the paper, and why:
 - One efficient but equivalent formulation: nearest x2 upsampling followed by a 3x3 conv is computed
   as one stride-2 transposed 4x4 conv whose weight is derived from the same 3x3 weight, so no
   upsampled tensor is materialised and the conv does 16 instead of 36 multiply-adds per
-  low-resolution pixel and channel pair. Measured on a 2-core CPU (batch 8, `python benchmark.py
-  --device cpu --models ours-batch ours-plain`), it buys 12% in training and 11-15% in inference
-  at 128 and 256 px; it is compared with the literal form in
-  tests/test_modules.py, and `model.use_reference_formulation()` switches back to that form.
+  low-resolution pixel and channel pair. It is compared with the literal form in
+  tests/test_modules.py, and `model.use_reference_formulation()` switches back to that form; what it
+  buys is in docs/architecture.md (from the CPU tables of docs/benchmarks.md).
   LeakyReLU, dropout and the residual sum run in place where autograd does not need their input.
 - The memory format is the caller's choice (`model.to(memory_format=torch.channels_last)`); the
-  activations follow the weights'. utils.Hardware decides it per device: channels-last on CUDA
-  (cuDNN's bf16 kernels are NHWC) and on CPU with batch norm (18-19% faster there), NCHW on CPU with
-  instance norm, where channels-last trains 9-19% slower (GroupNorm's channels-last backward), and
-  NCHW on MPS; predict.py infers channels-last on CUDA and CPU (on CPU 4-14% faster than NCHW at
-  128-256 px: the fp32 and fp32-cl rows of `python benchmark.py --device cpu --models ours-instance`).
+  activations follow the weights'. devices.Hardware.channels_last decides it per device, norm,
+  precision and input size (docs/training.md#devices-what-is-chosen-where).
 """
 
 from __future__ import annotations
