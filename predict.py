@@ -495,7 +495,7 @@ def default_output(checkpoint: Path, runs_dir: str) -> Path:
 # ----------------------------------------------------------------------------- the output folder
 
 RECORD = "predictions.json"  # in the output folder: the checkpoints and settings its masks came from
-SETTINGS = ("image_size", "threshold", "tta", "postprocess")  # with the checkpoints' contents, what decides a mask
+SETTINGS = ("threshold", "tta", "postprocess")  # with the checkpoints' contents (input size included), what decides a mask
 
 
 def file_sha256(path: Path) -> str:
@@ -518,8 +518,7 @@ def record_differences(there: dict, here: dict) -> list[str]:
     if [c.get("sha256") for c in there.get("checkpoints", [])] != [c["sha256"] for c in here["checkpoints"]]:
         names = ", ".join(c.get("path", "?") for c in there.get("checkpoints", []))
         differences.append(f"another checkpoint ({names}, other contents than {here['checkpoints'][0]['path']})")
-    differences += [f"--{key.replace('_', '-')} {there.get(key)} (here {here[key]})" for key in SETTINGS
-                    if key != "image_size" and there.get(key) != here[key]]
+    differences += [f"--{key} {there.get(key)} (here {here[key]})" for key in SETTINGS if there.get(key) != here[key]]
     return differences
 
 
@@ -566,9 +565,13 @@ def part_of(items: list[Item], parts: int, part: int) -> list[Item]:
     return items[(part - 1) * len(items) // parts: part * len(items) // parts]
 
 
+def mask_path(item: Item, output_dir: Path) -> Path:
+    return output_dir / f"{item.id}_segmentation.png"
+
+
 def output_paths(item: Item, output_dir: Path, config: PredictConfig) -> list[Path]:
     """The files this image gets: its mask, and its overlay and probability map when asked for."""
-    paths = [output_dir / f"{item.id}_segmentation.png"]
+    paths = [mask_path(item, output_dir)]
     if config.save_probabilities:
         paths.append(output_dir / "probabilities" / f"{item.id}_probability.png")
     if config.overlay:
@@ -784,9 +787,9 @@ class Segmenter:
         for item in items:
             if item.mask is None:
                 continue
-            path = self.output_dir / f"{item.id}_segmentation.png"
+            path = mask_path(item, self.output_dir)
             try:
-                prediction, truth = dataset.load_mask(path) > 0, dataset.load_mask(item.mask) > 0
+                prediction, truth = dataset.load_mask(path) > 0, dataset.load_mask(item.mask)
             except (dataset.DataError, OSError, ValueError) as err:
                 self.fail(item.image.name, str(err) or type(err).__name__)
                 continue
@@ -794,10 +797,14 @@ class Segmenter:
                 self.fail(item.image.name, f"ground truth {item.mask} is {truth.shape[1]}x{truth.shape[0]} but "
                                            f"{path} is {prediction.shape[1]}x{prediction.shape[0]}")
                 continue
-            with self.timer("score"):
-                scores = losses.segmentation_metrics(torch.from_numpy(prediction)[None], torch.from_numpy(truth)[None])
-            self.averager.update(scores)
-            self.rows.append({"image_id": item.id, **{key: scores[key].item() for key in METRICS}})
+            self.score(item, prediction, truth)
+
+    def score(self, item: Item, prediction: np.ndarray, truth: np.ndarray) -> None:
+        """One image's six metrics, at the original resolution as the challenge scores, on the host."""
+        with self.timer("score"):
+            scores = losses.segmentation_metrics(torch.from_numpy(prediction)[None], torch.from_numpy(truth > 0)[None])
+        self.averager.update(scores)
+        self.rows.append({"image_id": item.id, **{key: scores[key].item() for key in METRICS}})
 
     def segment_batch(self, batch: list[Loaded]) -> None:
         good = []
@@ -828,7 +835,7 @@ class Segmenter:
             predicted = full > config.threshold  # (H, W) bool, on the device
             prediction = predicted.cpu().numpy()
             probability = (full * 255).round().to(torch.uint8).cpu().numpy() if config.save_probabilities else None
-        path = self.output_dir / f"{item.id}_segmentation.png"
+        path = mask_path(item, self.output_dir)
         self.writer.submit(name, save_png(prediction.astype(np.uint8) * 255), path)
         self.written.append(path)
         if probability is not None:
@@ -842,12 +849,7 @@ class Segmenter:
         if entry.truth_error is not None:
             self.fail(name, entry.truth_error)
         elif entry.truth is not None:
-            # at the original resolution, as the challenge scores; on the host, where both masks already are
-            with self.timer("score"):
-                scores = losses.segmentation_metrics(torch.from_numpy(prediction)[None],
-                                                    torch.from_numpy(entry.truth > 0)[None])
-            self.averager.update(scores)
-            self.rows.append({"image_id": item.id, **{key: scores[key].item() for key in METRICS}})
+            self.score(item, prediction, entry.truth)
 
 
 def run(config: PredictConfig) -> PredictResult:
@@ -924,7 +926,7 @@ def run(config: PredictConfig) -> PredictResult:
             plot_cases(rows, {item.id: item for item in items}, output_dir)
             print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
     return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds,
-                         skipped=[output_dir / f"{item.id}_segmentation.png" for item in done])
+                         skipped=[mask_path(item, output_dir) for item in done])
 
 
 # ----------------------------------------------------------------------------- evaluation outputs
@@ -966,8 +968,7 @@ def plot_cases(rows: list[dict], items: dict[str, Item], output_dir: Path, max_s
         item = items[row["image_id"]]
         image = dataset.load_image(item.image)
         step = max(1, -(-max(image.shape[:2]) // max_side))  # subsample large images for the figure
-        with Image.open(output_dir / f"{item.id}_segmentation.png") as written:
-            prediction = np.asarray(written) > 127
+        prediction = dataset.load_mask(mask_path(item, output_dir)) > 0
         panels = [image, dataset.load_mask(item.mask) > 0, prediction]
         titles = [f"{label}: {item.id}", "ground truth", f"prediction (Jaccard {row['jaccard']:.3f})"]
         for axis, panel, title in zip(ax, panels, titles):

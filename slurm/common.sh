@@ -94,6 +94,20 @@ array_task_flags() {
     read -r -a TASK_FLAGS <<<"$line"
 }
 
+# An array task of a prediction job segments its part of the folder: predict.py --parts (the array's
+# task count) --part (this task's place among the array's ids: --array=0-3, 1-4 and 0-9:3 alike).
+# Fills PART_FLAGS; empty outside an array.
+PART_FLAGS=()
+array_part_flags() {
+    local task="${SLURM_ARRAY_TASK_ID:-}"
+    if [[ -z "$task" ]]; then
+        return 0
+    fi
+    # shellcheck disable=SC2034  # read by slurm/predict.sh
+    PART_FLAGS=(--parts "${SLURM_ARRAY_TASK_COUNT:-1}"
+                --part $(((task - ${SLURM_ARRAY_TASK_MIN:-$task}) / ${SLURM_ARRAY_TASK_STEP:-1} + 1)))
+}
+
 # One line per attempt: a requeued job appends to the same log (--open-mode=append), and this line
 # shows where each attempt starts.
 job_banner() {

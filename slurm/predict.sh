@@ -25,12 +25,7 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 source slurm/common.sh
 activate_python_env
 
-# An array task segments its part: the tasks' order among the array's ids (--array=0-3, 1-4 or 0-9:3 alike).
-PART_FLAGS=()
-if [[ -n "${SLURM_ARRAY_TASK_ID:-}" ]]; then
-    PART_FLAGS=(--parts "${SLURM_ARRAY_TASK_COUNT:-1}"
-                --part $(((SLURM_ARRAY_TASK_ID - ${SLURM_ARRAY_TASK_MIN:-SLURM_ARRAY_TASK_ID}) / ${SLURM_ARRAY_TASK_STEP:-1} + 1)))
-fi
+array_part_flags
 job_banner "python predict.py $* ${PART_FLAGS[*]}"
 
 # shellcheck disable=SC2034  # read by requeue_if_signalled in slurm/common.sh

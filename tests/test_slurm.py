@@ -128,6 +128,19 @@ def test_array_tasks_get_their_own_run_folder_and_sweep_line(fake_slurm, tmp_pat
     assert missing.returncode != 0 and "has no line 3" in missing.stderr and "--array=1-2" in missing.stderr
 
 
+def test_an_array_task_of_a_prediction_job_segments_its_own_part(fake_slurm):
+    show = 'array_part_flags; echo "${PART_FLAGS[*]}"'
+    assert run_common(fake_slurm, show).stdout == "\n"  # not an array: the whole folder
+
+    def part(task, count, first, step=None):
+        env = {"SLURM_ARRAY_TASK_ID": task, "SLURM_ARRAY_TASK_COUNT": count, "SLURM_ARRAY_TASK_MIN": first}
+        return run_common(fake_slurm, show, **env, **({"SLURM_ARRAY_TASK_STEP": step} if step else {})).stdout.strip()
+
+    assert part("1", "4", "1") == "--parts 4 --part 1"  # --array=1-4
+    assert part("3", "4", "0") == "--parts 4 --part 4"  # --array=0-3
+    assert part("6", "4", "0", "3") == "--parts 4 --part 3"  # --array=0-9:3: ids 0, 3, 6, 9
+
+
 def test_a_warned_array_task_requeues_itself_alone(fake_slurm):
     # SLURM gives the last task the array's own id (900 here), and `scontrol requeue 900` requeues them all
     run_common(fake_slurm, "SIGNALLED=1; requeue_if_signalled 138", SLURM_JOB_ID="900", SLURM_ARRAY_JOB_ID="900",
