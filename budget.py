@@ -4,13 +4,16 @@ A student has a one-hour queue slot or a lunch break, not a number of epochs. Wi
 cosine schedule is cut off at a high learning rate; with too few the slot is wasted. `Pace` times the
 first training steps of a run, the end of an epoch (validation, checkpoint, curves) and from them:
 
-- with a budget, decides how many steps fit, once; the decision goes into every checkpoint, so a
-  preempted and resumed run follows the same schedule to the same last step as an uninterrupted one;
+- with a budget, decides how many steps fit; the decision goes into every checkpoint, so a preempted
+  and resumed run follows the same schedule to the same last step as an uninterrupted one. At each
+  epoch's end the plan is checked against that epoch's own pace and re-fitted when the budget would be
+  missed by more than REPLAN_TOLERANCE (a machine's speed drifts over a long run);
 - without one, estimates how long the run will take, so a CPU run that will take hours says so (and
   what the CPU budget reaches) before the user has waited for it.
 
 The plan is a plain dict (it is stored in checkpoints, summary.json and wandb):
-    minutes, total_steps, step_seconds, epoch_end_seconds, decided_at_step
+    minutes, total_steps, step_seconds, epoch_end_seconds, decided_at_step,
+    and once re-fitted, replans: [{at_step, from, to, step_seconds}, ...]
 """
 
 from __future__ import annotations
@@ -29,11 +32,18 @@ WINDOW_STEPS = 12
 # steps were timed) ends at the budget instead, with the schedule not finished.
 OVERRUN = 1.10
 
+# A plan is re-fitted at an epoch's end when, at the pace of that epoch, the run would end more than this
+# share of the budget away from it. The pace of the first steps is not the pace of the whole run: 30-minute
+# runs here slowed by 5-10% between their first and last epochs and ended 5-9% over. A smaller tolerance
+# would re-fit on every wobble of a shared machine (each re-fit bends the learning-rate schedule a little).
+REPLAN_TOLERANCE = 0.02
+
 
 def fit_steps(budget_seconds: float, used_seconds: float, done_steps: int, step_seconds: float,
-              epoch_end_seconds: float, steps_per_epoch: int, max_steps: int) -> int:
+              epoch_end_seconds: float, steps_per_epoch: int, max_steps: int, ended_epochs: int = 0) -> int:
     """The most steps whose training plus one epoch end (validation, checkpoint) per started epoch fit in
-    the budget, given `done_steps` already taken in `used_seconds`; at least done_steps, at most max_steps.
+    the budget, given `done_steps` already taken and `ended_epochs` epoch ends already paid in
+    `used_seconds`; at least done_steps, at most max_steps.
 
     An epoch may end early at the budget: the run's last epoch is then a partial one, validated like
     the others.
@@ -41,7 +51,7 @@ def fit_steps(budget_seconds: float, used_seconds: float, done_steps: int, step_
     best = done_steps
     epochs = math.ceil(max_steps / steps_per_epoch)
     for e in range(max(1, math.ceil(max(done_steps, 1) / steps_per_epoch)), epochs + 1):
-        room = budget_seconds - used_seconds - e * epoch_end_seconds  # time left for steps with e epoch ends
+        room = budget_seconds - used_seconds - (e - ended_epochs) * epoch_end_seconds  # left for steps with e epochs
         steps = min(e * steps_per_epoch, max_steps, done_steps + math.floor(max(room, 0.0) / step_seconds))
         if steps > (e - 1) * steps_per_epoch and steps > best:
             best = steps
@@ -66,6 +76,8 @@ class Pace:
         self._times: list[float] = []  # when each step of the measurement window ended
         # a plan stored by a run whose budget ran out before its steps were timed has no step time
         self.step_seconds: float | None = self.plan.get("step_seconds", 0.0) if self.plan else None
+        self.end_seconds: float | None = None  # what the last epoch end of this session cost
+        self._epoch_paces: list[float] = []  # seconds a step of each whole epoch timed under the plan
 
     @property
     def budgeted(self) -> bool:
@@ -114,6 +126,37 @@ class Pace:
         self.plan = {"minutes": self.minutes, "total_steps": int(total), "step_seconds": round(self.step_seconds, 5),
                      "epoch_end_seconds": round(epoch_end_seconds, 4), "decided_at_step": int(global_step)}
         return self.plan
+
+    def epoch_pace(self, step_seconds: float) -> float | None:
+        """Note an epoch's seconds a step; the pace to plan with: the median of the last three epochs, which
+        follows a drift within two epochs but not one epoch's burst of other work (None before three)."""
+        self._epoch_paces.append(step_seconds)
+        recent = sorted(self._epoch_paces[-3:])
+        return recent[1] if len(recent) == 3 else None
+
+    def replan(self, done_steps: int, step_seconds: float, epoch_end_seconds: float) -> bool:
+        """At an epoch's end: re-fit the plan to the pace just measured (training seconds per step of the
+        epoch, and what an epoch end costs) when the run would otherwise end more than REPLAN_TOLERANCE
+        of the budget before or after it. True when the plan changed.
+
+        A re-fit shortens or lengthens the run but never ends it on the spot: with no step left to fit,
+        the learning rate would stop undecayed, so the plan stands and the OVERRUN safety net decides.
+        """
+        if not (self.budgeted and self.plan) or self.plan.get("overrun") or done_steps >= self.total_steps:
+            return False
+        budget_seconds, used = self.minutes * 60, self.used_seconds()
+        ends_left = math.ceil(self.total_steps / self.steps_per_epoch) - done_steps // self.steps_per_epoch
+        projected = used + (self.total_steps - done_steps) * step_seconds + ends_left * epoch_end_seconds
+        if abs(projected - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
+            return False
+        total = fit_steps(budget_seconds, used, done_steps, step_seconds, epoch_end_seconds, self.steps_per_epoch,
+                          self.max_steps, ended_epochs=done_steps // self.steps_per_epoch)
+        if total <= done_steps or total == self.total_steps:
+            return False
+        replans = self.plan.get("replans", []) + [{"at_step": int(done_steps), "from": self.total_steps,
+                                                    "to": int(total), "step_seconds": round(step_seconds, 5)}]
+        self.plan = {**self.plan, "total_steps": int(total), "replans": replans}
+        return True
 
     def estimate_seconds(self, epoch_end_seconds: float, done_steps: int) -> float:
         """Training plus validation time of the whole run from what was measured."""

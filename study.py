@@ -64,6 +64,8 @@ RUNS = {
     "augment-none": ["--augment", "none"],
     "augment-light": ["--augment", "light"],
     "augment-full": ["--augment", "full"],
+    "augment-full-seed-1": ["--augment", "full", "--seed", "1"],
+    "augment-full-seed-2": ["--augment", "full", "--seed", "2"],
     "loss-dice": ["--loss", "dice"],
     "lr-5e-4": ["--lr", "5e-4"],
     "lr-1e-3": ["--lr", "1e-3"],

@@ -397,7 +397,8 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
                             f"checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --amp bf16/off.")
     seconds = time.perf_counter() - started
     return {"loss_sum": total_loss.item(), "images": seen, "step": step, "stopped": stopped, "overrun": overrun,
-            "images_per_s": timed_images / max(seconds, 1e-9) * (torch.distributed.get_world_size() if distributed else 1)}
+            "images_per_s": timed_images / max(seconds, 1e-9) * (torch.distributed.get_world_size() if distributed else 1),
+            "seconds": seconds, "timed_steps": step - start_step}
 
 
 @torch.no_grad()
@@ -770,6 +771,8 @@ def end_epoch(run: Run, epoch: int, result: dict, train_seconds: float) -> bool:
     if improved:
         progress.best_metric, progress.best_epoch = row["val_dice"], epoch + 1
     done_steps = epoch * run.steps_per_epoch + result["step"]
+    if not result["overrun"]:
+        replan(run, done_steps, result)
     planned_steps = pace.total_steps if pace.plan else None  # None: the budget ran out while still timing
     finished = result["overrun"] or done_steps >= pace.total_steps or epoch + 1 >= config.epochs
     if result["overrun"]:  # the run ends here: a resumption must not go on to the old plan
@@ -787,12 +790,41 @@ def end_epoch(run: Run, epoch: int, result: dict, train_seconds: float) -> bool:
         utils.print0(f"epoch {epoch + 1:>3}  loss {row['train_loss']:.4f}  "
                      f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "
                      f"{row['images_per_s']:.1f} img/s  {limit}" + ("  *best" if improved else ""))
+    pace.end_seconds = time.perf_counter() - started  # what this epoch's end cost: the next re-fit's figure
     if result["overrun"]:
         utils.print0(f"the {config.minutes:g}-minute budget ran out at step {done_steps} "
                      + (f"of the {planned_steps} planned (the machine got slower than when the steps were "
                         f"timed)" if planned_steps else "before the steps could be timed (give more --minutes)")
                      + "; the run ends here with its learning rate not yet decayed")
     return finished
+
+
+def replan(run: Run, done_steps: int, result: dict) -> None:
+    """Re-fit a --minutes plan to the pace of the last epochs (see budget.Pace.replan). Only an epoch of at
+    least WINDOW_STEPS steps trained whole under a plan decided before it is a measurement (the first
+    includes the timing window and its probe). Rank 0's measurement decides for every rank, which must all
+    stop at the same step."""
+    pace = run.pace
+    if not (pace.budgeted and pace.plan):
+        return
+    timed = result["timed_steps"]
+    timed_whole = timed >= budget.WINDOW_STEPS and pace.plan.get("decided_at_step", done_steps) < done_steps - timed
+    before = pace.total_steps
+    step_seconds = pace.epoch_pace(result["seconds"] / timed) if timed_whole else None
+    changed = step_seconds is not None and pace.replan(done_steps, step_seconds,
+                                                       pace.end_seconds or pace.plan.get("epoch_end_seconds", 0.0))
+    if run.dist.is_distributed:  # every rank takes part, whatever its own measurement said
+        plan = [pace.plan]
+        torch.distributed.broadcast_object_list(plan, src=0)
+        changed, pace.plan = plan[0]["total_steps"] != before, plan[0]
+    if changed:
+        run.progress.budget_plan = pace.plan
+        if run.main:
+            run.write_config()
+            last = pace.plan["replans"][-1]
+            utils.print0(f"budget {pace.minutes:g} min: {last['step_seconds'] * 1000:.0f} ms a step in the last epochs "
+                         f"(planned {pace.plan['step_seconds'] * 1000:.0f}) -> {last['to']} steps instead of "
+                         f"{last['from']}, the learning-rate schedule re-fitted to them")
 
 
 def epoch_end_seconds(run: Run) -> float:
@@ -848,7 +880,8 @@ def budget_summary(pace: budget.Pace, config: TrainConfig, history: list[dict], 
     done = min(pace.total_steps, len(history) * steps_per_epoch)
     return {"minutes": config.minutes, "used_minutes": round(pace.used_seconds() / 60, 3),  # the budget's own clock
             "planned_steps": plan.get("planned_steps", plan.get("total_steps")), "done_steps": done, "step_seconds": plan.get("step_seconds"),
-            "epoch_end_seconds": plan.get("epoch_end_seconds"), "overrun": bool(plan.get("overrun"))}
+            "epoch_end_seconds": plan.get("epoch_end_seconds"), "overrun": bool(plan.get("overrun")),
+            "replans": plan.get("replans", [])}
 
 
 # What a 2-core CPU reaches in a short budget (results/budgets.csv); printed when a CPU run will take long.

@@ -2,6 +2,9 @@
 
 import csv
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -10,10 +13,11 @@ import torch.nn as nn
 import budget
 import checkpoint
 import devices
+import losses
 import predict
 import train
 import utils
-from conftest import write_isic_folder
+from conftest import ROOT, clean_environ, write_isic_folder
 from test_train import assert_same_weights, tiny_args, weights
 
 
@@ -31,6 +35,38 @@ def test_fit_steps_counts_what_was_spent_and_stops_at_the_epoch_limit():
     assert budget.fit_steps(100, 40, 10, 1.0, 10.0, 30, 10_000) == 10 + 40  # 40 s left after 2 epoch ends: 20 + ...
     assert budget.fit_steps(10_000, 0, 0, 1.0, 10.0, 30, 90) == 90  # --epochs 3 ends the run first
     assert budget.fit_steps(5, 30, 12, 1.0, 10.0, 30, 10_000) == 12  # already past the budget: stop where it is
+
+
+def test_fit_steps_counts_only_the_epoch_ends_still_to_come():
+    # one epoch (30 steps and its end) paid in 40 s: the 60 s left hold two more epoch ends and 40 steps
+    assert budget.fit_steps(100, 40, 30, 1.0, 10.0, 30, 10_000, ended_epochs=1) == 70
+    assert budget.fit_steps(100, 40, 30, 1.0, 10.0, 30, 10_000) == 60  # charging the paid end again loses 10 steps
+
+
+def planned_pace(used_seconds: float) -> budget.Pace:
+    """A one-minute run 40 steps (4 epochs) into a plan of 100 steps at 0.5 s a step."""
+    plan = {"minutes": 1.0, "total_steps": 100, "step_seconds": 0.5, "epoch_end_seconds": 0.0, "decided_at_step": 5}
+    return budget.Pace(minutes=1.0, steps_per_epoch=10, max_steps=10_000, plan=plan, used_seconds=used_seconds)
+
+
+def test_a_plan_is_refitted_to_the_last_epochs_pace_when_the_budget_would_be_missed():
+    slower = planned_pace(19.9)  # 60 steps left at 0.8 s would end at 67.9 s of 60
+    assert slower.replan(40, 0.8, 0.0) and slower.total_steps == 40 + 50  # 40.1 s left / 0.8 s
+    assert slower.plan["replans"] == [{"at_step": 40, "from": 100, "to": 90, "step_seconds": 0.8}]
+    assert slower.plan["step_seconds"] == 0.5  # the first measurement stays on record
+    faster = planned_pace(19.9)
+    assert faster.replan(40, 0.25, 0.0) and faster.total_steps == 40 + 160
+    on_time = planned_pace(19.9)  # 19.9 + 60 x 0.66 = 59.5 s: within REPLAN_TOLERANCE, no re-fit
+    assert not on_time.replan(40, 0.66, 0.0) and on_time.total_steps == 100 and "replans" not in on_time.plan
+    late = planned_pace(59.9)  # no step fits any more: ending here would leave the lr undecayed
+    assert not late.replan(40, 0.8, 0.0) and late.total_steps == 100
+
+
+def test_the_pace_to_plan_with_follows_a_drift_but_not_one_epochs_burst():
+    pace = planned_pace(0.0)
+    assert [pace.epoch_pace(s) for s in (0.50, 0.90, 0.51, 0.52)] == [None, None, 0.51, 0.52]  # the burst never counts
+    drift = planned_pace(0.0)
+    assert [drift.epoch_pace(s) for s in (0.50, 0.55, 0.56, 0.57)] == [None, None, 0.55, 0.56]
 
 
 def test_pace_measures_a_window_of_steps_then_decides():
@@ -96,6 +132,70 @@ def test_budget_run_ends_near_its_minutes_with_its_plan_carried_out(tmp_path, ca
     if not plan["overrun"]:
         assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)  # the schedule decayed fully by the budget
         assert f"step {plan['planned_steps']}/{plan['planned_steps']}" in out
+
+
+def test_a_run_that_slows_down_refits_its_plan_instead_of_running_over(tmp_path, monkeypatch, capsys):
+    """From the end of its first epoch on, every step of the run costs 40 ms more (another job started on
+    the machine): the plan made from the first steps no longer fits, and the run re-fits it at an epoch's
+    end, carries the new plan out and decays its schedule, instead of running into the OVERRUN net."""
+    data = write_isic_folder(tmp_path / "isic", n=48)  # 30 training images: 30 steps an epoch
+    ended, end_epoch = [], train.end_epoch
+    monkeypatch.setattr(train, "end_epoch", lambda *a, **k: ended.append(1) or end_epoch(*a, **k))
+    loss = losses.SegmentationLoss.forward
+
+    def slowed(self, *args):
+        if ended:
+            time.sleep(0.04)
+        return loss(self, *args)
+    monkeypatch.setattr(losses.SegmentationLoss, "forward", slowed)
+    meter = utils.OtherCpu()
+    summary = train.main(tiny_args(data, tmp_path, "--minutes", "0.3", "--epochs", "1000",
+                                   "--batch-size", "1", "--name", "slowed"))
+    other = meter.share()
+    if other is not None and other > 0.1:  # slowed from the start, the run cannot be told from a slowed-down one
+        pytest.skip(f"other processes took {other:.0%} of the CPU during the run")
+    plan = summary["budget"]
+    assert plan["replans"] and plan["replans"][0]["to"] < plan["replans"][0]["from"], plan
+    assert plan["replans"][0]["at_step"] >= 4 * 30  # three whole epochs timed under the plan: the fourth one's end
+    assert not plan["overrun"] and plan["done_steps"] == plan["planned_steps"] == plan["replans"][-1]["to"]
+    rows = list(csv.DictReader(open(tmp_path / "slowed" / "metrics.csv")))
+    assert float(rows[-1]["lr"]) == pytest.approx(0.0, abs=1e-9)
+    stored = checkpoint.load_checkpoint(tmp_path / "slowed" / "last.pt")["budget_plan"]
+    assert stored["total_steps"] == plan["planned_steps"] and stored["replans"] == plan["replans"]
+    first = plan["replans"][0]
+    assert f"-> {first['to']} steps instead of {first['from']}, the learning-rate schedule re-fitted" in capsys.readouterr().out
+
+
+SLOWED_AFTER_FIRST_EPOCH = """
+import sys, time
+sys.path.insert(0, {root!r})
+import losses, train
+ended, end_epoch, loss = [], train.end_epoch, losses.SegmentationLoss.forward
+train.end_epoch = lambda *a, **k: ended.append(1) or end_epoch(*a, **k)
+losses.SegmentationLoss.forward = lambda self, *a: (time.sleep(0.04) if ended else None) or loss(self, *a)
+train.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_that_slow_down_refit_one_plan_and_stop_together(tmp_path):
+    """torchrun with 2 gloo processes, slowed as above: rank 0's re-fit reaches both ranks (they must take
+    their last step together, or the run would hang in an all-reduce) and the run ends on its new plan."""
+    data = write_isic_folder(tmp_path / "isic", n=48)
+    script = tmp_path / "slowed_train.py"
+    script.write_text(SLOWED_AFTER_FIRST_EPOCH.format(root=str(ROOT)))
+    args = tiny_args(data, tmp_path, "--minutes", "0.3", "--epochs", "1000", "--batch-size", "1", "--name", "ddp")
+    env = {**clean_environ(), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    meter = utils.OtherCpu()
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             str(script), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    other = meter.share()
+    if other is not None and other > 0.1:
+        pytest.skip(f"other processes took {other:.0%} of the CPU during the run")
+    plan = json.loads((tmp_path / "ddp" / "summary.json").read_text())["budget"]
+    assert plan["replans"] and not plan["overrun"] and plan["done_steps"] == plan["planned_steps"], plan
+    assert result.stdout.count("the learning-rate schedule re-fitted") == len(plan["replans"])  # rank 0 says it
 
 
 def test_epochs_end_a_budget_run_that_has_time_left(isic_folder, tmp_path):
