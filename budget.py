@@ -32,11 +32,15 @@ WINDOW_STEPS = 12
 # steps were timed) ends at the budget instead, with the schedule not finished.
 OVERRUN = 1.10
 
-# A plan is re-fitted at an epoch's end when, at the pace of that epoch, the run would end more than this
-# share of the budget away from it. The pace of the first steps is not the pace of the whole run: 30-minute
-# runs here slowed by 5-10% between their first and last epochs and ended 5-9% over. A smaller tolerance
-# would re-fit on every wobble of a shared machine (each re-fit bends the learning-rate schedule a little).
+# A plan is re-fitted at an epoch's end when, at the pace of the last epochs, the run would end more than
+# REPLAN_TOLERANCE of the budget away from it, and further than PACE_NOISE of the time left could explain.
+# The pace of the first steps is not the pace of the whole run: 30-minute runs here drifted by 5-15% (either
+# way) between their first and last epochs, and ended 5-9% over with a plan made once. But the pace of three
+# epochs also wobbles by a few percent on a shared machine: with the first term alone, a 30-minute run re-fitted
+# 4775 -> 4670 steps at 6 minutes and back to 4777 at 10. The second term waits for a drift to outgrow the
+# wobble; near the end, where the time left is short, the first decides (each re-fit bends the schedule).
 REPLAN_TOLERANCE = 0.02
+PACE_NOISE = 0.05
 
 
 def fit_steps(budget_seconds: float, used_seconds: float, done_steps: int, step_seconds: float,
@@ -137,7 +141,8 @@ class Pace:
     def replan(self, done_steps: int, step_seconds: float, epoch_end_seconds: float) -> bool:
         """At an epoch's end: re-fit the plan to the pace just measured (training seconds per step of the
         epoch, and what an epoch end costs) when the run would otherwise end more than REPLAN_TOLERANCE
-        of the budget before or after it. True when the plan changed.
+        of the budget, and more than PACE_NOISE of its time left, before or after it. True when the plan
+        changed.
 
         A re-fit shortens or lengthens the run but never ends it on the spot: with no step left to fit,
         the learning rate would stop undecayed, so the plan stands and the OVERRUN safety net decides.
@@ -147,7 +152,7 @@ class Pace:
         budget_seconds, used = self.minutes * 60, self.used_seconds()
         ends_left = math.ceil(self.total_steps / self.steps_per_epoch) - done_steps // self.steps_per_epoch
         projected = used + (self.total_steps - done_steps) * step_seconds + ends_left * epoch_end_seconds
-        if abs(projected - budget_seconds) <= REPLAN_TOLERANCE * budget_seconds:
+        if abs(projected - budget_seconds) <= max(REPLAN_TOLERANCE * budget_seconds, PACE_NOISE * (projected - used)):
             return False
         total = fit_steps(budget_seconds, used, done_steps, step_seconds, epoch_end_seconds, self.steps_per_epoch,
                           self.max_steps, ended_epochs=done_steps // self.steps_per_epoch)

@@ -66,6 +66,7 @@ RUNS = {
     "augment-full": ["--augment", "full"],
     "augment-full-seed-1": ["--augment", "full", "--seed", "1"],
     "augment-full-seed-2": ["--augment", "full", "--seed", "2"],
+    "size-128-augment-full": ["--image-size", "128", "--augment", "full"],
     "loss-dice": ["--loss", "dice"],
     "lr-5e-4": ["--lr", "5e-4"],
     "lr-1e-3": ["--lr", "1e-3"],

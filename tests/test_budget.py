@@ -62,6 +62,14 @@ def test_a_plan_is_refitted_to_the_last_epochs_pace_when_the_budget_would_be_mis
     assert not late.replan(40, 0.8, 0.0) and late.total_steps == 100
 
 
+def test_a_miss_the_pace_wobble_could_explain_waits_while_much_time_is_left():
+    # both would end 1.6 s (2.7%) before the budget: with 38.5 s to go that is within 5% of it, with 6 s it is not
+    early = planned_pace(19.9)
+    assert not early.replan(40, 0.6417, 0.0) and early.total_steps == 100
+    late = planned_pace(52.4)
+    assert late.replan(90, 0.6, 0.0) and late.total_steps == 90 + 12  # 7.6 s left / 0.6 s
+
+
 def test_the_pace_to_plan_with_follows_a_drift_but_not_one_epochs_burst():
     pace = planned_pace(0.0)
     assert [pace.epoch_pace(s) for s in (0.50, 0.90, 0.51, 0.52)] == [None, None, 0.51, 0.52]  # the burst never counts
