@@ -170,6 +170,7 @@ def channels_last_slowdowns() -> list[float]:
 R, E, B = "recipes", "budgets-epyc-fp32", "budgets"  # results/<name>.csv
 SEEDS_96 = ["size-96", "size-96-seed-1", "size-96-seed-2"]
 SEEDS_64 = ["size-64", "size-64-seed-1", "size-64-seed-2"]
+SEEDS_128 = ["size-128", "size-128-seed-1", "size-128-seed-2"]
 SHORT_SEEDS = ["default", "seed-1", "seed-2"]
 PRESETS = ["default", "augment-none", "augment-light", "augment-full"]  # default: flips
 
@@ -228,10 +229,16 @@ def short_budget() -> str:
             f"{mean(R, 'short', SHORT_SEEDS, 'test_dice_tta', 3)} / {mean(R, 'short', SHORT_SEEDS, 'test_threshold_jaccard_tta', 3)}.")
 
 
-def budget_seeds(name: str, budget: str, mean_places: int) -> str:
-    return (f"Three seeds give test Dice {listed([dice(name, budget, s) for s in SEEDS_96])} "
-            f"(mean {mean(name, budget, SEEDS_96, 'test_dice_tta', mean_places)}) and thresholded Jaccard "
-            f"{listed([jaccard(name, budget, s) for s in SEEDS_96])} (mean {mean(name, budget, SEEDS_96, 'test_threshold_jaccard_tta', 3)})")
+def budget_seeds(name: str, budget: str, mean_places: int, seeds: list[str] = SEEDS_96) -> str:
+    return (f"Three seeds give test Dice {listed([dice(name, budget, s) for s in seeds])} "
+            f"(mean {mean(name, budget, seeds, 'test_dice_tta', mean_places)}) and thresholded Jaccard "
+            f"{listed([jaccard(name, budget, s) for s in seeds])} (mean {mean(name, budget, seeds, 'test_threshold_jaccard_tta', 3)})")
+
+
+def losses_from(run: str, column: str, first_epoch: int = 40) -> str:
+    values = [Decimal(row[column]) for row in curve(run)[first_epoch - 1:]]
+    return f"{r(min(values), 3)} and {r(max(values), 3)}"
+
 
 
 CLAIMS = [  # (page, the sentence as the page prints it, rebuilt from its source)
@@ -294,7 +301,26 @@ CLAIMS = [  # (page, the sentence as the page prints it, rebuilt from its source
     ("docs/recipes.md", lambda: budget_seeds(B, "min10", 4)),
     ("docs/recipes.md", lambda: f"128 px reached test Dice {dice(B, 'min10', 'size-128')}, 160 px {dice(B, 'min10', 'size-160')}"),
     ("docs/recipes.md", lambda: f"came to {budget_minutes(B, 'min10')} minutes for the 10-minute budget and "
-                                f"{budget_minutes(B, 'min5')} for the 5-minute one. On the AMD machine it came to {epyc_budget_share()}"),
+                                f"{budget_minutes(B, 'min5')} for the 5-minute one"),
+    ("docs/recipes.md", lambda: f"On the AMD machine the wall time came to {epyc_budget_share()}"),
+    ("docs/recipes.md", lambda: f"128 px (validation {val(B, 'min30', 'size-128', 4)}) is chosen over 96 px "
+                                f"({val(B, 'min30', 'size-96', 4)}) and 96 px with `--augment full` "
+                                f"({val(B, 'min30', 'augment-full', 4)}): bf16 fits {len(curve('min30-size-128'))} epochs of "
+                                f"128 px, {len(curve('min30-size-96'))} of 96 px and {len(curve('min30-augment-full'))} of 96 px "
+                                f"with full augmentation"),
+    ("docs/recipes.md", lambda: budget_seeds(B, "min30", 3, SEEDS_128)),
+    ("docs/recipes.md", lambda: f"Full augmentation at 96 px reached test Dice {dice(B, 'min30', 'augment-full')} / thresholded "
+                                f"Jaccard {jaccard(B, 'min30', 'augment-full')}"),
+    # [-2]: the run with full augmentation ended on an epoch of one step
+    ("docs/recipes.md", lambda: f"the training loss fell to {r(curve('min30-size-96')[-1]['train_loss'], 3)} while the validation "
+                                f"loss stayed between {losses_from('min30-size-96', 'val_loss')} from epoch 40 on; full "
+                                f"augmentation kept the training loss at {r(curve('min30-augment-full')[-2]['train_loss'], 3)} and "
+                                f"the validation loss between {losses_from('min30-augment-full', 'val_loss')}"),
+    ("docs/recipes.md", lambda: f"the first two runs (128 and 96 px) ran {v(B, 'min30', 'size-128', 'train_minutes', 2)} and "
+                                f"{v(B, 'min30', 'size-96', 'train_minutes', 2)} minutes, and the 96-px run with full augmentation "
+                                f"{v(B, 'min30', 'augment-full', 'train_minutes', 2)}"),
+    ("docs/recipes.md", lambda: f"the two 128-px seeds that followed came to {v(B, 'min30', 'size-128-seed-1', 'train_minutes', 2)} "
+                                f"and {v(B, 'min30', 'size-128-seed-2', 'train_minutes', 2)} minutes"),
     # recipes.md, time budgets in float32 on the AMD EPYC
     ("docs/recipes.md", lambda: f"5 minutes chose 64 px (test Dice {mean(E, 'min5', SEEDS_64, 'test_dice_tta', 3)} over three seeds), "
                                 f"10 minutes 96 px ({mean(E, 'min10', SEEDS_96, 'test_dice_tta', 3)}), 30 minutes 96 px "
