@@ -304,13 +304,15 @@ CLAIMS = [  # (page, the sentence as the page prints it, rebuilt from its source
                                 f"{budget_minutes(B, 'min5')} for the 5-minute one"),
     ("docs/recipes.md", lambda: f"On the AMD machine the wall time came to {epyc_budget_share()}"),
     ("docs/recipes.md", lambda: f"128 px (validation {val(B, 'min30', 'size-128', 4)}) is chosen over 96 px "
-                                f"({val(B, 'min30', 'size-96', 4)}) and 96 px with `--augment full` "
-                                f"({val(B, 'min30', 'augment-full', 4)}): bf16 fits {len(curve('min30-size-128'))} epochs of "
+                                f"({val(B, 'min30', 'size-96', 4)}), 96 px with `--augment full` "
+                                f"({val(B, 'min30', 'augment-full', 4)}) and 128 px with it "
+                                f"({val(B, 'min30', 'size-128-augment-full', 4)}): bf16 fits {len(curve('min30-size-128'))} epochs of "
                                 f"128 px, {len(curve('min30-size-96'))} of 96 px and {len(curve('min30-augment-full'))} of 96 px "
                                 f"with full augmentation"),
     ("docs/recipes.md", lambda: budget_seeds(B, "min30", 3, SEEDS_128)),
     ("docs/recipes.md", lambda: f"Full augmentation at 96 px reached test Dice {dice(B, 'min30', 'augment-full')} / thresholded "
-                                f"Jaccard {jaccard(B, 'min30', 'augment-full')}"),
+                                f"Jaccard {jaccard(B, 'min30', 'augment-full')}, at 128 px {dice(B, 'min30', 'size-128-augment-full')} / "
+                                f"{jaccard(B, 'min30', 'size-128-augment-full')}"),
     # [-2]: the run with full augmentation ended on an epoch of one step
     ("docs/recipes.md", lambda: f"the training loss fell to {r(curve('min30-size-96')[-1]['train_loss'], 3)} while the validation "
                                 f"loss stayed between {losses_from('min30-size-96', 'val_loss')} from epoch 40 on; full "
@@ -320,7 +322,8 @@ CLAIMS = [  # (page, the sentence as the page prints it, rebuilt from its source
                                 f"{v(B, 'min30', 'size-96', 'train_minutes', 2)} minutes, and the 96-px run with full augmentation "
                                 f"{v(B, 'min30', 'augment-full', 'train_minutes', 2)}"),
     ("docs/recipes.md", lambda: f"the two 128-px seeds that followed came to {v(B, 'min30', 'size-128-seed-1', 'train_minutes', 2)} "
-                                f"and {v(B, 'min30', 'size-128-seed-2', 'train_minutes', 2)} minutes"),
+                                f"and {v(B, 'min30', 'size-128-seed-2', 'train_minutes', 2)} minutes, and the 128-px run with full "
+                                f"augmentation to {v(B, 'min30', 'size-128-augment-full', 'train_minutes', 2)}"),
     # recipes.md, time budgets in float32 on the AMD EPYC
     ("docs/recipes.md", lambda: f"5 minutes chose 64 px (test Dice {mean(E, 'min5', SEEDS_64, 'test_dice_tta', 3)} over three seeds), "
                                 f"10 minutes 96 px ({mean(E, 'min10', SEEDS_96, 'test_dice_tta', 3)}), 30 minutes 96 px "
