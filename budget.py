@@ -6,8 +6,9 @@ first training steps of a run, the end of an epoch (validation, checkpoint, curv
 
 - with a budget, decides how many steps fit; the decision goes into every checkpoint, so a preempted
   and resumed run follows the same schedule to the same last step as an uninterrupted one. At each
-  epoch's end the plan is checked against that epoch's own pace and re-fitted when the budget would be
-  missed by more than REPLAN_TOLERANCE (a machine's speed drifts over a long run);
+  epoch's end the plan is checked against the pace of the last three epochs and re-fitted when the
+  budget would be missed by more than REPLAN_TOLERANCE and PACE_NOISE allow (a machine's speed drifts
+  over a long run);
 - without one, estimates how long the run will take, so a CPU run that will take hours says so (and
   what the CPU budget reaches) before the user has waited for it.
 
@@ -34,8 +35,8 @@ OVERRUN = 1.10
 
 # A plan is re-fitted at an epoch's end when, at the pace of the last epochs, the run would end more than
 # REPLAN_TOLERANCE of the budget away from it, and further than PACE_NOISE of the time left could explain.
-# The pace of the first steps is not the pace of the whole run: 30-minute runs here drifted by 5-15% (either
-# way) between their first and last epochs, and ended 5-9% over with a plan made once. But the pace of three
+# The pace of the first steps is not the pace of the whole run: 30-minute runs here drifted by up to 12% (either
+# way) between their first and last epochs, and ended 4% under to 9% over with a plan made once. But the pace of three
 # epochs also wobbles by a few percent on a shared machine: with the first term alone, a 30-minute run re-fitted
 # 4775 -> 4670 steps at 6 minutes and back to 4777 at 10. The second term waits for a drift to outgrow the
 # wobble; near the end, where the time left is short, the first decides (each re-fit bends the schedule).
@@ -139,8 +140,8 @@ class Pace:
         return recent[1] if len(recent) == 3 else None
 
     def replan(self, done_steps: int, step_seconds: float, epoch_end_seconds: float) -> bool:
-        """At an epoch's end: re-fit the plan to the pace just measured (training seconds per step of the
-        epoch, and what an epoch end costs) when the run would otherwise end more than REPLAN_TOLERANCE
+        """At an epoch's end: re-fit the plan to the pace given (training seconds a step, from epoch_pace,
+        and what an epoch end costs) when the run would otherwise end more than REPLAN_TOLERANCE
         of the budget, and more than PACE_NOISE of its time left, before or after it. True when the plan
         changed.
 
