@@ -37,8 +37,9 @@ MASK_SUFFIX = "_segmentation"  # ISIC 2018 writes _segmentation, ISIC 2016/2017 
 
 # Official folders, e.g. ISIC2018_Task1-2_Training_Input and ISIC2018_Task1_Training_GroundTruth
 # (ISIC 2017: ISIC-2017_Training_Data / ISIC-2017_Training_Part1_GroundTruth).
-_OFFICIAL_IMAGES = re.compile(r"^IS[IB].*?(Training|Validation|Test)_(Input|Data)$", re.IGNORECASE)
-_OFFICIAL_MASKS = re.compile(r"^IS[IB].*?(Training|Validation|Test).*_GroundTruth$", re.IGNORECASE)
+# A copy may add a suffix such as _x2 (UQ's course copy: ISIC2018_Task1-2_Training_Input_x2).
+_OFFICIAL_IMAGES = re.compile(r"^IS[IB].*?(Training|Validation|Test)_(Input|Data)(_x\d+)?$", re.IGNORECASE)
+_OFFICIAL_MASKS = re.compile(r"^IS[IB].*?(Training|Validation|Test).*_GroundTruth(_x\d+)?$", re.IGNORECASE)
 _OTHER_TASKS = re.compile(r"task[23]_|part[23]_", re.IGNORECASE)  # lesion attributes, diagnosis
 _SPLIT_OF = {"training": "train", "validation": "val", "test": "test"}
 
@@ -252,8 +253,16 @@ def _is_candidate(p: Path) -> bool:
             and not p.stem.lower().endswith("_superpixels") and p.is_file())
 
 
-def _list_dir(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if _is_candidate(p))
+def _list_dir(folder: Path, log: Callable | None = None) -> list[Path]:
+    """The folder's image files, sorted; `log` hears about the other files (licence and attribution texts)."""
+    entries = sorted(folder.iterdir())
+    files = [p for p in entries if _is_candidate(p)]
+    if log is not None:
+        others = [p.name for p in entries if not p.name.startswith(".") and p.is_file() and not _is_candidate(p)]
+        if others:
+            what = f"{len(others)} files that are not images" if len(others) > 1 else "1 file that is not an image"
+            log(f"data: ignored {what} in {folder} ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''})")
+    return files
 
 
 def _find_layout(root: Path) -> tuple[str, dict[str, tuple[Path, Path | None]]]:
@@ -319,7 +328,7 @@ def _explain_missing_layout(root: Path) -> str:
 def _pair_folder(images: Path, masks: Path | None, layout: str, skip_bad: bool,
                  log: Callable) -> list[Sample]:
     by_id: dict[str, Path] = {}
-    image_files = _list_dir(images)
+    image_files = _list_dir(images, log)
     if not image_files:
         raise DataError(f"image folder {images} has no images; copy or download them there")
     mask_named = [p for p in image_files if p.stem.lower().endswith(MASK_SUFFIX)]
@@ -334,7 +343,7 @@ def _pair_folder(images: Path, masks: Path | None, layout: str, skip_bad: bool,
         return [Sample(i, p, None) for i, p in sorted(by_id.items())]
 
     mask_of: dict[str, Path] = {}
-    mask_files = _list_dir(masks)
+    mask_files = _list_dir(masks, log)
     if not mask_files:
         raise DataError(f"ground-truth folder {masks} has no masks; copy or download them there")
     for p in mask_files:
@@ -386,6 +395,29 @@ def find_pairs(root, *, skip_bad: bool = False, log: Callable = print) -> dict[s
                                 "an image may belong to one split only")
             seen[s.id] = s
     return pairs
+
+
+def describe_folders(root) -> list[str]:
+    """One line per data folder: its split, image count and the images' sizes as stored (smallest, median
+    and largest by area), and its ground truth; what `python dataset.py` reports before caching."""
+    root = Path(root)
+    _, folders = _find_layout(root)
+    lines = []
+    for split, (images, masks) in sorted(folders.items(), key=lambda kv: SPLITS.index(kv[0])):
+        sizes = []
+        for path in _list_dir(images):
+            try:
+                with _open(path) as img:
+                    sizes.append(_oriented_size(img))
+            except DataError:
+                continue  # the check that follows names it
+        sizes.sort(key=lambda wh: (wh[0] * wh[1], wh))
+        shown = "no readable images" if not sizes else (
+            f"{sizes[0][0]}x{sizes[0][1]} to {sizes[-1][0]}x{sizes[-1][1]} px, median "
+            f"{sizes[len(sizes) // 2][0]}x{sizes[len(sizes) // 2][1]}")
+        truth = f"masks in {masks.name}/ ({len(_list_dir(masks))})" if masks is not None else "no masks"
+        lines.append(f"{split}: {images.name}/: {len(sizes)} images, {shown}; {truth}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +679,8 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
     log(f"data: {data_dir}: {description}")
     cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir(data_dir)
     folder = cache_root / f"size{size}"
+    if not config.cache_dir and not cache_root.is_relative_to(data_dir):
+        log(f"data: {data_dir} is read-only, so the cache goes to {folder} (--cache-dir chooses another folder)")
     workers = config.num_workers or devices.usable_cpus()  # the job's CPUs, not the whole node's
     out: dict[str, CachedSplit] = {}
     with _locked(folder):
@@ -742,6 +776,8 @@ def main(argv=None) -> None:
     add_data_config_args(parser)
     args = parser.parse_args(argv)
     try:
+        for line in describe_folders(args.data_dir) if Path(args.data_dir).is_dir() else []:
+            print(f"data: {line}")
         start = time.perf_counter()
         splits = prepare_splits(data_config_from_args(args))
     except DataError as err:

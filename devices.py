@@ -45,6 +45,7 @@ def select_device(name: str = "auto") -> torch.device:
         elif torch.backends.mps.is_available():
             return torch.device("mps")
         else:
+            check_job_gpus_usable()
             return torch.device("cpu")
     try:
         device = torch.device(name)
@@ -58,6 +59,36 @@ def select_device(name: str = "auto") -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device mps was asked for but MPS is not available here; {available_devices()}")
     return device
+
+
+# What SLURM sets in a job, or a step of it, that was given GPUs (--gres=gpu:N or --gpus).
+SLURM_GPU_VARIABLES = ("SLURM_GPUS_ON_NODE", "SLURM_JOB_GPUS", "SLURM_STEP_GPUS")
+
+
+def slurm_job_gpus() -> tuple[str, str] | None:
+    """(variable, value) of the first SLURM variable that says this job holds GPUs, or None."""
+    for variable in SLURM_GPU_VARIABLES:
+        value = os.environ.get(variable, "").strip()
+        # SLURM_GPUS_ON_NODE is a count; the others list GPU indices, where 0 is the first GPU
+        if value and not (variable == "SLURM_GPUS_ON_NODE" and value == "0"):
+            return variable, value
+    return None
+
+
+def check_job_gpus_usable() -> None:
+    """A SLURM job that was given GPUs which PyTorch cannot use stops here instead of falling back to the
+    CPU: at the GPU's pace a CPU run would take days, and a job script that requeues would keep it going."""
+    given = slurm_job_gpus()
+    if given is None:
+        return
+    if torch.version.cuda is None and not is_rocm():
+        why = (f"this PyTorch ({torch.__version__}) is a CPU-only build; install a CUDA build in the job's "
+               "environment (docs/getting-started.md)")
+    else:
+        why = ("the driver did not answer (run `sbatch slurm/gpu_check.sh`; docs/troubleshooting.md lists the "
+               "causes)")
+    raise DeviceError(f"this SLURM job was given a GPU ({given[0]}={given[1]}) but PyTorch cannot use it: {why}. "
+                      "To train on the CPU anyway, pass --device cpu")
 
 
 def normalize(device: str | torch.device) -> torch.device:

@@ -1,6 +1,7 @@
 """Download and extract the official ISIC 2018 Task 1 zips (urllib only).
 
     python download.py --root data/ISIC2018 --splits train val test
+    python download.py --root data/isic-truth --splits val test --masks-only   # the ground truth alone
 
 Partial downloads resume with HTTP Range from <root>/downloads/<name>.zip.part; every zip is tested
 (zipfile.testzip) and extracted member by member, refusing paths that would land outside <root>.
@@ -134,15 +135,16 @@ def _check_zip(path: Path) -> str | None:
 
 def download_isic(root, splits: Sequence[str] = ("train", "val", "test"), *, base_url: str = BASE_URL,
                   expected_counts: dict[str, int] | None = EXPECTED_COUNTS, retries: int = 5,
-                  backoff: float = 2.0, timeout: float = 60, log: Callable = print) -> Path:
-    """Fetch, test and extract the ISIC 2018 Task 1 zips of `splits` into root; returns root."""
+                  backoff: float = 2.0, timeout: float = 60, masks_only: bool = False, log: Callable = print) -> Path:
+    """Fetch, test and extract the ISIC 2018 Task 1 zips of `splits` into root; returns root. `masks_only`:
+    the ground-truth zips alone (for images that are already at hand, such as a course's copy)."""
     root = Path(root)
     unknown = set(splits) - set(ZIPS)
     if unknown:
         raise ValueError(f"unknown splits {sorted(unknown)}; choose from {sorted(ZIPS)}")
     downloads = root / "downloads"
     for split in splits:
-        for name in ZIPS[split]:
+        for name in ZIPS[split][1:] if masks_only else ZIPS[split]:
             archive, done = downloads / name, downloads / (name + ".extracted")
             if done.exists():
                 continue
@@ -160,13 +162,15 @@ def download_isic(root, splits: Sequence[str] = ("train", "val", "test"), *, bas
             safe_extract(archive, root)
             done.write_text("ok\n")
         if expected_counts and split in expected_counts:
-            folder = root / ZIPS[split][0].removesuffix(".zip")
-            found = sum(1 for p in folder.glob("*.jpg")) if folder.is_dir() else 0
+            zip_name, pattern, what = (ZIPS[split][1], "*_segmentation.png", "masks") if masks_only else \
+                (ZIPS[split][0], "*.jpg", "images")
+            folder = root / zip_name.removesuffix(".zip")
+            found = sum(1 for p in folder.glob(pattern)) if folder.is_dir() else 0
             if found != expected_counts[split]:
-                raise DownloadError(f"{folder} holds {found} images, expected {expected_counts[split]}; delete it "
-                                    f"and {downloads}/{ZIPS[split][0]}* and download again "
+                raise DownloadError(f"{folder} holds {found} {what}, expected {expected_counts[split]}; delete it "
+                                    f"and {downloads}/{zip_name}* and download again "
                                     "(or pass --no-check-counts for a partial copy)")
-    log(f"download: {', '.join(splits)} ready in {root}")
+    log(f"download: {', '.join(splits)}{' ground truth' if masks_only else ''} ready in {root}")
     return root
 
 
@@ -179,10 +183,12 @@ def main(argv=None) -> None:
     parser.add_argument("--check-counts", action=argparse.BooleanOptionalAction, default=True,
                         help="check the official image counts (2594 / 100 / 1000) after extraction")
     parser.add_argument("--retries", type=int, default=5, help="attempts per file before giving up")
+    parser.add_argument("--masks-only", action="store_true",
+                        help="only the ground-truth zips, for images you already have (a course's copy)")
     args = parser.parse_args(argv)
     try:
         download_isic(args.root, args.splits, base_url=args.base_url, retries=args.retries,
-                      expected_counts=EXPECTED_COUNTS if args.check_counts else None)
+                      expected_counts=EXPECTED_COUNTS if args.check_counts else None, masks_only=args.masks_only)
     except DownloadError as err:
         sys.exit(f"error: {err}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import errno
+import json
 import math
 import signal
 import sys
@@ -41,6 +42,7 @@ class TrainConfig:
 
     # --- data ---
     data_dir: str = "data/ISIC2018"  # ISIC root (official folders or images/ + masks/); synthetic set when absent
+    cache_dir: str | None = None  # where the resized images are cached; default <data-dir>/.cache, or ~/.cache/improved-unet-isic/ when the data folder is read-only
     image_size: int = 256  # side of the square the images are resized to (multiple of 16)
     val_fraction: float = 0.1  # share of the training folder held out for validation when there is no official one
     test_fraction: float = 0.1  # share held out for testing when there is no official test ground truth
@@ -212,6 +214,40 @@ def apply_recipe(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (for example the loss became NaN); the message says what to try."""
+
+
+class RunFinished(Exception):
+    """`--resume auto` found a run that has already trained to its end; the message says what to do instead."""
+
+    def __init__(self, message: str, summary: dict):
+        super().__init__(message)
+        self.summary = summary
+
+
+def check_not_finished(state: dict, merged: TrainConfig, explicit: set[str], path: Path) -> None:
+    """Raise RunFinished when the checkpoint ends a run whose summary.json was written after it and the flags
+    given now ask for nothing more (a larger --epochs, another --minutes): resuming would train nothing."""
+    summary_path = path.parent / "summary.json"
+    if state.get("step", 0) or not summary_path.is_file():
+        return
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return
+    if summary.get("epochs") != state["epoch"]:
+        return  # last.pt is newer than the summary: the run stopped between them
+    if "epochs" in explicit and merged.epochs > state["epoch"]:
+        return
+    if "minutes" in explicit and merged.minutes != state["train_config"].get("minutes"):
+        return
+    when = time.strftime("%Y-%m-%d %H:%M", time.localtime(summary_path.stat().st_mtime))
+    best = summary.get("best_val_dice")
+    raise RunFinished(
+        f"{path.parent} already finished on {when}: {state['epoch']} epoch{'s' if state['epoch'] != 1 else ''}"
+        + (f", best validation Dice {best:.4f} at epoch {summary.get('best_epoch')}" if best is not None else "")
+        + "; nothing to train. Use a new --name for a new run, or a larger "
+        + (f"--minutes (was {merged.minutes:g})" if merged.minutes else f"--epochs (was {merged.epochs})")
+        + " to train this one further", summary)
 
 
 class Preemption:
@@ -469,6 +505,8 @@ def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Pat
     merged = TrainConfig(**{**saved, **{k: getattr(config, k) for k in explicit | {"resume"}}})
     if "name" not in explicit:
         merged = dataclasses.replace(merged, name=path.parent.name, out_dir=str(path.parent.parent))
+    if config.resume == "auto":
+        check_not_finished(state, merged, explicit, path)
     utils.print0(f"resuming from {path} (epoch {state['epoch'] + 1}, step {state.get('step', 0)})")
     return state, merged
 
@@ -915,6 +953,9 @@ def main(argv=None) -> dict:
         parser.error("\n  ".join(problems))
     try:
         return train(config, explicit)
+    except RunFinished as done:
+        utils.print0(str(done))
+        return done.summary
     except (dataset.DataError, checkpoint.CheckpointError, TrainingError, utils.ConfigError, record.RunInUseError,
             devices.DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)

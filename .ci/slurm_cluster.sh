@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# A two-node SLURM cluster on this machine, from Debian's packages, for tests/test_slurm_cluster.py.
+# A SLURM cluster on this machine shaped like UQ's Rangpur, from Debian's packages, for
+# tests/test_slurm_cluster.py.
 #   sudo bash .ci/slurm_cluster.sh start     # install slurm-wlm and munge if needed, start the daemons
 #   sudo bash .ci/slurm_cluster.sh stop      # cancel its jobs, stop the daemons
-# CPU only: each node claims 64 CPUs, 64 GB and 16 placeholder GPUs, so the job scripts' #SBATCH
-# lines schedule unchanged, six two-GPU jobs at once. The first node is this machine; the second,
-# unet-node-b, is a slurmd in its own network, UTS and mount namespaces, with its own address on a
-# veth pair (10.77.0.2; this machine is 10.77.0.1 there), its own hostname and its own /etc/hosts.
-# Where namespaces cannot be made, the cluster has the first node only. It refuses to touch a
-# slurm.conf it did not write.
+# As students reported Rangpur in September and October 2026:
+#   - GPU nodes a100-0 .. a100-9, each with 8 CPUs and one GPU, declaring RealMemory=1 (CfgTRES mem=1M):
+#     a job that asks for memory (--mem, --mem-per-cpu) is refused at submission;
+#   - partitions a100-test (the default, 20-minute limit), a100 (any account), comp3710
+#     (AllowAccounts=comp3710: a job without --account=comp3710 never starts) and cpu (no GPU);
+#   - the course's read-only ISIC copy at /home/groups/comp3710/ISIC2018.
+# Each GPU node is a slurmd in its own network, UTS and mount namespaces, with its own address on a
+# bridge (10.77.0.1 is this machine, a100-N is 10.77.0.(10+N)), its own hostname and its own
+# /etc/hosts. This machine is the cpu
+# partition's node. The GPUs are placeholder device files: the scheduler hands them out and sets
+# CUDA_VISIBLE_DEVICES, but no process finds a CUDA device. No slurmdbd: the one-job-per-user limit
+# of a100-test (a QOS) is not reproduced. It refuses to touch a slurm.conf it did not write.
 set -euo pipefail
 
 CLUSTER_NAME=unet-test  # tests/test_slurm_cluster.py runs only against a controller of this name
@@ -15,15 +22,21 @@ CONF=/etc/slurm/slurm.conf
 MARKER="# written by .ci/slurm_cluster.sh"
 STATE=/var/lib/slurm-unet-test
 LOGS=/var/log/slurm-unet-test
-NODE_B=unet-node-b  # also the name of its network namespace
-LINK=unet0          # the veth end's name on both sides: GLOO_SOCKET_IFNAME=unet0 serves every node
-ADDR_A=10.77.0.1
-ADDR_B=10.77.0.2
+GPU_NODES=10          # a100-0 .. a100-9, as on Rangpur
+BRIDGE=unet0          # the fabric's name on every node: GLOO_SOCKET_IFNAME=unet0 serves them all
+HOST_ADDR=10.77.0.1
+# The course's data copy: the tests write into COURSE_SOURCE; jobs see it read-only at COURSE_DATA.
+# Mounted before the nodes' namespaces are made, so that every node has it.
+COURSE_DATA=/home/groups/comp3710/ISIC2018
+COURSE_SOURCE="$STATE/course-data"
 
 die() {
     echo "slurm_cluster: $*" >&2
     exit 1
 }
+
+gpu_node() { echo "a100-$1"; }
+gpu_addr() { echo "10.77.0.$((10 + $1))"; }
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null; then
@@ -36,53 +49,64 @@ install_packages() {
         die "apt-get could not install slurm-wlm and munge"
 }
 
-# The second node's network: a veth pair between this machine and the namespace. Returns 1 (and the
-# cluster keeps one node) where the kernel or the container refuses.
+# A bridge on this machine and one network namespace per GPU node, joined to it by a veth pair.
 make_network() {
-    if ip netns exec "$NODE_B" ip -4 addr show "$LINK" 2>/dev/null | grep -qF "$ADDR_B/"; then
-        return 0
+    if ! ip -4 addr show "$BRIDGE" 2>/dev/null | grep -qF "$HOST_ADDR/"; then
+        {
+            ip link add "$BRIDGE" type bridge &&
+                ip addr add "$HOST_ADDR/24" dev "$BRIDGE" &&
+                ip link set "$BRIDGE" up
+        } 2>>"$LOGS/network.log" || die "could not make the bridge $BRIDGE: $(tail -n 1 "$LOGS/network.log")"
     fi
-    {
-        ip netns add "$NODE_B" &&
-            ip link add "$LINK" type veth peer name "$LINK-b" &&
-            ip link set "$LINK-b" netns "$NODE_B" &&
-            ip netns exec "$NODE_B" ip link set "$LINK-b" name "$LINK" &&
-            ip addr add "$ADDR_A/24" dev "$LINK" && ip link set "$LINK" up &&
-            ip netns exec "$NODE_B" ip addr add "$ADDR_B/24" dev "$LINK" &&
-            ip netns exec "$NODE_B" ip link set "$LINK" up &&
-            ip netns exec "$NODE_B" ip link set lo up &&
-            ip netns exec "$NODE_B" ip route add default via "$ADDR_A"
-    } 2>"$LOGS/network.log" || {
-        echo "slurm_cluster: no second node (network namespaces: $(tail -n 1 "$LOGS/network.log"))" >&2
-        ip netns delete "$NODE_B" 2>/dev/null || true
-        ip link delete "$LINK" 2>/dev/null || true
-        return 1
-    }
+    # bridged frames must not meet a firewall's FORWARD policy (Docker's is DROP)
+    echo 0 >/proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || true
+    local i node addr
+    for ((i = 0; i < GPU_NODES; i++)); do
+        node="$(gpu_node "$i")"
+        addr="$(gpu_addr "$i")"
+        if ip netns exec "$node" ip -4 addr show "$BRIDGE" 2>/dev/null | grep -qF "$addr/"; then
+            continue
+        fi
+        {
+            ip netns add "$node" &&
+                ip link add "unet-$i" type veth peer name "unet-$i-b" &&
+                ip link set "unet-$i" master "$BRIDGE" && ip link set "unet-$i" up &&
+                ip link set "unet-$i-b" netns "$node" &&
+                ip netns exec "$node" ip link set "unet-$i-b" name "$BRIDGE" &&
+                ip netns exec "$node" ip addr add "$addr/24" dev "$BRIDGE" &&
+                ip netns exec "$node" ip link set "$BRIDGE" up &&
+                ip netns exec "$node" ip link set lo up &&
+                ip netns exec "$node" ip route add default via "$HOST_ADDR"
+        } 2>>"$LOGS/network.log" || die "could not make the network namespace of $node: $(tail -n 1 "$LOGS/network.log")"
+    done
 }
 
-# Each node resolves both names, as on a real cluster: the second node's own /etc/hosts (bound over
-# the machine's in its mount namespace) and one line in this machine's.
+# Every node resolves every name to its address on the bridge: one line per GPU node in this machine's
+# /etc/hosts, and on each GPU node its own /etc/hosts (bound over the machine's in its mount namespace,
+# where this machine's name may stand for 127.0.0.1).
 write_hosts() {
-    local node="$1"
-    printf '127.0.0.1 localhost\n%s %s\n%s %s\n' "$ADDR_A" "$node" "$ADDR_B" "$NODE_B" >"$STATE/hosts-$NODE_B"
-    grep -qF "$NODE_B $MARKER" /etc/hosts || echo "$ADDR_B $NODE_B $MARKER" >>/etc/hosts
+    local host="$1" i lines=""
+    for ((i = 0; i < GPU_NODES; i++)); do
+        lines+="$(gpu_addr "$i") $(gpu_node "$i")"$'\n'
+        grep -qF "$(gpu_node "$i") $MARKER" /etc/hosts || echo "$(gpu_addr "$i") $(gpu_node "$i") $MARKER" >>/etc/hosts
+    done
+    for ((i = 0; i < GPU_NODES; i++)); do
+        printf '127.0.0.1 localhost\n%s %s\n%s' "$HOST_ADDR" "$host" "$lines" \
+            >"$STATE/hosts-$(gpu_node "$i")"
+    done
 }
 
 write_config() {
     if [[ -f "$CONF" ]] && ! grep -qF "$MARKER" "$CONF"; then
         die "$CONF exists and was not written by this script; not replacing a real cluster's configuration"
     fi
-    local node="$1" two="$2" ctld_addr=127.0.0.1 nodes
-    nodes="$node"
-    if [[ "$two" == 1 ]]; then
-        ctld_addr="$ADDR_A"
-        nodes="$node,$NODE_B"
-    fi
+    local host="$1" gpus
+    gpus="a100-[0-$((GPU_NODES - 1))]"
     mkdir -p /etc/slurm "$STATE/ctld" "$STATE/d" "$LOGS"
     cat >"$CONF" <<EOF
-$MARKER: a test cluster
+$MARKER: a test cluster shaped like Rangpur
 ClusterName=$CLUSTER_NAME
-SlurmctldHost=$node($ctld_addr)
+SlurmctldHost=$host($HOST_ADDR)
 SlurmUser=root
 AuthType=auth/munge
 StateSaveLocation=$STATE/ctld
@@ -97,8 +121,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 GresTypes=gpu
-# The node is what this file says, not what slurmd finds, so the scripts' --mem and
-# --cpus-per-task fit on a small machine.
+# The nodes are what this file says, not what slurmd finds on this small machine.
 SlurmdParameters=config_overrides
 ReturnToService=2
 # Look at pending jobs every 5 s (default 60 s): a requeued job starts soon after its two-minute hold.
@@ -111,25 +134,39 @@ JobCompType=jobcomp/filetxt
 JobCompLoc=$LOGS/jobcomp.log
 JobAcctGatherType=jobacct_gather/none
 MpiDefault=none
-NodeName=$node NodeAddr=$ctld_addr CPUs=64 RealMemory=65536 Gres=gpu:16 State=UNKNOWN
+# Rangpur's nodes declare RealMemory=1: a memory request cannot be satisfied.
+NodeName=$host NodeAddr=$HOST_ADDR CPUs=64 RealMemory=1 State=UNKNOWN
 EOF
-    if [[ "$two" == 1 ]]; then
-        echo "NodeName=$NODE_B NodeAddr=$ADDR_B CPUs=64 RealMemory=65536 Gres=gpu:16 State=UNKNOWN" >>"$CONF"
-    fi
-    echo "PartitionName=a100 Nodes=$nodes Default=YES MaxTime=INFINITE State=UP" >>"$CONF"
-    # Placeholder GPUs: slurmd wants one distinct device file per GPU (a count alone reports 0 GPUs,
-    # the same file twice is refused); empty files stand in for /dev/nvidia*.
+    local i
+    for ((i = 0; i < GPU_NODES; i++)); do
+        echo "NodeName=$(gpu_node "$i") NodeAddr=$(gpu_addr "$i") CPUs=8 RealMemory=1 Gres=gpu:1 State=UNKNOWN" >>"$CONF"
+    done
+    cat >>"$CONF" <<EOF
+PartitionName=a100-test Nodes=$gpus Default=YES MaxTime=20 State=UP
+PartitionName=a100 Nodes=$gpus MaxTime=INFINITE State=UP
+PartitionName=comp3710 Nodes=$gpus AllowAccounts=comp3710 MaxTime=INFINITE State=UP
+PartitionName=cpu Nodes=$host MaxTime=INFINITE State=UP
+EOF
+    # Placeholder GPUs: slurmd wants a device file per GPU; an empty file stands in for /dev/nvidia0.
     mkdir -p "$STATE/gpu"
-    local each i
     {
         echo "$MARKER"
-        for each in ${nodes//,/ }; do
-            for i in $(seq 0 15); do
-                touch "$STATE/gpu/$each-$i"
-                echo "NodeName=$each Name=gpu File=$STATE/gpu/$each-$i"
-            done
+        for ((i = 0; i < GPU_NODES; i++)); do
+            touch "$STATE/gpu/$(gpu_node "$i")"
+            echo "NodeName=$(gpu_node "$i") Name=gpu File=$STATE/gpu/$(gpu_node "$i")"
         done
     } >/etc/slurm/gres.conf
+}
+
+# The course's copy, read-only for every process, root included (a read-only bind mount).
+mount_course_data() {
+    mkdir -p "$COURSE_SOURCE" "$COURSE_DATA"
+    if findmnt -n "$COURSE_DATA" >/dev/null 2>&1; then
+        return 0
+    fi
+    if ! { mount --bind "$COURSE_SOURCE" "$COURSE_DATA" && mount -o remount,ro,bind "$COURSE_DATA"; }; then
+        die "could not mount $COURSE_SOURCE read-only at $COURSE_DATA"
+    fi
 }
 
 start_munge() {
@@ -147,48 +184,50 @@ start_munge() {
 
 wait_for_nodes() {
     local want="$1" i up
-    for i in $(seq 60); do
+    for i in $(seq 90); do
         up="$(sinfo --noheader --responding --states=idle,mixed,allocated -N -o %N 2>/dev/null | sort -u)"
         if [[ -n "$up" ]] && (($(wc -l <<<"$up") >= want)); then
-            echo "slurm_cluster: nodes $(paste -sd, <<<"$up") are up (partition a100, ${i}s)"
+            echo "slurm_cluster: $(wc -l <<<"$up") nodes up in ${i}s; partitions:"
+            sinfo -o '  %P %l %D %N'
             return 0
         fi
         sleep 1
     done
-    tail -n 20 "$LOGS/slurmctld.log" "$LOGS/slurmd.log" >&2 || true
-    die "the nodes did not come up within 60 s; logs in $LOGS"
+    tail -n 20 "$LOGS/slurmctld.log" "$LOGS"/slurmd-*.log >&2 || true
+    die "the nodes did not come up within 90 s; logs in $LOGS"
 }
 
 start() {
     [[ "$(id -u)" == 0 ]] || die "run as root (sudo): it installs packages and starts daemons"
     install_packages
-    local node two=0
-    node="$(hostname -s)"
+    local host i node
+    host="$(hostname -s)"
     mkdir -p "$STATE" "$LOGS"
-    if make_network; then
-        two=1
-        write_hosts "$node"
-    fi
-    write_config "$node" "$two"
+    make_network
+    write_hosts "$host"
+    write_config "$host"
+    mount_course_data
     start_munge
     if ! scontrol ping >/dev/null 2>&1; then
         # -c: a clean state, so no job of an earlier run comes back, nor its job-completion record
         rm -f "$LOGS/jobcomp.log"
         slurmctld -i -c || die "slurmctld did not start; see $LOGS/slurmctld.log"
     fi
-    mkdir -p "$STATE/d/$node"
-    if ! pgrep -F "$STATE/slurmd-$node.pid" >/dev/null 2>&1; then
-        slurmd || die "slurmd did not start; see $LOGS/slurmd-$node.log"
+    mkdir -p "$STATE/d/$host"
+    if ! pgrep -F "$STATE/slurmd-$host.pid" >/dev/null 2>&1; then
+        slurmd || die "slurmd did not start; see $LOGS/slurmd-$host.log"
     fi
-    if [[ "$two" == 1 ]] && ! pgrep -F "$STATE/slurmd-$NODE_B.pid" >/dev/null 2>&1; then
+    for ((i = 0; i < GPU_NODES; i++)); do
+        node="$(gpu_node "$i")"
+        pgrep -F "$STATE/slurmd-$node.pid" >/dev/null 2>&1 && continue
+        mkdir -p "$STATE/d/$node"
         # its own hostname (slurmd finds its node by it) and /etc/hosts; slurmd then daemonizes. nsenter,
         # not 'ip netns exec', which mounts a /sys of its own without the cgroup tree that slurmd reads
-        mkdir -p "$STATE/d/$NODE_B"
-        nsenter --net="/var/run/netns/$NODE_B" unshare --uts --mount sh -c \
-            "hostname $NODE_B && mount --bind $STATE/hosts-$NODE_B /etc/hosts && exec slurmd" ||
-            die "slurmd of $NODE_B did not start; see $LOGS/slurmd-$NODE_B.log"
-    fi
-    wait_for_nodes $((1 + two))
+        nsenter --net="/var/run/netns/$node" unshare --uts --mount sh -c \
+            "hostname $node && mount --bind $STATE/hosts-$node /etc/hosts && exec slurmd" ||
+            die "slurmd of $node did not start; see $LOGS/slurmd-$node.log"
+    done
+    wait_for_nodes $((1 + GPU_NODES))
 }
 
 stop() {

@@ -8,11 +8,12 @@
 #   sbatch --array=1-4 --output=logs/%x-%A_%a.out slurm/predict.sh --input DIR --output OUT ...
 # then score the whole folder once every part is done (no image is segmented again):
 #   sbatch --dependency=afterok:ARRAY_JOB_ID slurm/predict.sh --input DIR --masks TRUTH --output OUT ...
+#
+# Partition a100 (any account) and no memory request, for Rangpur: see slurm/train.sh.
 #SBATCH --job-name=improved-unet-predict
 #SBATCH --partition=a100
 #SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=4
-#SBATCH --mem=16G
 #SBATCH --time=00:30:00
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append

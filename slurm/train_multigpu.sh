@@ -1,19 +1,28 @@
 #!/usr/bin/env bash
 # Train on several GPUs with DistributedDataParallel: all GPUs of each node, across the job's nodes.
-#   mkdir -p logs && sbatch slurm/train_multigpu.sh [train.py flags]
-#   sbatch --nodes=2 slurm/train_multigpu.sh ...      # two nodes
+#   mkdir -p logs && sbatch slurm/train_multigpu.sh [train.py flags]        # two nodes, one GPU each
+#   sbatch --nodes=4 slurm/train_multigpu.sh ...                            # four
+#   sbatch --nodes=1 --gres=gpu:4 slurm/train_multigpu.sh ...               # four GPUs of one node
+# Rangpur's nodes hold one GPU each, so its multi-GPU jobs span nodes: --nodes=2 --gres=gpu:1 below.
 # One srun task per node starts torchrun, which starts one process per GPU; the nodes meet at a
 # c10d rendezvous on the first node of the allocation, on a port derived from the job id (MASTER_PORT
 # overrides), so jobs that share a node never meet at one. --batch-size is per GPU.
 #
-# Adjust the lines below for your cluster. Rangpur partitions: a100 (default), vgpu, comp3710.
+# Rangpur (UQ), as its users reported it in September and October 2026: each A100 node (a100-0 ..
+# a100-9: one A100-PCIE-40GB, 8 cores) serves three partitions:
+#   a100       any account. The default here, because every account may use it.
+#   comp3710   the course's account only: sbatch --partition=comp3710 --account=comp3710 slurm/train_multigpu.sh ...
+#              (without --account the job waits for good, reason PartitionConfig)
+#   a100-test  20 minutes, one job per user, usually the quickest to start: for checks
+# No memory request: Rangpur's nodes declare none (RealMemory=1), and a job that asks for memory is
+# refused. On a cluster that tracks memory, add '#SBATCH --mem=64G' below (or pass --mem to sbatch).
+# Flags given to sbatch override these lines (docs/slurm.md: adapting the header to another cluster).
 #SBATCH --job-name=improved-unet-ddp
 #SBATCH --partition=a100
-#SBATCH --nodes=1
+#SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
-#SBATCH --gres=gpu:2
+#SBATCH --gres=gpu:1
 #SBATCH --cpus-per-task=8
-#SBATCH --mem=64G
 #SBATCH --time=04:00:00
 #SBATCH --output=logs/%x-%j.out
 #SBATCH --open-mode=append

@@ -69,3 +69,52 @@ def write_isic_folder(root: Path, n: int = 16, size: int = 48, seed: int = 0) ->
 @pytest.fixture
 def isic_folder(tmp_path):
     return write_isic_folder(tmp_path / "isic")
+
+
+def write_course_copy(root: Path, n: int = 16, n_test: int = 4, size: int = 48) -> Path:
+    """The layout of UQ's course copy (/home/groups/comp3710/ISIC2018), as students reported it: the
+    training folders with an _x2 suffix and licence and attribution texts among the images, and the test
+    images without masks."""
+    write_isic_folder(root, n=n, size=size)
+    (root / "ISIC2018_Task1-2_Training_Input").rename(root / "ISIC2018_Task1-2_Training_Input_x2")
+    (root / "ISIC2018_Task1_Training_GroundTruth").rename(root / "ISIC2018_Task1_Training_GroundTruth_x2")
+    for name in ("LICENSE.txt", "ATTRIBUTION.txt"):
+        (root / "ISIC2018_Task1-2_Training_Input_x2" / name).write_text("CC-BY-NC 4.0\n")
+    test = write_isic_folder(root / ".test-source", n=n_test, size=size)
+    (test / "ISIC2018_Task1-2_Training_Input").rename(root / "ISIC2018_Task1-2_Test_Input")
+    for i, image in enumerate(sorted((root / "ISIC2018_Task1-2_Test_Input").iterdir())):
+        image.rename(image.with_name(f"ISIC_{9000000 + i:07d}.jpg"))  # ids of their own
+    import shutil
+    shutil.rmtree(test)
+    return root
+
+
+@pytest.fixture
+def read_only_view(tmp_path):
+    """read_only_view(folder) -> a path that shows `folder` read-only to every process: a read-only bind
+    mount where this runs as root (root writes through any permission bits), else the permission bits."""
+    import stat
+    import subprocess
+
+    mounts, chmodded = [], []
+
+    def view(folder: Path) -> Path:
+        if os.geteuid() == 0:
+            target = tmp_path / f"read-only-{len(mounts)}"
+            target.mkdir()
+            done = subprocess.run(["mount", "--bind", str(folder), str(target)], capture_output=True)
+            if done.returncode == 0:
+                mounts.append(target)
+                if subprocess.run(["mount", "-o", "remount,ro,bind", str(target)], capture_output=True).returncode == 0:
+                    return target
+            pytest.skip(f"root here cannot make a read-only bind mount ({done.stderr.decode().strip()})")
+        for path in [folder, *folder.rglob("*")]:
+            path.chmod(path.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+            chmodded.append(path)
+        return folder
+
+    yield view
+    for target in mounts:
+        subprocess.run(["umount", str(target)], capture_output=True)
+    for path in chmodded:
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)

@@ -494,3 +494,30 @@ def test_cache_command_and_one_line_errors(tmp_path, capsys):
     with pytest.raises(SystemExit, match=r"^error: data folder .*nowhere does not exist") as exc:
         dataset.main(["--data-dir", str(tmp_path / "nowhere")])
     assert "\n" not in str(exc.value.code)
+
+
+# --- a course's read-only copy (UQ's /home/groups/comp3710/ISIC2018) ------------------------------------
+
+
+def test_the_course_copy_trains_from_its_x2_folders_without_writing_into_it(tmp_path, monkeypatch, capsys,
+                                                                            read_only_view):
+    from conftest import write_course_copy
+
+    source = write_course_copy(tmp_path / "course", n=12, n_test=3)
+    before = sorted(p.relative_to(source) for p in source.rglob("*"))
+    data = read_only_view(source)
+    with pytest.raises(OSError):
+        (data / "probe").write_text("x")  # truly read-only, also for root
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    dataset.main(["--data-dir", str(data), "--image-size", "16", "--num-workers", "1"])
+    out = capsys.readouterr().out
+    assert "train: ISIC2018_Task1-2_Training_Input_x2/: 12 images, 48x48 to 48x48 px" in out
+    assert "masks in ISIC2018_Task1_Training_GroundTruth_x2/ (12)" in out
+    assert "test: ISIC2018_Task1-2_Test_Input/: 3 images" in out and "; no masks" in out
+    assert "ignored 2 files that are not images" in out and "ATTRIBUTION.txt, LICENSE.txt" in out
+    assert f"{data} is read-only, so the cache goes to {tmp_path / 'home-cache'}" in out
+    # the unlabelled official test images are not the test split: it is held out of training, with masks
+    assert "the official folder has no ground truth" in out
+    pairs = dataset.find_pairs(data, log=lambda *_: None)
+    assert len(pairs["train"]) == 12 and all(s.mask is None for s in pairs["test"])
+    assert sorted(p.relative_to(source) for p in source.rglob("*")) == before

@@ -504,3 +504,42 @@ def test_to_device_keeps_values_shapes_and_dtypes():
     assert [[(t.device.type, t.shape, t.dtype) for t in group] for group in moved] == \
         [[("meta", t.shape, t.dtype) for t in group] for group in tensors]
     assert loader.to_device(tensors, torch.device("cpu")) is tensors
+
+
+# --- a SLURM job that was given a GPU PyTorch cannot use -------------------------------------------------
+
+
+@pytest.mark.parametrize("variable, value", [("SLURM_GPUS_ON_NODE", "1"), ("SLURM_JOB_GPUS", "0"),
+                                             ("SLURM_STEP_GPUS", "0,1")])
+def test_a_gpu_job_without_a_usable_gpu_stops_instead_of_training_on_the_cpu(monkeypatch, variable, value):
+    for name in devices.SLURM_GPU_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(devices.DeviceError, match=rf"given a GPU \({variable}={value}\).*pass --device cpu") as err:
+        devices.select_device("auto")
+    assert "\n" not in str(err.value)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(devices.DeviceError, match="is a CPU-only build"):
+        devices.select_device("auto")
+    assert devices.select_device("cpu") == torch.device("cpu")  # the CPU, when asked for by name
+    monkeypatch.setenv(variable, "0" if variable == "SLURM_GPUS_ON_NODE" else "")
+    assert devices.select_device("auto") == torch.device("cpu")  # a job without GPUs falls back as before
+
+
+def test_train_py_in_a_gpu_job_without_a_gpu_is_one_line_and_exit_1(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import write_isic_folder
+
+    data = write_isic_folder(tmp_path / "data", n=4)
+    env = {**os.environ, "WANDB_MODE": "disabled", "SLURM_GPUS_ON_NODE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, str(Path(devices.__file__).parent / "train.py"), "--data-dir", str(data),
+                           "--out-dir", str(tmp_path / "runs"), "--epochs", "1"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 1, done
+    assert done.stderr.strip().startswith("error: this SLURM job was given a GPU (SLURM_GPUS_ON_NODE=1)"), done.stderr
+    assert done.stderr.strip().count("\n") == 0 and not (tmp_path / "runs").exists()

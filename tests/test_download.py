@@ -199,3 +199,16 @@ def test_download_command(tmp_path):
         download.main(["--root", str(tmp_path), "--splits", "train", "--base-url", server.url,
                       "--no-check-counts"])
     assert len(dataset.find_pairs(tmp_path)["train"]) == 3
+
+
+def test_masks_only_fetches_the_ground_truth_alone(tmp_path):
+    """For a course's copy that has the images: only the ground-truth zip is requested and counted."""
+    with Server(official_zips(n=3)) as server:
+        download.main(["--root", str(tmp_path), "--splits", "train", "--base-url", server.url, "--masks-only",
+                       "--no-check-counts"])
+        assert [name for name, _ in server.requests] == ["ISIC2018_Task1_Training_GroundTruth.zip"]
+    assert len(list((tmp_path / "ISIC2018_Task1_Training_GroundTruth").glob("*_segmentation.png"))) == 3
+    assert not (tmp_path / "ISIC2018_Task1-2_Training_Input").exists()
+    with Server(official_zips(n=3)) as server, pytest.raises(DownloadError, match=r"holds 3 masks, expected 5"):
+        download.download_isic(tmp_path / "counted", ["train"], base_url=server.url, masks_only=True,
+                               expected_counts={"train": 5}, log=quiet)

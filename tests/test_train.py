@@ -440,3 +440,30 @@ def test_the_stored_split_keeps_test_images_out_of_training_when_the_folder_chan
     assert exit_info.value.code == 2
     assert gone in capsys.readouterr().err
 
+
+
+def test_resuming_a_finished_run_says_so_and_trains_nothing(isic_folder, tmp_path, capsys):
+    """slurm/train.sh always passes --resume auto: a reused --name must not look like a resumed run."""
+    summary = train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "done"))
+    before = (tmp_path / "done" / "last.pt").stat().st_mtime_ns, (tmp_path / "done" / "metrics.csv").read_text()
+    capsys.readouterr()
+    again = train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "done", "--resume", "auto"))
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1, out
+    assert f"{tmp_path / 'done'} already finished on " in out and ": 1 epoch, best validation Dice " in out
+    assert "Use a new --name for a new run, or a larger --epochs (was 1)" in out and "resuming from" not in out
+    assert again["best_val_dice"] == summary["best_val_dice"]
+    after = (tmp_path / "done" / "last.pt").stat().st_mtime_ns, (tmp_path / "done" / "metrics.csv").read_text()
+    assert after == before
+    # a larger --epochs trains it further
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "done", "--resume", "auto"))
+    assert checkpoint.load_checkpoint(tmp_path / "done" / "last.pt")["epoch"] == 2
+
+
+def test_a_finished_run_exits_0_from_the_command_line(isic_folder, tmp_path):
+    args = tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "done")
+    train.main(args)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--resume", "auto"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "already finished" in done.stdout and not done.stderr.strip(), done
