@@ -774,10 +774,20 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Check every image/mask pair and build (or reuse) the cache.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_data_config_args(parser)
+    parser.add_argument("--report", action="store_true",
+                        help="only report the folders (image counts and sizes, read from the file headers) and "
+                             "how the pairs split, without decoding or caching anything")
     args = parser.parse_args(argv)
     try:
         for line in describe_folders(args.data_dir) if Path(args.data_dir).is_dir() else []:
             print(f"data: {line}")
+        if args.report:
+            config = data_config_from_args(args)
+            pairs = find_pairs(config.data_dir, skip_bad=config.skip_bad)
+            _, description = split_samples(pairs, config.val_fraction, config.test_fraction, config.split_seed,
+                                           config.folds, config.fold)
+            print(f"data: {description}")
+            return
         start = time.perf_counter()
         splits = prepare_splits(data_config_from_args(args))
     except DataError as err:

@@ -1,4 +1,4 @@
-"""Dice-loss training of the Improved UNet on ISIC 2018 Task 1.
+"""Training of the Improved UNet on ISIC 2018 Task 1 with a Dice-based loss (Dice plus cross-entropy by default).
 
     python train.py                                  # built-in synthetic lesions when no ISIC data
     python train.py --data-dir data/ISIC2018 --epochs 100
@@ -946,7 +946,8 @@ def cost_warning(config: TrainConfig, hw: devices.Hardware, estimate_seconds: fl
 
 def main(argv=None) -> dict:
     config, explicit, parser = utils.parse_config(
-        TrainConfig, argv, "Train the Improved UNet (Isensee et al. 2017) on ISIC 2018 Task 1 with a Dice loss.",
+        TrainConfig, argv, "Train the Improved UNet (Isensee et al. 2017) on ISIC 2018 Task 1 with a Dice-based loss "
+        "(Dice plus cross-entropy by default; --loss dice for the paper's Dice alone).",
         GROUPS, CHOICES)
     problems = check_config(config)
     if problems:

@@ -162,7 +162,9 @@ EOF
 mount_course_data() {
     mkdir -p "$COURSE_SOURCE" "$COURSE_DATA"
     if findmnt -n "$COURSE_DATA" >/dev/null 2>&1; then
-        return 0
+        # a bind mount shows its source's inode; another one means the source was replaced since
+        [[ "$(stat -c %d:%i "$COURSE_DATA")" == "$(stat -c %d:%i "$COURSE_SOURCE")" ]] && return 0
+        umount "$COURSE_DATA" || die "$COURSE_DATA is mounted from elsewhere and could not be unmounted"
     fi
     if ! { mount --bind "$COURSE_SOURCE" "$COURSE_DATA" && mount -o remount,ro,bind "$COURSE_DATA"; }; then
         die "could not mount $COURSE_SOURCE read-only at $COURSE_DATA"
@@ -248,6 +250,10 @@ stop() {
         kill -0 "${pids[@]}" 2>/dev/null || break
         sleep 1
     done
+    # the GPU nodes' copies of the mount went with their namespaces' last process
+    if findmnt -n "$COURSE_DATA" >/dev/null 2>&1; then
+        umount "$COURSE_DATA" || true
+    fi
     echo "slurm_cluster: stopped (logs in $LOGS)"
 }
 

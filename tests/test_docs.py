@@ -371,11 +371,15 @@ def test_readme_links_getting_started_first():
 
 
 def test_getting_started_walks_the_run_in_order():
-    """Requirements before installing; on the cluster: environment, data, submit, watch, wandb, predict, copy."""
+    """Requirements before installing; on Rangpur as it is: environment, the course's data, the GPU check on
+    a100-test, a first short job, watching it (squeue's reasons), wandb, predicting once training has
+    finished, copying the run home."""
     page = (ROOT / "docs" / "getting-started.md").read_text()
-    order = ["## What you need", "## Part 1", "### 2. Make the Python environment", "### 4. Put the data",
-             "### 5. Submit the training job", "### 6. Watch it", "### 7. Send the wandb run", "### 8. Predict and score",
-             "### 9. Copy the figures", "## Part 2: a laptop", "### On a Mac"]
+    order = ["## What you need", "## Part 1", "### 2. Make the Python environment", "**At every login**",
+             "### 3. The course's data", "/home/groups/comp3710/ISIC2018", "### 4. Check the GPU on `a100-test`",
+             "### 5. Submit the training job", "--partition=a100-test --time=00:20:00", "### 6. Watch it",
+             "`PartitionConfig`", "### 7. Send the wandb run", "### 8. Predict and score", "--dependency=afterok:",
+             "### 9. Copy the run home", "--overlay", "## Part 2: a laptop", "### On a Mac"]
     places = [page.find(step) for step in order]
     assert -1 not in places, f"getting-started.md lacks {order[places.index(-1)]!r}"
     assert places == sorted(places), "getting-started.md's steps are out of order"

@@ -1,12 +1,16 @@
-"""The job scripts submitted with sbatch to a real SLURM scheduler: the two-node test cluster that
-`sudo bash .ci/slurm_cluster.sh start` sets up (this machine, and a slurmd in namespaces of its own). Skipped where no such cluster answers; with
-REQUIRE_SLURM=1 (CI sets it) a missing cluster fails instead.
+"""The job scripts, unchanged, submitted with sbatch to a real SLURM scheduler shaped like UQ's Rangpur:
+the test cluster that `sudo bash .ci/slurm_cluster.sh start` sets up (ten one-GPU nodes a100-0 .. a100-9,
+each a slurmd in namespaces of its own, declaring no memory; partitions a100-test, a100, comp3710 and cpu,
+the last on this machine; the course's read-only data copy). Skipped where no such cluster answers; with
+REQUIRE_SLURM=1 (CI sets it) a missing cluster fails instead. Nothing here has a CUDA GPU: the jobs train
+with --device cpu, and the GPUs are placeholders the scheduler hands out.
 
 A requeued job may start again only two minutes after its requeue, so one fixture submits every job
 at once and each test then waits for its own: the two minutes are spent once, in parallel (about
-three minutes in all). Then six multi-GPU jobs side by side on this machine, and one job across both
-nodes, each alone (one to two minutes each). There is no slurmdbd, hence no sacct: `scontrol show job` (finished jobs stay ten
-minutes) and the jobcomp/filetxt record, one line per attempt, are the scheduler's word.
+three minutes in all). Then six multi-process jobs side by side on this machine (the cpu partition), one
+job across two nodes, and the course's data copy, each alone (one to two minutes each). There is no
+slurmdbd, hence no sacct: `scontrol show job` (finished jobs stay ten minutes) and the jobcomp/filetxt
+record, one line per attempt, are the scheduler's word.
 """
 
 import os
@@ -28,6 +32,11 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_NAME = "unet-test"  # as .ci/slurm_cluster.sh names it
+# The course's copy as jobs see it (read-only), and the folder behind it that the tests fill
+COURSE_DATA = Path("/home/groups/comp3710/ISIC2018")
+COURSE_SOURCE = Path("/var/lib/slurm-unet-test/course-data")
+# The fabric's interface on every node, for gloo (as an administrator names a cluster's fabric)
+FABRIC = {"GLOO_SOCKET_IFNAME": "unet0"}
 EPOCHS = 4
 # Each optimizer step of a first attempt sleeps this long (tests/slurm_site/sitecustomize.py): a
 # 33-step epoch takes ~7 s, so a signal sent on a progress line lands mid-epoch.
@@ -188,7 +197,7 @@ def jobs(cluster, tmp_path_factory):
             "hard_kill": slurm.submit("train.sh", "hard", *slurm.flags("hard-kill"), "--name", "hard-kill",
                                       env={"STEP_SLEEP": "0.5"}),  # still training once the others are warned
             "cancelled": slurm.submit("train.sh", "cancelled", *slurm.flags("cancelled")),
-            "ddp_usr1": slurm.submit("train_multigpu.sh", "ddp-usr1", *slurm.flags("ddp-usr1")),
+            "ddp_usr1": slurm.submit("train_multigpu.sh", "ddp-usr1", *slurm.flags("ddp-usr1"), env=FABRIC),
             "sweep": slurm.submit("train.sh", "sweep", *slurm.flags("sweep"), env={"SWEEP": str(sweep)},
                                   sbatch=["--array=1-2", "--output=logs/%x-%A_%a.out"]),
             "reference": slurm.submit("train.sh", "reference", *slurm.flags("reference"), sbatch=later,
@@ -196,7 +205,7 @@ def jobs(cluster, tmp_path_factory):
             "reference_2": slurm.submit("train.sh", "reference-2", *slurm.flags("reference-2", TIME_LIMIT_EPOCHS),
                                         sbatch=later, env=full_speed),
             "ddp_reference": slurm.submit("train_multigpu.sh", "ddp-reference", *slurm.flags("ddp-reference"),
-                                          sbatch=later, env=full_speed),
+                                          sbatch=later, env={**full_speed, **FABRIC}),
         }
         reference_id = submitted["reference"].spec
         submitted["predict"] = slurm.submit(
@@ -329,10 +338,11 @@ def test_time_limit_warning_requeues_resumes_and_matches_an_uninterrupted_run(jo
 
 
 def test_multigpu_script_two_processes_save_on_usr1_and_resume(jobs):
+    """Rangpur's nodes hold one GPU each: the script's two processes are on two nodes."""
     job = jobs["ddp_usr1"]
     info = job.finished()
     log = assert_resumed_mid_epoch(jobs, job, info, "ddp-usr1", jobs["ddp_reference"], "ddp-reference")
-    assert "1 node(s) x 2 process(es)" in log
+    assert "2 node(s) x 1 process(es)" in log
     # torchrun passed the signal on and waited for the ranks, instead of dying of it under srun
     assert "User defined signal 1" not in log and "closing signal SIGUSR1" in log, log
     # and its SignalException traceback after the save stays out of the log: a requeue is one line
@@ -370,11 +380,13 @@ def test_a_warned_prediction_job_requeues_and_keeps_its_finished_masks(jobs):
 
 
 def test_the_gpu_check_job_says_in_its_log_what_it_found(jobs):
-    """No GPU on the test cluster: gpu_check.py's own answer (exit 2, one line), and where the summary goes."""
+    """No GPU on the test cluster: gpu_check.py's own answer (exit 2, one line), and where the summary goes.
+    It ran on a100-test, within that partition's 20 minutes."""
     job = jobs["gpu_check"]
     info = wait_for(lambda: (i := job.info()).get("JobState") in FINISHED and i, 300, f"job {job.spec} to end")
     log = job.text()
     assert info["ExitCode"] == "2:0", (info, log)
+    assert info["Partition"] == "a100-test" and info["TimeLimit"] == "00:20:00", info
     assert f"summary in runs/gpucheck-{job.spec}/summary.md" in log, log
     assert "gpu_check.py: no CUDA GPU is visible to PyTorch" in log, log
 
@@ -436,16 +448,19 @@ def test_multigpu_jobs_sharing_a_node_rendezvous_apart(cluster, tmp_path):
     holds its rendezvous store, and the first ends while the second still trains. With one port for
     every job the second would join the first's store and fail when the first ends (DistNetworkError:
     what two jobs on one node did with MASTER_PORT fixed at 29500); with a port of its own each
-    completes."""
+    completes. A GPU node of Rangpur holds one job's GPU; nodes with several GPUs do share, as this
+    machine's cpu partition does here: one node, no GPU, two processes a job (sbatch's flags and
+    NPROC_PER_NODE override the script's two nodes of one GPU)."""
     slurm = Cluster(tmp_path)
     node = cluster_nodes()[0]  # this machine, whose listening ports the test can read
-    # the script's own resources (2 GPUs, 8 CPUs): six jobs fit on the node's 16 and 64 at once
+    # the script's 8 CPUs: six jobs fit on the node's 64 at once
     release = {"first": tmp_path / "release-first", "second": tmp_path / "release-second"}
+    one_node = ["--partition=cpu", "--gres=none", "--nodes=1", f"--nodelist={node}"]
 
     def submit(role: str, pair: int) -> Job:
         name = f"{role}-{pair}"
-        return slurm.submit("train_multigpu.sh", name, *slurm.flags(name, epochs=1), sbatch=[f"--nodelist={node}"],
-                            env={"STEP_SLEEP": "", "STEP_WAIT_FOR": str(release[role])})
+        return slurm.submit("train_multigpu.sh", name, *slurm.flags(name, epochs=1), sbatch=one_node,
+                            env={"STEP_SLEEP": "", "STEP_WAIT_FOR": str(release[role]), "NPROC_PER_NODE": "2"})
 
     def training(jobs: list[Job]):
         return lambda: all("run folder /" in job.text() for job in jobs)  # train.py's line, after the rendezvous
@@ -473,19 +488,15 @@ def test_multigpu_jobs_sharing_a_node_rendezvous_apart(cluster, tmp_path):
 
 
 def test_a_two_node_job_trains_with_one_rendezvous_across_the_nodes(cluster, tmp_path):
-    """sbatch --nodes=2: one torchrun per node, started by srun, meeting at the first node's c10d store
-    (MASTER_ADDR from the job's node list), four gloo processes in all. The second node is a slurmd in
-    its own network namespace (.ci/slurm_cluster.sh); the nodes' link is named unet0 on both, which
-    GLOO_SOCKET_IFNAME names, as an administrator names a cluster's fabric."""
-    nodes = cluster_nodes()
-    if len(nodes) < 2:
-        message = f"the test cluster has one node ({nodes}); .ci/slurm_cluster.sh could not make the second"
-        if os.environ.get("REQUIRE_SLURM") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    """Two nodes of two processes each (sbatch --nodes=2 --gres=gpu:2 on nodes with two GPUs; here the cpu
+    node's processes stand in, NPROC_PER_NODE=2, on two GPU nodes): one torchrun per node, started by srun,
+    meeting at the first node's c10d store (MASTER_ADDR from the job's node list), four gloo processes in
+    all. Each GPU node is a slurmd in its own network namespace (.ci/slurm_cluster.sh); the nodes' link is
+    named unet0 on every node, which GLOO_SOCKET_IFNAME names."""
+    nodes = [node for node in cluster_nodes() if node.startswith("a100-")]
     slurm = Cluster(tmp_path)
     job = slurm.submit("train_multigpu.sh", "two-nodes", *slurm.flags("two-nodes", epochs=2), sbatch=["--nodes=2"],
-                       env={"STEP_SLEEP": "", "GLOO_SOCKET_IFNAME": "unet0"})
+                       env={"STEP_SLEEP": "", "NPROC_PER_NODE": "2", **FABRIC})
     try:
         info = job.finished(timeout=300)
     finally:
@@ -493,9 +504,135 @@ def test_a_two_node_job_trains_with_one_rendezvous_across_the_nodes(cluster, tmp
     log = job.text()
     allocated = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True,
                                timeout=30).stdout.split()
-    assert set(allocated) == set(nodes), info
+    assert len(set(allocated)) == 2 and set(allocated) <= set(nodes), info
     # the first node of the allocation hosts the rendezvous, whichever of the two it is
     assert f"2 node(s) x 2 process(es), rendezvous {allocated[0]}:" in log, log
     folder = tmp_path / "runs" / f"two-nodes-{job.spec}"
     assert epochs_in_metrics(folder) == [1, 2]
     assert len(checkpoint.load_checkpoint(folder / "last.pt")["rng_ranks"]) == 4  # one random stream per rank
+
+
+# --- Rangpur as its students find it -------------------------------------------------------------------
+
+
+def test_every_job_script_is_accepted_unchanged_and_lands_where_its_header_says(cluster):
+    """sbatch --test-only: the scheduler's own word that each script's #SBATCH lines fit a partition of
+    this Rangpur-shaped cluster, with no memory request."""
+    expected = {"train.sh": "a100", "predict.sh": "a100", "gpu_check.sh": "a100-test", "train_multigpu.sh": "a100",
+                "download.sh": "cpu"}
+    assert sorted(expected) == sorted(p.name for p in (ROOT / "slurm").glob("*.sh") if p.name != "common.sh")
+    for script, partition in expected.items():
+        text = (ROOT / "slurm" / script).read_text()
+        assert not re.search(r"^#SBATCH --mem", text, re.M), script
+        result = subprocess.run(["sbatch", "--test-only", str(ROOT / "slurm" / script)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and f"in partition {partition}" in result.stderr, (script, result.stderr)
+
+
+def test_a_memory_request_is_refused_as_on_rangpur(cluster):
+    """Why the scripts ask for no memory: the nodes declare RealMemory=1."""
+    result = subprocess.run(["sbatch", "--test-only", "--mem=32G", str(ROOT / "slurm" / "train.sh")], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and "Requested node configuration is not available" in result.stderr, result
+
+
+def test_the_course_partition_without_its_account_never_starts(cluster, tmp_path):
+    """comp3710 allows the comp3710 account only (AllowAccounts): a job without --account waits for good.
+    (With --account=comp3710 it runs on Rangpur; that needs slurmdbd's accounts, which this cluster lacks.)"""
+    result = subprocess.run(["sbatch", "--parsable", "--partition=comp3710", f"--chdir={tmp_path}", "--wrap", "true"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    job = result.stdout.strip()
+    try:
+        info = wait_for(lambda: (i := job_info(job)).get("Reason") not in (None, "None") and i, 30,
+                        f"a reason for job {job} to wait")
+        time.sleep(6)  # a scheduling pass later it still waits
+        info = job_info(job)
+        assert info["JobState"] == "PENDING" and "comp3710" in info["Reason"] + info.get("Partition", ""), info
+    finally:
+        subprocess.run(["scancel", job], capture_output=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def course(cluster, tmp_path_factory):
+    """The course's read-only copy with 24 training pairs and 3 test images, a training job on it, the same
+    command again once it has finished, and a prediction job on its test folder."""
+    from conftest import write_course_copy
+
+    if not COURSE_DATA.is_dir() or not COURSE_SOURCE.is_dir():
+        pytest.fail(f"{COURSE_DATA} is not mounted from {COURSE_SOURCE}; .ci/slurm_cluster.sh start mounts it")
+    for child in COURSE_SOURCE.iterdir():  # its contents: the nodes' read-only mount shows this very folder
+        shutil.rmtree(child)
+    write_course_copy(COURSE_SOURCE, n=24, n_test=3)
+    slurm = Cluster(tmp_path_factory.mktemp("course"))
+    slurm.env.update({"STEP_SLEEP": "", "XDG_CACHE_HOME": str(slurm.tmp / "home-cache")})
+    flags = ["--data-dir", COURSE_DATA, "--out-dir", slurm.tmp / "runs", "--image-size", "32", "--base-channels", "4",
+             "--batch-size", "4", "--epochs", "2", "--num-preview", "1", "--val-fraction", "0.25",
+             "--test-fraction", "0.125", "--name", "course"]
+    try:
+        trained = slurm.submit("train.sh", "course", *flags, "--device", "cpu")
+        after = [f"--dependency=afterok:{trained.spec}"]
+        yield {
+            "source": COURSE_SOURCE, "tmp": slurm.tmp, "train": trained,
+            "again": slurm.submit("train.sh", "course-again", *flags, "--device", "cpu", sbatch=after),
+            "predict": slurm.submit("predict.sh", "course-predict", "--checkpoint", slurm.tmp / "runs/course/best.pt",
+                                    "--input", COURSE_DATA / "ISIC2018_Task1-2_Test_Input", "--output",
+                                    slurm.tmp / "course-masks", "--device", "cpu", sbatch=after),
+            # the same training without --device cpu: the job holds a GPU that PyTorch cannot use
+            "no_gpu": slurm.submit("train.sh", "no-gpu", *flags[:-1], "no-gpu"),
+        }
+    finally:
+        slurm.cancel_all()
+
+
+def test_train_script_trains_from_the_read_only_course_copy(course):
+    job = course["train"]
+    job.finished()
+    log = job.text()
+    assert (COURSE_DATA / "ISIC2018_Task1-2_Training_Input_x2").is_dir()
+    assert "ignored 2 files that are not images" in log, log
+    assert f"{COURSE_DATA} is read-only, so the cache goes to {course['tmp'] / 'home-cache'}" in log, log
+    assert epochs_in_metrics(course["tmp"] / "runs" / "course") == [1, 2]
+    # the log ends with where everything is and the command that predicts with it
+    assert "best validation Dice" in log and f"predict with python predict.py --checkpoint " in log, log
+    assert not [p for p in course["source"].rglob("*") if ".cache" in p.parts]
+
+
+def test_the_same_command_on_a_finished_run_says_so_and_succeeds(course):
+    job = course["again"]
+    info = job.finished()
+    log = job.text()
+    assert info["Restarts"] == "0" and "already finished on" in log and "resuming from" not in log, log
+    assert "Use a new --name for a new run, or a larger --epochs (was 2)" in log, log
+
+
+def test_predict_script_segments_the_course_test_folder_without_masks(course):
+    course["predict"].finished()
+    masks = sorted(p.name for p in (course["tmp"] / "course-masks").glob("*_segmentation.png"))
+    assert masks == [f"ISIC_{9000000 + i:07d}_segmentation.png" for i in range(3)]
+    assert not (course["tmp"] / "course-masks" / "metrics.json").exists()  # nothing to score against
+    assert not [p for p in (course["source"] / "ISIC2018_Task1-2_Test_Input").iterdir() if p.suffix != ".jpg"]
+
+
+def test_a_gpu_job_whose_gpu_pytorch_cannot_use_fails_at_once_and_is_not_requeued(course):
+    job = course["no_gpu"]
+    info = wait_for(lambda: (i := job.info()).get("JobState") in FINISHED and i, 300, f"job {job.spec} to end")
+    log = job.text()
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "1:0" and info["Restarts"] == "0", (info, log)
+    errors = [line for line in log.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: this SLURM job was given a GPU (SLURM_"), log
+    assert "--device cpu" in errors[0] and "Traceback" not in log and "epoch" not in log, log
+
+
+def test_download_script_fetches_the_ground_truth_on_the_cpu_partition(cluster, tmp_path):
+    """slurm/download.sh from a server on this machine (the cpu partition's node): the masks alone."""
+    from test_download import Server, official_zips
+
+    slurm = Cluster(tmp_path)
+    with Server(official_zips(n=3)) as server:
+        job = slurm.submit("download.sh", "download", "--root", tmp_path / "truth", "--splits", "train",
+                           "--masks-only", "--no-check-counts", "--base-url", server.url)
+        info = job.finished(timeout=300)
+    assert info["Partition"] == "cpu"
+    assert len(list((tmp_path / "truth" / "ISIC2018_Task1_Training_GroundTruth").glob("*.png"))) == 3
+    assert "train ground truth ready in" in job.text()
