@@ -13,18 +13,23 @@ activate_python_env() {
     # be unset; under the job scripts' set -u that would end the job before training. Relaxed here only.
     local strict=0
     [[ $- == *u* ]] && strict=1 && set +u
+    # conda: on PATH, else where the active shell found it, else a Miniconda in home (Rangpur has no conda module)
+    local conda
+    conda="$(command -v conda 2>/dev/null || true)"
+    [[ -n "$conda" || -z "${CONDA_EXE:-}" ]] || conda="$CONDA_EXE"
+    [[ -n "$conda" || ! -x "$HOME/miniconda3/bin/conda" ]] || conda="$HOME/miniconda3/bin/conda"
     if [[ -f "$env/bin/activate" ]]; then
         # shellcheck disable=SC1091
         source "$env/bin/activate"
-    elif command -v conda >/dev/null 2>&1; then
-        eval "$(conda shell.bash hook)"
+    elif [[ -n "$conda" ]]; then
+        eval "$("$conda" shell.bash hook)"
         if ! conda activate "$env"; then
             echo "error: could not activate conda environment '$env' (PYTHON_ENV); check 'conda env list'" >&2
             exit 1
         fi
     else
         echo "error: PYTHON_ENV='$env' is neither a virtual environment (no $env/bin/activate) nor a conda" \
-             "environment (conda is not on PATH; try 'module load conda' first)" >&2
+             "environment (no conda on PATH nor in ~/miniconda3; run 'source ~/miniconda3/bin/activate' first)" >&2
         exit 1
     fi
     ((strict == 0)) || set -u

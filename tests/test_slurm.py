@@ -60,11 +60,17 @@ def tiny_flags(data_dir, out_dir, epochs="2"):
 
 
 def test_scripts_use_strict_mode_and_rangpur_header():
+    """Partitions that run on Rangpur, and no memory request: its nodes declare none and refuse one."""
+    partitions = {"train.sh": "a100", "predict.sh": "a100", "train_multigpu.sh": "a100", "gpu_check.sh": "a100-test",
+                  "download.sh": "cpu"}
     for script in SCRIPTS:
         text = script.read_text()
         if script.name != "common.sh":
             assert "set -euo pipefail" in text, script.name
-            assert "#SBATCH --partition=a100" in text and "#SBATCH --output=logs/%x-%j.out" in text, script.name
+            assert re.findall(r"^#SBATCH --partition=(\S+)$", text, re.M) == [partitions[script.name]], script.name
+            assert "#SBATCH --output=logs/%x-%j.out" in text, script.name
+            assert not re.search(r"^#SBATCH --mem", text, re.M), script.name
+            assert "vgpu" not in text, script.name
     for name in ("train.sh", "train_multigpu.sh"):
         text = (ROOT / "slurm" / name).read_text()
         assert "#SBATCH --signal=B:USR1@120" in text and "#SBATCH --requeue" in text
@@ -337,6 +343,23 @@ def test_conda_activation_that_reads_unset_variables_does_not_end_the_job(fake_s
                             env=slurm_env(fake_slurm, PYTHON_ENV="unet"), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "usage: train.py" in result.stdout
+
+
+def test_a_miniconda_in_home_is_found_when_conda_is_not_on_path(fake_slurm, tmp_path):
+    """Rangpur has no conda module: the course guide installs Miniconda in $HOME/miniconda3."""
+    home = tmp_path / "home"
+    (home / "miniconda3" / "bin").mkdir(parents=True)
+    (home / "miniconda3" / "bin" / "conda").write_text(FAKE_CONDA)
+    (home / "miniconda3" / "bin" / "conda").chmod(0o755)
+    env = slurm_env(fake_slurm, PYTHON_ENV="torch", HOME=str(home))
+    assert shutil.which("conda", path=env["PATH"]) is None
+    result = subprocess.run(["bash", "-c", "source slurm/common.sh; activate_python_env; echo $CONDA_DEFAULT_ENV"],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "torch", result.stdout + result.stderr
+    (home / "miniconda3" / "bin" / "conda").unlink()
+    missing = subprocess.run(["bash", "-c", "source slurm/common.sh; activate_python_env"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 1 and "source ~/miniconda3/bin/activate" in missing.stderr, missing.stderr
 
 
 def test_the_callers_job_variables_do_not_reach_the_scripts(fake_slurm, monkeypatch):
