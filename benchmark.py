@@ -869,10 +869,8 @@ def parse_args(argv: list[str] | None) -> BenchConfig:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so a reader (or a crash) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with utils.atomic_write(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_report(report: dict, out: Path) -> None:

@@ -17,7 +17,6 @@ import pickle
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 import modules
+import utils
 
 CHECKPOINT_FORMAT = "improved-unet-isic/1"
 # what torch.load(weights_only=True) rebuilds without running code (exact types: a defaultdict, a namedtuple
@@ -72,50 +72,23 @@ def _write_failure(err: Exception, folder: Path) -> str:
 def save_checkpoint(state: dict, path) -> None:
     """Write `state` to `path` atomically: a reader sees the old file or the new one, never half of one.
 
-    torch.save goes to a temporary file in the same folder (so os.replace is a rename on one file
-    system), which is flushed and fsynced before it replaces `path`. A failed write (a full disk, an
+    torch.save goes through utils.atomic_write: a temporary file in the same folder, fsynced, then renamed
+    over `path`. A failed write (a full disk, an
     exceeded quota, a lost mount, no permission) raises CheckpointError naming the path and the cause;
     the temporary file is removed and the previous checkpoint stays as it was. A process killed
-    mid-write can leave a hidden `.<name>.*.tmp` file behind, never a damaged `path`.
+    mid-write can leave a hidden `.<stem>.<pid>.tmp.pt` file behind, never a damaged `path`.
     """
     path = Path(path)
     _check_plain(state, "", path)
-    tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-        tmp_name = None
-        _fsync_dir(path.parent)  # make the rename itself durable
+        with utils.atomic_write(path) as tmp:
+            torch.save(state, tmp)
     except (OSError, RuntimeError) as err:  # RuntimeError: torch.save's own report of a failed write
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-            tmp_name = None
         raise CheckpointError(
             f"could not write checkpoint {path}: {_write_failure(err, path.parent)}. The previous checkpoint there "
             "(if any) is unchanged; free disk space or choose another --out-dir, then resume with --resume auto"
         ) from None
-    finally:
-        if tmp_name is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp_name)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Best effort: Windows cannot open folders, and some network file systems refuse to fsync them."""
-    if os.name != "posix":
-        return
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ----------------------------------------------------------------------------- reading

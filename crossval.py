@@ -19,6 +19,7 @@ from pathlib import Path
 
 import checkpoint
 import predict
+import utils
 
 SCORES = ("dice", "threshold_jaccard", "jaccard")
 
@@ -120,9 +121,11 @@ def main(argv=None) -> dict:
         raise SystemExit(2) from None
     out = Path(args.output) if args.output else Path(args.runs[0]).parent
     out.mkdir(parents=True, exist_ok=True)
-    (out / "crossval.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    with utils.atomic_write(out / "crossval.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
     text = markdown(summary)
-    (out / "crossval.md").write_text(text)
+    with utils.atomic_write(out / "crossval.md") as tmp:
+        tmp.write_text(text)
     print(text + f"\nwrote {out / 'crossval.json'} and {out / 'crossval.md'}")
     return summary
 

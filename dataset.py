@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 import devices
+import utils
 
 
 CACHE_FORMAT = "isic-cache/1"  # bump when the cache layout or the preprocessing changes
@@ -543,12 +544,8 @@ def _locked(folder: Path):
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with utils.atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1))
 
 
 def _file_record(path: Path) -> dict:

@@ -19,6 +19,7 @@ from PIL import Image
 
 import dataset
 import synthetic
+import utils
 from modules import ContextLevel, ImprovedUNet, LocalizationModule, ModelConfig, UpsamplingModule, count_parameters
 
 COLORS = {"conv": "#9ecae1", "context": "#fdd49e", "up": "#c7e9c0", "loc": "#dadaeb", "seg": "#fcbba1",
@@ -186,7 +187,8 @@ def save_png(fig: Figure, out: Path, colors: int = 256) -> Path:
     fig.savefig(buf, format="png", facecolor="white")
     image = Image.open(buf).convert("RGB").quantize(colors, dither=Image.Dither.NONE)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, optimize=True)
+    with utils.atomic_write(out) as tmp:
+        image.save(tmp, optimize=True)
     return out
 
 

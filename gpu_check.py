@@ -34,6 +34,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import checkpoint
 import devices
+import utils
 
 ROOT = Path(__file__).resolve().parent
 STAGES = ("tests", "benchmark", "resume", "predict")
@@ -457,9 +458,10 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     results = run_stages([(name, lambda body=bodies[name]: body(config, out)) for name in chosen])
     summary = build_summary(gpu, results, time.perf_counter() - start)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    utils.write_json(out / "summary.json", summary)
     table = markdown(summary)
-    (out / "summary.md").write_text(table)
+    with utils.atomic_write(out / "summary.md") as tmp:
+        tmp.write_text(table)
     print("\n" + table)
     print(f"wrote {out / 'summary.json'} and {out / 'summary.md'}")
     if not summary["passed"]:

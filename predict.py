@@ -20,7 +20,6 @@ Exit status: 0 when every file was segmented (and scored), 1 when some files fai
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import glob
 import json
@@ -527,8 +526,12 @@ def claim_output(output_dir: Path, record: dict, overwrite: bool) -> None:
     two thresholds, must never share a folder unnoticed. Parts of an array job claim one folder at once;
     the record appears whole (hard link of a finished file), so each part reads a complete one."""
     path = output_dir / RECORD
-    draft = output_dir / f".{RECORD}.{os.getpid()}.part"
-    draft.write_text(json.dumps(record, indent=2) + "\n")
+    # a finished draft, then linked (exclusive) or renamed into place: never a half-written record
+    draft = output_dir / f".{Path(RECORD).stem}.{os.getpid()}.tmp{Path(RECORD).suffix}"
+    with open(draft, "w") as f:
+        f.write(json.dumps(record, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
     try:
         if overwrite:
             os.replace(draft, path)
@@ -665,11 +668,9 @@ class Writer:
         self.failures: list[tuple[str, str]] = []
 
     def _write(self, save, path: Path):
-        # whole or not at all: a run stopped mid-write leaves a hidden .part file, never a half mask under its name
-        part = path.with_name(f".{path.name}.part")
-        with self.timer("write"):
-            save(part)
-            os.replace(part, path)
+        # whole or not at all: a run stopped mid-write leaves a hidden .tmp file, never a half mask under its name
+        with self.timer("write"), utils.atomic_write(path) as tmp:
+            save(tmp)
 
     def submit(self, name: str, save, path: Path) -> None:
         if self.pool is None:
@@ -934,12 +935,10 @@ def run(config: PredictConfig) -> PredictResult:
 
 def write_metrics(rows: list[dict], means: dict[str, float], output_dir: Path) -> None:
     """metrics.csv (one row per image) and metrics.json (the means, keyed as the ISIC scorer names them)."""
-    with open(output_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image_id", *METRICS])
-        writer.writeheader()
-        # the per-image values are float32: each as the shortest decimal of its float32 (0.65, not 0.6499999761581421)
-        writer.writerows({**row, **{key: str(np.float32(row[key])) for key in METRICS}} for row in rows)
-    (output_dir / "metrics.json").write_text(json.dumps({key: means[key] for key in METRICS}, indent=2) + "\n")
+    # the per-image values are float32: each as the shortest decimal of its float32 (0.65, not 0.6499999761581421)
+    utils.write_csv(output_dir / "metrics.csv", [{**row, **{key: str(np.float32(row[key])) for key in METRICS}}
+                                                 for row in rows], ["image_id", *METRICS])
+    utils.write_json(output_dir / "metrics.json", {key: means[key] for key in METRICS})
 
 
 def metrics_table(rows: list[dict], means: dict[str, float]) -> str:
@@ -976,7 +975,8 @@ def plot_cases(rows: list[dict], items: dict[str, Item], output_dir: Path, max_s
             axis.imshow(panel[::step, ::step], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axis.set_title(title, fontsize=9)
             axis.set_axis_off()
-    fig.savefig(output_dir / "cases.png", dpi=100)
+    with utils.atomic_write(output_dir / "cases.png") as tmp:
+        fig.savefig(tmp, dpi=100)
 
 
 # ----------------------------------------------------------------------------- export
@@ -1010,7 +1010,8 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
                 "output": "logits; sigmoid gives the lesion probability"}
     for key, value in metadata.items():
         exported.metadata_props.add(key=key, value=value)
-    onnx.save(exported, str(path))
+    with utils.atomic_write(path) as tmp:
+        onnx.save(exported, str(tmp))
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    with utils.writing(path):
-        fig.savefig(path, dpi=110)
+    with utils.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -164,8 +164,8 @@ def plot_predictions(images, masks, predictions, path: Path, titles=None) -> Non
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    with utils.writing(path):
-        fig.savefig(path, dpi=100)
+    with utils.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
 
 

@@ -214,7 +214,8 @@ def run_one(budget: str, name: str, args) -> dict:
     scores = score_run(run_dir, log, TTA_ONLY if args.scores == "tta" else None)
     curves = Path(args.results).parent / "curves"
     curves.mkdir(parents=True, exist_ok=True)
-    (curves / f"{budget}-{name}.csv").write_text((run_dir / "metrics.csv").read_text())
+    with utils.atomic_write(curves / f"{budget}-{name}.csv") as tmp:
+        tmp.write_text((run_dir / "metrics.csv").read_text())
     row = {"budget": budget, "name": name, "flags": " ".join(flags), "best_epoch": summary["best_epoch"],
            "val_dice": round(float(best["val_dice"]), 4),
            "val_threshold_jaccard": round(float(best["val_threshold_jaccard"]), 4), **scores,
@@ -346,7 +347,8 @@ def plot_time_to_dice(rows: list[dict], curves_dir: Path, path: Path) -> None:
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with utils.atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -369,7 +371,8 @@ def report(args) -> None:
                          f"training minutes, {ratio:.2f}x {BASELINE}'s time (other processes took "
                          f"{load.get(name) or '?'} and {load.get(BASELINE) or '?'} of the CPU during the two runs)")
     text = "\n".join(lines) + "\n"
-    Path(args.results).with_suffix(".md").write_text(text)
+    with utils.atomic_write(Path(args.results).with_suffix(".md")) as tmp:
+        tmp.write_text(text)
     plot_time_to_dice(rows, curves, Path(args.figure))
     print(text + f"\nwrote {Path(args.results).with_suffix('.md')} and {args.figure}")
 

@@ -23,6 +23,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import utils
+
 SYNTHETIC_DIR = "data/synthetic"
 SYNTHETIC_VERSION = 1  # bump when the generator changes, so ensure_synthetic regenerates
 IMAGE_FOLDER = "ISIC2018_Task1-2_Training_Input"
@@ -181,7 +183,7 @@ def make_synthetic(out_dir, n: int, seed: int = 0, log: Callable = print, num_wo
         for _ in tqdm(jobs, total=n, desc="synthetic", unit="img", leave=False, mininterval=1.0, disable=n < 64):
             pass
     marker = {"version": SYNTHETIC_VERSION, "n": n, "seed": seed}
-    (out / MARKER).write_text(json.dumps(marker) + "\n")
+    utils.write_json(out / MARKER, marker)  # last, and whole: its presence says the set is complete
     return out
 
 

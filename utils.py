@@ -136,26 +136,56 @@ def field_help(cls) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def writing(path):
-    """Around a write of `path`: an OSError (a full disk, an exceeded quota) names the file, and the write's
-    temporary file (`path`.tmp) is removed, so the old file stays whole and no half file is left."""
+def atomic_write(path):
+    """Write `path` whole or not at all. Every whole file the project writes (records, results, checkpoints,
+    masks) goes through here; the cache's memory-mapped arrays (dataset.py) and download.py's resumable
+    `.part` files are the two files written in place, each renamed only when complete.
+
+    Yields a temporary path beside `path` (hidden, carrying this process's id, and ending in `path`'s own
+    suffix, so writers that infer the format from the name still do). When the block ends, the file is
+    fsynced and renamed over `path`, and the rename is made durable where the file system allows. When
+    the block fails, the temporary file is removed and `path` stays as it was; an OSError (a full disk,
+    an exceeded quota) is raised again naming `path`. A process killed mid-write leaves a hidden
+    `.<stem>.<pid>.tmp<suffix>` file behind, never a half-written `path`.
+    """
     path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        yield path.with_name(path.name + ".tmp")
-    except OSError as err:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
         with contextlib.suppress(OSError):
-            path.with_name(path.name + ".tmp").unlink()
-        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+            tmp.unlink()
+        if isinstance(err, OSError):
+            raise OSError(err.errno, err.strerror or str(err), str(path)) from None
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable. Best effort: Windows cannot open folders, and some network file
+    systems refuse to fsync them."""
+    if os.name != "posix":
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_csv(path, rows: list[dict], columns: list[str]) -> None:
-    """Write rows as CSV atomically (a temporary file, then os.replace): a reader never sees half a table."""
-    with writing(path) as tmp:
+    """Write rows as CSV atomically (atomic_write): a reader never sees half a table. The columns are
+    `columns`, then every other key the rows hold, in the order they first appear: no value is dropped."""
+    extra = [key for key in dict.fromkeys(key for row in rows for key in row) if key not in columns]
+    with atomic_write(path) as tmp:
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            writer = csv.DictWriter(f, fieldnames=[*columns, *extra])
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, path)
 
 
 def field_groups(cls) -> dict[str, list[str]]:
@@ -349,7 +379,6 @@ class OtherCpu:
 
 
 def write_json(path, value) -> None:
-    """Write JSON atomically (a temporary file, then os.replace): a reader never sees half a file."""
-    with writing(path) as tmp:
+    """Write JSON atomically (atomic_write): a reader never sees half a file."""
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(value, indent=2) + "\n")
-        os.replace(tmp, path)

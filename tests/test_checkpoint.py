@@ -88,7 +88,7 @@ def test_full_disk_keeps_previous_checkpoint(tmp_path, monkeypatch, failing):
 
     def no_space(*args, **kwargs):
         if failing == "torch.save":
-            args[1].write(b"PK\x03\x04 partial")  # a write that got partway, like a real full disk
+            Path(args[1]).write_bytes(b"PK\x03\x04 partial")  # a write that got partway, like a real full disk
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     module, name = failing.split(".")

@@ -431,3 +431,30 @@ def test_the_zero_argument_run_says_why_its_recipe_differs(tmp_path, monkeypatch
     assert "not the real-data recipe" in out and "docs/training.md#the-zero-argument-run" in out
     assert "## The zero-argument run" in (ROOT / "docs" / "training.md").read_text()
     assert "not the real-data recipe" in text("README.md")
+
+
+# ----------------------------------------------------------------------------- the code's map
+
+
+def project_imports(path: Path) -> set[str]:
+    """The project's files that `path` imports, at the top or inside a function."""
+    import ast
+
+    files = {p.stem for p in ROOT.glob("*.py")}
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+        found |= {name for name in names if name in files}
+    return found
+
+
+def test_code_md_lists_every_file_with_its_imports_in_an_order_without_cycles():
+    rows = re.findall(r"^\| `(\w+)\.py` \| [^|]+ \| ([^|]+) \|$", (ROOT / "docs" / "code.md").read_text(), re.M)
+    order = [name for name, _ in rows]
+    assert sorted(order) == sorted(p.stem for p in ROOT.glob("*.py")), "docs/code.md must list every file once"
+    for place, (name, imports) in enumerate(rows):
+        listed = set(re.findall(r"`(\w+)\.py`", imports))
+        assert listed == project_imports(ROOT / f"{name}.py"), f"docs/code.md: {name}.py imports {listed}?"
+        assert imports.strip() != "nothing" or not listed
+        assert listed <= set(order[:place]), f"{name}.py imports a file listed below it: {listed - set(order[:place])}"

@@ -504,7 +504,7 @@ def test_a_second_run_skips_the_masks_written_whole_and_scores_all_of_them(check
     kept = sorted(out.glob("*_segmentation.png"))
     for path in kept[2:]:
         path.unlink()
-    (out / f".{kept[2].name}.part").write_bytes(b"half a png")
+    (out / f".{kept[2].stem}.4242.tmp.png").write_bytes(b"half a png")
     inodes = {path.name: path.stat().st_ino for path in kept[:2]}
     capsys.readouterr()
 
@@ -598,5 +598,5 @@ def test_a_signal_stops_prediction_with_whole_masks_and_one_line(checkpoint, dat
     assert status == 128 + signal.SIGUSR1
     assert "stopped by SIGUSR1; every mask written so far is whole" in capsys.readouterr().out
     assert sorted(read_masks(out)) == sorted(calls) and len(calls) == 2
-    assert not list(out.glob(".*.part"))
+    assert not list(out.glob(".*.tmp.*"))
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run

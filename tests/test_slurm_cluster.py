@@ -376,7 +376,7 @@ def test_a_warned_prediction_job_requeues_and_keeps_its_finished_masks(jobs):
     assert f"{len(written)} of the 48 images were segmented into" in log, log
     masks = {path.name: path.stat().st_ino for path in out.glob("*_segmentation.png")}
     assert len(masks) == 48 and all(masks[name] == inode for name, inode in written.items())
-    assert not list(out.glob(".*.part"))
+    assert not list(out.glob(".*.tmp.*"))
 
 
 def test_the_gpu_check_job_says_in_its_log_what_it_found(jobs):

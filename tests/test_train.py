@@ -467,3 +467,19 @@ def test_a_finished_run_exits_0_from_the_command_line(isic_folder, tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, "--resume", "auto"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and "already finished" in done.stdout and not done.stderr.strip(), done
+
+
+def test_a_new_per_epoch_figure_reaches_metrics_csv(isic_folder, tmp_path, monkeypatch):
+    """A key added to the epoch's row (as a new metric would be) is a column of metrics.csv, as it is a value
+    in wandb: the file keeps every key it is given."""
+    written = record.RunRecord.write_epoch
+
+    def with_a_new_key(self, history):
+        history[-1]["val_new_figure"] = 0.25
+        written(self, history)
+
+    monkeypatch.setattr(record.RunRecord, "write_epoch", with_a_new_key)
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "new-key"))
+    rows = list(csv.DictReader(open(tmp_path / "new-key" / "metrics.csv")))
+    assert [row["val_new_figure"] for row in rows] == ["0.25", "0.25"]
+    assert list(rows[0])[:len(record.METRIC_COLUMNS)] == record.METRIC_COLUMNS

@@ -1,3 +1,4 @@
+import os
 import platform
 import random
 
@@ -221,3 +222,41 @@ def test_a_python_without_sigusr1_still_installs_the_stop_handlers(monkeypatch):
     with predict.stop_on_signals():
         assert signal.getsignal(signal.SIGTERM) not in (before, signal.SIG_DFL)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# --- one atomic writer ---------------------------------------------------------------------------------
+
+
+def test_atomic_write_replaces_whole_or_leaves_the_old_file(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("old\n")
+    with utils.atomic_write(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".metrics.") and tmp.suffix == ".csv"
+        assert str(os.getpid()) in tmp.name  # two processes never share a temporary file
+        tmp.write_text("new\n")
+        assert path.read_text() == "old\n"  # nothing reaches path before the block ends
+    assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+    with pytest.raises(ValueError, match="half way"):
+        with utils.atomic_write(path) as tmp:
+            tmp.write_text("half")
+            raise ValueError("half way")
+    assert path.read_text() == "new\n" and sorted(p.name for p in tmp_path.iterdir()) == ["metrics.csv"]
+
+
+def test_atomic_write_names_the_file_when_the_disk_refuses(tmp_path):
+    path = tmp_path / "summary.json"
+    with pytest.raises(OSError) as err:
+        with utils.atomic_write(path) as tmp:
+            tmp.write_text("{}")
+            raise OSError(28, "No space left on device")
+    assert err.value.filename == str(path) and err.value.errno == 28
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_csv_keeps_every_key_it_is_given(tmp_path):
+    """A value logged under a new name must reach the file, not vanish (csv's extrasaction='ignore' did)."""
+    rows = [{"epoch": 1, "val_dice": 0.5}, {"epoch": 2, "val_dice": 0.6, "val_failures": 3}]
+    utils.write_csv(tmp_path / "m.csv", rows, ["epoch", "val_dice"])
+    lines = (tmp_path / "m.csv").read_text().splitlines()
+    assert lines == ["epoch,val_dice,val_failures", "1,0.5,", "2,0.6,3"]
