@@ -17,9 +17,14 @@ import platform
 import re
 import warnings
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
+
+
+# --amp's choices, for train.py, predict.py and benchmark.py alike
+Amp = Literal["auto", "bf16", "fp16", "off"]
+AMP_CHOICES = get_args(Amp)
 
 
 class DeviceError(RuntimeError):
@@ -330,7 +335,7 @@ def amp_dtype(amp: str, hw: Hardware) -> torch.dtype | None:
     if amp == "auto":
         return hw.amp_dtype
     if amp not in AMP_DTYPES:
-        raise ValueError(f"--amp {amp!r}: choose auto, bf16, fp16 or off")
+        raise ValueError(f"--amp {amp!r}: choose {', '.join(AMP_CHOICES)}")
     if amp == "bf16" and hw.capability is not None and hw.capability < (8, 0):
         warnings.warn(f"--amp bf16 on {hw.name} (compute capability {hw.capability[0]}.{hw.capability[1]}): cuDNN "
                       "has bf16 convolutions only from 8.0, so this runs slower than fp32; use --amp fp16 or auto",

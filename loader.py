@@ -16,7 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,7 @@ AUGMENT_PRESETS = {
     "full": AugmentConfig(),
 }
 
+Augment = Literal[tuple(AUGMENT_PRESETS)]  # --augment's choices: the presets above
 DEFAULT_AUGMENT = "flips"  # what train.py trains with unless --augment says otherwise (benchmark.py times it)
 
 def _mix_seed(*parts: int) -> int:

@@ -8,6 +8,7 @@ each per-image ratio is float32 (within 2e-7 of the scorer's float64) on every d
 from __future__ import annotations
 
 import math
+import typing
 from fractions import Fraction
 
 import numpy as np
@@ -64,6 +65,11 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
     return 1 - dice.mean()
 
 
+# The training losses, --loss's choices: a new loss is a name here and its branch in SegmentationLoss.forward.
+LossKind = typing.Literal["dice+bce", "dice"]
+LOSS_KINDS = typing.get_args(LossKind)
+
+
 class SegmentationLoss(nn.Module):
     """The training loss: "dice" (soft Dice) or "dice+bce" (soft Dice + cross-entropy, equal weights).
 
@@ -71,7 +77,7 @@ class SegmentationLoss(nn.Module):
     more; both run in float32.
     """
 
-    KINDS = ("dice", "dice+bce")
+    KINDS = LOSS_KINDS
 
     def __init__(self, kind: str = "dice", smooth: float = 1.0):
         super().__init__()

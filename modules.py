@@ -44,24 +44,28 @@ Deviations from the paper, and why:
 from __future__ import annotations
 
 import argparse
+import typing
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-NORMS = ("batch", "instance")
-ARCHS = ("improved-unet", "dynunet")
+# --norm's and --arch's choices; each name of Arch has its builder in MODELS (at the end of this file)
+Norm = typing.Literal["instance", "batch"]
+Arch = typing.Literal["improved-unet", "dynunet"]
+NORMS = typing.get_args(Norm)
+ARCHS = typing.get_args(Arch)
 SIZE_MULTIPLE = 16  # four stride-2 convolutions halve the input four times
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "improved-unet"  # "improved-unet" (this file's network) or "dynunet" (MONAI's, as a baseline)
+    arch: Arch = "improved-unet"  # "improved-unet" (this file's network) or "dynunet" (MONAI's, as a baseline)
     in_channels: int = 3  # input image channels (RGB)
     num_classes: int = 1  # logit channels: 1 for a binary lesion mask (sigmoid), N for N classes (softmax)
     base_channels: int = 16  # feature maps at full resolution; level k (0-4) has base_channels * 2**k
-    norm: str = "instance"  # "instance" (the paper's affine instance norm) or "batch"
+    norm: Norm = "instance"  # "instance" (the paper's affine instance norm) or "batch"
     dropout: float = 0.3  # channel dropout inside every context module (paper: 0.3)
     negative_slope: float = 0.01  # LeakyReLU slope for negative inputs (paper: 1e-2)
 
@@ -313,7 +317,11 @@ def dynunet_baseline(config: ModelConfig) -> nn.Module:
 
 def build_model(config: ModelConfig) -> nn.Module:
     """The network a ModelConfig (as stored in every checkpoint) describes."""
-    return ImprovedUNet(config) if config.arch == "improved-unet" else dynunet_baseline(config)
+    return MODELS[config.arch](config)
+
+
+# The networks by --arch name: a new model is a builder here and its name in Arch above.
+MODELS = {"improved-unet": ImprovedUNet, "dynunet": dynunet_baseline}
 
 
 def summary(model: ImprovedUNet, size: int = 256) -> str:

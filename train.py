@@ -54,9 +54,9 @@ class TrainConfig:
     # --- recipe ---
     recipe: Literal["default", "paper"] = "default"  # "default": the settings below; "paper": Isensee et al.'s for the fields you do not set
     # --- model ---
-    arch: Literal["improved-unet", "dynunet"] = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
+    arch: modules.Arch = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
     base_channels: int = 16  # feature maps at the first level (the paper: 16, doubling per level)
-    norm: Literal["instance", "batch"] = "instance"  # "instance" (the paper's choice) or "batch"
+    norm: modules.Norm = "instance"  # "instance" (the paper's choice) or "batch"
     dropout: float = 0.0  # dropout inside the context modules (the paper: 0.3)
     sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
     # --- optimisation ---
@@ -69,10 +69,10 @@ class TrainConfig:
     lr_decay: float = 0.985  # per-epoch factor of the paper schedule
     warmup_epochs: float = 0.3  # linear warm-up from 0, in epochs (fractions allowed), before either schedule
     grad_clip: float = 0.0  # clip the gradient norm to this value; 0 turns clipping off
-    loss: Literal["dice+bce", "dice"] = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
+    loss: losses.LossKind = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
     ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.99); the average is validated and saved as the model; 0: off
     # --- augmentation ---
-    augment: Literal["none", "flips", "light", "full"] = loader.DEFAULT_AUGMENT  # preset: none, flips (the square's 8 symmetries), light or full (see loader.AUGMENT_PRESETS)
+    augment: loader.Augment = loader.DEFAULT_AUGMENT  # preset: none, flips (the square's 8 symmetries), light or full (see loader.AUGMENT_PRESETS)
     flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
     rotate_deg: float | None = None  # rotation drawn from [-x, x] degrees; default: the preset's
     zoom: float | None = None  # zoom factor drawn from [1 - x, 1 + x]; default: the preset's
@@ -82,7 +82,7 @@ class TrainConfig:
     saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
     # --- hardware ---
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
-    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA from capability 8.0 (A100, H100) and on CPUs with AVX512_BF16 or AMX, fp16 on older GPUs (P100, V100: cuDNN has no bf16 convolutions there), off (fp32) elsewhere
+    amp: devices.Amp = "auto"  # auto: bf16 on CUDA from capability 8.0 (A100, H100) and on CPUs with AVX512_BF16 or AMX, fp16 on older GPUs (P100, V100: cuDNN has no bf16 convolutions there), off (fp32) elsewhere
     channels_last: bool | None = None  # NHWC activations; default: with batch norm on CUDA (cuDNN's tensor-core kernels are NHWC) and on a CPU in fp32; NCHW with instance norm, whose kernels are NCHW (an NHWC run converts at every norm), and on MPS
     tune_malloc: bool = True  # CPU: glibc keeps freed activations for reuse instead of page-faulting fresh memory
     compile: bool = False  # torch.compile the model on CUDA from capability 7.0 (Triton's minimum; ignored with a warning elsewhere); the first epoch pays for compilation

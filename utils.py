@@ -20,8 +20,9 @@ import re
 import signal
 import sys
 import time
-from pathlib import Path
+import types
 import typing
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -204,15 +205,10 @@ def field_groups(cls) -> dict[str, list[str]]:
 
 
 def field_choices(cls) -> dict[str, list]:
-    """The allowed values of the fields annotated with typing.Literal (or Literal | None)."""
-    choices = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        options = [h for h in typing.get_args(hint) if h is not type(None)] if typing.get_origin(hint) is not \
-            typing.Literal else [hint]
-        literal = [h for h in options if typing.get_origin(h) is typing.Literal]
-        if literal:
-            choices[name] = list(typing.get_args(literal[0]))
-    return choices
+    """The allowed values of the fields annotated with typing.Literal (or Literal | None), directly or through
+    an alias of the file that owns the setting."""
+    return {name: list(typing.get_args(_options(hint)[0])) for name, hint in typing.get_type_hints(cls).items()
+            if _field_kind(hint) == "literal"}
 
 
 def subconfig(cls, config, **overrides):
@@ -221,21 +217,33 @@ def subconfig(cls, config, **overrides):
     return cls(**{**shared, **overrides})
 
 
-def _base_type(annotation: str) -> str:
-    parts = [p.strip() for p in str(annotation).split("|") if p.strip() != "None"]
-    return parts[0]
+def _options(hint) -> list:
+    """The annotation's types without None: [X] for X and for X | None."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [h for h in typing.get_args(hint) if h is not type(None)]
+    return [hint]
 
 
-def _coerce(name: str, annotation: str, value, source: str):
-    """Check a value from a config file against the field's type (ints are accepted as floats)."""
-    kind = _base_type(annotation)
-    if value is None and "None" in str(annotation):
+def _field_kind(hint) -> str:
+    """"bool", "int", "float", "str", "list[str]" or "literal" for a resolved annotation. A Literal may be
+    an alias that the file owning the setting declares (losses.LossKind, modules.Arch, devices.Amp, ...)."""
+    base = _options(hint)[0]
+    if typing.get_origin(base) is typing.Literal:
+        return "literal"
+    if typing.get_origin(base) is list:
+        return "list[str]"
+    return {bool: "bool", int: "int", float: "float"}.get(base, "str")
+
+
+def _coerce(name: str, hint, value, source: str):
+    """Check a value from a config file against the field's resolved type (ints are accepted as floats)."""
+    kind = _field_kind(hint)
+    if value is None and type(None) in typing.get_args(hint):
         return None
-    if kind.startswith("Literal["):
-        allowed = re.findall(r"'([^']*)'|\"([^\"]*)\"", kind)
-        allowed = [a or b for a, b in allowed]
+    if kind == "literal":
+        allowed = list(typing.get_args(_options(hint)[0]))
         if value not in allowed:
-            raise ConfigError(f"{source}: {name} must be one of {', '.join(allowed)}, got {value!r}")
+            raise ConfigError(f"{source}: {name} must be one of {', '.join(map(str, allowed))}, got {value!r}")
         return value
     ok = {
         "bool": isinstance(value, bool),
@@ -267,6 +275,7 @@ def read_config_file(path: str | os.PathLike, cls) -> dict:
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     checked = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -274,7 +283,7 @@ def read_config_file(path: str | os.PathLike, cls) -> dict:
             close = difflib.get_close_matches(name, list(fields), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
             raise ConfigError(f"config file {path}: unknown setting {key!r}{hint}")
-        checked[name] = _coerce(name, fields[name].type, value, f"config file {path}")
+        checked[name] = _coerce(name, hints[name], value, f"config file {path}")
     return checked
 
 
@@ -297,13 +306,14 @@ def build_parser(cls, description: str, groups: dict[str, list[str]] | None = No
     )
     helps = field_help(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
     missing = set(fields) - {name for names in groups.values() for name in names}
     assert not missing, f"fields without a help group: {missing}"
     for title, names in groups.items():
         group = parser.add_argument_group(title)
         for name in names:
             f = fields[name]
-            kind = _base_type(f.type)
+            kind = _field_kind(hints[name])
             flag = "--" + name.replace("_", "-")
             kwargs = {"help": helps.get(name, "").replace("%", "%%")}  # argparse %-formats help strings
             if not suppress_defaults:
@@ -315,7 +325,8 @@ def build_parser(cls, description: str, groups: dict[str, list[str]] | None = No
                 kwargs["metavar"] = metavars.get(name, "VALUE")
             else:
                 kwargs["type"] = {"int": int, "float": float}.get(kind, str)
-                kwargs["metavar"] = metavars.get(name, kind.upper() if kind != "str" else name.split("_")[-1].upper())
+                kwargs["metavar"] = metavars.get(name, kind.upper() if kind in ("int", "float") else
+                                                 name.split("_")[-1].upper())
             if name in choices:
                 kwargs["choices"] = choices[name]
                 kwargs.pop("metavar", None)

@@ -19,6 +19,7 @@ import devices
 import loader
 import losses
 import modules
+import predict
 import record
 import train
 import utils
@@ -242,12 +243,19 @@ def test_config_file_sets_defaults_and_flags_override(tmp_path):
     assert config.batch_size == 2
 
 
-def test_flag_choices_come_from_the_annotations_and_match_what_they_name():
+def test_flag_choices_come_from_the_files_that_own_them_and_match_what_they_name():
+    """Each setting's allowed values are declared once, by the file that owns the setting; train.py's and
+    predict.py's flags, and the config files' checks, take them from there."""
     assert train.CHOICES["recipe"] == list(train.RECIPES)
-    assert train.CHOICES["arch"] == list(modules.ARCHS)
+    assert train.CHOICES["arch"] == list(modules.ARCHS) and set(modules.MODELS) == set(modules.ARCHS)
     assert train.CHOICES["augment"] == list(loader.AUGMENT_PRESETS)
-    assert train.CHOICES["norm"] == ["instance", "batch"] and set(modules.NORMS) == {"instance", "batch"}
-    assert train.CHOICES["loss"] == list(reversed(losses.SegmentationLoss.KINDS))
+    assert train.CHOICES["norm"] == list(modules.NORMS) == ["instance", "batch"]
+    assert train.CHOICES["loss"] == list(losses.LOSS_KINDS) == list(losses.SegmentationLoss.KINDS)
+    assert train.CHOICES["amp"] == list(devices.AMP_CHOICES) == utils.field_choices(predict.PredictConfig)["amp"]
+    for kind in losses.LOSS_KINDS:  # every name a loss
+        losses.SegmentationLoss(kind)
+    with pytest.raises(ValueError, match="choose auto, bf16, fp16, off"):
+        devices.amp_dtype("fp8", devices.hardware(torch.device("cpu")))
     grouped = [name for names in train.GROUPS.values() for name in names]
     assert grouped == [f.name for f in dataclasses.fields(train.TrainConfig)]  # every field once, in order
 
