@@ -285,7 +285,9 @@ def restore(state: dict | None, optimizer, scheduler, scaler, rank: int = 0, wor
     from before every rank's was saved) gives rank 0 its state and leaves the others on seed + rank."""
     if state is None:
         return TrainState()
+    chosen = [{key: group[key] for key in IMPLEMENTATION_KEYS if key in group} for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    keep_implementation(optimizer, chosen)
     match_parameter_layout(optimizer)
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and state.get("scaler"):
@@ -299,6 +301,27 @@ def restore(state: dict | None, optimizer, scheduler, scaler, rank: int = 0, wor
     return TrainState(state["epoch"], state.get("step", 0), loss_sum, images, state["best_metric"],
                       state["best_epoch"], list(state.get("history", [])), state.get("wandb_run_id"),
                       state.get("budget_plan"), state.get("used_seconds", 0.0))
+
+
+# How an optimizer's update runs: the hardware's choice (devices.Hardware.fused_optimizer), not a setting of the
+# run. load_state_dict would bring back the saved run's, so a run started on MPS (unfused) and resumed on CUDA
+# would stay unfused, and under fp16 GradScaler would then wait for the host at every step.
+IMPLEMENTATION_KEYS = ("fused", "foreach", "capturable")
+
+
+def keep_implementation(optimizer, chosen: list[dict]) -> None:
+    """Give each param group back the implementation it was built with, and put Adam's step counters where
+    that implementation reads them: float32 on the parameter's device for the fused and capturable kernels,
+    on the CPU otherwise (a counter on the GPU would be read back to the host at every step)."""
+    for group, keep in zip(optimizer.param_groups, chosen):
+        group.update(keep)
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        for param in group["params"]:
+            state = optimizer.state.get(param, {})
+            step = state.get("step")
+            if torch.is_tensor(step):
+                state["step"] = step.to(dtype=torch.float32, device=param.device) if on_device else \
+                    step.to(dtype=torch.float32, device="cpu")
 
 
 def match_parameter_layout(optimizer) -> None:

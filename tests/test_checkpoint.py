@@ -1,5 +1,6 @@
 """Checkpoints: atomic saves that survive a full disk and SIGKILL, and safe, clearly failing loads."""
 
+import copy
 import dataclasses
 import errno
 import os
@@ -323,3 +324,33 @@ def test_each_rank_resumes_its_own_random_stream():
     drawn = torch.rand(4)
     torch.manual_seed(99)
     assert torch.equal(drawn, torch.rand(4))
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_a_resumed_optimizer_keeps_the_implementation_of_the_machine_it_resumes_on(saved_fused, resumed_fused):
+    """Started where Adam is not fused (MPS) and resumed where it is (CUDA), or the other way round: the run
+    takes this machine's choice, its step counters follow, and the update is the same either way."""
+    def build(fused):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 2)
+        return model, torch.optim.Adam(model.parameters(), lr=1e-2, fused=fused)
+
+    model, optimizer = build(saved_fused)
+    for _ in range(3):
+        optimizer.zero_grad()
+        model(torch.ones(2, 4)).sum().backward()
+        optimizer.step()
+    saved = {"optimizer": copy.deepcopy(optimizer.state_dict()), "scheduler": {}, "epoch": 1, "best_metric": 0.0, "best_epoch": 1,
+             "rng": checkpoint.rng_state()}
+    resumed_model, resumed = build(resumed_fused)
+    resumed_model.load_state_dict(model.state_dict())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(resumed, lambda step: 1.0)
+    checkpoint.restore({**saved, "scheduler": scheduler.state_dict()}, resumed, scheduler, None)
+    assert all(group["fused"] is resumed_fused for group in resumed.param_groups)
+    for optim, net in ((optimizer, model), (resumed, resumed_model)):
+        optim.zero_grad()
+        net(torch.ones(2, 4)).sum().backward()
+        optim.step()
+    for a, b in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert [state["step"].item() for state in resumed.state.values()] == [4.0, 4.0]
