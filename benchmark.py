@@ -178,13 +178,13 @@ def variants_for(model: str, hw, quick: bool, compile: bool = True) -> list[Vari
             return [Variant()]
         return [Variant(dtype, cl) for dtype in ["fp32"] + ([amp] if amp else []) for cl in (False, True)]
     mixed = (lambda cl: [Variant(amp, cl)]) if amp else (lambda cl: [])
-    compiled = [Variant(amp or "fp32", True, compile=True)] if compile and hw.can_compile else []
+    compiled = [Variant(amp or "fp32", True, compile=True)] if compile and hw.compile_refusal(AMP_DTYPES.get(amp)) is None else []
     if model == "ours-batch":  # fp32 (TF32) against mixed precision, and what compiling adds
         return ([] if quick else [Variant()]) + [Variant(channels_last=True)] + mixed(True) + compiled
     if model == "ours-instance":
         # both memory formats: whether channels-last pays with instance norm (GroupNorm kernels) on this GPU, and
         # compiled as train.py --compile runs the default model (NCHW)
-        compiled = [Variant(amp or "fp32", False, compile=True)] if compile and hw.can_compile else []
+        compiled = [Variant(amp or "fp32", False, compile=True)] if compile and hw.compile_refusal(AMP_DTYPES.get(amp)) is None else []
         return ([] if quick else [Variant(), Variant(channels_last=True)]) + mixed(False) + mixed(True) + compiled
     if model == "ours-plain":
         return ([] if quick else [Variant()]) + mixed(False)

@@ -200,6 +200,9 @@ def cpu_has_native_bf16() -> bool:
 
 # ROCm architectures that torch.compile's Triton backend supports: CDNA2 and later, RDNA3 and later.
 ROCM_COMPILE_ARCHS = ("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
+# bf16 in the matrix units: MI100 (gfx908) and later Instinct GPUs, RDNA3 and RDNA4. MI50/MI60 (gfx906) and
+# RDNA1/2 (gfx101x, gfx103x) would emulate it, slower than fp16.
+ROCM_BF16_ARCHS = ("gfx908", "gfx90a", "gfx94", "gfx95", "gfx11", "gfx12")
 
 
 def _rocm_arch(device: torch.device) -> str:
@@ -297,6 +300,16 @@ class Hardware:
         """A GradScaler for fp16 only: bf16 has fp32's exponent range and needs no loss scaling."""
         return torch.amp.GradScaler(self.device.type) if dtype == torch.float16 else None
 
+    def compile_refusal(self, dtype: torch.dtype | None) -> str | None:
+        """Why torch.compile cannot run here with autocast to `dtype`, or None when it can."""
+        if not self.can_compile:
+            return (f"torch.compile's GPU kernels (Triton) need CUDA capability 7.0 or higher (or a ROCm GPU from "
+                    f"gfx90a)" + (f", this GPU has {self.capability[0]}.{self.capability[1]}" if self.capability else ""))
+        if dtype == torch.bfloat16 and self.capability is not None and self.capability < (8, 0):
+            return (f"Triton's bf16 kernels need CUDA capability 8.0 (ptxas refuses bf16 below sm_80), this GPU has "
+                    f"{self.capability[0]}.{self.capability[1]}; use --amp fp16 or auto to compile")
+        return None
+
     def describe(self, dtype: torch.dtype | None, channels_last: bool) -> str:
         """'cpu (bf16, NCHW)' for the run's first line."""
         precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[dtype]
@@ -313,8 +326,9 @@ def hardware(device: str | torch.device) -> Hardware:
     device = normalize(device)
     if device.type == "cuda" and is_rocm():
         arch = _rocm_arch(device)
-        # a gfx number is no compute capability (gfx906 would read as 9.0): ask for bf16 directly
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # a gfx number is no compute capability (gfx906 would read as 9.0), and torch.cuda.is_bf16_supported()
+        # answers True for every HIP device, emulated or not: the architecture decides
+        amp = torch.bfloat16 if arch.startswith(ROCM_BF16_ARCHS) else torch.float16
         return Hardware(device, f"{torch.cuda.get_device_name(device)} ({arch or 'gfx?'})", None, amp,
                         arch.startswith(ROCM_COMPILE_ARCHS))
     if device.type == "cuda":

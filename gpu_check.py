@@ -418,8 +418,11 @@ def gpu_info(config: CheckConfig) -> dict:
     except (ValueError, devices.DeviceError) as err:
         print(f"gpu_check.py: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    return {"gpu": hw.name, "capability": f"{hw.capability[0]}.{hw.capability[1]}", "device": str(hw.device),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": cudnn_version()}
+    # ROCm has no compute capability: hw.name carries the gfx architecture instead
+    capability = f"{hw.capability[0]}.{hw.capability[1]}" if hw.capability else "none (ROCm)"
+    return {"gpu": hw.name, "capability": capability, "device": str(hw.device), "torch": torch.__version__,
+            "cuda": torch.version.cuda or (f"HIP {torch.version.hip}" if devices.is_rocm() else None),
+            "cudnn": cudnn_version()}
 
 
 def cudnn_version() -> str | None:

@@ -861,6 +861,7 @@ def run(config: PredictConfig) -> PredictResult:
         amp = devices.amp_dtype(config.amp, hw)
     except (ValueError, devices.DeviceError) as err:
         raise PredictError(str(err)) from None
+    devices.configure_backends(hw)  # cuDNN autotuning as in training: images of one size, batch after batch
     if not config.checkpoint:
         first = latest_checkpoint(config.runs_dir)
         print(f"No --checkpoint: using {first} (the most recent run under {config.runs_dir}/)")

@@ -381,10 +381,11 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
         else:
             loss.backward()
         if config.grad_clip > 0:
+            if scaler is not None:
+                scaler.unscale_(optimizer)  # clip the true gradients; without clipping, scaler.step unscales
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
@@ -640,10 +641,9 @@ def setup_model(config: TrainConfig, state: dict | None, dist, hw: devices.Hardw
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             raw_model = model
         model = nn.parallel.DistributedDataParallel(model, device_ids=[hw.device.index] if hw.is_cuda else None)
-    if config.compile and not hw.can_compile:
-        utils.print0(f"--compile ignored on {hw.name}: torch.compile's GPU kernels (Triton) need CUDA "
-                     f"capability 7.0 or higher (or a ROCm GPU from gfx90a)" +
-                     (f", this GPU has {hw.capability[0]}.{hw.capability[1]}" if hw.capability else ""))
+    refusal = hw.compile_refusal(dtype) if config.compile else None
+    if refusal:
+        utils.print0(f"--compile ignored on {hw.name}: {refusal}")
     elif config.compile:
         model = torch.compile(model)
     average = WeightAverage(raw_model, config.ema) if config.ema > 0 else None

@@ -245,16 +245,19 @@ def test_mps_shrinks_with_antialiasing_only_where_torch_has_it(monkeypatch, vers
     assert devices.hardware(torch.device("cpu")).antialias_resize
 
 
-@pytest.mark.parametrize("arch, bf16, amp, compiles", [("gfx906:sramecc+:xnack-", False, torch.float16, False),
-                                                       ("gfx90a:sramecc+:xnack-", True, torch.bfloat16, True),
-                                                       ("gfx942", True, torch.bfloat16, True),
-                                                       ("gfx1100", True, torch.bfloat16, True)])
-def test_rocm_is_judged_by_its_arch_not_a_capability(gpus, monkeypatch, arch, bf16, amp, compiles):
-    """gfx906 (MI50) would read as capability 9.0: bf16 and compile would be switched on for a GPU without them."""
+@pytest.mark.parametrize("arch, amp, compiles", [("gfx906:sramecc+:xnack-", torch.float16, False),
+                                                 ("gfx1030", torch.float16, False),
+                                                 ("gfx908:sramecc+:xnack-", torch.bfloat16, False),
+                                                 ("gfx90a:sramecc+:xnack-", torch.bfloat16, True),
+                                                 ("gfx942", torch.bfloat16, True),
+                                                 ("gfx1100", torch.bfloat16, True)])
+def test_rocm_is_judged_by_its_arch_not_a_capability(gpus, monkeypatch, arch, amp, compiles):
+    """gfx906 (MI50) would read as capability 9.0: bf16 and compile would be switched on for a GPU without them.
+    torch.cuda.is_bf16_supported() says True for every HIP device (emulated bf16 included), as here."""
     monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "AMD Instinct")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: type("P", (), {"gcnArchName": arch}))
     hw = devices.hardware(torch.device("cuda", 0))
     assert hw.capability is None and hw.amp_dtype == amp and hw.can_compile is compiles

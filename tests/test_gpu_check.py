@@ -222,3 +222,18 @@ def test_help_names_every_stage_and_the_exit_codes(capsys):
     for stage in gpu_check.STAGES:
         assert f"\n  {stage} " in text, stage
     assert "SIGUSR1" in text and "2 when there is no CUDA GPU" in text
+
+
+def test_a_rocm_gpu_is_described_without_a_compute_capability(monkeypatch):
+    """ROCm reports no compute capability (Hardware.capability is None): the check names the GPU and HIP."""
+    import devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", None)
+    hw = devices.Hardware(torch.device("cuda", 0), "AMD Instinct MI250X (gfx90a)", None, torch.bfloat16, True)
+    monkeypatch.setattr(devices, "select_device", lambda name: hw.device)
+    monkeypatch.setattr(devices, "hardware", lambda device: hw)
+    info = gpu_check.gpu_info(gpu_check.parse_args([]))
+    assert info["gpu"] == "AMD Instinct MI250X (gfx90a)" and info["capability"] == "none (ROCm)"
+    assert info["cuda"] == "HIP 6.2"

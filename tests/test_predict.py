@@ -123,6 +123,16 @@ def test_masks_at_original_size_binary_named_and_bad_file_reported(checkpoint, d
         assert set(np.unique(mask)) <= {0, 255}
 
 
+def test_prediction_switches_the_backends_as_training_does(checkpoint, data, tmp_path, monkeypatch):
+    """cuDNN autotuning (and TF32) on a GPU come from devices.configure_backends, for prediction too: without it
+    cudnn.benchmark stays off and every convolution takes cuDNN's heuristic kernel."""
+    configured = []
+    monkeypatch.setattr(devices, "configure_backends", lambda hw, **kwargs: configured.append(hw.device))
+    good = good_images(data, tmp_path)
+    assert run_main(["--checkpoint", checkpoint, "--input", good, "--output", tmp_path / "out", "--device", "cpu"]) == 0
+    assert configured == [torch.device("cpu")]
+
+
 def test_worker_threads_give_the_same_masks(checkpoint, data, tmp_path):
     images, _, sizes = data
     outputs = []

@@ -2,6 +2,7 @@
 step may create on the device, a resume across memory formats, and which GPU each rank takes."""
 
 import contextlib
+import dataclasses
 from unittest import mock
 
 import pytest
@@ -76,6 +77,24 @@ def run_epoch(model, batches, optimizer, scheduler, config, average=None):
         model, batches, optimizer, scheduler, losses.SegmentationLoss("dice+bce"), autocast=contextlib.nullcontext,
         scaler=None, config=config, epoch=0, start_step=0, loss_sum=0.0, images_seen=0,
         preemption=train.Preemption(), distributed=False, hw=devices.hardware("cpu"), average=average)
+
+
+@pytest.mark.parametrize("clip", [0.0, 1.0])
+def test_fp16_unscales_the_gradients_only_to_clip_them(isic_folder, monkeypatch, clip):
+    """GradScaler.step unscales by itself; an unscale_ before it only pays where the gradients are clipped."""
+    model, batches, optimizer, scheduler, config, _ = tiny_step_setup(isic_folder, steps=2)
+    config = dataclasses.replace(config, grad_clip=clip)
+    scaler = torch.amp.GradScaler("cpu")
+    unscaled = []
+    real_unscale = scaler.unscale_
+    monkeypatch.setattr(scaler, "unscale_", lambda opt: unscaled.append(opt) or real_unscale(opt))
+    train.train_one_epoch(
+        model, batches, optimizer, scheduler, losses.SegmentationLoss("dice+bce"),
+        autocast=lambda: torch.autocast("cpu", dtype=torch.float16), scaler=scaler, config=config, epoch=0,
+        start_step=0, loss_sum=0.0, images_seen=0, preemption=train.Preemption(), distributed=False,
+        hw=devices.hardware("cpu"))
+    assert len(unscaled) == (2 if clip else 0)
+    assert scaler.get_scale() > 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_a_training_step_and_validation_make_no_float64_tensor(isic_folder):
@@ -171,6 +190,20 @@ def test_compile_is_skipped_with_a_reason_below_capability_7(monkeypatch, capsys
     train.setup_model(config, None, devices.DistInfo(0, 0, 1, False), hardware, None)
     out = capsys.readouterr().out
     assert "--compile ignored on Tesla P100-PCIE-16GB" in out and "6.0" in out
+
+
+def test_compile_in_bf16_is_skipped_with_a_reason_below_capability_8(monkeypatch, capsys):
+    """ptxas refuses Triton's bf16 kernels below sm_80: a V100 compiles in fp16 (--amp auto), not with --amp bf16."""
+    volta = devices.Hardware(torch.device("cpu"), "Tesla V100-SXM2-16GB", (7, 0), torch.float16, True)
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or model)
+    config = train.TrainConfig(compile=True, base_channels=4)
+    train.setup_model(config, None, devices.DistInfo(0, 0, 1, False), volta, torch.bfloat16)
+    out = capsys.readouterr().out
+    assert "--compile ignored on Tesla V100-SXM2-16GB: Triton's bf16 kernels need CUDA capability 8.0" in out
+    assert not compiled
+    train.setup_model(config, None, devices.DistInfo(0, 0, 1, False), volta, torch.float16)
+    assert len(compiled) == 1 and volta.compile_refusal(torch.float16) is None
 
 
 def test_a_single_gpu_run_stops_at_the_step_the_signal_came(isic_folder, monkeypatch):
