@@ -158,10 +158,10 @@ def model_from_checkpoint(state: dict, path) -> tuple[torch.nn.Module, int, tupl
 
 
 def rng_state() -> dict:
-    """States of the Python, NumPy, torch CPU and current CUDA generators, as plain values and tensors.
+    """States of the Python, NumPy, torch CPU, current CUDA and MPS generators, as plain values and tensors.
 
-    Only the current CUDA device is saved: get_rng_state_all() would create a context on every GPU
-    in every torchrun process.
+    Only the current CUDA device is saved (devices.select_device makes the run's GPU the current one):
+    get_rng_state_all() would create a context on every GPU in every torchrun process.
     """
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
@@ -171,6 +171,7 @@ def rng_state() -> dict:
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
         "cuda": cuda,
+        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
     }
 
 
@@ -186,6 +187,8 @@ def set_rng_state(state: dict) -> None:
         torch.set_rng_state(state["torch"].cpu())
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())
+    if state.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"].cpu())
 
 
 def rank_rng_states(distributed: bool) -> list[dict]:

@@ -61,6 +61,9 @@ def select_device(name: str = "auto") -> torch.device:
             raise ValueError(f"--device {name} was asked for but CUDA is not available here; {available_devices()}")
         device = _cuda_device(device.index)
         check_cuda_build(device)
+        # the process's current GPU: the one whose random generator a checkpoint saves and restores, and
+        # where a bare .cuda() lands; left at cuda:0, --device cuda:1 would also open a context on GPU 0
+        torch.cuda.set_device(device)
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device mps was asked for but MPS is not available here; {available_devices()}")
     return device

@@ -123,7 +123,9 @@ def gpus(monkeypatch):
     """Two mocked CUDA devices of compute capability 9.0, with a build that has sm_90 kernels."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    current = [0]  # the process's current GPU, as torch.cuda.set_device moves it
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: current.__setitem__(0, torch.device(device).index))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_90"])
@@ -138,6 +140,34 @@ def test_cuda_without_an_index_is_the_device_tensors_report(gpus):
     assert devices.select_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(ValueError, match="only 2 CUDA device"):
         devices.select_device("cuda:2")
+
+
+def test_the_chosen_gpu_becomes_the_current_one_whose_generator_checkpoints_save(gpus, monkeypatch):
+    """With --device cuda:1 in one process, the random state saved and restored is GPU 1's, and nothing
+    opens a context on GPU 0 (torch.cuda's generator calls act on the current device)."""
+    import checkpoint
+
+    assert devices.select_device("cuda:1") == torch.device("cuda", 1) and torch.cuda.current_device() == 1
+    saved_from = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": saved_from.append(
+        torch.cuda.current_device()) or torch.zeros(8, dtype=torch.uint8))
+    assert checkpoint.rng_state()["cuda"] is not None and saved_from == [1]
+    assert devices.select_device("cuda") == torch.device("cuda", 1)  # a bare "cuda" is now that GPU
+
+
+def test_the_mps_generator_is_saved_and_restored(monkeypatch):
+    import checkpoint
+
+    state = torch.arange(4, dtype=torch.uint8)
+    restored = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda: state)
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda value: restored.append(value))
+    saved = checkpoint.rng_state()
+    assert torch.equal(saved["mps"], state)
+    checkpoint.set_rng_state(saved)
+    assert len(restored) == 1 and torch.equal(restored[0], state)
 
 
 def test_loader_given_cuda_without_an_index_works_on_the_cache_device(gpus, monkeypatch):
@@ -271,7 +301,7 @@ def test_explicit_amp_choices_and_the_slow_bf16_warning(monkeypatch):
     with pytest.warns(UserWarning, match="V100.*7.0.*bf16 convolutions only from 8.0"):
         assert devices.amp_dtype("bf16", volta) == torch.bfloat16
     assert devices.amp_dtype("off", volta) is None
-    with pytest.raises(ValueError, match="auto, bf16, fp16 or off"):
+    with pytest.raises(ValueError, match="auto, bf16, fp16, off"):
         devices.amp_dtype("fp8", cpu)
 
 
