@@ -240,6 +240,8 @@ class CheckpointWriter:
     scheduler: object
     scaler: object = None
     average: object = None  # train.WeightAverage or None
+    steps_per_epoch: int = 0  # the units of "step", the scheduler's count and the budget plan: they depend on
+    world_size: int = 1  # the number of processes, which a resumed run may change (train.follow_world_size)
 
     def state(self, progress: TrainState, *, epoch: int, step: int = 0, epoch_loss=(0.0, 0),
               rngs: list[dict] | None = None, used_seconds: float = 0.0) -> dict:
@@ -255,6 +257,7 @@ class CheckpointWriter:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "rng": rngs[0], "rng_ranks": rngs, "wandb_run_id": progress.wandb_id, "splits": self.splits,
             "budget_plan": progress.budget_plan, "used_seconds": used_seconds,
+            "steps_per_epoch": self.steps_per_epoch, "world_size": self.world_size,
         }
         if self.average is not None:
             state |= {"online_model": self.model.state_dict(), "ema_updates": self.average.updates}

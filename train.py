@@ -512,6 +512,32 @@ def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Pat
     return state, merged
 
 
+def follow_world_size(state: dict | None, steps_per_epoch: int, world_size: int) -> bool:
+    """Re-express a checkpoint's positions in this run's steps when it was saved with another number of
+    processes (a run stopped on one GPU and resumed on four): an epoch holds a different number of steps, and
+    the scheduler's count, the mid-epoch step and the --minutes plan are counted in steps. Left as they were,
+    the cosine schedule would stand past its end and the rest of the run would train at learning rate 0.
+    Returns whether anything changed; checkpoints that do not record their steps per epoch are taken as they are."""
+    saved = (state or {}).get("steps_per_epoch")
+    if not saved or saved == steps_per_epoch:
+        return False
+    ratio = steps_per_epoch / saved
+    step = min(steps_per_epoch - 1, round(state["step"] * ratio)) if state["step"] else 0
+    scheduler = state["scheduler"]
+    now = state["epoch"] * steps_per_epoch + step
+    scheduler["_step_count"] = scheduler.get("_step_count", scheduler["last_epoch"] + 1) - scheduler["last_epoch"] + now
+    scheduler["last_epoch"], state["step"] = now, step
+    plan = state.get("budget_plan")
+    if plan:
+        state["budget_plan"] = {**plan, **{key: max(1, round(plan[key] * ratio)) for key in ("total_steps", "planned_steps")
+                                           if plan.get(key)}}
+    utils.print0(f"resuming with {world_size} process(es) where the checkpoint had {state.get('world_size', '?')}: "
+                 f"an epoch is {steps_per_epoch} steps instead of {saved}, so the run continues at step {now} of these"
+                 + (f" (epoch {state['epoch'] + 1}, step {step})" if step else "")
+                 + (f" and its plan at {state['budget_plan']['total_steps']} steps" if plan else ""))
+    return True
+
+
 def check_same_split(saved: dict | None, current: dict, config: TrainConfig) -> None:
     """A resumed run must train, validate and test on the images it started with."""
     if saved is None:
@@ -724,14 +750,21 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     data = setup_data(config, state, dist, hw.device)
     model = setup_model(config, state, dist, hw, dtype)
     steps_per_epoch = min(len(data.train_loader), config.max_steps or len(data.train_loader))
+    rescaled = follow_world_size(state, steps_per_epoch, dist.world_size)
     saved = state or {}
     pace = budget.Pace(config.minutes, steps_per_epoch, config.epochs * steps_per_epoch, saved.get("budget_plan"),
                        saved.get("used_seconds", 0.0))
     optim = setup_optimisation(config, model.raw, steps_per_epoch, hw, pace)
     progress = checkpoint.restore(state, optim.optimizer, optim.scheduler, optim.scaler, dist.rank, dist.world_size)
+    if rescaled:  # the restored learning rate was the old step's: take the one of the step the run stands at now
+        scheduler = optim.scheduler
+        for group, base, factor in zip(optim.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * factor(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in optim.optimizer.param_groups]
     writer = checkpoint.CheckpointWriter(model.raw, model.config, dataclasses.asdict(config),
                                          {"mean": list(data.mean), "std": list(data.std)}, data.split_ids,
-                                         optim.optimizer, optim.scheduler, optim.scaler, model.average)
+                                         optim.optimizer, optim.scheduler, optim.scaler, model.average,
+                                         steps_per_epoch, dist.world_size)
     run = Run(config, dist, hw, data, model, optim, pace, progress, writer,
               record.RunRecord(Path(config.out_dir) / config.name, dist.rank == 0), Preemption(), steps_per_epoch)
     try:

@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -491,3 +492,41 @@ def test_a_new_per_epoch_figure_reaches_metrics_csv(isic_folder, tmp_path, monke
     rows = list(csv.DictReader(open(tmp_path / "new-key" / "metrics.csv")))
     assert [row["val_new_figure"] for row in rows] == ["0.25", "0.25"]
     assert list(rows[0])[:len(record.METRIC_COLUMNS)] == record.METRIC_COLUMNS
+
+
+def test_a_run_stopped_on_one_process_continues_its_schedule_on_two(isic_folder, tmp_path):
+    """Steps per epoch halve with two processes. Two epochs on one process, then two more with torchrun and two
+    gloo ranks: the cosine schedule continues where it stood (half-way through four epochs), it does not stand
+    past its end, and every epoch is trained once."""
+    args = tiny_args(isic_folder, tmp_path, "--name", "grown", "--warmup-epochs", "0")
+    args[args.index("--batch-size") + 1] = "2"
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    train.main([*args, "--epochs", "2"])
+    one = checkpoint.load_checkpoint(tmp_path / "grown" / "last.pt")
+    assert (one["world_size"], one["epoch"]) == (1, 2)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             str(ROOT / "train.py"), *args, "--epochs", "4", "--resume", "auto"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    spe1, two = one["steps_per_epoch"], checkpoint.load_checkpoint(tmp_path / "grown" / "last.pt")
+    spe2 = two["steps_per_epoch"]
+    assert spe2 < spe1 and two["world_size"] == 2
+    rows = list(csv.DictReader(open(tmp_path / "grown" / "metrics.csv")))
+    assert [row["epoch"] for row in rows] == ["1", "2", "3", "4"]
+    lr = float(rows[2]["lr"])  # after epoch 3 of 4: three quarters of the cosine
+    assert lr == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 3 / 4)), rel=1e-4)
+    assert f"an epoch is {spe2} steps instead of {spe1}, so the run continues at step {2 * spe2}" in result.stdout
+    assert two["scheduler"]["last_epoch"] == 4 * spe2
+
+
+def test_follow_world_size_rescales_the_step_the_schedule_and_the_plan():
+    state = {"epoch": 3, "step": 6, "steps_per_epoch": 10, "world_size": 1,
+             "scheduler": {"last_epoch": 36, "_step_count": 37},
+             "budget_plan": {"total_steps": 100, "planned_steps": 98, "minutes": 5}}
+    assert train.follow_world_size(state, 5, 2)
+    assert (state["step"], state["scheduler"]["last_epoch"], state["scheduler"]["_step_count"]) == (3, 18, 19)
+    assert state["budget_plan"] == {"total_steps": 50, "planned_steps": 49, "minutes": 5}
+    same = {"epoch": 1, "step": 0, "steps_per_epoch": 5, "scheduler": {"last_epoch": 5}}
+    assert not train.follow_world_size(same, 5, 1) and same["scheduler"]["last_epoch"] == 5
+    old = {"epoch": 1, "step": 0, "scheduler": {"last_epoch": 5}}  # a checkpoint from before the units were kept
+    assert not train.follow_world_size(old, 2, 2)
