@@ -31,6 +31,13 @@ class DeviceError(RuntimeError):
     """The device cannot run this job; the message names the device and what to do."""
 
 
+def out_of_memory(err: BaseException) -> bool:
+    """Whether an exception is the device running out of memory: CUDA's and ROCm's OutOfMemoryError, or MPS's
+    RuntimeError, which has no class of its own."""
+    return isinstance(err, torch.cuda.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and "MPS backend out of memory" in str(err))
+
+
 # ----------------------------------------------------------------------------- names
 
 

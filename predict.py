@@ -132,6 +132,13 @@ def main(argv=None) -> PredictResult:
     except (PredictError, checkpoint.CheckpointError, dataset.DataError) as err:
         print(f"predict.py: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not devices.out_of_memory(err):
+            raise
+        print(f"predict.py: error: out of device memory at --batch-size {config.batch_size} "
+              f"({str(err).splitlines()[0][:160]}); lower --batch-size (masks written so far are kept and skipped when "
+              f"the same command runs again)", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
     except Stopped as stop:
         # the masks in flight were finished by Segmenter's clean-up; a half mask never has its final name
         print(f"predict.py: stopped by {stop.name}; every mask written so far is whole and is skipped when the same "

@@ -994,6 +994,14 @@ def main(argv=None) -> dict:
             devices.DeviceError) as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not devices.out_of_memory(err):
+            raise
+        print(f"error: the {config.device} device ran out of memory training {config.batch_size} images of "
+              f"{config.image_size}px a step ({str(err).splitlines()[0][:160]}). Lower --batch-size or --image-size "
+              f"(another job may share the GPU); the checkpoints written so far are kept, and --resume auto --name "
+              f"{config.name or '<run name>'} continues from last.pt", file=sys.stderr)
+        raise SystemExit(1) from None
     except OSError as err:  # a record file (metrics.csv, curves.png, ...) could not be written: a full disk
         where = f"{err.filename}: " if err.filename else ""
         cause = "the disk is full or your quota is exceeded" if err.errno in (errno.ENOSPC, errno.EDQUOT) else \

@@ -610,3 +610,13 @@ def test_a_signal_stops_prediction_with_whole_masks_and_one_line(checkpoint, dat
     assert sorted(read_masks(out)) == sorted(calls) and len(calls) == 2
     assert not list(out.glob(".*.tmp.*"))
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handler is gone with the run
+
+
+def test_out_of_device_memory_is_one_line_that_says_what_to_lower(monkeypatch, capsys, tmp_path):
+    def run_out(config):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.50 GiB")
+
+    monkeypatch.setattr(predict, "run", run_out)
+    assert run_main(["--input", tmp_path, "--batch-size", 32]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out of device memory at --batch-size 32" in err and "lower --batch-size" in err

@@ -530,3 +530,24 @@ def test_follow_world_size_rescales_the_step_the_schedule_and_the_plan():
     assert not train.follow_world_size(same, 5, 1) and same["scheduler"]["last_epoch"] == 5
     old = {"epoch": 1, "step": 0, "scheduler": {"last_epoch": 5}}  # a checkpoint from before the units were kept
     assert not train.follow_world_size(old, 2, 2)
+
+
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   RuntimeError("MPS backend out of memory (MPS allocated: 8.00 GB)")])
+def test_out_of_device_memory_is_one_line_that_says_what_to_lower(monkeypatch, capsys, error):
+    def run_out(config, explicit):
+        raise error
+
+    monkeypatch.setattr(train, "train", run_out)
+    with pytest.raises(SystemExit) as stop:
+        train.main(["--batch-size", "64", "--image-size", "512", "--name", "big"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and err.count("\n") == 1, err
+    assert "ran out of memory training 64 images of 512px a step" in err and "Lower --batch-size or --image-size" in err
+    assert "--resume auto --name big" in err
+
+
+def test_other_runtime_errors_are_not_taken_for_a_full_gpu(monkeypatch):
+    monkeypatch.setattr(train, "train", lambda config, explicit: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        train.main([])
