@@ -1,5 +1,6 @@
 """The first thing to run on a CUDA machine: the GPU tests, a quick benchmark, a training run stopped by SIGUSR1
-and resumed, and prediction; its --timeout bounds each command.
+and resumed, and prediction; its --timeout bounds each command, and inside a SLURM job every stage ends before the
+job's time limit, with summary.json and summary.md rewritten after each stage.
 
     python gpu_check.py                     # logs, runs and the summary in runs/gpu-check/
     python gpu_check.py --skip tests        # leave stages out: tests, benchmark, resume, predict
@@ -24,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from typing import Callable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+import budget
 import checkpoint
 import devices
 import utils
@@ -42,6 +45,9 @@ ISIC_TRAIN_IMAGES = 2594  # ISIC 2018 Task 1 training images: the basis of the p
 BENCH_SIZE, BENCH_BATCH = 256, 16  # the image size and batch train.py uses on ISIC by default
 SYNTHETIC_IMAGES = 160  # the default split trains on 115 of them: 14 batches of 8, more than STEPS_PER_EPOCH
 STEPS_PER_EPOCH = 10  # --max-steps: every epoch of the resume check is exactly this long
+# Inside a SLURM job the stages end this long before its time limit, to leave time for the summary
+SUMMARY_MARGIN_SECONDS = 60
+MIN_STAGE_SECONDS = 30  # a stage is not started with less time than this left
 SIGNAL_AT_STEP = 15  # the interrupted run gets SIGUSR1 after this optimizer step: epoch 2, step 5 of 10
 PREEMPTED = 128 + signal.SIGUSR1  # train.py's exit status after saving last.pt on SIGUSR1
 # Deterministic kernels make a resumed run repeat the uninterrupted one bit for bit on the same GPU (as
@@ -57,6 +63,7 @@ class CheckConfig:
     device: str = "cuda"  # the GPU to check: cuda or cuda:N (the gpu-marked tests use the default GPU)
     skip: list[str] = field(default_factory=list)  # stages to leave out, from STAGES
     timeout: int = 300  # seconds one command may run before it is stopped and its stage fails
+    deadline: float | None = None  # time.monotonic() by which every stage must be over (a SLURM job's limit)
 
     def __post_init__(self):
         unknown = [s for s in self.skip if s not in STAGES]
@@ -64,6 +71,15 @@ class CheckConfig:
             raise ValueError(f"--skip {' '.join(unknown)}: choose from {', '.join(STAGES)}")
         if self.timeout < 1:
             raise ValueError(f"--timeout must be at least 1 second, got {self.timeout}")
+
+    def seconds(self) -> float:
+        """How long the next command may run: --timeout, or less when the deadline is nearer."""
+        if self.deadline is None:
+            return self.timeout
+        return max(1.0, min(self.timeout, self.deadline - time.monotonic()))
+
+    def time_is_up(self) -> bool:
+        return self.deadline is not None and self.deadline - time.monotonic() < MIN_STAGE_SECONDS
 
 
 @dataclass
@@ -114,19 +130,27 @@ def status_text(code: int | None) -> str:
     return "it timed out or could not start" if code is None else f"exit status {code}"
 
 
-def run_stages(stages: list[tuple[str, Callable[[], StageResult]]], log: Callable = print) -> list[StageResult]:
-    """Each stage in turn; one that fails (or raises) is reported, and the next one still runs."""
+def run_stages(stages: list[tuple[str, Callable[[], StageResult]]], log: Callable = print,
+               time_is_up: Callable[[], bool] = lambda: False,
+               on_result: Callable[[list[StageResult]], None] = lambda results: None) -> list[StageResult]:
+    """Each stage in turn; one that fails (or raises) is reported, and the next one still runs. Past the
+    deadline (`time_is_up`) a stage is not started and fails as not run. `on_result` hears the results so far
+    after every stage, so that a job ended at its time limit keeps the figures already measured."""
     results = []
     for i, (name, stage) in enumerate(stages, 1):
         log(f"[{i}/{len(stages)}] {name} ...", flush=True)
         start = time.perf_counter()
-        try:
-            result = stage()
-        except Exception as err:  # a bug or an unreadable output: this stage fails, the others still run
-            result = StageResult(name, False, 0.0, f"{type(err).__name__}: {err}", "")
+        if time_is_up():
+            result = StageResult(name, False, 0.0, "not run: too little time was left before the job's time limit", "")
+        else:
+            try:
+                result = stage()
+            except Exception as err:  # a bug or an unreadable output: this stage fails, the others still run
+                result = StageResult(name, False, 0.0, f"{type(err).__name__}: {err}", "")
         result.seconds = round(time.perf_counter() - start, 1)
         results.append(result)
         log(f"    {'pass' if result.passed else 'FAIL'} ({result.seconds:.0f} s): {result.detail}", flush=True)
+        on_result(results)
     return results
 
 
@@ -136,7 +160,7 @@ def run_stages(stages: list[tuple[str, Callable[[], StageResult]]], log: Callabl
 def stage_tests(config: CheckConfig, out: Path) -> StageResult:
     log = out / "tests.log"
     code = run_command([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"], log,
-                       config.timeout)
+                       config.seconds())
     summary = last_line(log)  # pytest's "6 passed, 300 deselected in 41.2s"
     return StageResult("tests", code == 0, 0.0, summary if code is not None else status_text(code), str(log))
 
@@ -175,7 +199,7 @@ def stage_benchmark(config: CheckConfig, out: Path) -> StageResult:
     log, folder = out / "benchmark.log", out / "benchmark"
     code = run_command([sys.executable, "benchmark.py", "--device", config.device, "--quick", "--sizes",
                         str(BENCH_SIZE), "--batch-size", str(BENCH_BATCH), "--models", "ours-batch", "ours-instance",
-                        "--out", str(folder)], log, config.timeout)
+                        "--out", str(folder)], log, config.seconds())
     path = folder / "benchmark.json"
     if not path.exists():
         return StageResult("benchmark", False, 0.0, f"no benchmark.json ({status_text(code)})", str(log))
@@ -235,9 +259,8 @@ def stage_resume(config: CheckConfig, out: Path) -> StageResult:
     """A short training run (instance norm, --amp auto: bf16 from compute capability 8.0, fp16 below) on a synthetic
     set, stopped by SIGUSR1 mid-epoch and resumed with --resume auto, against the same run uninterrupted."""
     log, data, runs = out / "resume.log", out / "synthetic", out / "runs"
-    timeout = config.timeout
     code = run_command([sys.executable, "synthetic.py", "--out", str(data), "-n", str(SYNTHETIC_IMAGES), "--seed", "0"],
-                       log, timeout)
+                       log, config.seconds())
     if code != 0:
         return StageResult("resume", False, 0.0, f"synthetic.py failed ({status_text(code)})", str(log))
     common = ["--device", config.device, "--data-dir", str(data), "--image-size", "64", "--epochs", "2",
@@ -246,7 +269,7 @@ def stage_resume(config: CheckConfig, out: Path) -> StageResult:
     env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8", "WANDB_MODE": "disabled"}  # cuBLAS reads it before its first call
     stopped = run_command([sys.executable, "-c", "import sys, gpu_check; "
                            "gpu_check.train_until_signal(int(sys.argv[1]), sys.argv[2:])", str(SIGNAL_AT_STEP),
-                           *common, "--name", "gpu-check-train"], log, timeout, env)
+                           *common, "--name", "gpu-check-train"], log, config.seconds(), env)
     run = runs / "gpu-check-train"
     if stopped != PREEMPTED or not (run / "last.pt").exists():
         return StageResult("resume", False, 0.0, f"the interrupted run gave {status_text(stopped)}, expected "
@@ -254,8 +277,8 @@ def stage_resume(config: CheckConfig, out: Path) -> StageResult:
     saved = checkpoint.load_checkpoint(run / "last.pt")
     where = (saved["epoch"], saved["step"])
     resumed = run_command([sys.executable, "train.py", *common, "--name", "gpu-check-train", "--resume", "auto"], log,
-                          timeout, env)
-    whole = run_command([sys.executable, "train.py", *common, "--name", "gpu-check-reference"], log, timeout, env)
+                          config.seconds(), env)
+    whole = run_command([sys.executable, "train.py", *common, "--name", "gpu-check-reference"], log, config.seconds(), env)
     if resumed != 0 or whole != 0:
         return StageResult("resume", False, 0.0, f"the resumed run gave {status_text(resumed)}, the uninterrupted one "
                            f"{status_text(whole)}", str(log))
@@ -280,7 +303,7 @@ def stage_predict(config: CheckConfig, out: Path) -> StageResult:
     if not checkpoint.exists():
         return StageResult("predict", False, 0.0, f"no {checkpoint}: the resume stage makes it", str(log))
     code = run_command([sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--device", config.device,
-                        "--output", str(folder)], log, config.timeout)
+                        "--output", str(folder)], log, config.seconds())
     try:
         dice = json.loads((folder / "metrics.json").read_text())["dice"]
         images = len(list(csv.DictReader((folder / "metrics.csv").read_text().splitlines())))
@@ -458,13 +481,24 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"GPU check of {gpu['gpu']} (compute capability {gpu['capability']}, {gpu['device']}), torch {gpu['torch']}: "
           f"{', '.join(chosen)}; logs in {out}/", flush=True)
     bodies = {"tests": stage_tests, "benchmark": stage_benchmark, "resume": stage_resume, "predict": stage_predict}
+    left = budget.slurm_seconds_left()
+    if left is not None:  # inside a SLURM job: end every stage in time to write the summary before the limit
+        config = dataclasses.replace(config, deadline=time.monotonic() + left - SUMMARY_MARGIN_SECONDS)
+        print(f"the job's time limit is {budget.format_minutes(max(left, 0))} away: stages stop "
+              f"{SUMMARY_MARGIN_SECONDS} s before it", flush=True)
     start = time.perf_counter()
-    results = run_stages([(name, lambda body=bodies[name]: body(config, out)) for name in chosen])
-    summary = build_summary(gpu, results, time.perf_counter() - start)
-    utils.write_json(out / "summary.json", summary)
+
+    def write_summary(results: list[StageResult]) -> dict:
+        summary = build_summary(gpu, results, time.perf_counter() - start)
+        utils.write_json(out / "summary.json", summary)
+        with utils.atomic_write(out / "summary.md") as tmp:
+            tmp.write_text(markdown(summary))
+        return summary
+
+    results = run_stages([(name, lambda body=bodies[name]: body(config, out)) for name in chosen],
+                         time_is_up=config.time_is_up, on_result=write_summary)
+    summary = write_summary(results)
     table = markdown(summary)
-    with utils.atomic_write(out / "summary.md") as tmp:
-        tmp.write_text(table)
     print("\n" + table)
     print(f"wrote {out / 'summary.json'} and {out / 'summary.md'}")
     if not summary["passed"]:

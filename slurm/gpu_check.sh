@@ -3,7 +3,8 @@
 # a training run stopped by USR1 and resumed, and prediction (gpu_check.py).
 #   mkdir -p logs && sbatch slurm/gpu_check.sh [gpu_check.py flags]
 #   sbatch --partition=a100 slurm/gpu_check.sh       # another partition's GPUs (here: no 20-minute limit)
-# It runs on a100-test, whose 20 minutes it fits: each of its four stages stops after 240 s (--timeout).
+# It runs on a100-test, whose 20 minutes it fits: gpu_check.py ends every stage a minute before the job's
+# time limit and rewrites summary.md after each stage, so a slow stage costs the ones after it, not the summary.
 # The logs and summary.md land in runs/<job name>-<job id>/ (--out DIR overrides); the job log ends with
 # the summary table. Exit status: gpu_check.py's (0 passed, 1 a stage failed, 2 no CUDA GPU).
 #
@@ -31,4 +32,4 @@ activate_python_env
 
 OUT="$(flag_value --out "runs/$(default_run_name gpu-check)" "$@")"
 job_banner "checks $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n 1 || echo 'no nvidia-smi'); summary in $OUT/summary.md"
-python gpu_check.py --out "$OUT" --timeout 240 "$@"
+python gpu_check.py --out "$OUT" "$@"

@@ -237,3 +237,34 @@ def test_a_rocm_gpu_is_described_without_a_compute_capability(monkeypatch):
     info = gpu_check.gpu_info(gpu_check.parse_args([]))
     assert info["gpu"] == "AMD Instinct MI250X (gfx90a)" and info["capability"] == "none (ROCm)"
     assert info["cuda"] == "HIP 6.2"
+
+
+def test_a_job_near_its_time_limit_keeps_every_figure_measured_before_it(monkeypatch, tmp_path):
+    """Inside a SLURM job the stages end before its limit: each command's time is cut to what is left, a stage is
+    not started too late, and summary.json is rewritten after every stage (a job killed at its limit keeps it)."""
+    import time
+
+    monkeypatch.setattr(gpu_check, "gpu_info", lambda config: {
+        "gpu": "Fake GPU", "capability": "8.0", "device": "cuda:0", "torch": "x", "cuda": "y", "cudnn": "z"})
+    monkeypatch.setenv("SLURM_JOB_END_TIME", str(time.time() + gpu_check.SUMMARY_MARGIN_SECONDS + 100))
+    seen = {}
+
+    def tests(config, out):
+        seen["seconds"] = config.seconds()
+        return gpu_check.StageResult("tests", True, 0.0, "6 passed", "")
+
+    def benchmark(config, out):
+        seen["summary after tests"] = json.loads((out / "summary.json").read_text())["stages"]
+        monkeypatch.setattr(time, "monotonic", lambda: config.deadline - 5)  # the stage used up the time left
+        return gpu_check.StageResult("benchmark", True, 0.0, "measured", "")
+
+    monkeypatch.setattr(gpu_check, "stage_tests", tests)
+    monkeypatch.setattr(gpu_check, "stage_benchmark", benchmark)
+    monkeypatch.setattr(gpu_check, "stage_resume", lambda config, out: pytest.fail("started after the deadline"))
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--out", str(tmp_path), "--skip", "predict"])
+    assert 90 < seen["seconds"] <= 100  # 300 s a command, but 100 s were left before the margin
+    assert [stage["name"] for stage in seen["summary after tests"]] == ["tests"]
+    stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
+    assert [(s["name"], s["passed"]) for s in stages] == [("tests", True), ("benchmark", True), ("resume", False)]
+    assert stages[2]["detail"].startswith("not run: too little time")
