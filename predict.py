@@ -942,11 +942,19 @@ def run(config: PredictConfig) -> PredictResult:
 
 
 def write_metrics(rows: list[dict], means: dict[str, float], output_dir: Path) -> None:
-    """metrics.csv (one row per image) and metrics.json (the means, keyed as the ISIC scorer names them)."""
+    """metrics.csv (one row per image) and metrics.json (the means, keyed as the ISIC scorer names them, and the
+    failures: the count and share of images under Jaccard 0.65, which the ranking counts as 0)."""
     # the per-image values are float32: each as the shortest decimal of its float32 (0.65, not 0.6499999761581421)
     utils.write_csv(output_dir / "metrics.csv", [{**row, **{key: str(np.float32(row[key])) for key in METRICS}}
                                                  for row in rows], ["image_id", *METRICS])
-    utils.write_json(output_dir / "metrics.json", {key: means[key] for key in METRICS})
+    failed = failure_count(rows)
+    utils.write_json(output_dir / "metrics.json", {**{key: means[key] for key in METRICS}, "failures": failed,
+                                                   "failure_share": failed / max(len(rows), 1)})
+
+
+def failure_count(rows: list[dict]) -> int:
+    """Images whose Jaccard is under the challenge's 0.65 (thresholded Jaccard 0)."""
+    return int(losses.failures(torch.tensor([row["threshold_jaccard"] for row in rows])).sum()) if rows else 0
 
 
 def metrics_table(rows: list[dict], means: dict[str, float]) -> str:
@@ -955,7 +963,9 @@ def metrics_table(rows: list[dict], means: dict[str, float]) -> str:
     for key in METRICS:
         values = np.array([row[key] for row in rows])
         lines.append(f"{key:<18}{means[key]:>8.4f}{np.median(values):>8.4f}{values.min():>8.4f}{values.max():>8.4f}")
-    lines.append(f"{len(rows)} images; the challenge ranks by the mean threshold_jaccard")
+    failed = failure_count(rows)
+    lines.append(f"{len(rows)} images; the challenge ranks by the mean threshold_jaccard. {failed} of them "
+                 f"({100 * failed / max(len(rows), 1):.1f}%) fail: Jaccard under {losses.JACCARD_THRESHOLD}, counted as 0")
     return "\n".join(lines)
 
 

@@ -104,7 +104,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", "val_dice", "val_jaccard", "val_threshold_jaccard",
-                  "val_accuracy", "val_sensitivity", "val_specificity", "lr", "images_per_s", "seconds"]
+                  "val_accuracy", "val_sensitivity", "val_specificity", "lr", "images_per_s", "seconds",
+                  "val_failure_share"]  # the share of images under Jaccard 0.65, which score 0 in the ranking
 
 
 # ----------------------------------------------------------------------------- plots

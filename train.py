@@ -448,6 +448,7 @@ def evaluate(model, loader, loss_fn, *, autocast) -> dict:
             logits = model(images)
         logits = logits.float()
         per_image = losses.segmentation_metrics(logits[:, 0] > 0, masks[:, 0] > 0.5)
+        per_image["failure_share"] = losses.failures(per_image["threshold_jaccard"])
         per_image["loss"] = loss_fn(logits, masks).detach().expand(images.shape[0])
         averager.update(per_image)
     return averager.compute()

@@ -115,7 +115,7 @@ def test_segmentation_loss_kinds():
     assert both.item() == pytest.approx(dice.item() + bce.item(), abs=1e-6)
     both.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
-    with pytest.raises(ValueError, match="dice, dice\\+bce"):
+    with pytest.raises(ValueError, match="dice\\+bce, dice"):
         losses.SegmentationLoss("focal")
 
 

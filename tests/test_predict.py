@@ -156,7 +156,7 @@ def test_metrics_files_overlays_and_probability_maps(checkpoint, data, tmp_path)
     masks = read_masks(out)
     assert any(m.min() == 0 and m.max() == 255 for m in masks.values()), "predictions too uniform to test on"
     means = json.loads((out / "metrics.json").read_text())
-    assert list(means) == list(predict.METRICS)
+    assert list(means) == [*predict.METRICS, "failures", "failure_share"]
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(row["image_id"] for row in rows) == sorted(sizes)
@@ -193,7 +193,13 @@ def test_official_scorer_accepts_our_output_and_agrees(checkpoint, data, tmp_pat
     assert completed.returncode == 0, completed.stderr
     official = json.loads(completed.stdout)["macro_average"]
     # our per-image ratios are float32 (MPS has no float64): within half a float32 step of the scorer's
-    assert json.loads((out / "metrics.json").read_text()) == pytest.approx(official, abs=2**-25)
+    ours = json.loads((out / "metrics.json").read_text())
+    assert {key: ours[key] for key in official} == pytest.approx(official, abs=2**-25)
+    # and the failures: images under the 0.65 Jaccard that the scorer's thresholded mean counts as 0
+    per_image = list(csv.DictReader(open(out / "metrics.csv")))
+    failed = sum(float(row["jaccard"]) < 0.65 for row in per_image)
+    assert ours["failures"] == failed and ours["failure_share"] == pytest.approx(failed / len(per_image))
+    assert failed >= 1  # the empty ground truth above fails
 
 
 def truncated(path: Path) -> Path:

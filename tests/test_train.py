@@ -1,5 +1,6 @@
 """train.py end to end on tiny generated data: files written, resume, preemption, bad settings."""
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -551,3 +552,28 @@ def test_other_runtime_errors_are_not_taken_for_a_full_gpu(monkeypatch):
     monkeypatch.setattr(train, "train", lambda config, explicit: (_ for _ in ()).throw(RuntimeError("a bug")))
     with pytest.raises(RuntimeError, match="a bug"):
         train.main([])
+
+
+def test_validation_counts_the_images_that_fail_the_challenge_threshold(isic_folder):
+    """val_failure_share: the share of images whose Jaccard is under 0.65, which the ranking counts as 0."""
+    assert losses.failures(torch.tensor([0.0, 0.65, 0.7, 0.0])).tolist() == [1.0, 0.0, 0.0, 1.0]
+    splits = dataset.prepare_splits(dataset.DataConfig(data_dir=str(isic_folder), image_size=32, val_fraction=0.25,
+                                                       test_fraction=0.125), log=lambda *a, **k: None)
+    batches = loader.make_loader(splits.val, 2, splits.mean, splits.std, device=torch.device("cpu"), train=False,
+                                 seed=0)
+
+    class Constant(torch.nn.Module):
+        def __init__(self, logit):
+            super().__init__()
+            self.logit = logit
+
+        def forward(self, x):
+            return torch.full((x.shape[0], 1, *x.shape[2:]), self.logit)
+
+    loss = losses.SegmentationLoss("dice")
+    nothing = train.evaluate(Constant(-5.0), batches, loss, autocast=contextlib.nullcontext)
+    assert nothing["failure_share"] == 1.0 and nothing["threshold_jaccard"] == 0.0  # every image holds a lesion
+    # a mask over the whole image: each image's Jaccard is its lesion's share of the image, all far under 0.65 here
+    everything = train.evaluate(Constant(5.0), batches, loss, autocast=contextlib.nullcontext)
+    shares = (splits.val.masks > 0).reshape(len(splits.val.ids), -1).mean(axis=1)
+    assert everything["failure_share"] == pytest.approx(float((shares < 0.65).mean()))
