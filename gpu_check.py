@@ -63,7 +63,8 @@ class CheckConfig:
     device: str = "cuda"  # the GPU to check: cuda or cuda:N (the gpu-marked tests use the default GPU)
     skip: list[str] = field(default_factory=list)  # stages to leave out, from STAGES
     timeout: int = 300  # seconds one command may run before it is stopped and its stage fails
-    deadline: float | None = None  # time.monotonic() by which every stage must be over (a SLURM job's limit)
+    minutes: float = 0.0  # the whole check's time: each stage gets its share of what is left; 0: no limit but a SLURM job's
+    deadline: float | None = None  # time.monotonic() by which every stage must be over (--minutes, a SLURM job's limit)
 
     def __post_init__(self):
         unknown = [s for s in self.skip if s not in STAGES]
@@ -71,6 +72,8 @@ class CheckConfig:
             raise ValueError(f"--skip {' '.join(unknown)}: choose from {', '.join(STAGES)}")
         if self.timeout < 1:
             raise ValueError(f"--timeout must be at least 1 second, got {self.timeout}")
+        if self.minutes < 0:
+            raise ValueError(f"--minutes must be 0 (no limit) or more, got {self.minutes}")
 
     def seconds(self) -> float:
         """How long the next command may run: --timeout, or less when the deadline is nearer."""
@@ -425,8 +428,15 @@ def parse_args(argv: list[str] | None) -> CheckConfig:
     p.add_argument("--timeout", type=int, default=defaults.timeout,
                    help=f"seconds one command may run before it is stopped and its stage fails "
                         f"(default {defaults.timeout})")
+    p.add_argument("--minutes", type=float, default=defaults.minutes,
+                   help="the whole check's time, for a short slot (e.g. 8 on a machine lent for 9 minutes): each "
+                        "stage gets an equal share of the time left, and the summary is written as each ends; inside a "
+                        "SLURM job the job's limit also bounds it (default 0: only the job's limit)")
     a = p.parse_args(argv)
-    return CheckConfig(out=a.out, device=a.device, skip=a.skip, timeout=a.timeout)
+    try:
+        return CheckConfig(out=a.out, device=a.device, skip=a.skip, timeout=a.timeout, minutes=a.minutes)
+    except ValueError as err:
+        p.error(str(err))
 
 
 def gpu_info(config: CheckConfig) -> dict:
@@ -482,11 +492,22 @@ def main(argv: list[str] | None = None) -> dict:
           f"{', '.join(chosen)}; logs in {out}/", flush=True)
     bodies = {"tests": stage_tests, "benchmark": stage_benchmark, "resume": stage_resume, "predict": stage_predict}
     left = budget.slurm_seconds_left()
-    if left is not None:  # inside a SLURM job: end every stage in time to write the summary before the limit
-        config = dataclasses.replace(config, deadline=time.monotonic() + left - SUMMARY_MARGIN_SECONDS)
-        print(f"the job's time limit is {budget.format_minutes(max(left, 0))} away: stages stop "
-              f"{SUMMARY_MARGIN_SECONDS} s before it", flush=True)
+    limits = [t for t in (config.minutes * 60 if config.minutes else None,
+                          left - SUMMARY_MARGIN_SECONDS if left is not None else None) if t is not None]
+    if limits:  # end every stage in time to write the summary before the check's (or the job's) limit
+        config = dataclasses.replace(config, deadline=time.monotonic() + min(limits))
+        print(f"every stage ends within {budget.format_minutes(max(min(limits), 0))}"
+              + (f" (the job's time limit is {budget.format_minutes(max(left, 0))} away)" if left is not None else ""),
+              flush=True)
     start = time.perf_counter()
+
+    def share(name: str) -> CheckConfig:
+        """The config a stage runs with: its equal share of the time left before the deadline."""
+        if config.deadline is None:
+            return config
+        stages_left = len(chosen) - chosen.index(name)
+        return dataclasses.replace(config, deadline=time.monotonic() + (config.deadline - time.monotonic()) / stages_left)
+
 
     def write_summary(results: list[StageResult]) -> dict:
         summary = build_summary(gpu, results, time.perf_counter() - start)
@@ -495,7 +516,7 @@ def main(argv: list[str] | None = None) -> dict:
             tmp.write_text(markdown(summary))
         return summary
 
-    results = run_stages([(name, lambda body=bodies[name]: body(config, out)) for name in chosen],
+    results = run_stages([(name, lambda body=bodies[name], name=name: body(share(name), out)) for name in chosen],
                          time_is_up=config.time_is_up, on_result=write_summary)
     summary = write_summary(results)
     table = markdown(summary)

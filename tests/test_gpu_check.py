@@ -203,15 +203,16 @@ def test_cudnn_version_text(monkeypatch, raw, text):
     assert gpu_check.cudnn_version() == text
 
 
-def test_command_line():
+def test_command_line(capsys):
     config = gpu_check.parse_args([])
     assert (config.out, config.device, config.skip, config.timeout) == ("runs/gpu-check", "cuda", [], 300)
     config = gpu_check.parse_args(["--out", "x", "--device", "cuda:1", "--skip", "tests", "predict", "--timeout", "60"])
     assert (config.out, config.device, config.skip, config.timeout) == ("x", "cuda:1", ["tests", "predict"], 60)
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--skip", "train"])
-    with pytest.raises(ValueError, match="--timeout"):
+    with pytest.raises(SystemExit):
         gpu_check.parse_args(["--timeout", "0"])
+    assert "--timeout must be at least 1 second" in capsys.readouterr().err  # a usage error, not a traceback
 
 
 def test_help_names_every_stage_and_the_exit_codes(capsys):
@@ -255,7 +256,8 @@ def test_a_job_near_its_time_limit_keeps_every_figure_measured_before_it(monkeyp
 
     def benchmark(config, out):
         seen["summary after tests"] = json.loads((out / "summary.json").read_text())["stages"]
-        monkeypatch.setattr(time, "monotonic", lambda: config.deadline - 5)  # the stage used up the time left
+        now = time.monotonic() + 10_000
+        monkeypatch.setattr(time, "monotonic", lambda: now)  # the stage used up the time left
         return gpu_check.StageResult("benchmark", True, 0.0, "measured", "")
 
     monkeypatch.setattr(gpu_check, "stage_tests", tests)
@@ -263,8 +265,31 @@ def test_a_job_near_its_time_limit_keeps_every_figure_measured_before_it(monkeyp
     monkeypatch.setattr(gpu_check, "stage_resume", lambda config, out: pytest.fail("started after the deadline"))
     with pytest.raises(SystemExit):
         gpu_check.main(["--out", str(tmp_path), "--skip", "predict"])
-    assert 90 < seen["seconds"] <= 100  # 300 s a command, but 100 s were left before the margin
+    assert 30 < seen["seconds"] <= 100 / 3  # 300 s a command, but 100 s were left for three stages
     assert [stage["name"] for stage in seen["summary after tests"]] == ["tests"]
     stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
     assert [(s["name"], s["passed"]) for s in stages] == [("tests", True), ("benchmark", True), ("resume", False)]
     assert stages[2]["detail"].startswith("not run: too little time")
+
+
+def test_minutes_gives_each_stage_its_share_of_the_time_left(monkeypatch, tmp_path):
+    """--minutes 2 for two stages: the first may use a minute; the second, what the first left."""
+    import time
+
+    monkeypatch.delenv("SLURM_JOB_END_TIME", raising=False)
+    monkeypatch.setattr(gpu_check, "gpu_info", lambda config: {
+        "gpu": "Fake GPU", "capability": "8.0", "device": "cuda:0", "torch": "x", "cuda": "y", "cudnn": "z"})
+    shares = []
+
+    def stage(name):
+        def body(config, out):
+            shares.append(config.seconds())
+            return gpu_check.StageResult(name, True, 0.0, "ok", "")
+        return body
+
+    monkeypatch.setattr(gpu_check, "stage_tests", stage("tests"))
+    monkeypatch.setattr(gpu_check, "stage_benchmark", stage("benchmark"))
+    gpu_check.main(["--out", str(tmp_path), "--skip", "resume", "predict", "--minutes", "2"])
+    assert 55 < shares[0] <= 60 and 110 < shares[1] <= 120
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--minutes", "-1"])
