@@ -23,8 +23,6 @@ import argparse
 import dataclasses
 import glob
 import json
-import hashlib
-import os
 import re
 import signal
 import sys
@@ -48,6 +46,8 @@ import checkpoint
 import dataset
 import devices
 import losses
+import outputs
+import postprocess
 import utils
 
 METRICS = losses.METRIC_NAMES  # accuracy, sensitivity, specificity, jaccard, threshold_jaccard, dice: the scorer's names
@@ -294,74 +294,6 @@ def resize_probabilities(probs: torch.Tensor, size: tuple[int, int], antialias_h
     return F.interpolate(probs[None, None], size=size, mode="bilinear", align_corners=False, antialias=shrink)[0, 0]
 
 
-# ----------------------------------------------------------------------------- post-processing
-
-
-def label_regions(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, int]:
-    """Connected regions of a boolean mask (H, W): labels int64 (H, W), 0 for background, 1..n in raster order.
-
-    Union-find over neighbouring pixel pairs, vectorised: every round hooks each root onto the smallest
-    root next to it, then pointer jumping flattens the trees; a few rounds suffice for lesion shapes.
-    """
-    if connectivity not in (4, 8):
-        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
-    h, w = mask.shape
-    index = np.arange(h * w).reshape(h, w)
-    neighbours = [(np.s_[:, :-1], np.s_[:, 1:]), (np.s_[:-1, :], np.s_[1:, :])]  # right, down
-    if connectivity == 8:
-        neighbours += [(np.s_[:-1, :-1], np.s_[1:, 1:]), (np.s_[:-1, 1:], np.s_[1:, :-1])]  # both diagonals
-    first, second = [], []
-    for a, b in neighbours:
-        both = mask[a] & mask[b]
-        first.append(index[a][both])
-        second.append(index[b][both])
-    first, second = np.concatenate(first), np.concatenate(second)
-    parent = np.arange(h * w)
-    while True:
-        root_a, root_b = parent[first], parent[second]
-        differ = root_a != root_b
-        if not differ.any():
-            break
-        root_a, root_b = root_a[differ], root_b[differ]
-        np.minimum.at(parent, np.maximum(root_a, root_b), np.minimum(root_a, root_b))
-        while True:  # parent[i] <= i throughout, so this ends with every pixel pointing at its root
-            grand = parent[parent]
-            if np.array_equal(grand, parent):
-                break
-            parent = grand
-    labels = np.zeros((h, w), dtype=np.int64)
-    roots, numbered = np.unique(parent[index[mask]], return_inverse=True)  # roots are each region's first pixel
-    labels[mask] = numbered + 1
-    return labels, len(roots)
-
-
-def largest_region_filled(mask: np.ndarray) -> np.ndarray:
-    """The largest 8-connected region of a boolean mask (H, W) with its holes filled; empty stays empty."""
-    labels, count = label_regions(mask, connectivity=8)
-    if count == 0:
-        return mask.copy()
-    region = labels == np.bincount(labels.ravel())[1:].argmax() + 1
-    # holes: background regions (4-connected, the complement of 8-connected) that do not touch the border
-    background, _ = label_regions(~region, connectivity=4)
-    border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
-    return region | ~np.isin(background, border)
-
-
-def postprocess_probabilities(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """Probabilities (S, S) edited so that thresholding gives one filled region, at the network's resolution.
-
-    Other regions drop to 0 and holes rise to 1, while the kept region's own probabilities stay, so its
-    outline after the bilinear resize to the original size is unchanged. (A link thinner than a network
-    pixel can still fall below the threshold in that resize and split the region.)
-    """
-    mask = probs > threshold
-    kept = largest_region_filled(mask)
-    out = probs.copy()
-    out[mask & ~kept] = 0.0
-    out[kept & ~mask] = 1.0
-    return out
-
-
 # ----------------------------------------------------------------------------- inputs
 
 
@@ -496,97 +428,6 @@ def default_output(checkpoint: Path, runs_dir: str) -> Path:
         return checkpoint.parent / "predictions"
     except ValueError:
         return Path("predict_out")
-
-
-# ----------------------------------------------------------------------------- the output folder
-
-RECORD = "predictions.json"  # in the output folder: the checkpoints and settings its masks came from
-SETTINGS = ("threshold", "tta", "postprocess")  # with the checkpoints' contents (input size included), what decides a mask
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def output_record(paths: list[Path], loaded: LoadedModel, config: PredictConfig) -> dict:
-    """What the masks of this run depend on: the checkpoints' bytes (not their paths) and the settings."""
-    return {"checkpoints": [{"path": str(path), "sha256": file_sha256(path)} for path in paths],
-            "image_size": loaded.image_size, "threshold": config.threshold, "tta": config.tta,
-            "postprocess": config.postprocess}
-
-
-def record_differences(there: dict, here: dict) -> list[str]:
-    differences = []
-    if [c.get("sha256") for c in there.get("checkpoints", [])] != [c["sha256"] for c in here["checkpoints"]]:
-        names = ", ".join(c.get("path", "?") for c in there.get("checkpoints", []))
-        differences.append(f"another checkpoint ({names}, other contents than {here['checkpoints'][0]['path']})")
-    differences += [f"--{key} {there.get(key)} (here {here[key]})" for key in SETTINGS if there.get(key) != here[key]]
-    return differences
-
-
-def claim_output(output_dir: Path, record: dict, overwrite: bool) -> None:
-    """Write predictions.json, or check that the one there is this run's: masks of two checkpoints, or of
-    two thresholds, must never share a folder unnoticed. Parts of an array job claim one folder at once;
-    the record appears whole (hard link of a finished file), so each part reads a complete one."""
-    path = output_dir / RECORD
-    # a finished draft, then linked (exclusive) or renamed into place: never a half-written record
-    draft = output_dir / f".{Path(RECORD).stem}.{os.getpid()}.tmp{Path(RECORD).suffix}"
-    with open(draft, "w") as f:
-        f.write(json.dumps(record, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        if overwrite:
-            os.replace(draft, path)
-            return
-        masks = sorted(output_dir.glob("*_segmentation.png"))
-        try:
-            os.link(draft, path)
-            if masks:  # masks from before the record, or from another tool
-                path.unlink()
-                raise PredictError(f"{output_dir} holds {len(masks)} masks (e.g. {masks[0].name}) but no {RECORD} "
-                                   f"saying which checkpoint wrote them; pass --overwrite to replace them, or choose "
-                                   f"another --output")
-            return
-        except FileExistsError:
-            pass
-    finally:
-        draft.unlink(missing_ok=True)
-    try:
-        there = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise PredictError(f"cannot read {path} ({err}); delete it, or pass --overwrite to segment every image "
-                           f"again") from None
-    differences = record_differences(there, record)
-    if differences:
-        raise PredictError(f"{output_dir} holds masks written with {'; '.join(differences)}; choose another "
-                           f"--output, or pass --overwrite to replace them")
-
-
-def part_of(items: list[Item], parts: int, part: int) -> list[Item]:
-    """The part-th of `parts` consecutive slices of nearly equal size (sizes differ by one at most)."""
-    if parts > len(items):
-        raise PredictError(f"--parts {parts} is more than the {len(items)} images to segment; use at most "
-                           f"{len(items)} parts")
-    return items[(part - 1) * len(items) // parts: part * len(items) // parts]
-
-
-def mask_path(item: Item, output_dir: Path) -> Path:
-    return output_dir / f"{item.id}_segmentation.png"
-
-
-def output_paths(item: Item, output_dir: Path, config: PredictConfig) -> list[Path]:
-    """The files this image gets: its mask, and its overlay and probability map when asked for."""
-    paths = [mask_path(item, output_dir)]
-    if config.save_probabilities:
-        paths.append(output_dir / "probabilities" / f"{item.id}_probability.png")
-    if config.overlay:
-        paths.append(output_dir / "overlays" / f"{item.id}_overlay.jpg")
-    return paths
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -795,7 +636,7 @@ class Segmenter:
         for item in items:
             if item.mask is None:
                 continue
-            path = mask_path(item, self.output_dir)
+            path = outputs.mask_path(item, self.output_dir)
             try:
                 prediction, truth = dataset.load_mask(path) > 0, dataset.load_mask(item.mask)
             except (dataset.DataError, OSError, ValueError) as err:
@@ -830,7 +671,7 @@ class Segmenter:
             probs = predict_probabilities(self.loaded.model, x, self.config.tta, self.amp, self.hw)  # (B, S, S)
         if self.config.postprocess:
             with self.timer("postprocess"):
-                edited = [postprocess_probabilities(p, self.config.threshold) for p in probs.cpu().numpy()]
+                edited = [postprocess.postprocess_probabilities(p, self.config.threshold) for p in probs.cpu().numpy()]
                 probs = torch.from_numpy(np.stack(edited)).to(self.device)
         for entry, prob in zip(good, probs):
             self.finish(entry, prob)
@@ -843,7 +684,7 @@ class Segmenter:
             predicted = full > config.threshold  # (H, W) bool, on the device
             prediction = predicted.cpu().numpy()
             probability = (full * 255).round().to(torch.uint8).cpu().numpy() if config.save_probabilities else None
-        path = mask_path(item, self.output_dir)
+        path = outputs.mask_path(item, self.output_dir)
         self.writer.submit(name, save_png(prediction.astype(np.uint8) * 255), path)
         self.written.append(path)
         if probability is not None:
@@ -887,7 +728,10 @@ def run(config: PredictConfig) -> PredictResult:
 
     items = gather_items(config, loaded)
     if config.parts > 1:
-        whole, items = len(items), part_of(items, config.parts, config.part)
+        try:
+            whole, items = len(items), outputs.part_of(items, config.parts, config.part)
+        except outputs.OutputError as err:
+            raise PredictError(str(err)) from None
         print(f"Part {config.part} of {config.parts}: {len(items)} of the {whole} images, {items[0].id} to {items[-1].id}")
     output_dir = Path(config.output) if config.output else (
         Path("predict_out") if len(config.checkpoint) > 1 else default_output(first, config.runs_dir))
@@ -896,11 +740,13 @@ def run(config: PredictConfig) -> PredictResult:
         for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):
             if wanted:
                 (output_dir / sub).mkdir(exist_ok=True)
-        claim_output(output_dir, output_record(checkpoint_paths, loaded, config), config.overwrite)
+        outputs.claim_output(output_dir, outputs.output_record(checkpoint_paths, loaded, config), config.overwrite)
+    except outputs.OutputError as err:
+        raise PredictError(str(err)) from None
     except OSError as err:
         raise PredictError(f"cannot write in the output folder {output_dir}: {err}; choose another --output") from None
     done = [] if config.overwrite else [item for item in items
-                                        if all(p.is_file() for p in output_paths(item, output_dir, config))]
+                                        if all(p.is_file() for p in outputs.output_paths(item, output_dir, config))]
     skipped = {item.id for item in done}
     todo = [item for item in items if item.id not in skipped]
     if done:
@@ -935,7 +781,7 @@ def run(config: PredictConfig) -> PredictResult:
             plot_cases(rows, {item.id: item for item in items}, output_dir)
             print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
     return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds,
-                         skipped=[mask_path(item, output_dir) for item in done])
+                         skipped=[outputs.mask_path(item, output_dir) for item in done])
 
 
 # ----------------------------------------------------------------------------- evaluation outputs
@@ -985,7 +831,7 @@ def plot_cases(rows: list[dict], items: dict[str, Item], output_dir: Path, max_s
         item = items[row["image_id"]]
         image = dataset.load_image(item.image)
         step = max(1, -(-max(image.shape[:2]) // max_side))  # subsample large images for the figure
-        prediction = dataset.load_mask(mask_path(item, output_dir)) > 0
+        prediction = dataset.load_mask(outputs.mask_path(item, output_dir)) > 0
         panels = [image, dataset.load_mask(item.mask) > 0, prediction]
         titles = [f"{label}: {item.id}", "ground truth", f"prediction (Jaccard {row['jaccard']:.3f})"]
         for axis, panel, title in zip(ax, panels, titles):
