@@ -249,8 +249,10 @@ class Hardware:
         Instance norm trains NCHW everywhere: ATen's group-norm kernels make their input contiguous, so in
         NHWC each of the ~25 norms converts the activations to NCHW and the next convolution back
         (upstream measured +24% step time for nnU-Net on CUDA, pytorch#59168; on a 2-core Xeon with AMX,
-        bf16 training ran 81 img/s NCHW against 25 NHWC at 96 px). Batch norm runs NHWC on CUDA, where
-        cuDNN's tensor-core kernels are NHWC, and trains NHWC on the CPU in fp32 (18-19% faster there).
+        bf16 training ran 81 img/s NCHW against 25 NHWC at 96 px). Batch norm runs NHWC on NVIDIA GPUs with
+        tensor cores (compute capability 7.0 and up), where cuDNN's tensor-core kernels are NHWC, NCHW on
+        older ones (P100) and on ROCm, whose MIOpen kernels are NCHW-first (neither measured here), and trains
+        NHWC on the CPU in fp32 (18-19% faster there).
         CPU inference runs NHWC, except in bf16 up to 128 px, where NCHW is faster (forward, batch 8, on
         the Xeon: 96 px 198 against 110 img/s, 128 px 135 against 112; 256 px NHWC 37.5 against 21.8).
         MPS: NCHW, its best-supported layout. gpu_check.py measures both formats with each norm on a GPU.
@@ -258,7 +260,8 @@ class Hardware:
         if self.device.type == "mps":
             return False
         if self.is_cuda:
-            return norm == "batch"
+            # tensor cores (NVIDIA from 7.0) are what NHWC buys; a P100 has none, and MIOpen (ROCm) is tuned NCHW
+            return norm == "batch" and self.capability is not None and self.capability >= (7, 0)
         if not training:
             return dtype is None or size is None or size > 128
         return norm == "batch" and dtype is None
