@@ -78,6 +78,7 @@ class PredictConfig:
     # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
+    worst: int = 0  # with ground truth, also draw worst.png: the N images of lowest Jaccard, each as image, ground truth and prediction, to see what fails
     export_onnx: str | None = None  # write the model to this ONNX file (dynamic batch, height and width) and exit
     # --- batch jobs ---
     parts: int = 1  # split the inputs (in file-name order) into this many parts of nearly equal size, and segment one: --part
@@ -116,6 +117,8 @@ def check_config(config: PredictConfig) -> list[str]:
         problems.append(f"--parts must be at least 1, got {config.parts}")
     elif not 1 <= config.part <= config.parts:
         problems.append(f"--part must be between 1 and --parts ({config.parts}), got {config.part}")
+    if config.worst < 0:
+        problems.append(f"--worst must be 0 (off) or a number of images, got {config.worst}")
     return problems
 
 
@@ -778,8 +781,14 @@ def run(config: PredictConfig) -> PredictResult:
                   f"the command again without --parts to score the whole folder (its masks are skipped, not redone)")
         else:
             write_metrics(rows, metrics, output_dir)
-            plot_cases(rows, {item.id: item for item in items}, output_dir)
+            by_id = {item.id: item for item in items}
+            plot_cases(rows, by_id, output_dir)
             print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
+            if config.worst:
+                worst = plot_worst(rows, by_id, output_dir, config.worst)
+                print(f"Wrote worst.png: the {len(worst)} images of lowest Jaccard, worst first: {', '.join(worst)}")
+    if config.worst and not rows:
+        print("--worst draws nothing here: it needs ground truth (--masks, or the run's own split without --input)")
     return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds,
                          skipped=[outputs.mask_path(item, output_dir) for item in done])
 
@@ -817,17 +826,31 @@ def metrics_table(rows: list[dict], means: dict[str, float]) -> str:
 
 def plot_cases(rows: list[dict], items: dict[str, Item], output_dir: Path, max_side: int = 600) -> None:
     """cases.png: the best, median and worst image by Jaccard, each as image, ground truth, prediction."""
-    from matplotlib.figure import Figure  # Figure without pyplot draws with Agg: no display needed
-
     ranked = sorted(rows, key=lambda row: (row["jaccard"], row["image_id"]))
     picks = {"best": ranked[-1], "median": ranked[(len(ranked) - 1) // 2], "worst": ranked[0]}
     shown: dict[str, dict] = {}
     for label, row in picks.items():  # fewer than three images: show each once
         if all(row is not other for other in shown.values()):
             shown[label] = row
+    _plot_rows(list(shown.items()), items, output_dir, output_dir / "cases.png", max_side)
+
+
+def plot_worst(rows: list[dict], items: dict[str, Item], output_dir: Path, count: int, max_side: int = 400) -> list[str]:
+    """worst.png: the `count` images of lowest Jaccard, worst first, to look at what fails; returns their ids."""
+    ranked = sorted(rows, key=lambda row: (row["jaccard"], row["image_id"]))[:count]
+    _plot_rows([(f"worst {rank}", row) for rank, row in enumerate(ranked, 1)], items, output_dir,
+               output_dir / "worst.png", max_side)
+    return [row["image_id"] for row in ranked]
+
+
+def _plot_rows(shown: list[tuple[str, dict]], items: dict[str, Item], output_dir: Path, path: Path,
+               max_side: int) -> None:
+    """One row per (label, metrics row): the image, its ground truth and the prediction written for it."""
+    from matplotlib.figure import Figure  # Figure without pyplot draws with Agg: no display needed
+
     fig = Figure(figsize=(9, 3 * len(shown)), layout="constrained")
     axes = fig.subplots(len(shown), 3, squeeze=False)
-    for (label, row), ax in zip(shown.items(), axes):
+    for (label, row), ax in zip(shown, axes):
         item = items[row["image_id"]]
         image = dataset.load_image(item.image)
         step = max(1, -(-max(image.shape[:2]) // max_side))  # subsample large images for the figure
@@ -839,7 +862,7 @@ def plot_cases(rows: list[dict], items: dict[str, Item], output_dir: Path, max_s
             axis.imshow(panel[::step, ::step], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             axis.set_title(title, fontsize=9)
             axis.set_axis_off()
-    with utils.atomic_write(output_dir / "cases.png") as tmp:
+    with utils.atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=100)
 
 

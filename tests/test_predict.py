@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -587,3 +588,18 @@ def test_out_of_device_memory_is_one_line_that_says_what_to_lower(monkeypatch, c
     assert run_main(["--input", tmp_path, "--batch-size", 32]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "out of device memory at --batch-size 32" in err and "lower --batch-size" in err
+
+
+def test_worst_draws_the_images_of_lowest_jaccard_worst_first(checkpoint, data, tmp_path, capsys):
+    images, truth, _ = data
+    good = good_images(data, tmp_path)
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", checkpoint, "--input", good, "--masks", truth, "--output", out, "--worst", 2]) == 0
+    printed = re.search(r"Wrote worst.png: the 2 images of lowest Jaccard, worst first: (\S+), (\S+)$",
+                        capsys.readouterr().out, re.M)
+    rows = sorted(csv.DictReader(open(out / "metrics.csv")), key=lambda r: (float(r["jaccard"]), r["image_id"]))
+    assert printed and list(printed.groups()) == [rows[0]["image_id"], rows[1]["image_id"]]
+    with Image.open(out / "worst.png") as figure:
+        assert figure.size == (900, 600)  # two rows of image, ground truth and prediction
+    assert run_main(["--checkpoint", checkpoint, "--input", good, "--output", tmp_path / "plain", "--worst", 2]) == 0
+    assert "--worst draws nothing here: it needs ground truth" in capsys.readouterr().out
