@@ -138,9 +138,9 @@ def main(argv=None) -> PredictResult:
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
         if not devices.out_of_memory(err):
             raise
-        print(f"predict.py: error: out of device memory at --batch-size {config.batch_size} "
-              f"({str(err).splitlines()[0][:160]}); lower --batch-size (masks written so far are kept and skipped when "
-              f"the same command runs again)", file=sys.stderr, flush=True)
+        print(f"predict.py: error: out of device memory even at one image a forward pass "
+              f"({str(err).splitlines()[0][:160]}); use a smaller checkpoint's --image-size or another device (masks "
+              f"written so far are kept and skipped when the same command runs again)", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except Stopped as stop:
         # the masks in flight were finished by Segmenter's clean-up; a half mask never has its final name
@@ -611,6 +611,7 @@ class Segmenter:
         self.written: list[Path] = []
         self.rows: list[dict] = []
         self.averager = losses.MetricAverager()
+        self.chunk = config.batch_size  # images a forward pass; halved when the device runs out of memory
 
     def fail(self, name: str, reason: str) -> None:
         self.failures.append((name, reason))
@@ -671,13 +672,29 @@ class Segmenter:
         # uint8 to the device (a quarter of the float32 bytes; pinned and asynchronous on CUDA), normalised there
         x = dataset.normalize(devices.copy_to(images, self.hw), self.mean, self.std)  # (B, 3, S, S)
         with self.timer("forward"):
-            probs = predict_probabilities(self.loaded.model, x, self.config.tta, self.amp, self.hw)  # (B, S, S)
+            probs = self.forward(x)  # (B, S, S)
         if self.config.postprocess:
             with self.timer("postprocess"):
                 edited = [postprocess.postprocess_probabilities(p, self.config.threshold) for p in probs.cpu().numpy()]
                 probs = torch.from_numpy(np.stack(edited)).to(self.device)
         for entry, prob in zip(good, probs):
             self.finish(entry, prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Probabilities for a batch, in passes of self.chunk images. Out of device memory (a smaller card, a
+        shared GPU), the passes halve and the batch runs again; at one image a pass the error stands."""
+        while True:
+            try:
+                return torch.cat([predict_probabilities(self.loaded.model, part, self.config.tta, self.amp, self.hw)
+                                  for part in x.split(self.chunk)])
+            except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+                if not devices.out_of_memory(err) or self.chunk == 1:
+                    raise
+                self.chunk = max(1, min(self.chunk, len(x)) // 2)
+                if self.hw.is_cuda:
+                    torch.cuda.empty_cache()
+                tqdm.write(f"out of device memory: going on with {self.chunk} image(s) a forward pass "
+                           f"(--batch-size {self.chunk} next time)", file=sys.stderr)
 
     def finish(self, entry: Loaded, prob: torch.Tensor) -> None:
         """Resize one probability map (S, S) back to the original size, threshold, queue its files, score."""

@@ -587,7 +587,7 @@ def test_out_of_device_memory_is_one_line_that_says_what_to_lower(monkeypatch, c
     monkeypatch.setattr(predict, "run", run_out)
     assert run_main(["--input", tmp_path, "--batch-size", 32]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "out of device memory at --batch-size 32" in err and "lower --batch-size" in err
+    assert err.count("\n") == 1 and "out of device memory even at one image a forward pass" in err
 
 
 def test_worst_draws_the_images_of_lowest_jaccard_worst_first(checkpoint, data, tmp_path, capsys):
@@ -603,3 +603,27 @@ def test_worst_draws_the_images_of_lowest_jaccard_worst_first(checkpoint, data, 
         assert figure.size == (900, 600)  # two rows of image, ground truth and prediction
     assert run_main(["--checkpoint", checkpoint, "--input", good, "--output", tmp_path / "plain", "--worst", 2]) == 0
     assert "--worst draws nothing here: it needs ground truth" in capsys.readouterr().out
+
+
+def test_out_of_device_memory_halves_the_forward_passes_and_goes_on(checkpoint, data, tmp_path, monkeypatch, capsys):
+    """A card that holds two images a pass, asked for eight: the batch runs again in passes of two, and the masks
+    are those of an unhindered run."""
+    good = good_images(data, tmp_path)
+    assert run_main(["--checkpoint", checkpoint, "--input", good, "--output", tmp_path / "whole", "--batch-size", 8]) == 0
+    real = predict.predict_probabilities
+    passes = []
+
+    def small_card(model, images, *args, **kwargs):
+        passes.append(len(images))
+        if len(images) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+        return real(model, images, *args, **kwargs)
+
+    monkeypatch.setattr(predict, "predict_probabilities", small_card)
+    capsys.readouterr()
+    assert run_main(["--checkpoint", checkpoint, "--input", good, "--output", tmp_path / "halved", "--batch-size", 8]) == 0
+    err = capsys.readouterr().err
+    assert err.count("out of device memory: going on with") == 1 and "with 2 image(s) a forward pass" in err
+    assert max(passes[passes.index(2):]) == 2  # once halved, it stays halved
+    whole, halved = read_masks(tmp_path / "whole"), read_masks(tmp_path / "halved")
+    assert whole.keys() == halved.keys() and all(np.array_equal(whole[k], halved[k]) for k in whole)
