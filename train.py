@@ -348,36 +348,37 @@ class WeightAverage:
                 mine.copy_(other)  # counters such as num_batches_tracked
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, scaler, config: TrainConfig, epoch: int,
-                    start_step: int, loss_sum: float, images_seen: int, preemption: Preemption,
-                    distributed: bool, hw: devices.Hardware, pace: budget.Pace | None = None,
-                    on_measured=None, average: WeightAverage | None = None, steps_per_epoch: int | None = None) -> dict:
-    """One pass over the training loader from `start_step`; stops early on a preemption signal, at the
-    end of a --minutes plan, or when a budget run has fallen too far behind it.
+@dataclass
+class EpochTrainer:
+    """What every epoch of a run trains with; train_epoch() is one pass over the loader.
 
     The loss is summed in float32 on the device (MPS has no float64) and read back only every
     hw.check_every steps and for the progress bar, so the step itself never waits for the GPU. While
     `pace` is measuring, `on_measured(global_step)` is called once when its timing window closes.
     """
-    model.train()
-    device = hw.device
-    per_epoch = steps_per_epoch or (len(loader) if config.max_steps == 0 else min(len(loader), config.max_steps))
-    steps = per_epoch if pace is None else max(0, min(per_epoch, pace.total_steps - epoch * per_epoch))
-    total_loss = torch.tensor(loss_sum, device=device, dtype=torch.float32)
-    seen = images_seen
-    check_every = hw.check_every
-    bar = utils.Progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}",
-                         enabled=config.progress and utils.is_main_process())
-    started, timed_images = time.perf_counter(), 0
-    step = start_step
-    stopped = overrun = False
-    loader.set_epoch(epoch, start_batch=start_step)  # mid-epoch resume: the same batches from start_step on
-    for step_index, (images, masks) in enumerate(loader, start=start_step):
-        if step_index >= steps:
-            break
-        with autocast():
-            logits = model(images)
-        loss = loss_fn(logits.float(), masks)  # float32 loss even under autocast
+
+    model: nn.Module  # what the optimizer trains (the DDP or compiled wrapper, if any)
+    loader: loader.BatchLoader
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    loss_fn: nn.Module
+    autocast: object  # a factory of autocast contexts
+    scaler: torch.amp.GradScaler | None
+    config: TrainConfig
+    preemption: Preemption
+    distributed: bool
+    hw: devices.Hardware
+    pace: budget.Pace | None = None
+    on_measured: object = None  # called with the global step once the pace has been measured
+    average: WeightAverage | None = None
+    steps_per_epoch: int | None = None
+
+    def step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; returns its loss (float32, on the device, not read back)."""
+        config, optimizer, scaler = self.config, self.optimizer, self.scaler
+        with self.autocast():
+            logits = self.model(images)
+        loss = self.loss_fn(logits.float(), masks)  # float32 loss even under autocast
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -386,56 +387,85 @@ def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, *, autocast, s
         if config.grad_clip > 0:
             if scaler is not None:
                 scaler.unscale_(optimizer)  # clip the true gradients; without clipping, scaler.step unscales
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), config.grad_clip)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
-        scheduler.step()
-        if average is not None:
-            average.update()
-        total_loss += loss.detach() * images.shape[0]
-        seen += images.shape[0]
-        timed_images += images.shape[0]
-        step = step_index + 1
-        global_step = epoch * per_epoch + step
-        if pace is not None and pace.measuring and pace.observe(global_step, epoch * per_epoch + steps, hw.synchronize):
-            if on_measured is not None:
-                paused = time.perf_counter()
-                on_measured(global_step)
-                started += time.perf_counter() - paused  # images/s counts training steps only, not the probe
-            steps = max(0, min(per_epoch, pace.total_steps - epoch * per_epoch))  # the plan may end this epoch
-            bar.total = steps
-        checking = step % check_every == 0 or step >= steps
-        signalled = overrun = False
-        if checking or not distributed:  # without DDP a signal is a Python flag: read it every step
-            signalled, overrun, bad = preemption.poll(distributed, device, pace is not None and pace.overrun(),
-                                                      total_loss if checking else None)
-            if bad:
-                raise TrainingError(
-                    f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within "
-                    f"the {check_every} steps before it). The last good checkpoint is kept. Try a lower --lr, "
-                    f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
-        if bar.enabled and ((step - start_step - 1) % max(10, check_every) == 0 or step >= steps):  # for a shown bar only
-            rate = timed_images / max(time.perf_counter() - started, 1e-9)
-            postfix = {"loss": f"{total_loss.item() / max(seen, 1):.4f}", "img_s": f"{rate:.1f}"}
-            if pace is not None and pace.budgeted:
-                postfix["budget"] = f"{pace.used_seconds() / 60:.1f}/{pace.minutes:g}min"
-                postfix["steps"] = f"{global_step}/{pace.total_steps}"
-            bar.set_postfix(**postfix)
-        bar.update(1)
-        if signalled or overrun:
-            stopped = signalled and step < steps
-            break
-    bar.close()
-    if not torch.isfinite(total_loss):
-        raise TrainingError(f"the training loss became {total_loss.item()} during epoch {epoch + 1}. The last good "
-                            f"checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --amp bf16/off.")
-    seconds = time.perf_counter() - started
-    return {"loss_sum": total_loss.item(), "images": seen, "step": step, "stopped": stopped, "overrun": overrun,
-            "images_per_s": timed_images / max(seconds, 1e-9) * (torch.distributed.get_world_size() if distributed else 1),
-            "seconds": seconds, "timed_steps": step - start_step}
+        self.scheduler.step()
+        if self.average is not None:
+            self.average.update()
+        return loss.detach()
+
+    def steps_in(self, epoch: int, per_epoch: int) -> int:
+        """Steps of this epoch: all of them, or fewer where the --minutes plan ends inside it."""
+        pace = self.pace
+        return per_epoch if pace is None else max(0, min(per_epoch, pace.total_steps - epoch * per_epoch))
+
+    def train_epoch(self, epoch: int, start_step: int = 0, loss_sum: float = 0.0, images_seen: int = 0) -> dict:
+        """One pass over the training loader from `start_step`; stops early on a preemption signal, at the
+        end of a --minutes plan, or when a budget run has fallen too far behind it."""
+        config, hw, pace, preemption, distributed = self.config, self.hw, self.pace, self.preemption, self.distributed
+        self.model.train()
+        loader = self.loader
+        per_epoch = self.steps_per_epoch or (len(loader) if config.max_steps == 0 else min(len(loader),
+                                                                                             config.max_steps))
+        steps = self.steps_in(epoch, per_epoch)
+        total_loss = torch.tensor(loss_sum, device=hw.device, dtype=torch.float32)
+        seen, check_every = images_seen, hw.check_every
+        bar = utils.Progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}",
+                             enabled=config.progress and utils.is_main_process())
+        started, timed_images = time.perf_counter(), 0
+        step = start_step
+        stopped = overrun = False
+        loader.set_epoch(epoch, start_batch=start_step)  # mid-epoch resume: the same batches from start_step on
+        for step_index, (images, masks) in enumerate(loader, start=start_step):
+            if step_index >= steps:
+                break
+            total_loss += self.step(images, masks) * images.shape[0]
+            seen += images.shape[0]
+            timed_images += images.shape[0]
+            step = step_index + 1
+            global_step = epoch * per_epoch + step
+            if pace is not None and pace.measuring and pace.observe(global_step, epoch * per_epoch + steps,
+                                                                    hw.synchronize):
+                if self.on_measured is not None:
+                    paused = time.perf_counter()
+                    self.on_measured(global_step)
+                    started += time.perf_counter() - paused  # images/s counts training steps only, not the probe
+                steps = self.steps_in(epoch, per_epoch)  # the plan may end this epoch
+                bar.total = steps
+            checking = step % check_every == 0 or step >= steps
+            signalled = overrun = False
+            if checking or not distributed:  # without DDP a signal is a Python flag: read it every step
+                signalled, overrun, bad = preemption.poll(distributed, hw.device, pace is not None and pace.overrun(),
+                                                          total_loss if checking else None)
+                if bad:
+                    raise TrainingError(
+                        f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within "
+                        f"the {check_every} steps before it). The last good checkpoint is kept. Try a lower --lr, "
+                        f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
+            if bar.enabled and ((step - start_step - 1) % max(10, check_every) == 0 or step >= steps):  # shown bar only
+                rate = timed_images / max(time.perf_counter() - started, 1e-9)
+                postfix = {"loss": f"{total_loss.item() / max(seen, 1):.4f}", "img_s": f"{rate:.1f}"}
+                if pace is not None and pace.budgeted:
+                    postfix["budget"] = f"{pace.used_seconds() / 60:.1f}/{pace.minutes:g}min"
+                    postfix["steps"] = f"{global_step}/{pace.total_steps}"
+                bar.set_postfix(**postfix)
+            bar.update(1)
+            if signalled or overrun:
+                stopped = signalled and step < steps
+                break
+        bar.close()
+        if not torch.isfinite(total_loss):
+            raise TrainingError(f"the training loss became {total_loss.item()} during epoch {epoch + 1}. The last good "
+                                f"checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --amp bf16/off.")
+        seconds = time.perf_counter() - started
+        ranks = torch.distributed.get_world_size() if distributed else 1
+        return {"loss_sum": total_loss.item(), "images": seen, "step": step, "stopped": stopped, "overrun": overrun,
+                "images_per_s": timed_images / max(seconds, 1e-9) * ranks, "seconds": seconds,
+                "timed_steps": step - start_step}
 
 
 @torch.no_grad()
@@ -803,13 +833,11 @@ def train_epochs(run: Run, resumed: bool) -> None:
     epoch = progress.epoch
     while epoch < config.epochs and epoch * run.steps_per_epoch < pace.total_steps:
         epoch_started = time.perf_counter()
-        result = train_one_epoch(
+        trainer = EpochTrainer(
             run.model.train, run.data.train_loader, run.optim.optimizer, run.optim.scheduler, run.optim.loss_fn,
-            autocast=run.optim.autocast, scaler=run.optim.scaler, config=config, epoch=epoch, start_step=progress.step,
-            loss_sum=progress.loss_sum, images_seen=progress.images, preemption=run.preemption,
-            distributed=run.dist.is_distributed, hw=run.hw, pace=pace,
-            on_measured=(lambda step: on_measured(run, step)) if pace.measuring else None,
-            average=run.model.average, steps_per_epoch=run.steps_per_epoch)
+            run.optim.autocast, run.optim.scaler, config, run.preemption, run.dist.is_distributed, run.hw, pace,
+            (lambda step: on_measured(run, step)) if pace.measuring else None, run.model.average, run.steps_per_epoch)
+        result = trainer.train_epoch(epoch, progress.step, progress.loss_sum, progress.images)
         if result["stopped"]:
             run.save("last.pt", epoch, result["step"], (result["loss_sum"], result["images"]),
                      checkpoint.rank_rng_states(run.dist.is_distributed))

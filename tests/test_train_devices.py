@@ -58,7 +58,7 @@ def _moves_device(args, kwargs) -> bool:
 
 
 def tiny_step_setup(isic_folder, steps=3):
-    """A model, a loader and everything train_one_epoch needs, at the tiny test size."""
+    """A model, a loader and everything an EpochTrainer needs, at the tiny test size."""
     import dataset
 
     splits = dataset.prepare_splits(dataset.DataConfig(data_dir=str(isic_folder), image_size=32, val_fraction=0.25,
@@ -73,10 +73,10 @@ def tiny_step_setup(isic_folder, steps=3):
 
 
 def run_epoch(model, batches, optimizer, scheduler, config, average=None):
-    return train.train_one_epoch(
+    return train.EpochTrainer(
         model, batches, optimizer, scheduler, losses.SegmentationLoss("dice+bce"), autocast=contextlib.nullcontext,
-        scaler=None, config=config, epoch=0, start_step=0, loss_sum=0.0, images_seen=0,
-        preemption=train.Preemption(), distributed=False, hw=devices.hardware("cpu"), average=average)
+        scaler=None, config=config, preemption=train.Preemption(), distributed=False, hw=devices.hardware("cpu"),
+        average=average).train_epoch(0)
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
@@ -88,11 +88,10 @@ def test_fp16_unscales_the_gradients_only_to_clip_them(isic_folder, monkeypatch,
     unscaled = []
     real_unscale = scaler.unscale_
     monkeypatch.setattr(scaler, "unscale_", lambda opt: unscaled.append(opt) or real_unscale(opt))
-    train.train_one_epoch(
+    train.EpochTrainer(
         model, batches, optimizer, scheduler, losses.SegmentationLoss("dice+bce"),
-        autocast=lambda: torch.autocast("cpu", dtype=torch.float16), scaler=scaler, config=config, epoch=0,
-        start_step=0, loss_sum=0.0, images_seen=0, preemption=train.Preemption(), distributed=False,
-        hw=devices.hardware("cpu"))
+        autocast=lambda: torch.autocast("cpu", dtype=torch.float16), scaler=scaler, config=config,
+        preemption=train.Preemption(), distributed=False, hw=devices.hardware("cpu")).train_epoch(0)
     assert len(unscaled) == (2 if clip else 0)
     assert scaler.get_scale() > 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -219,10 +218,10 @@ def test_a_single_gpu_run_stops_at_the_step_the_signal_came(isic_folder, monkeyp
             if len(polls) == 2:
                 self.signum = 10
             return super().poll(distributed, device, overrun, loss_sum)
-    result = train.train_one_epoch(
+    result = train.EpochTrainer(
         model, batches, optimizer, scheduler, losses.SegmentationLoss("dice"), autocast=contextlib.nullcontext,
-        scaler=None, config=config, epoch=0, start_step=0, loss_sum=0.0, images_seen=0,
-        preemption=SignalAtStep2(), distributed=False, hw=devices.hardware("cpu"))
+        scaler=None, config=config, preemption=SignalAtStep2(), distributed=False,
+        hw=devices.hardware("cpu")).train_epoch(0)
     assert result["stopped"] and result["step"] == 2
     assert polls == [False, False], "the loss is read back only at the check interval"
 
