@@ -789,25 +789,34 @@ def run(config: PredictConfig) -> PredictResult:
           f"({segmented / seconds['total']:.2f} images/s); per stage, summed over threads: {segmenter.timer.summary()}")
 
     order = {item.id: index for index, item in enumerate(items)}
-    rows, metrics = sorted(segmenter.rows, key=lambda row: order[row["image_id"]]), None
-    if rows:
-        metrics = segmenter.averager.compute()
-        print(metrics_table(rows, metrics))
-        if config.parts > 1:
-            print(f"These are the scores of part {config.part} of {config.parts} only; once every part is done, run "
-                  f"the command again without --parts to score the whole folder (its masks are skipped, not redone)")
-        else:
-            write_metrics(rows, metrics, output_dir)
-            by_id = {item.id: item for item in items}
-            plot_cases(rows, by_id, output_dir)
-            print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
-            if config.worst:
-                worst = plot_worst(rows, by_id, output_dir, config.worst)
-                print(f"Wrote worst.png: the {len(worst)} images of lowest Jaccard, worst first: {', '.join(worst)}")
-    if config.worst and not rows:
-        print("--worst draws nothing here: it needs ground truth (--masks, or the run's own split without --input)")
+    rows = sorted(segmenter.rows, key=lambda row: order[row["image_id"]])
+    metrics = report_scores(rows, segmenter.averager, items, output_dir, config)
     return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds,
                          skipped=[outputs.mask_path(item, output_dir) for item in done])
+
+
+def report_scores(rows: list[dict], averager: losses.MetricAverager, items: list[Item], output_dir: Path,
+                  config: PredictConfig) -> dict[str, float] | None:
+    """Print the scores, and write metrics.csv, metrics.json, cases.png (and worst.png) for a whole folder;
+    returns the means, or None without ground truth."""
+    if not rows:
+        if config.worst:
+            print("--worst draws nothing here: it needs ground truth (--masks, or the run's own split without --input)")
+        return None
+    metrics = averager.compute()
+    print(metrics_table(rows, metrics))
+    if config.parts > 1:
+        print(f"These are the scores of part {config.part} of {config.parts} only; once every part is done, run "
+              f"the command again without --parts to score the whole folder (its masks are skipped, not redone)")
+        return metrics
+    write_metrics(rows, metrics, output_dir)
+    by_id = {item.id: item for item in items}
+    plot_cases(rows, by_id, output_dir)
+    print(f"Wrote metrics.csv, metrics.json and cases.png to {output_dir}/ ({len(rows)} images scored)")
+    if config.worst:
+        worst = plot_worst(rows, by_id, output_dir, config.worst)
+        print(f"Wrote worst.png: the {len(worst)} images of lowest Jaccard, worst first: {', '.join(worst)}")
+    return metrics
 
 
 # ----------------------------------------------------------------------------- evaluation outputs
