@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import io
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,29 @@ class Canvas:
             self.ax.plot(*dot, "o", color=color, ms=3.5, zorder=3)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """Where the diagram's columns and rows go (data units)."""
+
+    depth: int  # pathway levels
+    s: float = 0.6  # step inwards per level
+    gap: float = 1.45  # row spacing
+    a: float = 1.55  # x of the first conv
+    up_dx: float = 2.65  # concatenation to upsampling module within a row
+
+    @property
+    def c0(self) -> float:  # x of the top concatenation: the narrowest skip is ~1 unit
+        return self.a + 2.45 + 2 * (self.depth - 2) * self.s + 1.0
+
+    @property
+    def x_seg(self) -> float:
+        return self.c0 + self.up_dx - self.s + 1.25
+
+    @property
+    def x_sum(self) -> float:
+        return self.c0 + self.up_dx - self.s + 2.3
+
+
 def draw_architecture(model: ImprovedUNet, size: int = 256) -> Figure:
     """Figure 1 of the paper for this model: context pathway left, localisation right, deep supervision."""
     shapes = trace(model, size)
@@ -83,14 +107,10 @@ def draw_architecture(model: ImprovedUNet, size: int = 256) -> Figure:
     locs = {row(n): m for n, m in children.items() if isinstance(m, LocalizationModule)}
     seg_convs = list(model.head.children())  # 1x1 segmentation layers, coarsest first
     seg_rows = [row("head", i) for i in range(len(seg_convs))]
-    depth, k_out = len(levels), shapes["output"][1][1]
-
-    s, gap, a = 0.6, 1.45, 1.55  # step inwards per level, row spacing, x of the first conv
-    c0 = a + 2.45 + 2 * (depth - 2) * s + 1.0  # x of the top concatenation: the narrowest skip is ~1 unit
-    up_dx = 2.65  # concatenation to upsampling module within a row
-    x_seg, x_sum = c0 + up_dx - s + 1.25, c0 + up_dx - s + 2.3
+    lay = Layout(len(levels))
     fig = Figure(figsize=(13.2, 7.4), dpi=100)
-    ax = fig.add_axes((0, 0, 1, 1), xlim=(0, x_sum + 1.65), ylim=(-(depth - 1) * gap - 0.75, 1.9), aspect="equal")
+    ax = fig.add_axes((0, 0, 1, 1), xlim=(0, lay.x_sum + 1.65), ylim=(-(lay.depth - 1) * lay.gap - 0.75, 1.9),
+                      aspect="equal")
     ax.axis("off")
     cv = Canvas(ax)
     cfg = model.config
@@ -99,10 +119,18 @@ def draw_architecture(model: ImprovedUNet, size: int = 256) -> Figure:
             fontweight="bold", va="center")
     ax.text(0.15, 1.25, f"features and sizes for a {cfg.in_channels}×{size}×{size} input", fontsize=10,
             va="center", color="#404040")
+    ctx_out = _draw_context_pathway(cv, levels, shapes, lay, cfg.in_channels, size)
+    tail = _draw_localisation_pathway(cv, model, locs, ups, ctx_out, lay)
+    _draw_deep_supervision(cv, seg_rows, seg_convs, tail, lay, shapes["output"][1])
+    _draw_legend(cv, lay)
+    return fig
 
-    ctx_out, concat, tail = {}, {}, {}
+
+def _draw_context_pathway(cv: Canvas, levels: list, shapes: dict, lay: Layout, in_channels: int, size: int) -> dict:
+    """Left column: per level a 3x3 conv (stride 2 below the top), a context module and the residual sum."""
+    ax, ctx_out = cv.ax, {}
     for k, (name, level) in enumerate(levels):
-        y, x = -k * gap, a + k * s
+        y, x = -k * lay.gap, lay.a + k * lay.s
         stride = level.conv.stride[0]
         conv = cv.box(x, y, "3×3 conv" + (f"\nstride {stride}" if stride > 1 else ""), "conv", w=1.0)
         ctx = cv.box(x + 1.45, y, "context\nmodule", "context")
@@ -115,16 +143,22 @@ def draw_architecture(model: ImprovedUNet, size: int = 256) -> Figure:
         ax.text(conv["l"][0] - 0.12, y, f"{level.conv.out_channels} features\n{h}×{w}", ha="right", va="center",
                 fontsize=10, linespacing=1.2)
         if k == 0:
-            ax.text(x, y + 0.85, f"input {cfg.in_channels}×{size}×{size}", ha="center", va="bottom", fontsize=9.5)
+            ax.text(x, y + 0.85, f"input {in_channels}×{size}×{size}", ha="center", va="bottom", fontsize=9.5)
             cv.arrow((x, y + 0.82), conv["t"])
         else:
             prev = ctx_out[k - 1]
-            cv.arrow(prev["b"], (prev["x"], y + gap / 2), (x, y + gap / 2), conv["t"])
+            cv.arrow(prev["b"], (prev["x"], y + lay.gap / 2), (x, y + lay.gap / 2), conv["t"])
         ctx_out[k] = plus
+    return ctx_out
 
-    for k in range(depth):  # localisation pathway: concatenation, localisation module, upsampling module
-        y, xc = -k * gap, c0 - k * s
-        if k < depth - 1:
+
+def _draw_localisation_pathway(cv: Canvas, model: ImprovedUNet, locs: dict, ups: dict, ctx_out: dict,
+                               lay: Layout) -> dict:
+    """Right column: per level a concatenation with the skip, a localisation module and an upsampling module."""
+    concat, tail = {}, {}
+    for k in range(lay.depth):
+        y, xc = -k * lay.gap, lay.c0 - k * lay.s
+        if k < lay.depth - 1:
             concat[k] = cv.circle(xc, y, "c")
             cv.arrow(ctx_out[k]["r"], concat[k]["l"], color=SKIP)
             if k in locs:
@@ -134,51 +168,57 @@ def draw_architecture(model: ImprovedUNet, size: int = 256) -> Figure:
             tail[k] = cv.box(xc + 1.25, y, f"{label}\n{first_conv.in_channels}→{last_conv.out_channels}", kind, w=1.2)
             cv.arrow(concat[k]["r"], tail[k]["l"])
         if k in ups:
-            up = cv.box(xc + up_dx, y, f"upsampling\n{ups[k].conv.in_channels}→{ups[k].conv.out_channels}", "up",
-                        w=1.05)
+            up = cv.box(xc + lay.up_dx, y, f"upsampling\n{ups[k].conv.in_channels}→{ups[k].conv.out_channels}",
+                        "up", w=1.05)
             cv.arrow(tail[k]["r"] if k in tail else ctx_out[k]["r"], up["l"])
-            cv.arrow(up["t"], (up["x"], y + gap / 2), (concat[k - 1]["x"], y + gap / 2), concat[k - 1]["b"])
+            cv.arrow(up["t"], (up["x"], y + lay.gap / 2), (concat[k - 1]["x"], y + lay.gap / 2), concat[k - 1]["b"])
+    return tail
 
-    # deep supervision: segmentation layers, upscaled (nearest x2) and summed into the full-resolution output
-    below = None
+
+def _draw_deep_supervision(cv: Canvas, seg_rows: list[int], seg_convs: list, tail: dict, lay: Layout,
+                           output_shape) -> None:
+    """Segmentation layers, upscaled (nearest x2) and summed into the full-resolution output."""
+    below = first = None
     for k, conv in zip(seg_rows, seg_convs):
-        y = -k * gap - 0.55
+        y = -k * lay.gap - 0.55
         src = tail[k]["r"]
         branch = (src[0] + 0.1, src[1])
         where = "full size" if k == 0 else f"at 1/{2 ** k}"
-        seg = cv.box(x_seg, y, f"segmentation\n{conv.in_channels}→{conv.out_channels} {where}", "seg", w=1.3,
+        seg = cv.box(lay.x_seg, y, f"segmentation\n{conv.in_channels}→{conv.out_channels} {where}", "seg", w=1.3,
                      h=0.5, size=8.5)
         cv.arrow(src, branch, (branch[0], y), seg["l"], dot=branch)
         if below is None:
             below = first = seg
             continue
-        plus = cv.circle(x_sum, y, "+")
+        plus = cv.circle(lay.x_sum, y, "+")
         cv.arrow(seg["r"], plus["l"])
-        upscale = cv.box(x_sum, (y + below["y"]) / 2, "upscale ×2", "upscale", w=0.95, h=0.32, size=8)
+        upscale = cv.box(lay.x_sum, (y + below["y"]) / 2, "upscale ×2", "upscale", w=0.95, h=0.32, size=8)
         if below is first:  # the coarsest map turns up into the sum column
-            cv.arrow(below["r"], (x_sum, below["y"]), upscale["b"])
+            cv.arrow(below["r"], (lay.x_sum, below["y"]), upscale["b"])
         else:
             cv.arrow(below["t"], upscale["b"])
         cv.arrow(upscale["t"], plus["b"])
         below = plus
     cv.arrow(below["r"], (below["x"] + 0.45, below["y"]))
-    h_out, w_out = shapes["output"][1][2:]
-    ax.text(below["x"] + 0.5, below["y"], f"logits\n{k_out}×{h_out}×{w_out}", ha="left", va="center", fontsize=9.5)
+    k_out, (h_out, w_out) = output_shape[1], output_shape[2:]
+    cv.ax.text(below["x"] + 0.5, below["y"], f"logits\n{k_out}×{h_out}×{w_out}", ha="left", va="center", fontsize=9.5)
 
+
+def _draw_legend(cv: Canvas, lay: Layout) -> None:
+    """Two columns below the deep-supervision branch."""
     legend = [("conv", "3×3 convolution"), ("loc", "localisation module\n(3×3 conv, 1×1 conv)"),
               ("context", "context module\n(residual block)"), ("seg", "segmentation layer\n(1×1 conv)"),
               ("up", "upsampling module\n(nearest ×2, 3×3 conv)"), ("upscale", "upscale (nearest ×2)"),
               ("+", "element-wise sum"), ("c", "concatenation"), ("skip", "skip connection")]
-    for i, (kind, text) in enumerate(legend):  # two columns below the deep-supervision branch
-        x, y = c0 + 1.75 + (i % 2) * 2.45, -2 * gap - 1.3 - (i // 2) * 0.5
+    for i, (kind, text) in enumerate(legend):
+        x, y = lay.c0 + 1.75 + (i % 2) * 2.45, -2 * lay.gap - 1.3 - (i // 2) * 0.5
         if kind in COLORS:
             cv.box(x, y, "", kind, w=0.36, h=0.28)
         elif kind == "skip":
             cv.arrow((x - 0.2, y), (x + 0.2, y), color=SKIP)
         else:
             cv.circle(x, y, kind, r=0.13)
-        ax.text(x + 0.28, y, text, ha="left", va="center", fontsize=8.5, linespacing=1.05)
-    return fig
+        cv.ax.text(x + 0.28, y, text, ha="left", va="center", fontsize=8.5, linespacing=1.05)
 
 
 def save_png(fig: Figure, out: Path, colors: int = 256) -> Path:
