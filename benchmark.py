@@ -711,12 +711,23 @@ def _other_cpu_text(share: float | None) -> str:
 
 
 def markdown(report: dict) -> str:
+    """benchmark.md: the set-up, one table per size, the projected ISIC epoch, the memory format and notes."""
+    meta = report["meta"]
+    by_size: dict[int, list[dict]] = {}
+    for e in report["results"]:
+        by_size.setdefault(e["size"], []).append(e)
+    data = {d["size"]: d["images_per_s"] for d in report["data_pipeline"]}
+    lines = _markdown_header(report)
+    for size, entries in by_size.items():
+        lines += _markdown_size(size, entries, data.get(size), meta["device_type"] == "cuda", meta.get("peak_tflops"))
+    return "\n".join(lines + _markdown_closing(report, by_size, data)) + "\n"
+
+
+def _markdown_header(report: dict) -> list[str]:
+    """The title, how the timings were taken, the matmul reference and the MFU's peak."""
     meta, mm = report["meta"], report["matmul_flops_per_s"]
-    cfg = meta["config"]
-    cuda = meta["device_type"] == "cuda"
+    cfg, cuda, amp, peak = meta["config"], meta["device_type"] == "cuda", meta.get("amp"), meta.get("peak_tflops")
     steps = meta.get("steps_per_round", 1)
-    peak = meta.get("peak_tflops")
-    amp = meta.get("amp")
     lines = [
         f"# Benchmark: {meta['device']}, {meta['date'][:10]}",
         "",
@@ -739,51 +750,57 @@ def markdown(report: dict) -> str:
     if peak:
         lines += [f"MFU: training FLOP/s as counted below over the GPU's dense {peak['dtype']} tensor-core peak, "
                   f"{peak['tflops']:g} TFLOP/s (data sheet).", ""]
-    by_size: dict[int, list[dict]] = {}
-    for e in report["results"]:
-        by_size.setdefault(e["size"], []).append(e)
-    data = {d["size"]: d["images_per_s"] for d in report["data_pipeline"]}
-    for size, entries in by_size.items():
-        ours = next((e for e in entries if e["model"] == OURS), None)
-        lines += [
-            f"## {size}x{size}",
-            "",
-            "| model | variant | train img/s | inference img/s | train GFLOP/img | train GFLOP/s | of matmul "
-            f"| peak train memory MB | {OURS} train speed / this | {OURS} FLOP/s / this | ISIC epoch at this size |"
-            + (" MFU |" if peak else ""),
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""),
-        ]
-        for e in entries:
-            ratio_ips = ratio_fl = "-"
-            if ours is not None and e is not ours:
-                ratio_ips = f"{ours['train_images_per_s'] / e['train_images_per_s']:.2f}x"
-                ratio_fl = f"{ours['train_flops_per_s'] / e['train_flops_per_s']:.2f}x"
-            epoch_s = ISIC_TRAIN_IMAGES / e["train_images_per_s"]
-            mem = e["train_peak_mb"] if cuda else e["train_extra_mb"]
+    return lines
+
+
+def _markdown_size(size: int, entries: list[dict], data_ips: float | None, cuda: bool, peak: dict | None) -> list[str]:
+    """One size's table, against our model, and its notes (paper FLOPs, the kernel ceiling, the data pipeline)."""
+    ours = next((e for e in entries if e["model"] == OURS), None)
+    lines = [
+        f"## {size}x{size}",
+        "",
+        "| model | variant | train img/s | inference img/s | train GFLOP/img | train GFLOP/s | of matmul "
+        f"| peak train memory MB | {OURS} train speed / this | {OURS} FLOP/s / this | ISIC epoch at this size |"
+        + (" MFU |" if peak else ""),
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""),
+    ]
+    for e in entries:
+        ratio_ips = ratio_fl = "-"
+        if ours is not None and e is not ours:
+            ratio_ips = f"{ours['train_images_per_s'] / e['train_images_per_s']:.2f}x"
+            ratio_fl = f"{ours['train_flops_per_s'] / e['train_flops_per_s']:.2f}x"
+        epoch_s = ISIC_TRAIN_IMAGES / e["train_images_per_s"]
+        mem = e["train_peak_mb"] if cuda else e["train_extra_mb"]
+        lines.append(
+            f"| {e['model']} | {e['variant']} | {e['train_images_per_s']:.2f} | {e['infer_images_per_s']:.2f} "
+            f"| {e['train_flops_per_image'] / 1e9:.2f} | {e['train_flops_per_s'] / 1e9:.1f} "
+            f"| {e['matmul_fraction']:.0%} | {_fmt(mem, '.0f')} | {ratio_ips} | {ratio_fl} "
+            f"| {format_seconds(epoch_s)} |" + (f" {e['mfu']:.1%} |" if peak else "")
+        )
+    lines.append("")
+    for e in entries:
+        if e.get("paper_train_flops_per_image", e["train_flops_per_image"]) != e["train_flops_per_image"]:
             lines.append(
-                f"| {e['model']} | {e['variant']} | {e['train_images_per_s']:.2f} | {e['infer_images_per_s']:.2f} "
-                f"| {e['train_flops_per_image'] / 1e9:.2f} | {e['train_flops_per_s'] / 1e9:.1f} "
-                f"| {e['matmul_fraction']:.0%} | {_fmt(mem, '.0f')} | {ratio_ips} | {ratio_fl} "
-                f"| {format_seconds(epoch_s)} |" + (f" {e['mfu']:.1%} |" if peak else "")
-            )
-        lines.append("")
-        for e in entries:
-            if e.get("paper_train_flops_per_image", e["train_flops_per_image"]) != e["train_flops_per_image"]:
-                lines.append(
-                    f"- {e['model']} ({e['variant']}) runs the paper's upsample-then-3x3-conv as one transposed conv "
-                    f"({e['train_flops_per_image'] / 1e9:.2f} executed GFLOP/img); counted in the paper's form "
-                    f"({e['paper_train_flops_per_image'] / 1e9:.2f} GFLOP/img) it reaches "
-                    f"{e['paper_train_flops_per_s'] / 1e9:.1f} GFLOP/s = {e['paper_matmul_fraction']:.0%} of matmul.")
-        for e in entries:
-            if "kernel_flops_per_s" in e:
-                lines.append(
-                    f"- {e['model']} ({e['variant']}): convolution and matmul kernels take {e['kernel_time_share']:.0%} "
-                    f"of profiled training steps, so alone they run at {e['kernel_flops_per_s'] / 1e9:.1f} GFLOP/s = "
-                    f"{e['kernel_matmul_fraction']:.0%} of matmul: the step's ceiling if every other op were free.")
-        if size in data:
-            ratio = f" = {data[size] / ours['train_images_per_s']:.1f}x {OURS}'s training speed" if ours else ""
-            lines.append(f"- Data pipeline (cached uint8, shuffled, augmented, normalised): {data[size]:.0f} img/s{ratio}.")
-        lines.append("")
+                f"- {e['model']} ({e['variant']}) runs the paper's upsample-then-3x3-conv as one transposed conv "
+                f"({e['train_flops_per_image'] / 1e9:.2f} executed GFLOP/img); counted in the paper's form "
+                f"({e['paper_train_flops_per_image'] / 1e9:.2f} GFLOP/img) it reaches "
+                f"{e['paper_train_flops_per_s'] / 1e9:.1f} GFLOP/s = {e['paper_matmul_fraction']:.0%} of matmul.")
+    for e in entries:
+        if "kernel_flops_per_s" in e:
+            lines.append(
+                f"- {e['model']} ({e['variant']}): convolution and matmul kernels take {e['kernel_time_share']:.0%} "
+                f"of profiled training steps, so alone they run at {e['kernel_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+                f"{e['kernel_matmul_fraction']:.0%} of matmul: the step's ceiling if every other op were free.")
+    if data_ips is not None:
+        ratio = f" = {data_ips / ours['train_images_per_s']:.1f}x {OURS}'s training speed" if ours else ""
+        lines.append(f"- Data pipeline (cached uint8, shuffled, augmented, normalised): {data_ips:.0f} img/s{ratio}.")
+    lines.append("")
+    return lines
+
+
+def _markdown_closing(report: dict, by_size: dict[int, list[dict]], data: dict[int, float]) -> list[str]:
+    """The projected ISIC epoch at 256 px, the memory format with instance norm, and the notes."""
+    meta, lines = report["meta"], []
     if 256 in by_size and 256 in data:
         lines += [f"Projected ISIC 2018 epoch ({ISIC_TRAIN_IMAGES} images at 256x256, training steps plus the data "
                   "pipeline in the same process):", ""]
@@ -818,7 +835,7 @@ def markdown(report: dict) -> str:
         lines.append("- Not measured: " + "; ".join(f"{k} ({v})" for k, v in meta["skipped"].items()))
     if meta.get("failed"):
         lines.append("- Failed (model variant size: error): " + "; ".join(f"{k}: {v}" for k, v in meta["failed"].items()))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def format_seconds(s: float) -> str:
