@@ -574,7 +574,59 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
     during = utils.OtherCpu()
     results, failed, data = [], {}, []
     matmul = {"fp32": [], **({amp: []} if amp else {})}
-    meta = {
+    meta = run_meta(config, device, hw, steps, amp, peak, skipped, failed, other_before)
+
+    def report() -> dict:
+        meta["other_cpu_during"] = during.share()
+        return assemble_report(meta, matmul, data, results, peak)
+
+    with cuda_settings(device):
+        # phase 1, per size and model: FLOPs (on the CPU), and peak memory of the first steps with nothing else
+        # alive: each model is freed before the next is built. Blocks of 64 KiB and more are mmapped on the CPU
+        # while it runs, so that memory freed by one model leaves the resident set and the next model's growth is
+        # its own (glibc otherwise keeps blocks below its adaptive threshold in the heap)
+        measurable_rss = hw.is_cpu and devices.mallopt(devices.M_MMAP_MAX, devices.DEFAULT_MMAP_MAX) \
+            and devices.mallopt(devices.M_MMAP_THRESHOLD, 64 << 10)
+        flops, memory = measure_flops_and_memory(plan, config, device, failed, log)
+        if config.tune_malloc and hw.is_cpu:
+            meta["malloc_tuned"] = devices.tune_glibc_malloc()
+        elif measurable_rss:
+            devices.mallopt(devices.M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
+
+        # phase 2, per size: timed rounds, every model once per round, so that load from other processes
+        # hits all of them alike
+        for size in config.sizes:
+            runners = [Runner(n, v, size, config, device) for n, v in plan if (n, v, size) in memory]
+            log(f"{size}x{size}: {len(runners)} model variants, batch {config.batch_size}, {config.warmup} warm-up + "
+                f"{config.repeats} timed rounds of {steps} step{'s' if steps > 1 else ''}")
+            time_rounds(runners, config, device, steps, amp, matmul)
+            data_ips = measure_data_pipeline(size, config, device)
+            data.append({"size": size, "images_per_s": data_ips})
+            for r in runners:
+                share = kernel_time_share(r) if config.breakdown and hw.is_cpu else None
+                entry = result_entry(r, size, config.batch_size, flops[r.name, size], memory[r.name, r.variant, size],
+                                     share)
+                results.append(entry)
+                mfu = f"  MFU {entry['train_flops_per_s'] / (peak[0] * 1e12):6.1%}" if peak else ""
+                log(f"  {r.name:14s} {r.variant.name:16s} train {entry['train_images_per_s']:8.2f} img/s  "
+                    f"infer {entry['infer_images_per_s']:8.2f} img/s  {entry['train_flops_per_s'] / 1e9:8.1f} GFLOP/s"
+                    + mfu)
+            log(f"  data pipeline {data_ips:.1f} img/s")
+            runners = None
+            release(device)
+            if save is not None:
+                save(report())
+    meta["complete"] = True
+    final = report()
+    if save is not None:
+        save(final)
+    return final
+
+
+def run_meta(config: BenchConfig, device: torch.device, hw: devices.Hardware, steps: int, amp: str | None,
+             peak: tuple | None, skipped: dict, failed: dict, other_before: float | None) -> dict:
+    """The report's "meta": the machine, the software, the settings, and what was skipped or failed."""
+    return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "device": describe_device(hw, device), "device_index": str(device), "device_type": device.type,
         "capability": list(hw.capability) if hw.capability else None, "torch": torch.__version__,
@@ -591,98 +643,79 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
         "complete": False,
     }
 
-    def report() -> dict:
-        meta["other_cpu_during"] = during.share()
-        summary = {k: {"median": statistics.median(v), "max": max(v), "all": v} for k, v in matmul.items() if v}
-        for e in results:
-            ref = summary[e["variant"].split("-")[0]]["median"]
-            e["matmul_fraction"] = e["train_flops_per_s"] / ref
-            if "kernel_flops_per_s" in e:
-                e["kernel_matmul_fraction"] = e["kernel_flops_per_s"] / ref
-            if "paper_train_flops_per_s" in e:
-                e["paper_matmul_fraction"] = e["paper_train_flops_per_s"] / ref
-            if peak:
-                e["mfu"] = e["train_flops_per_s"] / (peak[0] * 1e12)
-        return {"meta": meta, "matmul_flops_per_s": summary, "data_pipeline": data, "results": results,
-                "memory_format": memory_format_verdicts(results)}
 
-    with cuda_settings(device):
-        # phase 1, per size and model: FLOPs (on the CPU), and peak memory of the first steps with nothing else
-        # alive: each model is freed before the next is built. Blocks of 64 KiB and more are mmapped on the CPU
-        # while it runs, so that memory freed by one model leaves the resident set and the next model's growth is
-        # its own (glibc otherwise keeps blocks below its adaptive threshold in the heap)
-        measurable_rss = hw.is_cpu and devices.mallopt(devices.M_MMAP_MAX, devices.DEFAULT_MMAP_MAX) \
-            and devices.mallopt(devices.M_MMAP_THRESHOLD, 64 << 10)
-        flops, memory = {}, {}
-        for size in config.sizes:
-            for name, variant in plan:
+def assemble_report(meta: dict, matmul: dict[str, list], data: list[dict], results: list[dict],
+                    peak: tuple | None) -> dict:
+    """The report so far: each row's share of the matmul reference (and MFU against the GPU's peak)."""
+    summary = {k: {"median": statistics.median(v), "max": max(v), "all": v} for k, v in matmul.items() if v}
+    for e in results:
+        ref = summary[e["variant"].split("-")[0]]["median"]
+        e["matmul_fraction"] = e["train_flops_per_s"] / ref
+        if "kernel_flops_per_s" in e:
+            e["kernel_matmul_fraction"] = e["kernel_flops_per_s"] / ref
+        if "paper_train_flops_per_s" in e:
+            e["paper_matmul_fraction"] = e["paper_train_flops_per_s"] / ref
+        if peak:
+            e["mfu"] = e["train_flops_per_s"] / (peak[0] * 1e12)
+    return {"meta": meta, "matmul_flops_per_s": summary, "data_pipeline": data, "results": results,
+            "memory_format": memory_format_verdicts(results)}
+
+
+def measure_flops_and_memory(plan: list, config: BenchConfig, device: torch.device, failed: dict,
+                             log: Callable) -> tuple[dict, dict]:
+    """Phase 1: each model's FLOPs per image (counted on the CPU) and the peak memory of its first steps, one
+    model alive at a time. A variant that fails (out of memory, torch.compile without a compiler) is recorded
+    in `failed` and left out of the timing."""
+    flops, memory = {}, {}
+    for size in config.sizes:
+        for name, variant in plan:
+            runner = None
+            try:
+                if (name, size) not in flops:
+                    flops[name, size] = count_flops(name, size)
+                runner = Runner(name, variant, size, config, device)
+                memory[name, variant, size] = runner.measure_memory()
+            except Exception as err:  # say so, and measure the rest
+                failed[f"{name} {variant.name} {size}"] = _first_line(err)
+                log(f"  {name} {variant.name} at {size}x{size} failed: {_first_line(err)}")
+            finally:
                 runner = None
-                try:
-                    if (name, size) not in flops:
-                        flops[name, size] = count_flops(name, size)
-                    runner = Runner(name, variant, size, config, device)
-                    memory[name, variant, size] = runner.measure_memory()
-                except Exception as err:  # out of memory, torch.compile without a compiler: say so, measure the rest
-                    failed[f"{name} {variant.name} {size}"] = _first_line(err)
-                    log(f"  {name} {variant.name} at {size}x{size} failed: {_first_line(err)}")
-                finally:
-                    runner = None
-                    release(device)
-        if config.tune_malloc and hw.is_cpu:
-            meta["malloc_tuned"] = devices.tune_glibc_malloc()
-        elif measurable_rss:
-            devices.mallopt(devices.M_MMAP_THRESHOLD, 32 << 20)  # where glibc's adaptive threshold settles for tensors this big
+                release(device)
+    return flops, memory
 
-        # phase 2, per size: timed rounds, every model once per round, so that load from other processes
-        # hits all of them alike
-        for size in config.sizes:
-            runners = [Runner(n, v, size, config, device) for n, v in plan if (n, v, size) in memory]
-            log(f"{size}x{size}: {len(runners)} model variants, batch {config.batch_size}, {config.warmup} warm-up + "
-                f"{config.repeats} timed rounds of {steps} step{'s' if steps > 1 else ''}")
-            for _ in range(config.warmup):
-                for r in runners:
-                    r.timed(r.train_step, steps), r.timed(r.infer_step, steps)
-            for _ in range(config.repeats):
-                matmul["fp32"].append(matmul_flops_per_s(device))
-                if amp:
-                    matmul[amp].append(matmul_flops_per_s(device, AMP_DTYPES[amp]))
-                for r in runners:
-                    r.train_times.append(r.timed(r.train_step, steps))
-                    r.infer_times.append(r.timed(r.infer_step, steps))
-            data_ips = measure_data_pipeline(size, config, device)
-            data.append({"size": size, "images_per_s": data_ips})
-            for r in runners:
-                share = kernel_time_share(r) if config.breakdown and hw.is_cpu else None
-                step = statistics.median(r.train_times)
-                entry = {
-                    "model": r.name, "variant": r.variant.name, "size": size, "description": MODELS[r.name][2],
-                    "parameters": modules.count_parameters(r.eager),
-                    "train_images_per_s": config.batch_size / step,
-                    "infer_images_per_s": config.batch_size / statistics.median(r.infer_times),
-                    "train_step_s": r.train_times, "infer_step_s": r.infer_times,
-                    **flops[r.name, size], **memory[r.name, r.variant, size],
-                }
-                entry["train_flops_per_s"] = entry["train_flops_per_image"] * entry["train_images_per_s"]
-                if "paper_train_flops_per_image" in entry:
-                    entry["paper_train_flops_per_s"] = entry["paper_train_flops_per_image"] * entry["train_images_per_s"]
-                if share:
-                    entry["kernel_time_share"] = share
-                    entry["kernel_flops_per_s"] = entry["train_flops_per_s"] / share
-                results.append(entry)
-                mfu = f"  MFU {entry['train_flops_per_s'] / (peak[0] * 1e12):6.1%}" if peak else ""
-                log(f"  {r.name:14s} {r.variant.name:16s} train {entry['train_images_per_s']:8.2f} img/s  "
-                    f"infer {entry['infer_images_per_s']:8.2f} img/s  {entry['train_flops_per_s'] / 1e9:8.1f} GFLOP/s"
-                    + mfu)
-            log(f"  data pipeline {data_ips:.1f} img/s")
-            runners = None
-            release(device)
-            if save is not None:
-                save(report())
-    meta["complete"] = True
-    final = report()
-    if save is not None:
-        save(final)
-    return final
+
+def time_rounds(runners: list[Runner], config: BenchConfig, device: torch.device, steps: int, amp: str | None,
+                matmul: dict[str, list]) -> None:
+    """Phase 2 at one size: warm-up, then timed rounds with every model once per round (so that load from
+    other processes hits all of them alike), each round beside a matmul reference."""
+    for _ in range(config.warmup):
+        for r in runners:
+            r.timed(r.train_step, steps), r.timed(r.infer_step, steps)
+    for _ in range(config.repeats):
+        matmul["fp32"].append(matmul_flops_per_s(device))
+        if amp:
+            matmul[amp].append(matmul_flops_per_s(device, AMP_DTYPES[amp]))
+        for r in runners:
+            r.train_times.append(r.timed(r.train_step, steps))
+            r.infer_times.append(r.timed(r.infer_step, steps))
+
+
+def result_entry(r: Runner, size: int, batch_size: int, flops: dict, memory: dict, share: float | None) -> dict:
+    """One row of the report: a model variant's speeds, FLOPs, memory and, with --breakdown, its kernel ceiling."""
+    entry = {
+        "model": r.name, "variant": r.variant.name, "size": size, "description": MODELS[r.name][2],
+        "parameters": modules.count_parameters(r.eager),
+        "train_images_per_s": batch_size / statistics.median(r.train_times),
+        "infer_images_per_s": batch_size / statistics.median(r.infer_times),
+        "train_step_s": r.train_times, "infer_step_s": r.infer_times, **flops, **memory,
+    }
+    entry["train_flops_per_s"] = entry["train_flops_per_image"] * entry["train_images_per_s"]
+    if "paper_train_flops_per_image" in entry:
+        entry["paper_train_flops_per_s"] = entry["paper_train_flops_per_image"] * entry["train_images_per_s"]
+    if share:
+        entry["kernel_time_share"] = share
+        entry["kernel_flops_per_s"] = entry["train_flops_per_s"] / share
+    return entry
 
 
 def package_version(name: str) -> str | None:

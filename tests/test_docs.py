@@ -458,3 +458,13 @@ def test_code_md_lists_every_file_with_its_imports_in_an_order_without_cycles():
         assert listed == project_imports(ROOT / f"{name}.py"), f"docs/code.md: {name}.py imports {listed}?"
         assert imports.strip() != "nothing" or not listed
         assert listed <= set(order[:place]), f"{name}.py imports a file listed below it: {listed - set(order[:place])}"
+
+
+def test_no_function_runs_over_80_lines():
+    """A function a reader can hold in view: longer ones are split where their parts have names of their own."""
+    import ast
+
+    long = [f"{path.name}:{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for path in sorted(ROOT.glob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80]
+    assert not long, long
