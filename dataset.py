@@ -543,11 +543,6 @@ def _locked(folder: Path):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _write_json(path: Path, obj) -> None:
-    with utils.atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1))
-
-
 def _file_record(path: Path) -> dict:
     st = path.stat()
     return {"name": path.name, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -707,7 +702,7 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
             if name == "train":
                 entry["mean"], entry["std"] = _channel_stats(np.load(folder / "train_images.npy", mmap_mode="r"))
             manifest["splits"][name] = entry
-            _write_json(manifest_path, manifest)
+            utils.write_json(manifest_path, manifest)
             if samples:
                 log(f"data: cached {len(entry['ids'])} {name} pairs at {size}px in "
                     f"{time.perf_counter() - start:.1f}s -> {folder}")

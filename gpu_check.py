@@ -508,7 +508,6 @@ def main(argv: list[str] | None = None) -> dict:
         stages_left = len(chosen) - chosen.index(name)
         return dataclasses.replace(config, deadline=time.monotonic() + (config.deadline - time.monotonic()) / stages_left)
 
-
     def write_summary(results: list[StageResult]) -> dict:
         summary = build_summary(gpu, results, time.perf_counter() - start)
         utils.write_json(out / "summary.json", summary)

@@ -18,13 +18,13 @@ import torch.nn.functional as F
 
 METRIC_NAMES = ("accuracy", "sensitivity", "specificity", "jaccard", "threshold_jaccard", "dice")
 JACCARD_THRESHOLD = 0.65  # ISIC 2018 ranking metric: per-image Jaccard counts as 0 below this
+_THRESHOLD = Fraction(str(JACCARD_THRESHOLD))  # 13/20, so the comparison runs on integer counts
 
 
 def failures(threshold_jaccard: torch.Tensor) -> torch.Tensor:
     """1 for each image whose Jaccard falls under JACCARD_THRESHOLD (its thresholded Jaccard is 0), else 0: the
     images that decide the ranking metric. Their mean is the share of failed images."""
     return (threshold_jaccard == 0).float()
-_THRESHOLD = Fraction(str(JACCARD_THRESHOLD))  # 13/20, so the comparison runs on integer counts
 
 
 def _target_like(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -685,8 +685,9 @@ class Segmenter:
         shared GPU), the passes halve and the batch runs again; at one image a pass the error stands."""
         while True:
             try:
-                return torch.cat([predict_probabilities(self.loaded.model, part, self.config.tta, self.amp, self.hw)
-                                  for part in x.split(self.chunk)])
+                parts = [predict_probabilities(self.loaded.model, part, self.config.tta, self.amp, self.hw)
+                         for part in x.split(self.chunk)]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)  # one pass: no copy
             except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
                 if not devices.out_of_memory(err) or self.chunk == 1:
                     raise

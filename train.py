@@ -831,12 +831,13 @@ def train_epochs(run: Run, resumed: bool) -> None:
     if pace.measuring and not (pace.budgeted or not resumed):
         pace.step_seconds = 0.0  # a resumed run without a budget: its cost was estimated when it started
     epoch = progress.epoch
+    # on_measured runs only while the pace is measuring (EpochTrainer.train_epoch asks the pace first)
+    trainer = EpochTrainer(
+        run.model.train, run.data.train_loader, run.optim.optimizer, run.optim.scheduler, run.optim.loss_fn,
+        run.optim.autocast, run.optim.scaler, config, run.preemption, run.dist.is_distributed, run.hw, pace,
+        lambda step: on_measured(run, step), run.model.average, run.steps_per_epoch)
     while epoch < config.epochs and epoch * run.steps_per_epoch < pace.total_steps:
         epoch_started = time.perf_counter()
-        trainer = EpochTrainer(
-            run.model.train, run.data.train_loader, run.optim.optimizer, run.optim.scheduler, run.optim.loss_fn,
-            run.optim.autocast, run.optim.scaler, config, run.preemption, run.dist.is_distributed, run.hw, pace,
-            (lambda step: on_measured(run, step)) if pace.measuring else None, run.model.average, run.steps_per_epoch)
         result = trainer.train_epoch(epoch, progress.step, progress.loss_sum, progress.images)
         if result["stopped"]:
             run.save("last.pt", epoch, result["step"], (result["loss_sum"], result["images"]),

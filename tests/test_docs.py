@@ -450,7 +450,7 @@ def project_imports(path: Path) -> set[str]:
 
 
 def test_code_md_lists_every_file_with_its_imports_in_an_order_without_cycles():
-    rows = re.findall(r"^\| `(\w+)\.py` \| [^|]+ \| ([^|]+) \|$", (ROOT / "docs" / "code.md").read_text(), re.M)
+    rows = re.findall(r"^\| `(\w+)\.py` \|.*\| ([^|]+) \|$", (ROOT / "docs" / "code.md").read_text(), re.M)
     order = [name for name, _ in rows]
     assert sorted(order) == sorted(p.stem for p in ROOT.glob("*.py")), "docs/code.md must list every file once"
     for place, (name, imports) in enumerate(rows):
