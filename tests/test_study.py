@@ -60,8 +60,10 @@ def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
     assert (tmp_path / "results" / "curves" / "screen-default.csv").is_file()
     assert "| screen | `dynunet` |" in (tmp_path / "results" / "recipes.md").read_text()
     for row in rows:  # validation and test split, each plain and with --tta, at the original size
-        for column in ("val_dice_predict", "val_dice_tta", "test_dice_tta", "test_threshold_jaccard_tta"):
+        for column in ("val_dice_predict", "val_dice_tta", "test_dice_tta", "test_threshold_jaccard_tta",
+                       "val_failure_share", "test_failure_share_tta"):  # failures: the share under Jaccard 0.65
             assert 0 <= float(row[column]) <= 1, column
+    assert "`--tta`: test failures" in (tmp_path / "results" / "recipes.md").read_text()
     # --rescore fills the prediction columns again from the run folders, without training
     scored = {r["name"]: dict(r) for r in rows}
     study.write_rows(results, [{**r, "test_dice_tta": "", "val_dice_tta": ""} for r in rows])
@@ -93,3 +95,17 @@ def test_the_budget_table_reports_the_recipe_its_first_run_chose_over_all_its_se
                         "0.891 | 0.791 |")
     assert table[3] == ("| 10 min | `python train.py --data-dir DATA --minutes 10 --image-size 96` | 3 | 0.874 | "
                         "0.895 (0.890-0.900) | 0.795 |")
+
+
+def test_a_tie_in_validation_dice_goes_to_the_recipe_with_fewer_failed_images():
+    def row(name, val, failures):
+        return {"budget": "min10", "name": name, "val_dice": str(val), "val_failure_share": failures}
+    # within DICE_TIE of the best: the fewer failures win, although the Dice is a little lower
+    chosen = study.choose_per_budget([row("size-96", 0.9004, "0.1"), row("lovasz", 0.8998, "0.07")])
+    assert chosen["min10"][0] == "lovasz"
+    # a clear lead in Dice stands, whatever the failures
+    chosen = study.choose_per_budget([row("size-96", 0.9040, "0.1"), row("lovasz", 0.8998, "0.07")])
+    assert chosen["min10"][0] == "size-96"
+    # runs recorded before the failures were counted are compared by Dice alone
+    chosen = study.choose_per_budget([row("size-96", 0.9004, ""), row("lovasz", 0.8998, "0.07")])
+    assert chosen["min10"][0] == "size-96"
