@@ -94,13 +94,8 @@ def _peer(build: Callable[[], nn.Module]) -> Callable[[bool], nn.Module]:
 
 
 def _dynunet() -> nn.Module:
-    from monai.networks.nets import DynUNet
-    # the paper's recipe: 16..256 filters, residual blocks, affine instance norm, LeakyReLU 0.01, deep supervision
-    return DynUNet(spatial_dims=2, in_channels=3, out_channels=1, kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2],
-                   upsample_kernel_size=[2] * 4, filters=[16, 32, 64, 128, 256],
-                   norm_name=("INSTANCE", {"affine": True}),
-                   act_name=("leakyrelu", {"inplace": True, "negative_slope": 0.01}),
-                   deep_supervision=True, deep_supr_num=2, res_block=True)
+    # the paper's recipe as MONAI builds it: modules.py's baseline with its two deep-supervision heads
+    return modules.dynunet_baseline(modules.ModelConfig(arch="dynunet"), deep_supervision=True)
 
 
 def _basicunet() -> nn.Module:
@@ -235,11 +230,8 @@ class PeakMemory:
 
     def __enter__(self):
         gc.collect()
-        if devices.hardware(self.device).is_cuda:  # CUDA counts its own allocations; the CPU has only the RSS
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
+        self.base = devices.hardware(self.device).reset_peak_memory()  # an allocator that counts (CUDA)
+        if self.base is None:  # the CPU: only the resident set
             try:
                 Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
                 self.resettable = True
@@ -249,10 +241,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
-        if devices.hardware(self.device).is_cuda:
-            torch.cuda.synchronize(self.device)
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
+        self.peak = devices.hardware(self.device).peak_memory()
+        if self.peak is None:
             hwm = _proc_status_kib("VmHWM")
             self.peak = hwm * 1024 if hwm is not None and self.resettable else None
         return False
@@ -387,8 +377,12 @@ class Runner:
         return (CLOCK() - t) / steps
 
     def measure_memory(self) -> dict[str, float | None]:
-        """Peak memory of the first training step (which allocates the gradients and Adam's state) and of an
-        inference step; the first steps also compile (torch.compile) and pick cuDNN's algorithms."""
+        """Peak memory of a training step and of an inference step. On CUDA, after one step of each: the first
+        steps also compile (torch.compile) and try cuDNN's algorithms, whose workspaces a run needs only once.
+        On the CPU, the first steps: the resident set's growth there is what the gradients and Adam's state add."""
+        if devices.hardware(self.device).is_cuda:
+            self.train_step()
+            self.infer_step()
         with PeakMemory(self.device) as train_mem:
             self.train_step()
         with PeakMemory(self.device) as infer_mem:
@@ -403,10 +397,10 @@ def release(device: torch.device) -> None:
     keeps, and its peak counter. torch.compile's graphs stay cached: they hold no weights, and phase 2's
     fresh model of the same class reuses them instead of compiling again for a minute."""
     gc.collect()
-    if devices.hardware(device).is_cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    hw = devices.hardware(device)
+    hw.synchronize()
+    hw.empty_cache()
+    hw.reset_peak_memory()
 
 
 @contextmanager
@@ -447,11 +441,19 @@ PEAK_TFLOPS: list[tuple[str, float, str]] = [
 ]
 
 
+# A MIG slice is named after its compute slices out of the GPU's 7 (A100, H100, H200): "NVIDIA A100-SXM4-40GB MIG
+# 3g.20gb" holds 3/7 of the streaming multiprocessors, and so 3/7 of the peak.
+_MIG_SLICE = re.compile(r"\bMIG (\d)g\.", re.IGNORECASE)
+MIG_COMPUTE_SLICES = 7
+
+
 def peak_tflops(gpu_name: str) -> tuple[float, str] | None:
-    """(dense tensor-core TFLOP/s, its dtype) of a GPU named as torch.cuda.get_device_name names it, or None."""
+    """(dense tensor-core TFLOP/s, its dtype) of a GPU named as torch.cuda.get_device_name names it, or None;
+    a MIG slice gets its share of the whole GPU's peak."""
     for pattern, tflops, dtype in PEAK_TFLOPS:
         if re.search(pattern, gpu_name, re.IGNORECASE):
-            return tflops, dtype
+            mig = _MIG_SLICE.search(gpu_name)
+            return (tflops * int(mig.group(1)) / MIG_COMPUTE_SLICES if mig else tflops), dtype
     return None
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import devices
 import modules
 import utils
 
@@ -158,25 +159,20 @@ def model_from_checkpoint(state: dict, path) -> tuple[torch.nn.Module, int, tupl
 
 
 def rng_state() -> dict:
-    """States of the Python, NumPy, torch CPU, current CUDA and MPS generators, as plain values and tensors.
-
-    Only the current CUDA device is saved (devices.select_device makes the run's GPU the current one):
-    get_rng_state_all() would create a context on every GPU in every torchrun process.
-    """
+    """States of the Python, NumPy and torch CPU generators and of the accelerators' (devices.py), as plain
+    values and tensors."""
     version, mt, gauss = random.getstate()
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
     return {
         "python": [version, list(mt), gauss],
         "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
-        "cuda": cuda,
-        "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None,
+        **devices.accelerator_rng_states(),
     }
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what rng_state() returned; missing entries (and CUDA's, without a GPU) are left alone."""
+    """Restore what rng_state() returned; missing entries (and an accelerator's, without it) are left alone."""
     if state.get("python") is not None:
         version, mt, gauss = state["python"]
         random.setstate((version, tuple(mt), gauss))
@@ -185,10 +181,7 @@ def set_rng_state(state: dict) -> None:
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if state.get("torch") is not None:
         torch.set_rng_state(state["torch"].cpu())
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-    if state.get("mps") is not None and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"].cpu())
+    devices.set_accelerator_rng_states(state)
 
 
 def rank_rng_states(distributed: bool) -> list[dict]:

@@ -8,7 +8,6 @@ the download download.py's, each with its own command.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -51,16 +50,39 @@ class DataError(ValueError):
 
 @dataclass
 class DataConfig:
-    data_dir: str = "data/ISIC2018"  # ISIC root: official folders, or images/ + masks/
-    image_size: int = 256  # side of the square every image and mask is resized to
-    cache_dir: str | None = None  # where the uint8 cache goes; None -> <data_dir>/.cache
-    val_fraction: float = 0.1  # share of the training folder held out when there is no official validation set
-    test_fraction: float = 0.1  # likewise for the test set
-    split_seed: int = 0  # seed of that hold-out split
-    folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images (val_fraction is then unused)
-    fold: int = 0  # which of the K folds is the validation split (0 .. K-1)
-    skip_bad: bool = False  # skip and count unreadable or unpaired files instead of stopping
-    num_workers: int = 0  # threads decoding files for the cache; 0: one per CPU this job may use
+    """Where the images come from, how they are resized and cached, and how they split. train.TrainConfig
+    takes these fields as they are, so each is a flag of train.py as well as of this file's command."""
+
+    # --- data ---
+    data_dir: str = "data/ISIC2018"  # ISIC root (official folders or images/ + masks/); train.py uses its synthetic set when absent
+    cache_dir: str | None = None  # where the resized images are cached; default <data-dir>/.cache, or ~/.cache/improved-unet-isic/ when the data folder is read-only
+    image_size: int = 256  # side of the square the images are resized to (a multiple of 16 for the network)
+    val_fraction: float = 0.1  # share of the training folder held out for validation when there is no official one
+    test_fraction: float = 0.1  # share held out for testing when there is no official test ground truth
+    split_seed: int = 0  # seed of the train/val/test split (kept fixed across runs to compare them)
+    folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images; validate on fold --fold
+    fold: int = 0  # the validation fold, 0 .. K-1 (summarise the K runs with python crossval.py)
+    skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
+    num_workers: int = 0  # threads decoding files when the cache is built; 0: one per CPU this job may use
+
+
+def check_config(config: DataConfig) -> list[str]:
+    """The data settings that cannot work, as messages naming the flags (empty when usable)."""
+    problems = []
+    if config.image_size < 1:
+        problems.append(f"--image-size must be positive, got {config.image_size}")
+    for name in ("val_fraction", "test_fraction"):
+        if not 0 <= getattr(config, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
+    if config.val_fraction + config.test_fraction >= 1:
+        problems.append("--val-fraction plus --test-fraction must leave images for training")
+    if config.folds == 1 or config.folds < 0:
+        problems.append(f"--folds must be 0 (no cross-validation) or at least 2, got {config.folds}")
+    elif config.folds >= 2 and not 0 <= config.fold < config.folds:
+        problems.append(f"--fold must be in 0..{config.folds - 1} for --folds {config.folds}, got {config.fold}")
+    if config.num_workers < 0:
+        problems.append(f"--num-workers must not be negative, got {config.num_workers}")
+    return problems
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,6 @@ class Splits:
     test: CachedSplit
     mean: tuple[float, float, float]  # per channel, [0, 1] units, training split only
     std: tuple[float, float, float]
-    image_size: int = 256
     description: str = ""  # how the splits were made, for logs and run folders
 
 
@@ -712,7 +733,7 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
             out[name] = _open_cached(folder, name, entry, size)
     train_entry = manifest["splits"]["train"]
     return Splits(out["train"], out["val"], out["test"], tuple(train_entry["mean"]), tuple(train_entry["std"]),
-                  size, description)
+                  description)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -740,48 +761,33 @@ def standardize(x: torch.Tensor, mean, std) -> torch.Tensor:
 # Command line
 
 
-def add_data_config_args(p: argparse.ArgumentParser) -> None:
-    """The DataConfig flags shared by this file's command and loader.py's."""
-    p.add_argument("--data-dir", default=DataConfig.data_dir, help="ISIC root (official folders or images/ + masks/)")
-    p.add_argument("--image-size", type=int, default=DataConfig.image_size, help="side of the cached squares")
-    p.add_argument("--cache-dir", default=None,
-                   help="cache folder (default <data-dir>/.cache, or ~/.cache/improved-unet-isic if that is read-only)")
-    p.add_argument("--val-fraction", type=float, default=DataConfig.val_fraction,
-                   help="share of training held out for validation when there is no official validation folder")
-    p.add_argument("--test-fraction", type=float, default=DataConfig.test_fraction,
-                   help="share of training held out for testing when there is no labelled official test folder")
-    p.add_argument("--split-seed", type=int, default=DataConfig.split_seed, help="seed of the hold-out split")
-    p.add_argument("--skip-bad", action=argparse.BooleanOptionalAction, default=False,
-                   help="skip and count bad or unpaired files instead of stopping")
-    p.add_argument("--num-workers", type=int, default=0, help="decoding threads (0: one per CPU this job may use)")
-
-
-def data_config_from_args(args: argparse.Namespace) -> DataConfig:
-    return DataConfig(data_dir=args.data_dir, image_size=args.image_size, cache_dir=args.cache_dir,
-                      val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                      split_seed=args.split_seed, skip_bad=args.skip_bad, num_workers=args.num_workers)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Check every image/mask pair and build (or reuse) the cache.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_data_config_args(parser)
+def parse_args(argv=None) -> tuple[DataConfig, bool]:
+    """(the DataConfig the flags describe, whether only --report was asked for)."""
+    parser = utils.build_parser(DataConfig, "Check every image/mask pair and build (or reuse) the cache.")
     parser.add_argument("--report", action="store_true",
                         help="only report the folders (image counts and sizes, read from the file headers) and "
                              "how the pairs split, without decoding or caching anything")
     args = parser.parse_args(argv)
+    config = utils.subconfig(DataConfig, args)
+    problems = check_config(config)
+    if problems:
+        parser.error("\n  ".join(problems))
+    return config, args.report
+
+
+def main(argv=None) -> None:
+    config, report_only = parse_args(argv)
     try:
-        for line in describe_folders(args.data_dir) if Path(args.data_dir).is_dir() else []:
+        for line in describe_folders(config.data_dir) if Path(config.data_dir).is_dir() else []:
             print(f"data: {line}")
-        if args.report:
-            config = data_config_from_args(args)
+        if report_only:
             pairs = find_pairs(config.data_dir, skip_bad=config.skip_bad)
             _, description = split_samples(pairs, config.val_fraction, config.test_fraction, config.split_seed,
                                            config.folds, config.fold)
             print(f"data: {description}")
             return
         start = time.perf_counter()
-        splits = prepare_splits(data_config_from_args(args))
+        splits = prepare_splits(config)
     except DataError as err:
         sys.exit(f"error: {err}")
     print(f"cache ready in {time.perf_counter() - start:.1f}s: train {len(splits.train)}, "

@@ -106,7 +106,7 @@ def check_job_gpus_usable() -> None:
                       "To train on the CPU anyway, pass --device cpu")
 
 
-def normalize(device: str | torch.device) -> torch.device:
+def canonical(device: str | torch.device) -> torch.device:
     """The device as tensors on it report it: a bare "cuda" is the current GPU, cuda:N."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
@@ -303,6 +303,34 @@ class Hardware:
         elif self.device.type == "mps":
             torch.mps.synchronize()
 
+    def free_memory(self) -> int | None:
+        """Bytes the device has free for a cache held on it; None where memory is the host's (CPU, MPS's
+        unified memory), so holding data there costs no second copy."""
+        return torch.cuda.mem_get_info(self.device)[0] if self.is_cuda else None
+
+    def empty_cache(self) -> None:
+        """Return the blocks the caching allocator keeps to the driver (after an out-of-memory error)."""
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+        elif self.device.type == "mps":
+            torch.mps.empty_cache()
+
+    def reset_peak_memory(self) -> int | None:
+        """Start counting the allocator's peak anew; the bytes allocated now, or None where the allocator
+        keeps no count (the CPU: benchmark.py reads the process's resident set there)."""
+        if not self.is_cuda:
+            return None
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        return torch.cuda.memory_allocated(self.device)
+
+    def peak_memory(self) -> int | None:
+        """The allocator's peak bytes since reset_peak_memory, or None where it keeps no count."""
+        if not self.is_cuda:
+            return None
+        torch.cuda.synchronize(self.device)
+        return torch.cuda.max_memory_allocated(self.device)
+
     def autocast(self, dtype: torch.dtype | None):
         """A factory of autocast contexts to `dtype` on this device (nullcontext for float32)."""
         if dtype is None:
@@ -329,6 +357,22 @@ class Hardware:
         return f"{self.device} ({precision}, {'NHWC' if channels_last else 'NCHW'})"
 
 
+def accelerator_rng_states() -> dict:
+    """The generators of the accelerators this process uses, by device type: the current CUDA device's (set by
+    select_device; get_rng_state_all() would create a context on every GPU in every torchrun process) and
+    MPS's. A device type whose generator is not in use is None."""
+    return {"cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() and torch.cuda.is_initialized() else None,
+            "mps": torch.mps.get_rng_state() if torch.backends.mps.is_available() else None}
+
+
+def set_accelerator_rng_states(states: dict) -> None:
+    """Restore what accelerator_rng_states() returned; a device type missing here is left alone."""
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"].cpu())
+    if states.get("mps") is not None and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"].cpu())
+
+
 def _torch_version() -> tuple[int, int]:
     major, minor = re.match(r"(\d+)\.(\d+)", torch.__version__).groups()
     return int(major), int(minor)
@@ -336,7 +380,7 @@ def _torch_version() -> tuple[int, int]:
 
 def hardware(device: str | torch.device) -> Hardware:
     """The Hardware of a device that select_device returned (its CUDA build already checked)."""
-    device = normalize(device)
+    device = canonical(device)
     if device.type == "cuda" and is_rocm():
         arch = _rocm_arch(device)
         # a gfx number is no compute capability (gfx906 would read as 9.0), and torch.cuda.is_bf16_supported()
@@ -371,12 +415,6 @@ def amp_dtype(amp: str, hw: Hardware) -> torch.dtype | None:
         warnings.warn("--amp bf16 on a CPU without AVX512_BF16 or AMX: bf16 is emulated there and runs slower "
                       "than fp32; use --amp auto", stacklevel=2)
     return AMP_DTYPES[amp]
-
-
-def precision(amp: str, hw: Hardware):
-    """(autocast context factory, GradScaler or None, dtype) for an --amp choice on this hardware."""
-    dtype = amp_dtype(amp, hw)
-    return hw.autocast(dtype), hw.grad_scaler(dtype), dtype
 
 
 # ----------------------------------------------------------------------------- copies

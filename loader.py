@@ -8,13 +8,13 @@ shuffled, sharded, augmented and normalised float batches, with no DataLoader wo
 
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import math
 import statistics
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 import dataset
 import devices
+import utils
 
 
 @dataclass
@@ -49,6 +50,47 @@ AUGMENT_PRESETS = {
 
 Augment = Literal[tuple(AUGMENT_PRESETS)]  # --augment's choices: the presets above
 DEFAULT_AUGMENT = "flips"  # what train.py trains with unless --augment says otherwise (benchmark.py times it)
+
+
+@dataclass
+class AugmentSettings:
+    """The augmentation settings of a training run: a preset, and knobs that override it one by one.
+    train.TrainConfig takes these fields as they are, so each is a flag of train.py. A new augmentation
+    is a field of AugmentConfig, its value in each preset, a knob here, and its draw and application below."""
+
+    # --- augmentation ---
+    augment: Augment = DEFAULT_AUGMENT  # preset: none, flips (the square's 8 symmetries), light or full (see loader.AUGMENT_PRESETS)
+    flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
+    rotate_deg: float | None = None  # rotation drawn from [-x, x] degrees; default: the preset's
+    zoom: float | None = None  # zoom factor drawn from [1 - x, 1 + x]; default: the preset's
+    affine_p: float | None = None  # share of images that get the rotation and zoom; default: the preset's
+    brightness: float | None = None  # brightness factor drawn from [1 - x, 1 + x]; default: the preset's
+    contrast: float | None = None  # contrast factor around the mean luminance, likewise; default: the preset's
+    saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
+
+
+def check_augment(settings: AugmentSettings) -> list[str]:
+    """The augmentation settings that cannot work, as messages naming the flags (empty when usable)."""
+    problems = []
+    if settings.augment not in AUGMENT_PRESETS:
+        problems.append(f"--augment must be one of {', '.join(AUGMENT_PRESETS)}, got {settings.augment!r}")
+    for name in ("rotate_deg", "brightness", "contrast", "saturation"):
+        if getattr(settings, name) is not None and getattr(settings, name) < 0:
+            problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(settings, name)}")
+    if settings.zoom is not None and not 0 <= settings.zoom < 1:
+        problems.append(f"--zoom must be in [0, 1), got {settings.zoom}")
+    if settings.affine_p is not None and not 0 <= settings.affine_p <= 1:
+        problems.append(f"--affine-p must be in [0, 1], got {settings.affine_p}")
+    return problems
+
+
+def augmentation(settings: AugmentSettings) -> AugmentConfig:
+    """The --augment preset with the knobs that were given laid over it."""
+    knobs = {f.name: getattr(settings, f.name) for f in dataclasses.fields(AugmentConfig)
+             if getattr(settings, f.name, None) is not None}
+    if settings.zoom is not None:
+        knobs["scale"] = (1.0 - settings.zoom, 1.0 + settings.zoom)
+    return dataclasses.replace(AUGMENT_PRESETS[settings.augment], **knobs)
 
 def _mix_seed(*parts: int) -> int:
     digest = hashlib.sha256("/".join(str(int(p)) for p in parts).encode()).digest()
@@ -146,22 +188,11 @@ def _luma(device: torch.device) -> torch.Tensor:
     return (torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1) / 255.0).to(device)
 
 
-def augment_batch(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
-                  cfg: AugmentConfig, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 images (B, S, S, 3) and masks (B, S, S) -> float images (B, 3, S, S), masks (B, 1, S, S) in {0, 1}.
-
-    Images are in [0, 1], or normalised with mean/std when given. Runs batched on the tensors'
-    device; every random number comes from `generator` (CPU), so the result depends only on its
-    seed, on any device. See apply_augmentation.
-    """
-    draws = draw_augmentation(images.shape[0], generator, cfg)
-    draws = draws.with_device_parts(to_device([draws.device_parts()], images.device)[0])
-    return apply_augmentation(images, masks, draws, cfg, mean, std)
-
-
 def apply_augmentation(images: torch.Tensor, masks: torch.Tensor, draws: Draws, cfg: AugmentConfig,
                        mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """augment_batch with the draws made: draws.todo, theta and jitter already on the images' device.
+    """uint8 images (B, S, S, 3) and masks (B, S, S) -> float images (B, 3, S, S) in [0, 1] (or normalised
+    with mean/std when given), masks (B, 1, S, S) in {0, 1}, with the random choices of draw_augmentation;
+    draws.todo, theta, jitter and symmetry already on the images' device (to_device).
 
     Image and mask get the same geometry: one affine_grid per batch combines the flip, the 90-degree
     turn, the rotation and the zoom (bilinear for images; nearest for masks, so they stay exactly
@@ -218,7 +249,7 @@ class BatchLoader:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
-        self.device = devices.normalize(device)  # "cuda" means the current GPU, and tensors there report cuda:N
+        self.device = devices.canonical(device)  # "cuda" means the current GPU, and tensors there report cuda:N
         self.hw = devices.hardware(self.device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.rank, self.world_size = rank, world_size
@@ -245,12 +276,10 @@ class BatchLoader:
         images, masks = (torch.from_numpy(a if a.flags.writeable else a.copy()) for a in (split.images, split.masks))
         if self.hw.is_cpu:
             return images, masks, True
-        if self.hw.is_cuda:
-            need = images.nbytes + masks.nbytes
-            fits = keep_on_device is True or (
-                keep_on_device == "auto" and need < 0.4 * torch.cuda.mem_get_info(self.device)[0])
-        else:  # MPS: unified memory, the cache costs no copy there
-            fits = keep_on_device is not False
+        fits = keep_on_device is True
+        if keep_on_device == "auto":
+            free = self.hw.free_memory()  # None: the host's memory (MPS), where the cache costs no second copy
+            fits = free is None or images.nbytes + masks.nbytes < 0.4 * free
         if fits:
             return images.to(self.device), masks.to(self.device), True
         return images, masks, False
@@ -297,9 +326,11 @@ class BatchLoader:
         needs = [([pick] if self.on_device else []) + (draw.device_parts() if draw is not None else [])
                  for pick, draw in zip(picks, draws)]
         for pick, draw, moved in zip(picks, draws, to_device(needs, self.device)):
-            images, masks = self._fetch(moved[0] if self.on_device else pick)
+            if self.on_device:
+                pick, moved = moved[0], moved[1:]
+            images, masks = self._fetch(pick)
             if draw is not None:
-                yield apply_augmentation(images, masks, draw.with_device_parts(moved[-4:]), self.augment,
+                yield apply_augmentation(images, masks, draw.with_device_parts(moved), self.augment,
                                          self.mean_t, self.std_t)
             else:
                 yield dataset.normalize(images, self.mean_t, self.std_t), masks[:, None].float()
@@ -315,16 +346,6 @@ def make_loader(split: dataset.CachedSplit, batch_size: int, mean, std, *, devic
     """
     return BatchLoader(split, batch_size, mean, std, device=device, train=train, seed=seed, rank=rank,
                        world_size=world_size, augment=augment, keep_on_device=keep_on_device)
-
-
-def make_loaders(splits: dataset.Splits, batch_size: int, *, device, seed: int, rank: int = 0, world_size: int = 1,
-                 eval_batch_size: int | None = None, augment: AugmentConfig | None = None,
-                 keep_on_device: str | bool = "auto") -> dict[str, BatchLoader]:
-    """{"train", "val", "test"}: the training loader (shuffled, augmented) and two evaluation loaders."""
-    return {name: make_loader(getattr(splits, name), batch_size if name == "train" else eval_batch_size or batch_size,
-                              splits.mean, splits.std, device=device, train=name == "train", seed=seed, rank=rank,
-                              world_size=world_size, augment=augment, keep_on_device=keep_on_device)
-            for name in dataset.SPLITS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,16 +402,15 @@ def bench(config: dataset.DataConfig, batch_size: int = 16, images: int = 128, r
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    dataset.add_data_config_args(parser)
-    parser.add_argument("--batch-size", type=int, default=16, help="batch size of the cached loader")
-    parser.add_argument("--images", type=int, default=128, help="images per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads for the cached pipeline")
+    parser = utils.build_parser(dataset.DataConfig, __doc__.split("\n\n")[0])
+    bench_flags = parser.add_argument_group("benchmark")
+    bench_flags.add_argument("--batch-size", type=int, default=16, help="batch size of the cached loader")
+    bench_flags.add_argument("--images", type=int, default=128, help="images per measurement")
+    bench_flags.add_argument("--rounds", type=int, default=3, help="alternating measurement rounds")
+    bench_flags.add_argument("--threads", type=int, default=1, help="torch CPU threads for the cached pipeline")
     args = parser.parse_args(argv)
     try:
-        bench(dataset.data_config_from_args(args), args.batch_size, args.images, args.rounds, args.threads)
+        bench(utils.subconfig(dataset.DataConfig, args), args.batch_size, args.images, args.rounds, args.threads)
     except dataset.DataError as err:
         sys.exit(f"error: {err}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import typing
+from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
@@ -71,37 +72,44 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
     return 1 - dice.mean()
 
 
-# The training losses, --loss's choices: a new loss is a name here and its branch in SegmentationLoss.forward.
-LossKind = typing.Literal["dice+bce", "dice"]
-LOSS_KINDS = typing.get_args(LossKind)
+def dice_plus_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss plus cross-entropy, with equal weights: binary (on the logits) for one class, softmax
+    cross-entropy for more; both in float32. The cross-entropy term gives every pixel a gradient, where
+    Dice's gradient fades once the overlap is large."""
+    loss = dice_loss(logits, target, smooth)
+    logits = logits.float()
+    target = _target_like(logits, target)
+    if logits.shape[1] == 1:
+        return loss + F.binary_cross_entropy_with_logits(logits, target)
+    return loss + F.cross_entropy(logits, target)  # soft-label form takes the one-hot target
+
+
+# The training losses by --loss name: a new loss is one entry here, a function (logits, target, smooth) -> a
+# float32 scalar, and --loss offers it.
+LOSSES = {"dice+bce": dice_plus_cross_entropy, "dice": dice_loss}
+LossKind = typing.Literal[tuple(LOSSES)]
+
+
+@dataclass
+class LossConfig:
+    """The training loss's settings. train.TrainConfig takes the fields as they are, so each is a flag of train.py."""
+
+    # --- loss ---
+    loss: LossKind = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
 
 
 class SegmentationLoss(nn.Module):
-    """The training loss: "dice" (soft Dice) or "dice+bce" (soft Dice + cross-entropy, equal weights).
-
-    The cross-entropy term is binary (on the logits) for one class and softmax cross-entropy for
-    more; both run in float32.
-    """
-
-    KINDS = LOSS_KINDS
+    """The training loss that --loss names (see LOSSES), as a module."""
 
     def __init__(self, kind: str = "dice", smooth: float = 1.0):
         super().__init__()
-        if kind not in self.KINDS:
-            raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(self.KINDS)}")
+        if kind not in LOSSES:
+            raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
         self.kind = kind
         self.smooth = smooth
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = dice_loss(logits, target, self.smooth)
-        if self.kind == "dice+bce":
-            logits = logits.float()
-            target = _target_like(logits, target)
-            if logits.shape[1] == 1:
-                loss = loss + F.binary_cross_entropy_with_logits(logits, target)
-            else:
-                loss = loss + F.cross_entropy(logits, target)  # soft-label form takes the one-hot target
-        return loss
+        return LOSSES[self.kind](logits, target, self.smooth)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, smooth={self.smooth}"

@@ -45,43 +45,57 @@ from __future__ import annotations
 
 import argparse
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# --norm's and --arch's choices; each name of Arch has its builder in MODELS (at the end of this file)
+# --norm's choices (--arch's are the names of MODELS, at the end of this file)
 Norm = typing.Literal["instance", "batch"]
-Arch = typing.Literal["improved-unet", "dynunet"]
 NORMS = typing.get_args(Norm)
-ARCHS = typing.get_args(Arch)
 SIZE_MULTIPLE = 16  # four stride-2 convolutions halve the input four times
 
 
 @dataclass
 class ModelConfig:
-    arch: Arch = "improved-unet"  # "improved-unet" (this file's network) or "dynunet" (MONAI's, as a baseline)
-    in_channels: int = 3  # input image channels (RGB)
-    num_classes: int = 1  # logit channels: 1 for a binary lesion mask (sigmoid), N for N classes (softmax)
-    base_channels: int = 16  # feature maps at full resolution; level k (0-4) has base_channels * 2**k
-    norm: Norm = "instance"  # "instance" (the paper's affine instance norm) or "batch"
-    dropout: float = 0.3  # channel dropout inside every context module (paper: 0.3)
-    negative_slope: float = 0.01  # LeakyReLU slope for negative inputs (paper: 1e-2)
+    """The network's settings, stored in every checkpoint. train.TrainConfig takes the fields as they are,
+    so each setting is also a flag of train.py."""
 
-    def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
-        if self.norm not in NORMS:
-            raise ValueError(f"ModelConfig.norm must be one of {NORMS}, got {self.norm!r}")
-        for name in ("in_channels", "num_classes", "base_channels"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ModelConfig.{name} must be at least 1, got {getattr(self, name)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"ModelConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.negative_slope < 0:
-            # in-place LeakyReLU recovers the sign of its input from its output, so the slope must be >= 0
-            raise ValueError(f"ModelConfig.negative_slope must be >= 0, got {self.negative_slope}")
+    # --- model ---
+    arch: Arch = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
+    in_channels: int = field(default=3, metadata={"setting": False})  # input image channels (RGB)
+    num_classes: int = field(default=1, metadata={"setting": False})  # logit channels: 1 for a binary lesion mask (sigmoid), N for N classes (softmax)
+    base_channels: int = 16  # feature maps at the first level (the paper: 16, doubling per level)
+    norm: Norm = "instance"  # "instance" (the paper's affine instance norm) or "batch"
+    dropout: float = 0.0  # channel dropout inside every context module (the paper: 0.3; --recipe paper sets it)
+    negative_slope: float = 0.01  # LeakyReLU slope for negative inputs (the paper: 1e-2)
+
+
+def check_config(config: ModelConfig) -> list[str]:
+    """The model settings that cannot work, as messages naming the flags (empty when usable)."""
+    problems = []
+    if config.arch not in MODELS:
+        problems.append(f"--arch must be one of {', '.join(MODELS)}, got {config.arch!r}")
+    if config.norm not in NORMS:
+        problems.append(f"--norm must be one of {', '.join(NORMS)}, got {config.norm!r}")
+    for name in ("in_channels", "num_classes", "base_channels"):
+        if int(getattr(config, name)) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    if not 0.0 <= config.dropout < 1.0:
+        problems.append(f"--dropout must be in [0, 1), got {config.dropout}")
+    if config.negative_slope < 0:
+        # in-place LeakyReLU recovers the sign of its input from its output, so the slope must be >= 0
+        problems.append(f"--negative-slope must be >= 0, got {config.negative_slope}")
+    return problems
+
+
+def checked(config: ModelConfig) -> ModelConfig:
+    """The config itself, or ValueError naming every setting that cannot work."""
+    problems = check_config(config)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return config
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -228,7 +242,7 @@ class ImprovedUNet(nn.Module):
 
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
-        self.config = config = config if config is not None else ModelConfig()
+        self.config = config = checked(config if config is not None else ModelConfig())
         c = config.base_channels
         self.level1 = ContextLevel(config.in_channels, c, 1, config)
         self.level2 = ContextLevel(c, 2 * c, 2, config)
@@ -297,31 +311,35 @@ class ImprovedUNet(nn.Module):
         return self.head(l3, l2, l1)  # (B, K, H, W) logits
 
 
-def dynunet_baseline(config: ModelConfig) -> nn.Module:
+def dynunet_baseline(config: ModelConfig, deep_supervision: bool = False) -> nn.Module:
     """MONAI's DynUNet configured like a plain reimplementation of the same paper: five levels of
     base_channels * 2**k residual blocks, affine instance (or batch) norm, LeakyReLU 0.01, 2x2 transposed
     convolutions, one output head (no deep supervision, so that it returns logits (B, K, H, W) in training
-    and evaluation alike). A baseline for the recipe study; MONAI is not needed for anything else."""
+    and evaluation alike). A baseline for the recipe study; MONAI is not needed for anything else.
+    deep_supervision=True adds the two lower heads of the paper's recipe (in training DynUNet then returns
+    them stacked), as benchmark.py times MONAI's network the way a MONAI user would train it."""
     try:
         from monai.networks.nets import DynUNet
     except ImportError:
         raise ImportError("--arch dynunet needs MONAI: pip install -r requirements-bench.txt") from None
-    c = config.base_channels
+    c = checked(config).base_channels
     norm = ("INSTANCE", {"affine": True}) if config.norm == "instance" else "BATCH"
     return DynUNet(spatial_dims=2, in_channels=config.in_channels, out_channels=config.num_classes,
                    kernel_size=[3] * 5, strides=[1, 2, 2, 2, 2], upsample_kernel_size=[2] * 4,
                    filters=[c, 2 * c, 4 * c, 8 * c, 16 * c], dropout=config.dropout or None, norm_name=norm,
                    act_name=("leakyrelu", {"inplace": True, "negative_slope": config.negative_slope}),
-                   deep_supervision=False, res_block=True)
+                   deep_supervision=deep_supervision, deep_supr_num=2 if deep_supervision else 1, res_block=True)
 
 
 def build_model(config: ModelConfig) -> nn.Module:
-    """The network a ModelConfig (as stored in every checkpoint) describes."""
-    return MODELS[config.arch](config)
+    """The network a ModelConfig (as stored in every checkpoint) describes; ValueError when it cannot be built."""
+    return MODELS[checked(config).arch](config)
 
 
-# The networks by --arch name: a new model is a builder here and its name in Arch above.
+# The networks by --arch name: a new model is one entry here, a builder that takes a ModelConfig.
 MODELS = {"improved-unet": ImprovedUNet, "dynunet": dynunet_baseline}
+Arch = typing.Literal[tuple(MODELS)]  # --arch's choices
+ARCHS = tuple(MODELS)
 
 
 def summary(model: ImprovedUNet, size: int = 256) -> str:

@@ -692,8 +692,7 @@ class Segmenter:
                 if not devices.out_of_memory(err) or self.chunk == 1:
                     raise
                 self.chunk = max(1, min(self.chunk, len(x)) // 2)
-                if self.hw.is_cuda:
-                    torch.cuda.empty_cache()
+                self.hw.empty_cache()
                 tqdm.write(f"out of device memory: going on with {self.chunk} image(s) a forward pass "
                            f"(--batch-size {self.chunk} next time)", file=sys.stderr)
 

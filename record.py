@@ -122,7 +122,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(epochs, [row["train_loss"] for row in history], label="train")
     axes[0].plot(epochs, [row["val_loss"] for row in history], label="validation")
-    axes[0].set_title("Dice loss")
+    axes[0].set_title("loss (train.py --loss)")
     axes[0].legend()
     axes[1].plot(epochs, [row["val_dice"] for row in history], label="Dice")
     axes[1].plot(epochs, [row["val_jaccard"] for row in history], label="Jaccard")

@@ -37,28 +37,16 @@ import synthetic
 import utils
 
 @dataclass
-class TrainConfig:
-    """Every setting of a training run; each field is a --kebab-case flag of train.py."""
+class TrainConfig(losses.LossConfig, loader.AugmentSettings, modules.ModelConfig, dataset.DataConfig):
+    """Every setting of a training run; each field is a --kebab-case flag of train.py. The data, model,
+    augmentation and loss settings are declared in the files that own them (dataset.DataConfig,
+    modules.ModelConfig, loader.AugmentSettings, losses.LossConfig) and taken here as they are; this class
+    adds the recipe, the optimisation, the hardware and the run."""
 
     # --- data ---
-    data_dir: str = "data/ISIC2018"  # ISIC root (official folders or images/ + masks/); synthetic set when absent
-    cache_dir: str | None = None  # where the resized images are cached; default <data-dir>/.cache, or ~/.cache/improved-unet-isic/ when the data folder is read-only
-    image_size: int = 256  # side of the square the images are resized to (multiple of 16)
-    val_fraction: float = 0.1  # share of the training folder held out for validation when there is no official one
-    test_fraction: float = 0.1  # share held out for testing when there is no official test ground truth
-    split_seed: int = 0  # seed of the train/val/test split (kept fixed across runs to compare them)
-    folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images; validate on fold --fold
-    fold: int = 0  # the validation fold, 0 .. K-1 (summarise the K runs with python crossval.py)
-    skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
     synthetic_images: int = 400  # size of the built-in synthetic lesion set
     # --- recipe ---
     recipe: Literal["default", "paper"] = "default"  # "default": the settings below; "paper": Isensee et al.'s for the fields you do not set
-    # --- model ---
-    arch: modules.Arch = "improved-unet"  # "improved-unet" (this network) or "dynunet" (MONAI's DynUNet baseline; needs monai)
-    base_channels: int = 16  # feature maps at the first level (the paper: 16, doubling per level)
-    norm: modules.Norm = "instance"  # "instance" (the paper's choice) or "batch"
-    dropout: float = 0.0  # dropout inside the context modules (the paper: 0.3)
-    sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
     # --- optimisation ---
     epochs: int = 100  # passes over the training split
     minutes: float = 0.0  # wall-clock budget of training plus validation: the steps and the schedule are fitted to it from the throughput measured in the first steps; with --epochs, the first limit reached ends the run; 0: off
@@ -69,18 +57,9 @@ class TrainConfig:
     lr_decay: float = 0.985  # per-epoch factor of the paper schedule
     warmup_epochs: float = 0.3  # linear warm-up from 0, in epochs (fractions allowed), before either schedule
     grad_clip: float = 0.0  # clip the gradient norm to this value; 0 turns clipping off
-    loss: losses.LossKind = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy) or "dice" (the paper's)
     ema: float = 0.0  # decay of an exponential moving average of the weights (e.g. 0.99); the average is validated and saved as the model; 0: off
-    # --- augmentation ---
-    augment: loader.Augment = loader.DEFAULT_AUGMENT  # preset: none, flips (the square's 8 symmetries), light or full (see loader.AUGMENT_PRESETS)
-    flips: bool | None = None  # random flips and 90-degree turns; default: the preset's
-    rotate_deg: float | None = None  # rotation drawn from [-x, x] degrees; default: the preset's
-    zoom: float | None = None  # zoom factor drawn from [1 - x, 1 + x]; default: the preset's
-    affine_p: float | None = None  # share of images that get the rotation and zoom; default: the preset's
-    brightness: float | None = None  # brightness factor drawn from [1 - x, 1 + x]; default: the preset's
-    contrast: float | None = None  # contrast factor around the mean luminance, likewise; default: the preset's
-    saturation: float | None = None  # saturation factor around each pixel's luminance, likewise; default: the preset's
     # --- hardware ---
+    sync_batchnorm: bool = False  # synchronise batch-norm statistics across GPUs under DDP
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     amp: devices.Amp = "auto"  # auto: bf16 on CUDA from capability 8.0 (A100, H100) and on CPUs with AVX512_BF16 or AMX, fp16 on older GPUs (P100, V100: cuDNN has no bf16 convolutions there), off (fp32) elsewhere
     channels_last: bool | None = None  # NHWC activations; default: with batch norm on CUDA (cuDNN's tensor-core kernels are NHWC) and on a CPU in fp32; NCHW with instance norm, whose kernels are NCHW (an NHWC run converts at every norm), and on MPS
@@ -150,13 +129,14 @@ def config_table(cls=None, groups=None) -> str:
 
 
 def check_config(config: TrainConfig) -> list[str]:
-    """Settings that cannot work, as messages (empty when the config is usable)."""
-    problems = []
-    if config.image_size < 16 or config.image_size % 16:
-        nearest = max(16, round(config.image_size / 16) * 16)
-        problems.append(f"--image-size must be a positive multiple of 16 (the network halves it four times); "
-                        f"try {nearest}")
-    for name in ("batch_size", "epochs", "base_channels", "synthetic_images"):
+    """Settings that cannot work, as messages (empty when the config is usable): the data's, the model's and
+    the augmentation's from the files that own them, then the run's own."""
+    problems = dataset.check_config(config) + modules.check_config(config) + loader.check_augment(config)
+    if config.image_size >= 1 and config.image_size % modules.SIZE_MULTIPLE:
+        nearest = max(modules.SIZE_MULTIPLE, round(config.image_size / modules.SIZE_MULTIPLE) * modules.SIZE_MULTIPLE)
+        problems.append(f"--image-size must be a multiple of {modules.SIZE_MULTIPLE} (the network halves it four "
+                        f"times); try {nearest}")
+    for name in ("batch_size", "epochs", "synthetic_images"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
     if not config.lr > 0 or not math.isfinite(config.lr):
@@ -169,38 +149,10 @@ def check_config(config: TrainConfig) -> list[str]:
         problems.append(f"--minutes must be 0 (no budget) or a positive number of minutes, got {config.minutes}")
     if not 0 <= config.ema < 1:
         problems.append(f"--ema must be in [0, 1) (0 turns it off; 0.99 is a usual decay), got {config.ema}")
-    if not 0 <= config.dropout < 1:
-        problems.append(f"--dropout must be in [0, 1), got {config.dropout}")
-    for name in ("val_fraction", "test_fraction"):
-        if not 0 <= getattr(config, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(config, name)}")
-    if config.folds == 1 or config.folds < 0:
-        problems.append(f"--folds must be 0 (no cross-validation) or at least 2, got {config.folds}")
-    elif config.folds >= 2 and not 0 <= config.fold < config.folds:
-        problems.append(f"--fold must be in 0..{config.folds - 1} for --folds {config.folds}, got {config.fold}")
-    if config.val_fraction + config.test_fraction >= 1:
-        problems.append("--val-fraction plus --test-fraction must leave images for training")
     for name in ("grad_clip", "warmup_epochs", "max_steps", "limit_samples", "num_preview"):
         if getattr(config, name) < 0:
             problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
-    for name in ("rotate_deg", "brightness", "contrast", "saturation"):
-        if getattr(config, name) is not None and getattr(config, name) < 0:
-            problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(config, name)}")
-    if config.zoom is not None and not 0 <= config.zoom < 1:
-        problems.append(f"--zoom must be in [0, 1), got {config.zoom}")
-    if config.affine_p is not None and not 0 <= config.affine_p <= 1:
-        problems.append(f"--affine-p must be in [0, 1], got {config.affine_p}")
     return problems
-
-
-def augment_config(config: TrainConfig) -> loader.AugmentConfig:
-    """The --augment preset with the individual knobs that were given laid over it."""
-    preset = loader.AUGMENT_PRESETS[config.augment]
-    knobs = {name: getattr(config, name) for name in ("flips", "rotate_deg", "affine_p", "brightness", "contrast",
-                                                        "saturation") if getattr(config, name) is not None}
-    if config.zoom is not None:
-        knobs["scale"] = (1.0 - config.zoom, 1.0 + config.zoom)
-    return dataclasses.replace(preset, **knobs)
 
 
 def apply_recipe(config: TrainConfig, explicit: set[str]) -> tuple[TrainConfig, set[str]]:
@@ -372,9 +324,23 @@ class EpochTrainer:
     on_measured: object = None  # called with the global step once the pace has been measured
     average: WeightAverage | None = None
     steps_per_epoch: int | None = None
+    # fp16 (a GradScaler): steps in a row whose loss was not finite, counted on the device. GradScaler skips such
+    # a step and lowers its scale, so a passing overflow costs one step; only a streak of OVERFLOW_STREAK ends the run.
+    overflow_streak: torch.Tensor | None = field(default=None, init=False, repr=False)
+    overflow_steps: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    OVERFLOW_STREAK = 10
+
+    def __post_init__(self):
+        self.reset_overflows()
+
+    def reset_overflows(self) -> None:
+        self.overflow_streak = torch.zeros((), dtype=torch.int32, device=self.hw.device)
+        self.overflow_steps = torch.zeros((), dtype=torch.int32, device=self.hw.device)
 
     def step(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """One optimizer step on a batch; returns its loss (float32, on the device, not read back)."""
+        """One optimizer step on a batch; returns its loss (float32, on the device, not read back). Under fp16
+        a loss that is not finite counts 0 and as an overflow (see overflow_streak)."""
         config, optimizer, scaler = self.config, self.optimizer, self.scaler
         with self.autocast():
             logits = self.model(images)
@@ -396,7 +362,13 @@ class EpochTrainer:
         self.scheduler.step()
         if self.average is not None:
             self.average.update()
-        return loss.detach()
+        loss = loss.detach()
+        if scaler is None:
+            return loss
+        finite = torch.isfinite(loss)
+        self.overflow_streak = (self.overflow_streak + 1) * ~finite
+        self.overflow_steps += ~finite
+        return torch.where(finite, loss, torch.zeros_like(loss))
 
     def steps_in(self, epoch: int, per_epoch: int) -> int:
         """Steps of this epoch: all of them, or fewer where the --minutes plan ends inside it."""
@@ -413,6 +385,7 @@ class EpochTrainer:
                                                                                              config.max_steps))
         steps = self.steps_in(epoch, per_epoch)
         total_loss = torch.tensor(loss_sum, device=hw.device, dtype=torch.float32)
+        self.reset_overflows()
         seen, check_every = images_seen, hw.check_every
         bar = utils.Progress(total=steps, initial=start_step, desc=f"epoch {epoch + 1}",
                              enabled=config.progress and utils.is_main_process())
@@ -440,12 +413,14 @@ class EpochTrainer:
             signalled = overrun = False
             if checking or not distributed:  # without DDP a signal is a Python flag: read it every step
                 signalled, overrun, bad = preemption.poll(distributed, hw.device, pace is not None and pace.overrun(),
-                                                          total_loss if checking else None)
+                                                          self.checked_loss(total_loss) if checking else None)
                 if bad:
+                    what = (f"the fp16 loss overflowed in {self.OVERFLOW_STREAK} steps in a row" if self.scaler is
+                            not None else f"the training loss became {total_loss.item()}")
                     raise TrainingError(
-                        f"the training loss became {total_loss.item()} at epoch {epoch + 1}, step {step} (or within "
-                        f"the {check_every} steps before it). The last good checkpoint is kept. Try a lower --lr, "
-                        f"--grad-clip 1.0, or --amp bf16/off instead of fp16.")
+                        f"{what} at epoch {epoch + 1}, step {step} (or within the {check_every} steps before it). "
+                        f"The last good checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --amp bf16/off "
+                        f"instead of fp16.")
             if bar.enabled and ((step - start_step - 1) % max(10, check_every) == 0 or step >= steps):  # shown bar only
                 rate = timed_images / max(time.perf_counter() - started, 1e-9)
                 postfix = {"loss": f"{total_loss.item() / max(seen, 1):.4f}", "img_s": f"{rate:.1f}"}
@@ -458,14 +433,24 @@ class EpochTrainer:
                 stopped = signalled and step < steps
                 break
         bar.close()
-        if not torch.isfinite(total_loss):
+        if not torch.isfinite(self.checked_loss(total_loss)):
             raise TrainingError(f"the training loss became {total_loss.item()} during epoch {epoch + 1}. The last good "
                                 f"checkpoint is kept. Try a lower --lr, --grad-clip 1.0, or --amp bf16/off.")
         seconds = time.perf_counter() - started
         ranks = torch.distributed.get_world_size() if distributed else 1
+        skipped = int(self.overflow_steps.item())
+        if skipped:
+            utils.print0(f"epoch {epoch + 1}: {skipped} fp16 step(s) overflowed and were skipped by the GradScaler "
+                         f"(loss scale now {self.scaler.get_scale():g})")
         return {"loss_sum": total_loss.item(), "images": seen, "step": step, "stopped": stopped, "overrun": overrun,
                 "images_per_s": timed_images / max(seconds, 1e-9) * ranks, "seconds": seconds,
-                "timed_steps": step - start_step}
+                "timed_steps": step - start_step, "overflow_steps": skipped}
+
+    def checked_loss(self, total_loss: torch.Tensor) -> torch.Tensor:
+        """The value whose finiteness the check reads: the loss sum, made infinite by a streak of overflows."""
+        if self.scaler is None:
+            return total_loss
+        return total_loss + torch.where(self.overflow_streak >= self.OVERFLOW_STREAK, torch.inf, 0.0)
 
 
 @torch.no_grad()
@@ -659,7 +644,7 @@ def setup_data(config: TrainConfig, state: dict | None, dist, device: torch.devi
     val_split = train_split if config.overfit_batch else splits.val
     loader_args = dict(mean=splits.mean, std=splits.std, device=device, rank=dist.rank, world_size=dist.world_size)
     train_loader = loader.make_loader(train_split, config.batch_size, train=True, seed=config.seed,
-                                       augment=augment_config(config), **loader_args)
+                                       augment=loader.augmentation(config), **loader_args)
     val_loader = loader.make_loader(val_split, config.batch_size, train=False, seed=config.seed, **loader_args)
     if len(train_loader) == 0:
         raise dataset.DataError(f"{config.data_dir}: {len(train_split.ids)} training images make no full batch of "
@@ -719,12 +704,13 @@ class Optimisation:
 
 
 def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoch: int, hw: devices.Hardware,
-                       pace: budget.Pace) -> Optimisation:
+                       pace: budget.Pace, dtype: torch.dtype | None) -> Optimisation:
+    """Adam, the schedule, autocast and GradScaler for `dtype` (--amp, resolved once a run by _train), and the loss."""
     optimizer = torch.optim.Adam(raw_model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
                                  fused=hw.fused_optimizer)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch, pace)
-    autocast, scaler, _ = devices.precision(config.amp, hw)
-    return Optimisation(optimizer, scheduler, autocast, scaler, losses.SegmentationLoss(config.loss))
+    return Optimisation(optimizer, scheduler, hw.autocast(dtype), hw.grad_scaler(dtype),
+                        losses.SegmentationLoss(config.loss))
 
 
 # ----------------------------------------------------------------------------- the run
@@ -785,7 +771,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     saved = state or {}
     pace = budget.Pace(config.minutes, steps_per_epoch, config.epochs * steps_per_epoch, saved.get("budget_plan"),
                        saved.get("used_seconds", 0.0))
-    optim = setup_optimisation(config, model.raw, steps_per_epoch, hw, pace)
+    optim = setup_optimisation(config, model.raw, steps_per_epoch, hw, pace, dtype)
     progress = checkpoint.restore(state, optim.optimizer, optim.scheduler, optim.scaler, dist.rank, dist.world_size)
     if rescaled:  # the restored learning rate was the old step's: take the one of the step the run stands at now
         scheduler = optim.scheduler
@@ -811,7 +797,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
         summary = {"run_dir": str(run.record.dir), "best_epoch": progress.best_epoch,
                    "best_val_dice": progress.best_metric, "epochs": len(progress.history), "data_dir": config.data_dir,
                    "synthetic": on_synthetic, "ema": config.ema,
-                   "budget": budget_summary(pace, config, progress.history, steps_per_epoch)}
+                   "budget": pace.summary(len(progress.history))}
         if run.main:
             best = progress.history[progress.best_epoch - 1] if 0 < progress.best_epoch <= len(progress.history) else {}
             summary["best_metrics"] = {k: v for k, v in best.items() if k.startswith("val_")}
@@ -901,17 +887,13 @@ def end_epoch(run: Run, epoch: int, result: dict, train_seconds: float) -> bool:
 
 
 def replan(run: Run, done_steps: int, result: dict) -> None:
-    """Re-fit a --minutes plan to the pace of the last epochs (see budget.Pace.replan). Only an epoch of at
-    least WINDOW_STEPS steps trained whole under a plan decided before it is a measurement (the first
-    includes the timing window and its probe). Rank 0's measurement decides for every rank, which must all
-    stop at the same step."""
+    """Re-fit a --minutes plan to the pace of the last epochs (see budget.Pace.replan). Rank 0's measurement
+    decides for every rank, which must all stop at the same step."""
     pace = run.pace
     if not (pace.budgeted and pace.plan):
         return
-    timed = result["timed_steps"]
-    timed_whole = timed >= budget.WINDOW_STEPS and pace.plan.get("decided_at_step", done_steps) < done_steps - timed
     before = pace.total_steps
-    step_seconds = pace.epoch_pace(result["seconds"] / timed) if timed_whole else None
+    step_seconds = pace.measured_pace(done_steps, result["timed_steps"], result["seconds"])
     changed = step_seconds is not None and pace.replan(done_steps, step_seconds,
                                                        pace.end_seconds or pace.plan.get("epoch_end_seconds", 0.0))
     if run.dist.is_distributed:  # every rank takes part, whatever its own measurement said
@@ -922,10 +904,7 @@ def replan(run: Run, done_steps: int, result: dict) -> None:
         run.progress.budget_plan = pace.plan
         if run.main:
             run.write_config()
-            last = pace.plan["replans"][-1]
-            utils.print0(f"budget {pace.minutes:g} min: {last['step_seconds'] * 1000:.0f} ms a step in the last epochs "
-                         f"(planned {pace.plan['step_seconds'] * 1000:.0f}) -> {last['to']} steps instead of "
-                         f"{last['from']}, the learning-rate schedule re-fitted to them")
+            utils.print0(pace.replan_line())
 
 
 def epoch_end_seconds(run: Run) -> float:
@@ -959,52 +938,12 @@ def on_measured(run: Run, global_step: int) -> None:
         run.progress.budget_plan = pace.plan
         if run.main:
             run.write_config()
-            utils.print0(budget_line(pace, run.steps_per_epoch, end_seconds))
+            utils.print0(pace.line(end_seconds))
     elif run.main and not pace.budgeted:
-        warning = cost_warning(run.config, run.hw, pace.estimate_seconds(end_seconds, global_step))
+        warning = budget.cost_warning(pace.estimate_seconds(end_seconds, global_step), run.hw.is_cpu,
+                                      run.config.epochs, run.config.image_size, run.config.data_dir)
         if warning:
             utils.print0(warning)
-
-
-def budget_line(pace: budget.Pace, steps_per_epoch: int, end_seconds: float) -> str:
-    plan = pace.plan
-    return (f"budget {pace.minutes:g} min: {plan['step_seconds'] * 1000:.0f} ms a step and {end_seconds:.1f} s an "
-            f"epoch end measured -> {plan['total_steps']} steps ({plan['total_steps'] / steps_per_epoch:.1f} epochs), "
-            f"the learning-rate schedule fitted to them")
-
-
-def budget_summary(pace: budget.Pace, config: TrainConfig, history: list[dict], steps_per_epoch: int) -> dict | None:
-    """The budget, the time used and the steps planned against the steps done (None without --minutes)."""
-    if not pace.budgeted:
-        return None
-    plan = pace.plan or {}
-    done = min(pace.total_steps, len(history) * steps_per_epoch)
-    return {"minutes": config.minutes, "used_minutes": round(pace.used_seconds() / 60, 3),  # the budget's own clock
-            "planned_steps": plan.get("planned_steps", plan.get("total_steps")), "done_steps": done, "step_seconds": plan.get("step_seconds"),
-            "epoch_end_seconds": plan.get("epoch_end_seconds"), "overrun": bool(plan.get("overrun")),
-            "replans": plan.get("replans", [])}
-
-
-# What a 2-core CPU reaches in a short budget (results/budgets.csv); printed when a CPU run will take long.
-CPU_BUDGET_COMMAND = "python train.py --data-dir DATA --minutes 10 --image-size 96"
-CPU_BUDGET_REACHES = "test Dice 0.90 on ISIC 2018 with 2 CPU cores that have bf16, 0.89 without"
-
-
-def cost_warning(config: TrainConfig, hw: devices.Hardware, estimate_seconds: float) -> str | None:
-    """A warning, printed before the run has cost much, when it will take long on this machine: over an
-    hour on a CPU, or longer than the SLURM job has left (then the job requeues to finish)."""
-    lines = []
-    if hw.is_cpu and estimate_seconds > 3600:
-        lines.append(f"warning: this run is estimated to take {budget.format_minutes(estimate_seconds)} on this CPU "
-                     f"({config.epochs} epochs at {config.image_size}px). For a short CPU budget use "
-                     f"`{CPU_BUDGET_COMMAND.replace('DATA', config.data_dir)}` ({CPU_BUDGET_REACHES}); "
-                     f"training goes on.")
-    left = budget.slurm_seconds_left()
-    if left is not None and estimate_seconds > left:
-        lines.append(f"note: this run is estimated to take {budget.format_minutes(estimate_seconds)}, longer than the "
-                     f"{budget.format_minutes(max(left, 0))} this SLURM job has left; it will save at the time-limit "
-                     f"warning and be requeued to finish (slurm/train.sh requeues itself).")
-    return "\n".join(lines) or None
 
 
 def main(argv=None) -> dict:

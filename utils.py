@@ -126,13 +126,27 @@ class ConfigError(ValueError):
     """A configuration file or flag that cannot be used; the message says which and why."""
 
 
+def _declaring_classes(cls) -> list[type]:
+    """The dataclasses that declare `cls`'s fields, in field order: a config composed from the configs of the
+    files that own its settings (train.TrainConfig from dataset.DataConfig, modules.ModelConfig, ...) reads
+    each field's comment and group from the class that declares it."""
+    return [c for c in reversed(cls.__mro__) if "__dataclass_fields__" in vars(c)]
+
+
+def settings(cls) -> list[dataclasses.Field]:
+    """The fields of a config dataclass that a user sets (flags, config-file keys). A field declared with
+    metadata {"setting": False} is fixed by the task and only carried along (modules.ModelConfig.in_channels)."""
+    return [f for f in dataclasses.fields(cls) if f.metadata.get("setting", True)]
+
+
 def field_help(cls) -> dict[str, str]:
     """The one-line comment after each field of a dataclass, used as that flag's help text."""
     helps = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
-        if match:
-            helps[match.group(1)] = match.group(2).strip()
+    for declaring in _declaring_classes(cls):
+        for line in inspect.getsource(declaring).splitlines():
+            match = re.match(r"\s+(\w+):[^#]*#\s*(.+)$", line)
+            if match:
+                helps[match.group(1)] = match.group(2).strip()
     return helps
 
 
@@ -190,17 +204,20 @@ def write_csv(path, rows: list[dict], columns: list[str]) -> None:
 
 
 def field_groups(cls) -> dict[str, list[str]]:
-    """Help groups of a dataclass's fields, from its own `# --- name ---` comment lines (fields in order)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    groups, current = {}, "options"
-    for line in inspect.getsource(cls).splitlines():
-        marker = re.match(r"\s+# --- (.+?) ---", line)
-        if marker:
-            current = marker.group(1)
-            continue
-        match = re.match(r"\s+(\w+):", line)
-        if match and match.group(1) in names:
-            groups.setdefault(current, []).append(match.group(1))
+    """Help groups of a dataclass's settings, from the `# --- name ---` comment lines of the classes that
+    declare them (fields in order; a group named again by a later class gathers its fields too)."""
+    names = {f.name for f in settings(cls)}
+    groups = {}
+    for declaring in _declaring_classes(cls):
+        current = "options"
+        for line in inspect.getsource(declaring).splitlines():
+            marker = re.match(r"\s+# --- (.+?) ---", line)
+            if marker:
+                current = marker.group(1)
+                continue
+            match = re.match(r"\s+(\w+):", line)
+            if match and match.group(1) in names and match.group(1) in inspect.get_annotations(declaring):
+                groups.setdefault(current, []).append(match.group(1))
     return groups
 
 
@@ -274,7 +291,7 @@ def read_config_file(path: str | os.PathLike, cls) -> dict:
         raise ConfigError(f"config file {path} could not be parsed: {err}") from None
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path} must hold a mapping of setting names to values")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in settings(cls)}
     hints = typing.get_type_hints(cls)
     checked = {}
     for key, value in values.items():
@@ -305,7 +322,7 @@ def build_parser(cls, description: str, groups: dict[str, list[str]] | None = No
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
     )
     helps = field_help(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in settings(cls)}
     hints = typing.get_type_hints(cls)
     missing = set(fields) - {name for names in groups.values() for name in names}
     assert not missing, f"fields without a help group: {missing}"

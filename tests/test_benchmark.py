@@ -161,9 +161,41 @@ def test_cuda_settings_match_train_py_and_are_restored(gpus):
                                         ("NVIDIA A10", (125.0, "bf16")), ("NVIDIA A10G", None),
                                         ("Tesla V100-SXM2-32GB", (125.0, "fp16")), ("Tesla P100-PCIE-16GB", (18.7, "fp16")),
                                         ("Tesla T4", (65.0, "fp16")), ("NVIDIA GeForce RTX 4090", (165.0, "bf16")),
-                                        ("NVIDIA L40S", (362.0, "bf16")), ("NVIDIA GeForce GTX 1080", None)])
+                                        ("NVIDIA L40S", (362.0, "bf16")), ("NVIDIA GeForce GTX 1080", None),
+                                        ("NVIDIA A100-SXM4-40GB MIG 3g.20gb", (312.0 * 3 / 7, "bf16")),
+                                        ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", (989.0 / 7, "bf16"))])
 def test_peak_tflops_by_gpu_name(name, peak):
-    assert benchmark.peak_tflops(name) == peak
+    assert benchmark.peak_tflops(name) == peak  # a MIG slice: its share of the GPU's, so MFU is of the slice
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_peak_memory_is_read_after_a_warm_up_step_on_cuda_and_from_the_first_step_on_the_cpu(monkeypatch, cuda):
+    """On CUDA the first steps hold cuDNN's and torch.compile's one-off workspaces; on the CPU the first step's
+    growth of the resident set is the figure (the gradients and Adam's state)."""
+    steps, measured = [], []
+
+    class Recorder:
+        def __init__(self, device):
+            self.peak_mb = self.extra_mb = 1.0
+
+        def __enter__(self):
+            measured.append(len(steps))
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    class Stub:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        train_step = staticmethod(lambda: steps.append("train"))
+        infer_step = staticmethod(lambda: steps.append("infer"))
+
+    gpu = devices.Hardware(torch.device("cuda", 0), "NVIDIA H100", (9, 0), torch.bfloat16, True)
+    monkeypatch.setattr(benchmark.devices, "hardware", lambda device: gpu if cuda else devices.Hardware(
+        torch.device("cpu"), "CPU", None, None, False))
+    monkeypatch.setattr(benchmark, "PeakMemory", Recorder)
+    benchmark.Runner.measure_memory(Stub())
+    assert measured == ([2, 3] if cuda else [0, 1])
 
 
 def test_quick_flags_parse():

@@ -256,24 +256,21 @@ def test_preempted_budget_run_resumes_to_the_uninterrupted_weights(isic_folder, 
 # ----------------------------------------------------------------------------- the cost estimate
 
 
-GPU = devices.Hardware(torch.device("cuda", 0), "NVIDIA A100", (8, 0), torch.bfloat16, True)
-
-
 def test_a_long_cpu_run_says_what_it_will_cost_and_what_the_budget_command_reaches():
-    config = train.TrainConfig(data_dir="data/ISIC2018", epochs=100, image_size=256)
-    warning = train.cost_warning(config, devices.hardware("cpu"), 26 * 3600)
-    assert "26.0 h" in warning and "--minutes" in warning and train.CPU_BUDGET_REACHES in warning
-    assert "training goes on" in warning
-    assert train.cost_warning(config, devices.hardware("cpu"), 40 * 60) is None
-    assert train.cost_warning(config, GPU, 26 * 3600) is None  # a GPU run outside SLURM
+    run = dict(epochs=100, image_size=256, data_dir="data/ISIC2018")
+    warning = budget.cost_warning(26 * 3600, True, **run)
+    assert "26.0 h" in warning and "--minutes" in warning and budget.CPU_BUDGET_REACHES in warning
+    assert "--data-dir data/ISIC2018 --minutes 10" in warning and "training goes on" in warning
+    assert budget.cost_warning(40 * 60, True, **run) is None
+    assert budget.cost_warning(26 * 3600, False, **run) is None  # a GPU run outside SLURM
 
 
 def test_a_gpu_run_longer_than_its_slurm_job_says_it_will_be_requeued(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_END_TIME", str(int(__import__("time").time()) + 3600))
-    config = train.TrainConfig()
-    note = train.cost_warning(config, GPU, 3 * 3600)
+    run = dict(epochs=100, image_size=256, data_dir="data/ISIC2018")
+    note = budget.cost_warning(3 * 3600, False, **run)
     assert "requeued" in note and "3.0 h" in note
-    assert train.cost_warning(config, GPU, 30 * 60) is None
+    assert budget.cost_warning(30 * 60, False, **run) is None
 
 
 def test_the_estimate_is_printed_before_the_first_epoch_ends(isic_folder, tmp_path, monkeypatch, capsys):

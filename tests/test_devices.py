@@ -462,7 +462,7 @@ def test_loss_metrics_and_averager_make_no_float64():
     masks = (torch.rand(3, 1, 16, 16, generator=gen) > 0.5).float()
     averager = losses.MetricAverager()
     with no_float64():
-        for kind in losses.SegmentationLoss.KINDS:
+        for kind in losses.LOSSES:
             loss = losses.SegmentationLoss(kind)(logits, masks)
             loss.backward()
             averager.update({"loss": loss.detach()})

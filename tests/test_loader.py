@@ -6,7 +6,7 @@ import torch
 
 import dataset
 import loader
-from loader import AUGMENT_PRESETS, AugmentConfig, _affine_grid, augment_batch, make_loader, make_loaders
+from loader import AUGMENT_PRESETS, AugmentConfig, _affine_grid, apply_augmentation, draw_augmentation, make_loader
 from test_dataset import config, make_set
 
 
@@ -18,6 +18,11 @@ def tiny_split(n=10, s=16, seed=0):
 
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+
+
+def augment_batch(images, masks, generator, cfg, mean=None, std=None):
+    """One batch augmented as BatchLoader does it, on the CPU: draws from `generator`, then the application."""
+    return apply_augmentation(images, masks, draw_augmentation(images.shape[0], generator, cfg), cfg, mean, std)
 
 
 def test_normalize_matches_the_formula():
@@ -102,10 +107,11 @@ def test_tiny_train_split_still_yields_a_batch():
     assert len(loader) == 1 and [len(x) for x, _ in loader] == [3]
 
 
-def test_make_loaders_from_prepared_splits(tmp_path):
+def test_loaders_from_prepared_splits(tmp_path):
     make_set(tmp_path / "data", 10)
     splits = dataset.prepare_splits(config(tmp_path / "data", tmp_path))
-    loaders = make_loaders(splits, 4, device="cpu", seed=0, eval_batch_size=8)
+    loaders = {name: make_loader(getattr(splits, name), 4 if name == "train" else 8, splits.mean, splits.std,
+                                 device="cpu", train=name == "train", seed=0) for name in dataset.SPLITS}
     assert {k: (len(v), v.train) for k, v in loaders.items()} == {"train": (2, True), "val": (1, False),
                                                                  "test": (1, False)}
     x, m = next(iter(loaders["train"]))

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import modules
+import train
 from modules import ImprovedUNet, InstanceNorm, ModelConfig, count_parameters, main, upsample_conv3x3
 
 TINY = dict(base_channels=4)
@@ -163,7 +164,7 @@ def test_gradients_have_their_parameters_strides(channels_last):
 
 
 def test_eval_is_deterministic_and_train_uses_dropout():
-    model = tiny()
+    model = tiny(dropout=0.3)
     x = torch.randn(2, 3, 64, 64)
     model.eval()
     with torch.no_grad():
@@ -210,8 +211,12 @@ def test_wrong_channel_count_and_rank_are_clear_errors():
     "field,value", [("norm", "layer"), ("dropout", 1.0), ("negative_slope", -0.1), ("base_channels", 0)]
 )
 def test_bad_config_is_rejected(field, value):
-    with pytest.raises(ValueError, match=field):
-        ModelConfig(**{field: value})
+    flag = "--" + field.replace("_", "-")
+    assert any(problem.startswith(flag) for problem in modules.check_config(ModelConfig(**{field: value})))
+    with pytest.raises(ValueError, match=flag):
+        modules.build_model(ModelConfig(**{field: value}))
+    with pytest.raises(ValueError, match=flag):
+        ImprovedUNet(ModelConfig(**{field: value}))
 
 
 def test_config_rebuilds_the_model_from_a_checkpoint_dict():
@@ -343,11 +348,13 @@ def test_main_prints_summary_and_parameter_count(capsys):
         assert name in printed
 
 
-def test_default_model_config_is_the_papers_network():
+def test_default_model_config_is_the_papers_network_and_the_paper_recipe_adds_its_dropout():
     config = ModelConfig()
-    assert (config.arch, config.base_channels, config.norm, config.dropout, config.negative_slope) == \
-        ("improved-unet", 16, "instance", 0.3, 0.01)
+    assert (config.arch, config.base_channels, config.norm, config.negative_slope) == \
+        ("improved-unet", 16, "instance", 0.01)
     assert isinstance(modules.build_model(config), ImprovedUNet)
+    # dropout 0 is the default training recipe's (chosen on validation images); --recipe paper trains with 0.3
+    assert config.dropout == 0.0 and train.RECIPES["paper"]["dropout"] == 0.3
 
 
 @pytest.mark.parametrize("norm", ["instance", "batch"])
@@ -364,6 +371,6 @@ def test_dynunet_baseline_returns_logits_in_training_and_evaluation(norm):
 
 
 def test_unknown_arch_is_refused():
-    with pytest.raises(ValueError, match="arch must be one of"):
-        ModelConfig(arch="resnet")
+    with pytest.raises(ValueError, match="--arch must be one of improved-unet, dynunet"):
+        modules.build_model(ModelConfig(arch="resnet"))
 

@@ -3,6 +3,7 @@
 import contextlib
 import csv
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -119,7 +120,7 @@ def test_paper_recipe_fills_only_the_settings_not_given(isic_folder, tmp_path):
 def test_augment_preset_and_knobs_from_flags():
     def parsed(*flags):
         config, _, _ = utils.parse_config(train.TrainConfig, list(flags), "", train.GROUPS, train.CHOICES)
-        return train.augment_config(config)
+        return loader.augmentation(config)
 
     assert parsed() == loader.AUGMENT_PRESETS["flips"]
     assert parsed("--augment", "full") == loader.AugmentConfig()
@@ -252,14 +253,36 @@ def test_flag_choices_come_from_the_files_that_own_them_and_match_what_they_name
     assert train.CHOICES["arch"] == list(modules.ARCHS) and set(modules.MODELS) == set(modules.ARCHS)
     assert train.CHOICES["augment"] == list(loader.AUGMENT_PRESETS)
     assert train.CHOICES["norm"] == list(modules.NORMS) == ["instance", "batch"]
-    assert train.CHOICES["loss"] == list(losses.LOSS_KINDS) == list(losses.SegmentationLoss.KINDS)
+    assert train.CHOICES["loss"] == list(losses.LOSSES)
     assert train.CHOICES["amp"] == list(devices.AMP_CHOICES) == utils.field_choices(predict.PredictConfig)["amp"]
-    for kind in losses.LOSS_KINDS:  # every name a loss
+    for kind in losses.LOSSES:  # every name a loss
         losses.SegmentationLoss(kind)
     with pytest.raises(ValueError, match="choose auto, bf16, fp16, off"):
         devices.amp_dtype("fp8", devices.hardware(torch.device("cpu")))
     grouped = [name for names in train.GROUPS.values() for name in names]
-    assert grouped == [f.name for f in dataclasses.fields(train.TrainConfig)]  # every field once, in order
+    assert sorted(grouped) == sorted(f.name for f in utils.settings(train.TrainConfig))  # every setting
+    assert len(grouped) == len(set(grouped))  # once
+
+
+def test_each_setting_is_declared_once_by_the_file_that_owns_it():
+    """TrainConfig takes the data, model, augmentation and loss settings from dataset.py, modules.py, loader.py and
+    losses.py as they are: none is declared again here, so a default or a help text cannot drift apart."""
+    owned = {dataset.DataConfig: "dataset", modules.ModelConfig: "modules", loader.AugmentSettings: "loader",
+             losses.LossConfig: "losses"}
+    own = set(inspect.get_annotations(train.TrainConfig))
+    for cls in owned:
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert names <= {f.name for f in dataclasses.fields(train.TrainConfig)} and not names & own, cls.__name__
+    defaults = train.TrainConfig()
+    assert (defaults.dropout, defaults.image_size, defaults.augment) == (modules.ModelConfig.dropout, 256, "flips")
+    # the checks come from the owners too, and name the flags
+    bad = train.TrainConfig(dropout=1.5, val_fraction=1.0, zoom=2.0, image_size=100)
+    assert {p.split()[0] for p in train.check_config(bad)} == {"--dropout", "--val-fraction", "--zoom",
+                                                                "--image-size", "--val-fraction"}
+    # in_channels and num_classes are fixed by the task: carried into the checkpoint, never a flag
+    assert "in_channels" not in {f.name for f in utils.settings(train.TrainConfig)}
+    with pytest.raises(SystemExit):
+        utils.parse_config(train.TrainConfig, ["--num-classes", "2"], "", train.GROUPS, train.CHOICES)
 
 
 @pytest.mark.parametrize("content, message", [
@@ -393,7 +416,8 @@ def test_two_process_ddp_matches_single_process_evaluation(isic_folder, tmp_path
         test_fraction=config.test_fraction, split_seed=config.split_seed), log=lambda *a, **k: None)
     batches = loader.make_loader(splits.val, 3, splits.mean, splits.std, device=torch.device("cpu"),
                                   train=False, seed=0)
-    autocast = devices.precision(config.amp, devices.hardware("cpu"))[0]  # as the run validated (bf16 where native)
+    hw = devices.hardware("cpu")
+    autocast = hw.autocast(devices.amp_dtype(config.amp, hw))  # as the run validated (bf16 where native)
     single = train.evaluate(model, batches, losses.SegmentationLoss("dice"), autocast=autocast)
     assert float(row["val_dice"]) == pytest.approx(single["dice"], abs=1e-5)
     assert float(row["val_jaccard"]) == pytest.approx(single["jaccard"], abs=1e-5)

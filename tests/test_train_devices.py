@@ -3,6 +3,7 @@ step may create on the device, a resume across memory formats, and which GPU eac
 
 import contextlib
 import dataclasses
+import math
 from unittest import mock
 
 import pytest
@@ -96,6 +97,43 @@ def test_fp16_unscales_the_gradients_only_to_clip_them(isic_folder, monkeypatch,
     assert scaler.get_scale() > 0 and all(torch.isfinite(p).all() for p in model.parameters())
 
 
+class OverflowAt(losses.SegmentationLoss):
+    """The training loss, infinite at the steps given (0-based calls), as an fp16 overflow makes it."""
+
+    def __init__(self, steps):
+        super().__init__("dice+bce")
+        self.calls, self.steps = 0, steps
+
+    def forward(self, logits, target):
+        loss = super().forward(logits, target)
+        self.calls += 1
+        return loss * torch.inf if self.calls - 1 in self.steps else loss
+
+
+def fp16_epoch(isic_folder, loss_fn, scaler, steps=3):
+    model, batches, optimizer, scheduler, config, _ = tiny_step_setup(isic_folder, steps=steps)
+    return model, train.EpochTrainer(
+        model, batches, optimizer, scheduler, loss_fn, autocast=contextlib.nullcontext, scaler=scaler, config=config,
+        preemption=train.Preemption(), distributed=False, hw=devices.hardware("cpu")).train_epoch(0)
+
+
+def test_one_fp16_overflow_costs_one_skipped_step_not_the_run(isic_folder, capsys):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    model, result = fp16_epoch(isic_folder, OverflowAt({1}), scaler)
+    assert result["step"] == 3 and result["overflow_steps"] == 1 and math.isfinite(result["loss_sum"])
+    assert scaler.get_scale() == 2.0**15  # GradScaler skipped the step and halved its scale
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "1 fp16 step(s) overflowed and were skipped" in capsys.readouterr().out
+
+
+def test_an_overflow_streak_under_fp16_and_any_non_finite_loss_without_a_scaler_end_the_run(isic_folder, monkeypatch):
+    monkeypatch.setattr(train.EpochTrainer, "OVERFLOW_STREAK", 2)
+    with pytest.raises(train.TrainingError, match="overflowed in 2 steps in a row"):
+        fp16_epoch(isic_folder, OverflowAt({1, 2}), torch.amp.GradScaler("cpu"))
+    with pytest.raises(train.TrainingError, match="the training loss became"):
+        fp16_epoch(isic_folder, OverflowAt({1}), None)  # fp32 or bf16: nothing would skip the step
+
+
 def test_a_training_step_and_validation_make_no_float64_tensor(isic_folder):
     model, batches, optimizer, scheduler, config, splits = tiny_step_setup(isic_folder)
     average = train.WeightAverage(model, 0.9)
@@ -177,7 +215,8 @@ def test_amp_auto_follows_the_gpu_capability(capability, dtype, scaled, monkeypa
     seen = {}
     monkeypatch.setattr(torch, "autocast", lambda device_type, dtype: seen.update(dtype=dtype) or contextlib.nullcontext())
     with mock.patch.object(torch.amp, "GradScaler", lambda device: "scaler"):
-        autocast, scaler, _ = devices.precision("auto", hardware)
+        dtype_chosen = devices.amp_dtype("auto", hardware)
+        autocast, scaler = hardware.autocast(dtype_chosen), hardware.grad_scaler(dtype_chosen)
     autocast()
     assert seen["dtype"] == dtype and (scaler == "scaler") == scaled
 
