@@ -357,3 +357,20 @@ def test_loss_and_metrics_on_cuda_match_cpu():
     for name in losses.METRIC_NAMES:
         assert torch.equal(on_gpu[name].cpu(), on_cpu[name])
         assert means[name] == pytest.approx(on_cpu[name].mean().item())
+
+
+def test_lovasz_hinge_equals_segmentation_models_pytorchs():
+    """The Lovasz hinge, written from Berman et al. 2018, against smp's LovaszLoss (binary, per image), which
+    nobody here wrote: random logits, lesions of every size, and an image without a lesion."""
+    smp_losses = pytest.importorskip("segmentation_models_pytorch.losses")
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1, 24, 24) * 3
+    target = (torch.rand(4, 1, 24, 24) > torch.tensor([0.2, 0.6, 0.97, 2.0]).view(4, 1, 1, 1)).float()
+    assert target[3].sum() == 0 and 0 < target[2].sum() < 60
+    ours = losses.lovasz_hinge(logits, target)
+    theirs = smp_losses.LovaszLoss("binary", per_image=True)(logits, target)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    # the --loss entry adds it to the default, and a perfect prediction costs it nothing
+    both = losses.SegmentationLoss("dice+bce+lovasz")(logits, target)
+    assert both.item() == pytest.approx(losses.SegmentationLoss("dice+bce")(logits, target).item() + ours.item(), rel=1e-5)
+    assert losses.lovasz_hinge((2 * target - 1) * 5, target).item() == 0.0
