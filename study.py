@@ -91,6 +91,10 @@ RUNS = {
     "size-160-seed-2": ["--image-size", "160", "--seed", "2"],
     # an exponential moving average of the weights, validated and saved instead of them
     "ema-0.99": ["--ema", "0.99"],
+    # aimed at the failed images (Jaccard under 0.65): a Lovasz hinge term, a surrogate of the Jaccard itself
+    "lovasz": ["--loss", "dice+bce+lovasz"],
+    "lovasz-seed-1": ["--loss", "dice+bce+lovasz", "--seed", "1"],
+    "lovasz-seed-2": ["--loss", "dice+bce+lovasz", "--seed", "2"],
 }
 BASELINE = "dynunet"
 
