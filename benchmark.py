@@ -601,7 +601,9 @@ def run(config: BenchConfig, log: Callable = print, save: Callable[[dict], None]
             runners = [Runner(n, v, size, config, device) for n, v in plan if (n, v, size) in memory]
             log(f"{size}x{size}: {len(runners)} model variants, batch {config.batch_size}, {config.warmup} warm-up + "
                 f"{config.repeats} timed rounds of {steps} step{'s' if steps > 1 else ''}")
-            time_rounds(runners, config, device, steps, amp, matmul)
+            time_rounds(runners, config, device, steps, amp, matmul, after_round=None if save is None else (
+                lambda rounds: save({**report(), "provisional": provisional_entries(runners, size, config, flops,
+                                                                                    memory, rounds)})))
             data_ips = measure_data_pipeline(size, config, device)
             data.append({"size": size, "images_per_s": data_ips})
             for r in runners:
@@ -687,9 +689,10 @@ def measure_flops_and_memory(plan: list, config: BenchConfig, device: torch.devi
 
 
 def time_rounds(runners: list[Runner], config: BenchConfig, device: torch.device, steps: int, amp: str | None,
-                matmul: dict[str, list]) -> None:
+                matmul: dict[str, list], after_round: Callable[[int], None] | None = None) -> None:
     """Phase 2 at one size: warm-up, then timed rounds with every model once per round (so that load from
-    other processes hits all of them alike), each round beside a matmul reference."""
+    other processes hits all of them alike), each round beside a matmul reference. after_round(n) runs after
+    the n-th timed round (run() saves the figures so far: a job killed mid-size keeps them)."""
     for _ in range(config.warmup):
         for r in runners:
             r.timed(r.train_step, steps), r.timed(r.infer_step, steps)
@@ -700,6 +703,16 @@ def time_rounds(runners: list[Runner], config: BenchConfig, device: torch.device
         for r in runners:
             r.train_times.append(r.timed(r.train_step, steps))
             r.infer_times.append(r.timed(r.infer_step, steps))
+        if after_round is not None:
+            after_round(len(runners[0].train_times) if runners else 0)
+
+
+def provisional_entries(runners: list[Runner], size: int, config: BenchConfig, flops: dict, memory: dict,
+                        rounds: int) -> list[dict]:
+    """The rows of the size being timed, from its first `rounds` rounds (of config.repeats): what a report saved
+    mid-size holds under "provisional", apart from the finished rows."""
+    return [{**result_entry(r, size, config.batch_size, flops[r.name, size], memory[r.name, r.variant, size], None),
+             "rounds": rounds, "of_rounds": config.repeats} for r in runners]
 
 
 def result_entry(r: Runner, size: int, batch_size: int, flops: dict, memory: dict, share: float | None) -> dict:
@@ -776,8 +789,10 @@ def _markdown_header(report: dict) -> list[str]:
     ]
     if not meta.get("complete", True):
         done = sorted({e["size"] for e in report["results"]})
-        lines += [f"**Partial**: the run stopped before it finished; sizes done: {', '.join(map(str, done)) or 'none'}.",
-                  ""]
+        rounds = {(e["size"], e["rounds"], e["of_rounds"]) for e in report.get("provisional", [])}
+        lines += [f"**Partial**: the run stopped before it finished; sizes done: {', '.join(map(str, done)) or 'none'}"
+                  + "".join(f"; {size} px stopped after {n} of its {of} timed rounds (benchmark.json's provisional "
+                            f"rows)" for size, n, of in sorted(rounds)) + ".", ""]
     if "fp32" in mm:
         lines += ["Matmul reference, measured in every round: float32" + (" (TF32)" if cuda else "") + " median "
                   f"{mm['fp32']['median'] / 1e9:.0f} GFLOP/s (best {mm['fp32']['max'] / 1e9:.0f})"

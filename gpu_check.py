@@ -171,7 +171,7 @@ def stage_tests(config: CheckConfig, out: Path) -> StageResult:
 def benchmark_figures(report: dict) -> dict:
     """The summary's figures from benchmark.json: the variant train.py trains the default (instance norm) model in,
     at the largest size timed; the memory-format verdict for instance norm; what torch.compile buys."""
-    meta, rows = report["meta"], report["results"]
+    meta, rows = report["meta"], report["results"] or report.get("provisional", [])  # a run killed mid-size
     size = max(e["size"] for e in rows)
     default = meta["train_default"]
     at_size = sorted((e for e in rows if e["size"] == size), key=lambda e: -e["train_images_per_s"])
@@ -185,6 +185,8 @@ def benchmark_figures(report: dict) -> dict:
                # an epoch is the training steps plus the loader's work, as benchmark.py projects it
                "isic_epoch_s": ISIC_TRAIN_IMAGES / row["train_images_per_s"]
                + (ISIC_TRAIN_IMAGES / data[size] if size in data else 0.0)}
+    if "rounds" in row:
+        figures["provisional"] = f"{row['rounds']} of {row['of_rounds']} timed rounds"
     verdict = next((v for v in report.get("memory_format", []) if v["size"] == size and v["dtype"] == meta.get("amp")),
                    None)
     if verdict:
@@ -207,13 +209,14 @@ def stage_benchmark(config: CheckConfig, out: Path) -> StageResult:
     if not path.exists():
         return StageResult("benchmark", False, 0.0, f"no benchmark.json ({status_text(code)})", str(log))
     report = json.loads(path.read_text())
-    figures = benchmark_figures(report) if report["results"] else {}
+    figures = benchmark_figures(report) if report["results"] or report.get("provisional") else {}
     problems = [status_text(code)] if code != 0 else []
     problems += [f"{k} failed ({v})" for k, v in report["meta"].get("failed", {}).items()]
     if not figures:
         problems.append("no results")
-    detail = "; ".join(problems) if problems else (
-        f"{figures['train_images_per_s']:.0f} img/s ({figures['model']} {figures['variant']}, {figures['size']} px)")
+    measured = f"{figures['train_images_per_s']:.0f} img/s ({figures['model']} {figures['variant']}, {figures['size']} " \
+        f"px{', provisional: ' + figures['provisional'] if 'provisional' in figures else ''})" if figures else ""
+    detail = "; ".join(problems + ([measured] if problems and measured else [])) if problems else measured
     return StageResult("benchmark", not problems, 0.0, detail, str(log), figures)
 
 

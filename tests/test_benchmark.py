@@ -362,6 +362,30 @@ def test_finished_sizes_are_written_before_a_later_size_crashes(tmp_path, monkey
     assert saved["meta"]["complete"] is False
     assert "**Partial**" in (tmp_path / "benchmark.md").read_text()
     assert not list(tmp_path.glob("*.tmp"))
+    # 64 px was timed before the crash: its rows are kept as provisional, with the rounds they rest on
+    assert {(e["size"], e["rounds"]) for e in saved["provisional"]} == {(64, saved["meta"]["config"]["repeats"])}
+
+
+def test_a_size_killed_mid_rounds_keeps_its_rounds_so_far(tmp_path, monkeypatch):
+    """A job killed while a size is being timed (a SLURM time limit) keeps the figures of the rounds it finished."""
+    rounds = benchmark.time_rounds
+
+    def killed_after_first_round(runners, config, device, steps, amp, matmul, after_round=None):
+        def after(n):
+            after_round(n)
+            raise KeyboardInterrupt  # what the kill leaves: nothing runs after this round
+        rounds(runners, config, device, steps, amp, matmul, after)
+
+    monkeypatch.setattr(benchmark, "time_rounds", killed_after_first_round)
+    with pytest.raises(KeyboardInterrupt):
+        benchmark.main([*TINY, "--sizes", "32", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "benchmark.json").read_text())
+    assert saved["results"] == [] and len(saved["provisional"]) == 2
+    assert all(e["rounds"] == 1 and e["train_images_per_s"] > 0 for e in saved["provisional"])
+    assert "32 px stopped after 1 of its" in (tmp_path / "benchmark.md").read_text()
+    import gpu_check
+    figures = gpu_check.benchmark_figures(saved)  # gpu_check's summary still gets its figures
+    assert figures["size"] == 32 and figures["provisional"].startswith("1 of")
 
 
 def test_mfu_and_the_instance_norm_memory_format_verdict():
