@@ -60,7 +60,7 @@ class PredictConfig:
     """Every setting of predict.py; each field is a --kebab-case flag."""
 
     # --- model ---
-    checkpoint: list[str] = dataclasses.field(default_factory=list)  # checkpoint(s) of train.py; several are averaged; default: best.pt of the newest run in --runs-dir
+    checkpoint: list[str] = dataclasses.field(default_factory=list)  # checkpoint(s) of train.py; several are averaged; default: best.pt of the newest run in --runs-dir, else the shipped weights (weights/)
     runs_dir: str = "runs"  # folder of train.py's run folders, searched when --checkpoint is not given
     device: str = "auto"  # auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps
     batch_size: int = 8  # images per forward pass
@@ -80,6 +80,7 @@ class PredictConfig:
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
     worst: int = 0  # with ground truth, also draw worst.png: the N images of lowest Jaccard, each as image, ground truth and prediction, to see what fails
     export_onnx: str | None = None  # write the model to this ONNX file (dynamic batch, height and width) and exit
+    export_weights: str | None = None  # write the model alone, in float16, to this file (as weights/ ships it) and exit
     # --- batch jobs ---
     parts: int = 1  # split the inputs (in file-name order) into this many parts of nearly equal size, and segment one: --part
     part: int = 1  # which part to segment, 1 to --parts (slurm/predict.sh takes it from the array task)
@@ -88,7 +89,7 @@ class PredictConfig:
 
 GROUPS = utils.field_groups(PredictConfig)  # from the "# --- name ---" lines above
 METAVARS = {"checkpoint": "FILE", "runs_dir": "DIR", "input": "PATH", "masks": "DIR", "output": "DIR",
-            "export_onnx": "FILE", "device": "NAME"}
+            "export_onnx": "FILE", "export_weights": "FILE", "device": "NAME"}
 
 
 class PredictError(RuntimeError):
@@ -196,13 +197,27 @@ class LoadedModel:
     mixed_test_splits: bool = False  # an ensemble whose runs held out different test splits
 
 
-def latest_checkpoint(runs_dir: str | Path) -> Path:
-    """best.pt of the most recently updated run under runs_dir."""
+# The trained weights that ship with the repository (weights/README.md: how they were made, the data's licence).
+SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights" / "improved-unet-isic2018.pt"
+
+
+def latest_checkpoint(runs_dir: str | Path) -> Path | None:
+    """best.pt of the most recently updated run under runs_dir, or None."""
     candidates = [p for p in Path(runs_dir).rglob("best.pt") if p.is_file()]
-    if not candidates:
-        raise PredictError(f"no --checkpoint given and no best.pt under {runs_dir}/; train a model first "
-                           f"(python train.py) or pass --checkpoint FILE")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def default_checkpoint(runs_dir: str | Path) -> tuple[Path, str]:
+    """(checkpoint, the line that says which) without --checkpoint: the newest run's best.pt, else the shipped
+    weights, so that segmenting one's own images needs no training first."""
+    latest = latest_checkpoint(runs_dir)
+    if latest is not None:
+        return latest, f"No --checkpoint: using {latest} (the most recent run under {runs_dir}/)"
+    if SHIPPED_WEIGHTS.is_file():
+        return SHIPPED_WEIGHTS, (f"No --checkpoint and no run under {runs_dir}/: using the shipped weights "
+                                 f"{SHIPPED_WEIGHTS.relative_to(SHIPPED_WEIGHTS.parent.parent)} (see weights/README.md)")
+    raise PredictError(f"no --checkpoint given, no best.pt under {runs_dir}/ and no {SHIPPED_WEIGHTS}; train a model "
+                       f"first (python train.py) or pass --checkpoint FILE")
 
 
 def load_model(path: str | Path, device: torch.device, amp: torch.dtype | None = None) -> LoadedModel:
@@ -721,6 +736,24 @@ class Segmenter:
             self.score(item, prediction, entry.truth)
 
 
+def export(config: PredictConfig, loaded: LoadedModel, checkpoint_paths: list[Path]) -> PredictResult:
+    """--export-weights (the model alone, in float16) or --export-onnx: write the model and stop."""
+    if config.export_weights:
+        if len(checkpoint_paths) > 1:
+            raise PredictError("--export-weights writes one checkpoint's model; pass one --checkpoint")
+        first = checkpoint_paths[0]
+        checkpoint.export_weights(checkpoint.load_checkpoint(first), config.export_weights, str(first))
+        size = Path(config.export_weights).stat().st_size
+        print(f"Wrote {config.export_weights}: the model of {first} in float16 ({size / 1e6:.1f} MB); "
+              f"python predict.py --checkpoint {config.export_weights} --input IMAGES uses it")
+        return PredictResult(None, 0, [Path(config.export_weights)], [])
+    export_onnx(loaded, config.export_onnx)
+    print(f"Wrote {config.export_onnx}: input 'image' float32 (batch, 3, height, width), normalised with "
+          f"mean {loaded.mean} and std {loaded.std} (also in its metadata); output 'logits' (batch, 1, height, "
+          f"width); height and width multiples of 16, trained at {loaded.image_size}")
+    return PredictResult(None, 0, [Path(config.export_onnx)], [])
+
+
 def run(config: PredictConfig) -> PredictResult:
     """Everything main() does after parsing: returns what was written, what failed and the scores."""
     try:
@@ -731,20 +764,16 @@ def run(config: PredictConfig) -> PredictResult:
         raise PredictError(str(err)) from None
     devices.configure_backends(hw)  # cuDNN autotuning as in training: images of one size, batch after batch
     if not config.checkpoint:
-        first = latest_checkpoint(config.runs_dir)
-        print(f"No --checkpoint: using {first} (the most recent run under {config.runs_dir}/)")
+        first, line = default_checkpoint(config.runs_dir)
+        print(line, flush=True)
         loaded, checkpoint_paths = load_model(first, device, amp), [first]
     else:
         checkpoint_paths = [Path(c) for c in config.checkpoint]
         first = checkpoint_paths[0]
         loaded = load_ensemble(checkpoint_paths, device, amp)
 
-    if config.export_onnx:
-        export_onnx(loaded, config.export_onnx)
-        print(f"Wrote {config.export_onnx}: input 'image' float32 (batch, 3, height, width), normalised with "
-              f"mean {loaded.mean} and std {loaded.std} (also in its metadata); output 'logits' (batch, 1, height, "
-              f"width); height and width multiples of 16, trained at {loaded.image_size}")
-        return PredictResult(None, 0, [Path(config.export_onnx)], [])
+    if config.export_weights or config.export_onnx:
+        return export(config, loaded, checkpoint_paths)
 
     items = gather_items(config, loaded)
     if config.parts > 1:

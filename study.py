@@ -293,6 +293,33 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def failure_table(rows: list[dict]) -> str:
+    """Per budget and recipe, the mean over its seeds (and the range, with several) of the validation and test
+    figures, failures included: the table that compares recipes aimed at the failed images. Test columns are
+    predict.py's defaults (flip TTA)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["budget"], recipe_of(r["name"])), []).append(r)
+    head = ["budget", "recipe", "seeds", "val Dice", "val thr. Jaccard", "val failures", "test Dice",
+            "test thr. Jaccard", "test failures"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
+
+    def cell(runs, key, percent=False):
+        values = [float(r[key]) for r in runs if r.get(key) not in (None, "")]
+        if not values:
+            return "-"
+        show = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.4f}")
+        spread = f" ({show(min(values))}-{show(max(values))})" if len(values) > 1 else ""
+        return show(sum(values) / len(values)) + spread
+
+    for (budget, recipe), runs in groups.items():
+        lines.append(f"| {budget} | `{recipe}` | {len(runs)} | {cell(runs, 'val_dice')} | "
+                     f"{cell(runs, 'val_threshold_jaccard')} | {cell(runs, 'val_failure_share', True)} | "
+                     f"{cell(runs, 'test_dice_tta')} | {cell(runs, 'test_threshold_jaccard_tta')} | "
+                     f"{cell(runs, 'test_failure_share_tta', True)} |")
+    return "\n".join(lines)
+
+
 def recipe_of(name: str) -> str:
     """A run's recipe: its name without a -seed-N suffix (seeds of one recipe are averaged)."""
     return re.sub(r"-seed-\d+$", "", name)

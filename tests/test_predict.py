@@ -2,6 +2,7 @@
 
 import csv
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -240,8 +241,48 @@ def test_default_checkpoint_is_the_newest_run_and_output_goes_beside_it(data, tm
     assert run_main(["--runs-dir", runs, "--input", images / "ISIC_0000001.jpg"]) == 0
     assert str(newer) in capsys.readouterr().out
     assert (runs / "b" / "predictions" / "ISIC_0000001_segmentation.png").is_file()
-    assert run_main(["--runs-dir", tmp_path / "empty", "--input", images]) == 2
+    monkeypatch_missing = tmp_path / "no-shipped-weights.pt"
+    predict_shipped, predict.SHIPPED_WEIGHTS = predict.SHIPPED_WEIGHTS, monkeypatch_missing
+    try:
+        assert run_main(["--runs-dir", tmp_path / "empty", "--input", images]) == 2
+    finally:
+        predict.SHIPPED_WEIGHTS = predict_shipped
     assert "no best.pt" in capsys.readouterr().err
+
+
+def test_exported_weights_are_float16_smaller_and_segment_as_the_checkpoint_does(checkpoint, data, tmp_path, capsys):
+    images, truth, _ = data
+    exported = tmp_path / "weights" / "model.pt"
+    assert run_main(["--checkpoint", checkpoint, "--export-weights", exported]) == 0
+    assert f"Wrote {exported}" in capsys.readouterr().out
+    state = torch.load(exported, weights_only=True)
+    assert {v.dtype for v in state["model"].values() if v.is_floating_point()} == {torch.float16}
+    assert "optimizer" not in state and state["exported_from"]["checkpoint"] == str(checkpoint)
+    assert exported.stat().st_size < 0.6 * checkpoint.stat().st_size
+    for name, source in (("full", checkpoint), ("half", exported)):
+        assert run_main(["--checkpoint", source, "--input", images, "--masks", truth, "--output", tmp_path / name,
+                         "--save-probabilities", "--amp", "off"]) == 1  # the corrupt file fails, the rest is written
+    full, half = (read_masks(tmp_path / name) for name in ("full", "half"))
+    assert full.keys() == half.keys() and len(full) == 5
+    for key in full:  # float16 weights move a probability a little: a pixel flips only next to the threshold
+        probs = [np.asarray(Image.open(tmp_path / n / "probabilities" / f"{key}_probability.png"), np.int16)
+                 for n in ("full", "half")]
+        assert np.abs(probs[0] - probs[1]).max() <= 1, key  # in 1/255 steps
+        assert (full[key] != half[key]).mean() < 0.01, key
+
+
+def test_without_a_checkpoint_or_a_run_predict_uses_the_shipped_weights_and_says_so_first(
+        checkpoint, data, tmp_path, monkeypatch, capsys):
+    images, _, _ = data
+    shipped = tmp_path / "weights" / "improved-unet-isic2018.pt"
+    assert run_main(["--checkpoint", checkpoint, "--export-weights", shipped]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(predict, "SHIPPED_WEIGHTS", shipped)
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["--runs-dir", tmp_path / "no-runs", "--input", images / "ISIC_0000001.jpg"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("No --checkpoint and no run under") and "shipped weights" in first
+    assert (tmp_path / "predict_out" / "ISIC_0000001_segmentation.png").is_file()
 
 
 def test_zero_argument_run_scores_the_held_out_test_split(tmp_path, monkeypatch, capsys):
@@ -627,3 +668,23 @@ def test_out_of_device_memory_halves_the_forward_passes_and_goes_on(checkpoint, 
     assert max(passes[passes.index(2):]) == 2  # once halved, it stays halved
     whole, halved = read_masks(tmp_path / "whole"), read_masks(tmp_path / "halved")
     assert whole.keys() == halved.keys() and all(np.array_equal(whole[k], halved[k]) for k in whole)
+
+
+def test_the_shipped_weights_match_their_sha256_stay_small_and_segment_a_lesion(tmp_path, capsys):
+    """weights/ holds the trained model that predict.py uses without --checkpoint: the file is the one its
+    SHA256SUMS names, at most 7 MB, and it finds a drawn lesion through predict.py's own pipeline."""
+    folder = Path(predict.__file__).resolve().parent / "weights"
+    sums = {name: digest for digest, name in (line.split() for line in (folder / "SHA256SUMS").read_text().splitlines())}
+    assert predict.SHIPPED_WEIGHTS.name in sums and predict.SHIPPED_WEIGHTS.stat().st_size <= 7_000_000
+    assert hashlib.sha256(predict.SHIPPED_WEIGHTS.read_bytes()).hexdigest() == sums[predict.SHIPPED_WEIGHTS.name]
+    images, truth = tmp_path / "images", tmp_path / "truth"
+    images.mkdir(), truth.mkdir()
+    for number in range(3):  # a dark ellipse on skin colour, the shape every ISIC mask has
+        image, mask = lesion_image(np.random.default_rng(number), 300, 400)
+        Image.fromarray(image).save(images / f"ISIC_{number:07d}.jpg", quality=95)
+        Image.fromarray(mask * 255).save(truth / f"ISIC_{number:07d}_segmentation.png")
+    assert run_main(["--runs-dir", tmp_path / "no-runs", "--input", images, "--masks", truth,
+                     "--output", tmp_path / "out"]) == 0
+    assert "shipped weights" in capsys.readouterr().out.splitlines()[0]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["dice"] > 0.8 and metrics["failures"] == 0

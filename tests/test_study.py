@@ -109,3 +109,15 @@ def test_a_tie_in_validation_dice_goes_to_the_recipe_with_fewer_failed_images():
     # runs recorded before the failures were counted are compared by Dice alone
     chosen = study.choose_per_budget([row("size-96", 0.9004, ""), row("lovasz", 0.8998, "0.07")])
     assert chosen["min10"][0] == "size-96"
+
+
+def test_the_failure_table_averages_each_recipe_over_its_seeds():
+    def row(name, val, fail):
+        return {"budget": "min10", "name": name, "val_dice": str(val), "val_threshold_jaccard": "0.78",
+                "val_failure_share": str(fail), "test_dice_tta": "0.9", "test_threshold_jaccard_tta": "0.8",
+                "test_failure_share_tta": str(fail)}
+    rows = [row("size-96", 0.89, 0.11), row("lovasz", 0.893, 0.09), row("lovasz-seed-1", 0.891, 0.07)]
+    table = study.failure_table(rows).splitlines()
+    assert table[2] == "| min10 | `size-96` | 1 | 0.8900 | 0.7800 | 11.0% | 0.9000 | 0.8000 | 11.0% |"
+    assert table[3] == ("| min10 | `lovasz` | 2 | 0.8920 (0.8910-0.8930) | 0.7800 (0.7800-0.7800) | 8.0% (7.0%-9.0%) | "
+                        "0.9000 (0.9000-0.9000) | 0.8000 (0.8000-0.8000) | 8.0% (7.0%-9.0%) |")
