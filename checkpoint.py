@@ -158,8 +158,8 @@ def model_from_checkpoint(state: dict, path) -> tuple[torch.nn.Module, int, tupl
 def export_weights(state: dict, path, source: str) -> dict:
     """Write the model of a checkpoint alone, its floating-point weights in float16: what prediction needs
     (architecture, weights, image size, normalisation) and the ids of the run's splits (so that its held-out
-    test images can still be scored) in a fifth of best.pt's size, without the optimizer or the random
-    states. Loading converts the weights back to float32 (load_state_dict copies
+    test images can still be scored), without the optimizer or the random states: 6.5 MB against best.pt's
+    38 MB for the default network. Loading converts the weights back to float32 (load_state_dict copies
     into the network's parameters); a float16 weight is within 2^-11 (relative) of its float32 value
     (weights/README.md gives what that moved on the shipped model's test split). Returns what was written
     besides the weights."""

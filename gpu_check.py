@@ -172,6 +172,8 @@ def benchmark_figures(report: dict) -> dict:
     """The summary's figures from benchmark.json: the variant train.py trains the default (instance norm) model in,
     at the largest size timed; the memory-format verdict for instance norm; what torch.compile buys."""
     meta, rows = report["meta"], report["results"] or report.get("provisional", [])  # a run killed mid-size
+    if not rows:
+        return {}
     size = max(e["size"] for e in rows)
     default = meta["train_default"]
     at_size = sorted((e for e in rows if e["size"] == size), key=lambda e: -e["train_images_per_s"])
@@ -209,14 +211,14 @@ def stage_benchmark(config: CheckConfig, out: Path) -> StageResult:
     if not path.exists():
         return StageResult("benchmark", False, 0.0, f"no benchmark.json ({status_text(code)})", str(log))
     report = json.loads(path.read_text())
-    figures = benchmark_figures(report) if report["results"] or report.get("provisional") else {}
+    figures = benchmark_figures(report)
     problems = [status_text(code)] if code != 0 else []
     problems += [f"{k} failed ({v})" for k, v in report["meta"].get("failed", {}).items()]
     if not figures:
         problems.append("no results")
-    measured = f"{figures['train_images_per_s']:.0f} img/s ({figures['model']} {figures['variant']}, {figures['size']} " \
-        f"px{', provisional: ' + figures['provisional'] if 'provisional' in figures else ''})" if figures else ""
-    detail = "; ".join(problems + ([measured] if problems and measured else [])) if problems else measured
+    measured = [f"{figures['train_images_per_s']:.0f} img/s ({figures['model']} {figures['variant']}, {figures['size']} "
+                f"px{', provisional: ' + figures['provisional'] if 'provisional' in figures else ''})"] if figures else []
+    detail = "; ".join(problems + measured)
     return StageResult("benchmark", not problems, 0.0, detail, str(log), figures)
 
 

@@ -8,13 +8,13 @@ shuffled, sharded, augmented and normalised float batches, with no DataLoader wo
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
 import statistics
 import sys
 import time
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
@@ -91,6 +91,7 @@ def augmentation(settings: AugmentSettings) -> AugmentConfig:
     if settings.zoom is not None:
         knobs["scale"] = (1.0 - settings.zoom, 1.0 + settings.zoom)
     return dataclasses.replace(AUGMENT_PRESETS[settings.augment], **knobs)
+
 
 def _mix_seed(*parts: int) -> int:
     digest = hashlib.sha256("/".join(str(int(p)) for p in parts).encode()).digest()

@@ -81,7 +81,8 @@ def check_config(config: ModelConfig) -> list[str]:
         problems.append(f"--norm must be one of {', '.join(NORMS)}, got {config.norm!r}")
     for name in ("in_channels", "num_classes", "base_channels"):
         if int(getattr(config, name)) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+            where = "--base-channels" if name == "base_channels" else f"ModelConfig.{name}"  # the others are no flags
+            problems.append(f"{where} must be at least 1, got {getattr(config, name)}")
     if not 0.0 <= config.dropout < 1.0:
         problems.append(f"--dropout must be in [0, 1), got {config.dropout}")
     if config.negative_slope < 0:
@@ -339,7 +340,6 @@ def build_model(config: ModelConfig) -> nn.Module:
 # The networks by --arch name: a new model is one entry here, a builder that takes a ModelConfig.
 MODELS = {"improved-unet": ImprovedUNet, "dynunet": dynunet_baseline}
 Arch = typing.Literal[tuple(MODELS)]  # --arch's choices
-ARCHS = tuple(MODELS)
 
 
 def summary(model: ImprovedUNet, size: int = 256) -> str:

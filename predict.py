@@ -736,26 +736,23 @@ class Segmenter:
             self.score(item, prediction, entry.truth)
 
 
-def export(config: PredictConfig, loaded: LoadedModel, checkpoint_paths: list[Path]) -> PredictResult:
-    """--export-weights (the model alone, in float16) or --export-onnx: write the model and stop."""
-    if config.export_weights:
-        if len(checkpoint_paths) > 1:
-            raise PredictError("--export-weights writes one checkpoint's model; pass one --checkpoint")
-        first = checkpoint_paths[0]
-        checkpoint.export_weights(checkpoint.load_checkpoint(first), config.export_weights, str(first))
-        size = Path(config.export_weights).stat().st_size
-        print(f"Wrote {config.export_weights}: the model of {first} in float16 ({size / 1e6:.1f} MB); "
-              f"python predict.py --checkpoint {config.export_weights} --input IMAGES uses it")
-        return PredictResult(None, 0, [Path(config.export_weights)], [])
-    export_onnx(loaded, config.export_onnx)
-    print(f"Wrote {config.export_onnx}: input 'image' float32 (batch, 3, height, width), normalised with "
-          f"mean {loaded.mean} and std {loaded.std} (also in its metadata); output 'logits' (batch, 1, height, "
-          f"width); height and width multiples of 16, trained at {loaded.image_size}")
-    return PredictResult(None, 0, [Path(config.export_onnx)], [])
+def export_weights(config: PredictConfig) -> PredictResult:
+    """--export-weights: the model of one checkpoint alone, in float16 (checkpoint.export_weights); no network is
+    built for it."""
+    if len(config.checkpoint) > 1:
+        raise PredictError("--export-weights writes one checkpoint's model; pass one --checkpoint")
+    source = Path(config.checkpoint[0]) if config.checkpoint else default_checkpoint(config.runs_dir)[0]
+    checkpoint.export_weights(checkpoint.load_checkpoint(source), config.export_weights, str(source))
+    size = Path(config.export_weights).stat().st_size
+    print(f"Wrote {config.export_weights}: the model of {source} in float16 ({size / 1e6:.1f} MB); "
+          f"python predict.py --checkpoint {config.export_weights} --input IMAGES uses it")
+    return PredictResult(None, 0, [Path(config.export_weights)], [])
 
 
 def run(config: PredictConfig) -> PredictResult:
     """Everything main() does after parsing: returns what was written, what failed and the scores."""
+    if config.export_weights:
+        return export_weights(config)
     try:
         device = devices.select_device(config.device)
         hw = devices.hardware(device)
@@ -772,8 +769,12 @@ def run(config: PredictConfig) -> PredictResult:
         first = checkpoint_paths[0]
         loaded = load_ensemble(checkpoint_paths, device, amp)
 
-    if config.export_weights or config.export_onnx:
-        return export(config, loaded, checkpoint_paths)
+    if config.export_onnx:
+        export_onnx(loaded, config.export_onnx)
+        print(f"Wrote {config.export_onnx}: input 'image' float32 (batch, 3, height, width), normalised with "
+              f"mean {loaded.mean} and std {loaded.std} (also in its metadata); output 'logits' (batch, 1, height, "
+              f"width); height and width multiples of 16, trained at {loaded.image_size}")
+        return PredictResult(None, 0, [Path(config.export_onnx)], [])
 
     items = gather_items(config, loaded)
     if config.parts > 1:

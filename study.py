@@ -98,11 +98,12 @@ RUNS = {
 }
 BASELINE = "dynunet"
 
-COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "val_failure_share", "test_dice",
-           "test_threshold_jaccard", "official_test_dice", "official_test_threshold_jaccard",
+COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "val_failure_share",
+           "test_dice", "test_threshold_jaccard", "official_test_dice", "official_test_threshold_jaccard",
            "test_dice_postprocess", "test_threshold_jaccard_postprocess", "val_dice_predict",
            "val_threshold_jaccard_predict", "val_dice_tta", "val_threshold_jaccard_tta", "test_dice_tta",
-           "test_threshold_jaccard_tta", "test_failure_share_tta", "train_minutes", "wall_minutes", "other_cpu", "machine", "date", "commit"]
+           "test_threshold_jaccard_tta", "test_failure_share_tta", "train_minutes", "wall_minutes", "other_cpu",
+           "machine", "date", "commit"]
 
 
 def flags_of(budget: str, name: str) -> list[str]:
@@ -308,7 +309,7 @@ def failure_table(rows: list[dict]) -> str:
         values = [float(r[key]) for r in runs if r.get(key) not in (None, "")]
         if not values:
             return "-"
-        show = (lambda v: f"{100 * v:.1f}%") if percent else (lambda v: f"{v:.4f}")
+        show = share if percent else (lambda v: f"{v:.4f}")
         spread = f" ({show(min(values))}-{show(max(values))})" if len(values) > 1 else ""
         return show(sum(values) / len(values)) + spread
 

@@ -233,7 +233,7 @@ def test_unusable_checkpoint_is_one_line_and_status_2(make, data, tmp_path, caps
     assert not (tmp_path / "out").exists()
 
 
-def test_default_checkpoint_is_the_newest_run_and_output_goes_beside_it(data, tmp_path, capsys):
+def test_default_checkpoint_is_the_newest_run_and_output_goes_beside_it(data, tmp_path, capsys, monkeypatch):
     images, _, _ = data
     runs = tmp_path / "runs"
     older, newer = save_checkpoint(runs / "a" / "best.pt"), save_checkpoint(runs / "b" / "best.pt")
@@ -241,12 +241,8 @@ def test_default_checkpoint_is_the_newest_run_and_output_goes_beside_it(data, tm
     assert run_main(["--runs-dir", runs, "--input", images / "ISIC_0000001.jpg"]) == 0
     assert str(newer) in capsys.readouterr().out
     assert (runs / "b" / "predictions" / "ISIC_0000001_segmentation.png").is_file()
-    monkeypatch_missing = tmp_path / "no-shipped-weights.pt"
-    predict_shipped, predict.SHIPPED_WEIGHTS = predict.SHIPPED_WEIGHTS, monkeypatch_missing
-    try:
-        assert run_main(["--runs-dir", tmp_path / "empty", "--input", images]) == 2
-    finally:
-        predict.SHIPPED_WEIGHTS = predict_shipped
+    monkeypatch.setattr(predict, "SHIPPED_WEIGHTS", tmp_path / "no-shipped-weights.pt")
+    assert run_main(["--runs-dir", tmp_path / "empty", "--input", images]) == 2
     assert "no best.pt" in capsys.readouterr().err
 
 
