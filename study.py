@@ -80,6 +80,10 @@ RUNS = {
     "seed-2": ["--seed", "2"],
     "size-96-seed-1": ["--image-size", "96", "--seed", "1"],
     "size-96-seed-2": ["--image-size", "96", "--seed", "2"],
+    # three more seeds of the short default, to pair into two-run ensembles (study.py --ensemble)
+    "size-96-seed-3": ["--image-size", "96", "--seed", "3"],
+    "size-96-seed-4": ["--image-size", "96", "--seed", "4"],
+    "size-96-seed-5": ["--image-size", "96", "--seed", "5"],
     "size-64": ["--image-size", "64"],
     "size-64-seed-1": ["--image-size", "64", "--seed", "1"],
     "size-64-seed-2": ["--image-size", "64", "--seed", "2"],
