@@ -1,13 +1,13 @@
 """The first thing to run on a CUDA machine: the GPU tests, a quick benchmark, a training run stopped by SIGUSR1
-and resumed, and prediction; its --timeout bounds each command, and inside a SLURM job every stage ends before the
+and resumed, training in fp32, bf16 and fp16, and prediction; its --timeout bounds each command, and inside a SLURM job every stage ends before the
 job's time limit, with summary.json and summary.md rewritten after each stage.
 
     python gpu_check.py                     # logs, runs and the summary in runs/gpu-check/
-    python gpu_check.py --skip tests        # leave stages out: tests, benchmark, resume, predict
+    python gpu_check.py --skip tests        # leave stages out: tests, benchmark, resume, precision, predict
 
 Each stage runs its commands as separate processes, their output in <out>/<stage>.log; a failed stage is reported
 and the others still run. The summary (GPU, torch, training images/s and MFU at 256 px, peak memory, the faster
-memory format with instance norm, the resume and predict checks, the projected ISIC epoch) is printed and written
+memory format with instance norm, the resume, precision and predict checks, the projected ISIC epoch) is printed and written
 to <out>/summary.json and <out>/summary.md. Exit status: 0 when every stage passed, 1 when one failed, 2 when
 there is no CUDA GPU to check.
 """
@@ -20,6 +20,7 @@ import datetime
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -37,10 +38,11 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import budget
 import checkpoint
 import devices
+import synthetic
 import utils
 
 ROOT = Path(__file__).resolve().parent
-STAGES = ("tests", "benchmark", "resume", "predict")
+STAGES = ("tests", "benchmark", "resume", "precision", "predict")
 ISIC_TRAIN_IMAGES = 2594  # ISIC 2018 Task 1 training images: the basis of the projected epoch
 BENCH_SIZE, BENCH_BATCH = 256, 16  # the image size and batch train.py uses on ISIC by default
 SYNTHETIC_IMAGES = 160  # the default split trains on 115 of them: 14 batches of 8, more than STEPS_PER_EPOCH
@@ -55,6 +57,16 @@ PREEMPTED = 128 + signal.SIGUSR1  # train.py's exit status after saving last.pt 
 # off, Adam's moments lost) moves the weights by about the learning rate (1e-3), far above this.
 RESUME_ATOL = 1e-5
 NONDETERMINISTIC = "does not have a deterministic implementation"  # torch's warning under warn_only
+# The precision stage: the same short run (seed, data, steps) in float32, bf16 and fp16 with GradScaler (the V100
+# and P100 path, which an A100 or H100 runs only when asked). Rounding moves the last epoch's mean training loss of
+# the reduced-precision runs away from float32's by PRECISION_BAND at most; a broken path (a wrong cast, a loss
+# that stops learning, most steps skipped as overflows) moves it by far more. PRECISION_MEASURED is what the CPU gave for bf16 and
+# fp16 (python gpu_check.py --precision-band on a 2-core AMD EPYC, PyTorch 2.14.1), the band four times the larger.
+PRECISIONS = ("off", "bf16", "fp16")
+PRECISION_MEASURED = {"bf16": 0.0141, "fp16": 0.0136}  # from 0.623 in fp32, 2026-12-07; the first epoch ends near 1.32
+PRECISION_BAND = 0.056
+PREDICT_DICE_TOLERANCE = 0.002  # mean Dice of the shipped weights, this GPU's precision against the CPU's float32
+OVERFLOWED = re.compile(r"(\d+) fp16 step\(s\) overflowed")  # train.py's line for the steps GradScaler skipped
 
 
 @dataclass
@@ -65,6 +77,7 @@ class CheckConfig:
     timeout: int = 300  # seconds one command may run before it is stopped and its stage fails
     minutes: float = 0.0  # the whole check's time: each stage gets its share of what is left; 0: no limit but a SLURM job's
     deadline: float | None = None  # time.monotonic() by which every stage must be over (--minutes, a SLURM job's limit)
+    precision_band: bool = False  # measure the precision stage's runs on this machine's CPU (PRECISION_MEASURED) and exit
 
     def __post_init__(self):
         unknown = [s for s in self.skip if s not in STAGES]
@@ -263,12 +276,31 @@ def final_val_dice(run: Path) -> float | None:
         return None
 
 
+def make_synthetic(config: CheckConfig, data: Path, log: Path) -> int | None:
+    """The synthetic lesion set the training stages share (made once)."""
+    if (data / synthetic.IMAGE_FOLDER).is_dir():
+        return 0
+    return run_command([sys.executable, "synthetic.py", "--out", str(data), "-n", str(SYNTHETIC_IMAGES), "--seed", "0"],
+                       log, config.seconds())
+
+
+def checkpoint_write_seconds(source: Path, scratch: Path) -> float:
+    """Seconds to write one epoch's checkpoints of a run (last.pt and best.pt, each fsynced and renamed, as train.py
+    writes them) in --out's file system: on a network home these can cost as much as a fast GPU's epoch."""
+    state = checkpoint.load_checkpoint(source)
+    start = time.perf_counter()
+    for name in ("last.pt", "best.pt"):
+        checkpoint.save_checkpoint(state, scratch / name)
+    seconds = time.perf_counter() - start
+    shutil.rmtree(scratch)
+    return seconds
+
+
 def stage_resume(config: CheckConfig, out: Path) -> StageResult:
     """A short training run (instance norm, --amp auto: bf16 from compute capability 8.0, fp16 below) on a synthetic
     set, stopped by SIGUSR1 mid-epoch and resumed with --resume auto, against the same run uninterrupted."""
     log, data, runs = out / "resume.log", out / "synthetic", out / "runs"
-    code = run_command([sys.executable, "synthetic.py", "--out", str(data), "-n", str(SYNTHETIC_IMAGES), "--seed", "0"],
-                       log, config.seconds())
+    code = make_synthetic(config, data, log)
     if code != 0:
         return StageResult("resume", False, 0.0, f"synthetic.py failed ({status_text(code)})", str(log))
     common = ["--device", config.device, "--data-dir", str(data), "--image-size", "64", "--epochs", "2",
@@ -300,27 +332,108 @@ def stage_resume(config: CheckConfig, out: Path) -> StageResult:
               + " against ".join("n/a" if d is None else f"{d:.4f}" for d in dice))
     if not passed and NONDETERMINISTIC in log.read_text(errors="replace"):
         detail += f"; torch warned that an op {NONDETERMINISTIC} (see {log.name}), so the runs may differ by noise"
+    writes = checkpoint_write_seconds(run / "last.pt", out / "checkpoint-writes")
+    detail += f"; an epoch's checkpoint writes took {format_seconds(writes)}"
     return StageResult("resume", passed, 0.0, detail, str(log),
                        {"max_weight_difference": difference if math.isfinite(difference) else None,
-                        "val_dice": list(dice), "stopped_at": list(where)})
+                        "val_dice": list(dice), "stopped_at": list(where), "checkpoint_write_s": writes})
 
 
-def stage_predict(config: CheckConfig, out: Path) -> StageResult:
-    """predict.py with the resume stage's best.pt on that run's held-out synthetic test images, scored."""
-    log, checkpoint, folder = out / "predict.log", out / "runs" / "gpu-check-train" / "best.pt", out / "predict"
-    if not checkpoint.exists():
-        return StageResult("predict", False, 0.0, f"no {checkpoint}: the resume stage makes it", str(log))
-    code = run_command([sys.executable, "predict.py", "--checkpoint", str(checkpoint), "--device", config.device,
-                        "--output", str(folder)], log, config.seconds())
+def last_train_loss(run: Path) -> float | None:
+    try:
+        return float(list(csv.DictReader((run / "metrics.csv").read_text().splitlines()))[-1]["train_loss"])
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+
+
+def precision_losses(device: str, data: Path, runs: Path, log: Path, seconds: Callable[[], float]) -> dict:
+    """{amp: (the last epoch's training loss or None, fp16 steps skipped, exit status)} of the same short run in each
+    of PRECISIONS: 64 px, 2 epochs of STEPS_PER_EPOCH steps, seed 0, the default kernels (not --deterministic)."""
+    found = {}
+    for amp in PRECISIONS:
+        run = runs / f"amp-{amp}"
+        start = log.stat().st_size if log.exists() else 0
+        code = run_command([sys.executable, "train.py", "--device", device, "--data-dir", str(data), "--image-size",
+                            "64", "--epochs", "2", "--batch-size", "8", "--max-steps", str(STEPS_PER_EPOCH), "--seed",
+                            "0", "--amp", amp, "--wandb", "disabled", "--no-progress", "--num-preview", "0",
+                            "--out-dir", str(runs), "--name", run.name], log, seconds(), {"WANDB_MODE": "disabled"})
+        with open(log, "rb") as f:  # this run's part of the log
+            f.seek(start)
+            text = f.read().decode(errors="replace")
+        found[amp] = (last_train_loss(run), sum(int(n) for n in OVERFLOWED.findall(text)), code)
+    return found
+
+
+def stage_precision(config: CheckConfig, out: Path) -> StageResult:
+    """float32, bf16 and fp16 with GradScaler: each short run ends, and the reduced precisions' last training loss
+    lies within PRECISION_BAND of float32's."""
+    log, data, runs = out / "precision.log", out / "synthetic", out / "precision"
+    code = make_synthetic(config, data, log)
+    if code != 0:
+        return StageResult("precision", False, 0.0, f"synthetic.py failed ({status_text(code)})", str(log))
+    found = precision_losses(config.device, data, runs, log, config.seconds)
+    reference = found["off"][0]
+    problems, parts, values = [], [], {}
+    for amp, (loss, skipped, code) in found.items():
+        values[amp] = {"train_loss": loss, "overflow_steps": skipped}
+        if code != 0 or loss is None:
+            problems.append(f"--amp {amp}: {status_text(code)}, no training loss")
+            continue
+        parts.append(f"{amp} {loss:.4f}" + (f" ({skipped} steps skipped)" if skipped else ""))
+        if amp != "off" and reference is not None and abs(loss - reference) > PRECISION_BAND:
+            problems.append(f"--amp {amp} ends at loss {loss:.4f}, {abs(loss - reference):.4f} from float32's "
+                            f"(band {PRECISION_BAND})")
+    detail = "; ".join(problems + [f"last training loss {', '.join(parts)} (band {PRECISION_BAND} around fp32)"])
+    return StageResult("precision", not problems, 0.0, detail, str(log), values)
+
+
+def predict_dice(command: list[str], folder: Path, log: Path, seconds: float) -> tuple[int | None, float | None, int]:
+    """(exit status, mean Dice, images scored) of one predict.py command writing to `folder`."""
+    code = run_command([sys.executable, "predict.py", *command, "--output", str(folder), "--overwrite"], log, seconds)
     try:
         dice = json.loads((folder / "metrics.json").read_text())["dice"]
         images = len(list(csv.DictReader((folder / "metrics.csv").read_text().splitlines())))
     except (OSError, ValueError, KeyError):
         dice, images = None, 0
-    passed = code == 0 and dice is not None and math.isfinite(dice)
-    detail = (f"Dice {dice:.4f} on the run's {images} synthetic test images" if passed
-              else f"{status_text(code)}, metrics.json: {dice}")
-    return StageResult("predict", passed, 0.0, detail, str(log), {"dice": dice, "images": images})
+    return code, dice, images
+
+
+def stage_predict(config: CheckConfig, out: Path) -> StageResult:
+    """predict.py with the resume stage's best.pt on that run's held-out synthetic test images, scored; and the
+    shipped weights on every synthetic image on this GPU (its default precision) and on the CPU in float32, whose
+    mean Dice must agree within PREDICT_DICE_TOLERANCE."""
+    log, best, data = out / "predict.log", out / "runs" / "gpu-check-train" / "best.pt", out / "synthetic"
+    problems, parts, values = [], [], {}
+    if best.exists():
+        code, dice, images = predict_dice(["--checkpoint", str(best), "--device", config.device], out / "predict", log,
+                                          config.seconds())
+        values.update(dice=dice, images=images)
+        if code == 0 and dice is not None and math.isfinite(dice):
+            parts.append(f"Dice {dice:.4f} on the run's {images} synthetic test images")
+        else:
+            problems.append(f"the trained run's prediction gave {status_text(code)}, metrics.json: {dice}")
+    else:
+        problems.append(f"no {best}: the resume stage makes it")
+    code = make_synthetic(config, data, log)
+    if code != 0:
+        return StageResult("predict", False, 0.0, f"synthetic.py failed ({status_text(code)})", str(log))
+    shipped = ["--checkpoint", str(ROOT / "weights" / "improved-unet-isic2018.pt"), "--input",
+               str(data / synthetic.IMAGE_FOLDER), "--masks", str(data / synthetic.MASK_FOLDER)]
+    here = predict_dice([*shipped, "--device", config.device], out / "predict-shipped-gpu", log, config.seconds())
+    cpu = predict_dice([*shipped, "--device", "cpu", "--amp", "off"], out / "predict-shipped-cpu", log,
+                       config.seconds())
+    values.update(shipped_dice_gpu=here[1], shipped_dice_cpu=cpu[1])
+    if here[0] != 0 or cpu[0] != 0 or here[1] is None or cpu[1] is None:
+        problems.append(f"the shipped weights' prediction gave {status_text(here[0])} here and {status_text(cpu[0])} "
+                        f"on the CPU")
+    else:
+        gap = abs(here[1] - cpu[1])
+        parts.append(f"shipped weights on {here[2]} synthetic images: Dice {here[1]:.4f} here, {cpu[1]:.4f} on the "
+                     f"CPU in float32")
+        if gap > PREDICT_DICE_TOLERANCE:
+            problems.append(f"the shipped weights' Dice differs from the CPU's by {gap:.4f} (at most "
+                            f"{PREDICT_DICE_TOLERANCE})")
+    return StageResult("predict", not problems, 0.0, "; ".join(problems + parts), str(log), values)
 
 
 # ----------------------------------------------------------------------------- the summary
@@ -334,6 +447,7 @@ def build_summary(gpu: dict, results: list[StageResult], total_s: float) -> dict
     """summary.json's content: the GPU, every stage's result, and the headline figures."""
     by_name = {r.name: r for r in results}
     bench = by_name["benchmark"].values if "benchmark" in by_name else {}
+    writes = by_name["resume"].values.get("checkpoint_write_s") if "resume" in by_name else None
     figures = {}
     if bench.get("train_images_per_s"):
         figures = {
@@ -342,7 +456,8 @@ def build_summary(gpu: dict, results: list[StageResult], total_s: float) -> dict
             "peak_tflops": bench.get("peak_tflops"), "peak_memory_mb": bench.get("peak_memory_mb"),
             "memory_format": bench.get("memory_format"), "compile_speedup": bench.get("compile_speedup"),
             "compile_speedup_instance": bench.get("compile_speedup_instance"),
-            "isic_epoch_s": bench["isic_epoch_s"],
+            # the epoch a run waits for: the steps, the loader's work and the checkpoints written after it
+            "checkpoint_write_s": writes, "isic_epoch_s": bench["isic_epoch_s"] + (writes or 0.0),
         }
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -360,6 +475,14 @@ def _verdict_text(v: dict | None) -> str:
     speed = (f"channels-last at {v['channels_last_speedup']:.2f}x NCHW's speed ({v['channels_last_images_per_s']:.0f} "
              f"against {v['nchw_images_per_s']:.0f} img/s, {v['dtype']})")
     return speed + (": no clear difference" if v["faster"] == "neither" else f": {v['faster']} is faster")
+
+
+def epoch_text(f: dict) -> str:
+    if not f:
+        return "not measured"
+    writes = f.get("checkpoint_write_s")
+    return format_seconds(f["isic_epoch_s"]) + (" (checkpoint writes not measured)" if writes is None else
+                                                f", of which {format_seconds(writes)} writing last.pt and best.pt")
 
 
 def markdown(summary: dict) -> str:
@@ -389,10 +512,11 @@ def markdown(summary: dict) -> str:
         ("torch.compile (ours-batch, NHWC)", compile_text(f.get("compile_speedup"))),
         ("torch.compile (ours-instance, the default model, NCHW)", compile_text(f.get("compile_speedup_instance"))),
         ("Resume after SIGUSR1", check("resume")),
+        ("fp32, bf16 and fp16 (GradScaler) training", check("precision")),
         ("Prediction", check("predict")),
         ("GPU tests (pytest -m gpu)", check("tests")),
-        (f"ISIC 2018 epoch at 256 px ({ISIC_TRAIN_IMAGES:,} images, training steps and loader, no validation)",
-         format_seconds(f["isic_epoch_s"]) if f else "not measured"),
+        (f"ISIC 2018 epoch at 256 px ({ISIC_TRAIN_IMAGES:,} images: training steps, loader and checkpoint writes, "
+         "no validation)", epoch_text(f)),
         ("Total time of this check", format_seconds(summary["total_s"])),
     ]
     lines = [f"# GPU check: {summary['gpu']}, {summary['date'][:10]}", "",
@@ -421,7 +545,10 @@ def parse_args(argv: list[str] | None) -> CheckConfig:
                "  resume     synthetic.py, then train.py (64 px, 2 epochs of 10 steps, --deterministic) stopped by\n"
                "             SIGUSR1 at epoch 2 step 5, resumed with --resume auto, and compared with an uninterrupted\n"
                "             run: the final weights must agree within 1e-5\n"
-               "  predict    predict.py with the resumed run's best.pt on its synthetic test images\n\n"
+               "  precision  train.py, the same short run in fp32, bf16 and fp16 with GradScaler: the last training\n"
+               f"             losses within {PRECISION_BAND} of fp32's\n"
+               "  predict    predict.py with the resumed run's best.pt on its synthetic test images, and the shipped\n"
+               f"             weights here and on the CPU (fp32): Dice within {PREDICT_DICE_TOLERANCE}\n\n"
                "Exit status: 0 when every stage passed, 1 when one failed, 2 when there is no CUDA GPU.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=defaults.out,
@@ -437,9 +564,13 @@ def parse_args(argv: list[str] | None) -> CheckConfig:
                    help="the whole check's time, for a short slot (e.g. 8 on a machine lent for 9 minutes): each "
                         "stage gets an equal share of the time left, and the summary is written as each ends; inside a "
                         "SLURM job the job's limit also bounds it (default 0: only the job's limit)")
+    p.add_argument("--precision-band", action="store_true",
+                   help="run the precision stage's three short runs on this machine's CPU, print how far bf16 and fp16 "
+                        "end from fp32 (the figures PRECISION_BAND rests on) and exit; needs no GPU")
     a = p.parse_args(argv)
     try:
-        return CheckConfig(out=a.out, device=a.device, skip=a.skip, timeout=a.timeout, minutes=a.minutes)
+        return CheckConfig(out=a.out, device=a.device, skip=a.skip, timeout=a.timeout, minutes=a.minutes,
+                           precision_band=a.precision_band)
     except ValueError as err:
         p.error(str(err))
 
@@ -477,7 +608,8 @@ def clear_outputs(out: Path, stages: list[str]) -> None:
     """Remove what an earlier check left for the stages about to run (only the names this script writes: --out may
     be a folder with other things in it)."""
     owned = {"tests": ["tests.log"], "benchmark": ["benchmark.log", "benchmark"],
-             "resume": ["resume.log", "runs", "synthetic"], "predict": ["predict.log", "predict"]}
+             "resume": ["resume.log", "runs", "synthetic"], "precision": ["precision.log", "precision"],
+             "predict": ["predict.log", "predict", "predict-shipped-gpu", "predict-shipped-cpu"]}
     for name in [n for stage in stages for n in owned[stage]] + ["summary.json", "summary.md"]:
         path = out / name
         if path.is_dir():
@@ -486,8 +618,28 @@ def clear_outputs(out: Path, stages: list[str]) -> None:
             path.unlink()
 
 
+def measure_precision_band(config: CheckConfig) -> dict:
+    """--precision-band: the precision stage's runs on the CPU; {amp: |last training loss - float32's|}."""
+    out = Path(config.out).resolve()
+    log, runs = out / "precision-band.log", out / "precision-band"
+    log.unlink(missing_ok=True)
+    shutil.rmtree(runs, ignore_errors=True)  # its own folders only: an earlier check's summary stays
+    if make_synthetic(config, out / "synthetic", log) != 0:
+        raise SystemExit(f"gpu_check.py: synthetic.py failed; see {log}")
+    found = precision_losses("cpu", out / "synthetic", runs, log, config.seconds)
+    if any(loss is None for loss, _, _ in found.values()):
+        raise SystemExit(f"gpu_check.py: a run failed; see {log}")
+    reference = found["off"][0]
+    gaps = {amp: round(abs(loss - reference), 5) for amp, (loss, _, _) in found.items() if amp != "off"}
+    print(f"last training loss on the CPU: {', '.join(f'{amp} {loss:.5f}' for amp, (loss, _, _) in found.items())}; "
+          f"away from fp32: {gaps} (PRECISION_MEASURED holds {PRECISION_MEASURED}, band {PRECISION_BAND})")
+    return gaps
+
+
 def main(argv: list[str] | None = None) -> dict:
     config = parse_args(argv)
+    if config.precision_band:
+        return measure_precision_band(config)
     gpu = gpu_info(config)
     out = Path(config.out).resolve()
     chosen = [s for s in STAGES if s not in config.skip]
@@ -495,7 +647,8 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     print(f"GPU check of {gpu['gpu']} (compute capability {gpu['capability']}, {gpu['device']}), torch {gpu['torch']}: "
           f"{', '.join(chosen)}; logs in {out}/", flush=True)
-    bodies = {"tests": stage_tests, "benchmark": stage_benchmark, "resume": stage_resume, "predict": stage_predict}
+    bodies = {"tests": stage_tests, "benchmark": stage_benchmark, "resume": stage_resume, "precision": stage_precision,
+              "predict": stage_predict}
     left = budget.slurm_seconds_left()
     limits = [t for t in (config.minutes * 60 if config.minutes else None,
                           left - SUMMARY_MARGIN_SECONDS if left is not None else None) if t is not None]
@@ -526,6 +679,7 @@ def main(argv: list[str] | None = None) -> dict:
     table = markdown(summary)
     print("\n" + table)
     print(f"wrote {out / 'summary.json'} and {out / 'summary.md'}")
+    print(f"To report this GPU, send {out / 'summary.md'} (every figure above; summary.json holds the same in full)")
     if not summary["passed"]:
         raise SystemExit(1)
     return summary

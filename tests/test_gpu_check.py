@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,7 +113,10 @@ def test_summary_from_canned_stage_results():
                  "| Resume after SIGUSR1 | FAIL: the interrupted run gave exit status 1, expected 138 |",
                  "| Prediction | pass: Dice 0.8000",
                  "| GPU tests (pytest -m gpu) | pass: 7 passed, 320 deselected in 40.1s |",
-                 "images, training steps and loader, no validation) | 3.2 s |",  # 2594 / 900 + 2594 / 9000
+                 # 2594 / 900 + 2594 / 9000; the failed resume stage timed no checkpoint writes
+                 "images: training steps, loader and checkpoint writes, no validation) | 3.2 s (checkpoint writes not "
+                 "measured) |",
+                 "| fp32, bf16 and fp16 (GradScaler) training | not run |",
                  "| Total time of this check | 3.8 min |",
                  "Some stages FAILED", "| resume | FAIL | 70 s | resume.log |"):
         assert text in table, text
@@ -144,9 +148,9 @@ def test_main_writes_the_summary_and_fails_when_a_stage_fails(monkeypatch, tmp_p
     with pytest.raises(SystemExit) as exit_info:
         gpu_check.main(["--out", str(tmp_path), "--skip", "tests"])
     assert exit_info.value.code == 1
-    assert ran == ["benchmark", "resume", "predict"]  # past the failed benchmark
+    assert ran == ["benchmark", "resume", "precision", "predict"]  # past the failed benchmark
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [s["name"] for s in summary["stages"]] == ["benchmark", "resume", "predict"]
+    assert [s["name"] for s in summary["stages"]] == ["benchmark", "resume", "precision", "predict"]
     assert "| benchmark | FAIL |" in (tmp_path / "summary.md").read_text()
     assert (tmp_path / "keep.txt").exists()  # only what the check writes is cleared
 
@@ -160,6 +164,10 @@ def test_clear_outputs_removes_only_the_stages_own_files(tmp_path):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("x")
     gpu_check.clear_outputs(tmp_path, ["resume"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark", "other"]
+    (tmp_path / "precision" / "amp-off").mkdir(parents=True)
+    (tmp_path / "predict-shipped-cpu").mkdir()
+    gpu_check.clear_outputs(tmp_path, ["precision", "predict"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["benchmark", "other"]
 
 
@@ -264,7 +272,7 @@ def test_a_job_near_its_time_limit_keeps_every_figure_measured_before_it(monkeyp
     monkeypatch.setattr(gpu_check, "stage_benchmark", benchmark)
     monkeypatch.setattr(gpu_check, "stage_resume", lambda config, out: pytest.fail("started after the deadline"))
     with pytest.raises(SystemExit):
-        gpu_check.main(["--out", str(tmp_path), "--skip", "predict"])
+        gpu_check.main(["--out", str(tmp_path), "--skip", "precision", "predict"])
     assert 30 < seen["seconds"] <= 100 / 3  # 300 s a command, but 100 s were left for three stages
     assert [stage["name"] for stage in seen["summary after tests"]] == ["tests"]
     stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
@@ -289,7 +297,73 @@ def test_minutes_gives_each_stage_its_share_of_the_time_left(monkeypatch, tmp_pa
 
     monkeypatch.setattr(gpu_check, "stage_tests", stage("tests"))
     monkeypatch.setattr(gpu_check, "stage_benchmark", stage("benchmark"))
-    gpu_check.main(["--out", str(tmp_path), "--skip", "resume", "predict", "--minutes", "2"])
+    gpu_check.main(["--out", str(tmp_path), "--skip", "resume", "precision", "predict", "--minutes", "2"])
     assert 55 < shares[0] <= 60 and 110 < shares[1] <= 120
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--minutes", "-1"])
+
+
+def fake_train_runs(monkeypatch, losses: dict, skipped: int = 0):
+    """run_command that plays train.py: each --amp run writes metrics.csv with its loss (a missing one fails)."""
+    def run_command(command, log, timeout, env=None):
+        if "synthetic.py" in command:
+            (Path(command[command.index("--out") + 1]) / "ISIC2018_Task1-2_Training_Input").mkdir(parents=True)
+            return 0
+        amp = command[command.index("--amp") + 1]
+        run = Path(command[command.index("--out-dir") + 1]) / command[command.index("--name") + 1]
+        with open(log, "a") as f:
+            f.write(f"epoch 2: {skipped} fp16 step(s) overflowed and were skipped\n" if amp == "fp16" and skipped else "")
+        if losses.get(amp) is None:
+            return 1
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "metrics.csv").write_text(f"epoch,train_loss\n1,0.9\n2,{losses[amp]}\n")
+        return 0
+    monkeypatch.setattr(gpu_check, "run_command", run_command)
+
+
+def test_precision_stage_passes_within_the_band_and_names_the_precision_that_strays(monkeypatch, tmp_path):
+    config = gpu_check.CheckConfig(out=str(tmp_path))
+    band = gpu_check.PRECISION_BAND
+    assert band > 0  # measured (python gpu_check.py --precision-band), not left at zero
+    fake_train_runs(monkeypatch, {"off": 0.5, "bf16": 0.5 + band / 2, "fp16": 0.5 - band / 2}, skipped=3)
+    result = gpu_check.stage_precision(config, tmp_path)
+    assert result.passed, result.detail
+    assert result.values["fp16"] == {"train_loss": 0.5 - band / 2, "overflow_steps": 3}
+    assert "3 steps skipped" in result.detail
+
+    fake_train_runs(monkeypatch, {"off": 0.5, "bf16": 0.5, "fp16": 0.5 + 3 * band})
+    result = gpu_check.stage_precision(config, tmp_path)
+    assert not result.passed and "--amp fp16 ends at loss" in result.detail and "bf16" not in result.detail.split(";")[0]
+
+    fake_train_runs(monkeypatch, {"off": 0.5, "bf16": None, "fp16": 0.5})
+    result = gpu_check.stage_precision(config, tmp_path)
+    assert not result.passed and "--amp bf16: exit status 1" in result.detail
+
+
+def test_predict_stage_fails_when_the_gpu_and_the_cpu_disagree_on_the_shipped_weights(monkeypatch, tmp_path):
+    (tmp_path / "runs" / "gpu-check-train").mkdir(parents=True)
+    (tmp_path / "runs" / "gpu-check-train" / "best.pt").write_bytes(b"x")
+    (tmp_path / "synthetic" / "ISIC2018_Task1-2_Training_Input").mkdir(parents=True)
+    config = gpu_check.CheckConfig(out=str(tmp_path))
+    for gpu_dice, passed in ((0.8010, True), (0.8040, False)):
+        scores = {"predict": 0.7, "predict-shipped-gpu": gpu_dice, "predict-shipped-cpu": 0.8000}
+        monkeypatch.setattr(gpu_check, "predict_dice", lambda command, folder, log, seconds: (0, scores[folder.name], 160))
+        result = gpu_check.stage_predict(config, tmp_path)
+        assert result.passed is passed, result.detail
+        assert result.values["shipped_dice_gpu"] == gpu_dice
+    assert "differs from the CPU's by 0.0040" in result.detail
+
+
+def test_checkpoint_writes_are_timed_and_count_in_the_projected_epoch(tmp_path):
+    import checkpoint
+
+    checkpoint.save_checkpoint({"format": checkpoint.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(1000)}},
+                               tmp_path / "last.pt")
+    seconds = gpu_check.checkpoint_write_seconds(tmp_path / "last.pt", tmp_path / "scratch")
+    assert seconds > 0 and not (tmp_path / "scratch").exists()
+    gpu = {"gpu": "H100", "capability": "9.0", "device": "cuda:0", "torch": "x", "cuda": "y", "cudnn": "z"}
+    results = [gpu_check.StageResult("benchmark", True, 1.0, "ok", "", {**gpu_check.benchmark_figures(canned_benchmark())}),
+               gpu_check.StageResult("resume", True, 1.0, "ok", "", {"checkpoint_write_s": 2.5})]
+    summary = gpu_check.build_summary(gpu, results, 10.0)
+    assert summary["figures"]["isic_epoch_s"] == pytest.approx(results[0].values["isic_epoch_s"] + 2.5)
+    assert "of which 2.5 s writing last.pt and best.pt" in gpu_check.markdown(summary)
