@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -235,10 +236,16 @@ def log_wandb_predictions(run, images, masks, predictions, ids, step: int) -> No
 class RunRecord:
     """The run folder of rank 0: locked while the run lives, with its files and its wandb run."""
 
+    # curves.png is redrawn at most this often (and once more at the end): a fast GPU's epoch takes a second or
+    # two, and a matplotlib redraw a good part of one; metrics.csv, which the figure draws, is written every epoch
+    PLOT_EVERY_SECONDS = 30.0
+
     def __init__(self, run_dir: Path, enabled: bool):
         self.dir, self.enabled = Path(run_dir), enabled
         self.lock = RunLock(self.dir)
         self.wandb = None
+        self.plotted_at: float | None = None  # time.monotonic() of the last redraw of curves.png
+        self.unplotted: list[dict] | None = None  # the history curves.png does not show yet
 
     def open(self, config, wandb_id: str | None) -> str | None:
         """Create and lock the folder, start wandb; returns the wandb run id to store in checkpoints."""
@@ -250,6 +257,10 @@ class RunRecord:
         return self.wandb.id if self.wandb is not None else wandb_id
 
     def close(self) -> None:
+        try:  # a run stopped by a signal or an error still leaves curves.png up to its last epoch
+            self.plot()
+        except Exception as err:  # a figure must not hide the run's own result
+            warnings.warn(f"could not redraw {self.dir / 'curves.png'}: {err}", stacklevel=2)
         if self.wandb is not None:
             try:
                 self.wandb.finish()
@@ -274,14 +285,23 @@ class RunRecord:
         if not self.enabled:
             return
         utils.write_csv(self.dir / "metrics.csv", history, METRIC_COLUMNS)
-        plot_curves(history, self.dir / "curves.png")
+        self.unplotted = history
+        if self.plotted_at is None or time.monotonic() - self.plotted_at >= self.PLOT_EVERY_SECONDS:
+            self.plot()
         row = history[-1]
         wandb_log(self.wandb, {k: v for k, v in row.items() if k != "epoch"} | {"epoch": row["epoch"]}, row["epoch"])
 
+    def plot(self) -> None:
+        """Redraw curves.png from the history written last, if it does not show it yet."""
+        if self.unplotted is not None:
+            plot_curves(self.unplotted, self.dir / "curves.png")
+            self.plotted_at, self.unplotted = time.monotonic(), None
+
     def write_summary(self, summary: dict, preview, step: int) -> None:
-        """summary.json, predictions.png (and to wandb), and where everything is."""
+        """curves.png as the run ended, summary.json, predictions.png (and to wandb), and where everything is."""
         if not self.enabled:
             return
+        self.plot()
         images, masks, predictions, ids = preview
         if len(ids):
             plot_predictions(images, masks, predictions, self.dir / "predictions.png", titles=ids)

@@ -601,3 +601,28 @@ def test_validation_counts_the_images_that_fail_the_challenge_threshold(isic_fol
     everything = train.evaluate(Constant(5.0), batches, loss, autocast=contextlib.nullcontext)
     shares = (splits.val.masks > 0).reshape(len(splits.val.ids), -1).mean(axis=1)
     assert everything["failure_share"] == pytest.approx(float((shares < 0.65).mean()))
+
+
+def test_curves_are_redrawn_at_most_every_thirty_seconds_and_always_at_the_end(tmp_path, monkeypatch):
+    """A fast GPU's epoch takes a second or two: curves.png is not redrawn after each one, but metrics.csv is
+    written every epoch and the figure catches up within PLOT_EVERY_SECONDS and when the run closes."""
+    import record
+
+    drawn = []
+    monkeypatch.setattr(record, "plot_curves", lambda history, path: drawn.append(len(history)))
+    now = [1000.0]
+    monkeypatch.setattr(record.time, "monotonic", lambda: now[0])
+    run = record.RunRecord(tmp_path, enabled=True)
+    history = []
+    for epoch in range(1, 6):
+        history = history + [{"epoch": epoch, "train_loss": 1.0 / epoch, "val_dice": 0.1 * epoch}]
+        run.write_epoch(history)
+        now[0] += 2.0  # two seconds an epoch
+    assert drawn == [1]  # the first epoch, then nothing for 8 seconds
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 6  # header and every epoch
+    now[0] += record.RunRecord.PLOT_EVERY_SECONDS
+    run.write_epoch(history + [{"epoch": 6, "train_loss": 0.1, "val_dice": 0.6}])
+    assert drawn == [1, 6]
+    run.write_epoch(history + [{"epoch": 6, "train_loss": 0.1, "val_dice": 0.6}, {"epoch": 7, "train_loss": 0.1}])
+    run.close()  # the run ends (or is stopped): the last epochs are drawn
+    assert drawn == [1, 6, 7]
