@@ -62,6 +62,7 @@ class DataConfig:
     split_seed: int = 0  # seed of the train/val/test split (kept fixed across runs to compare them)
     folds: int = 0  # K >= 2: K-fold cross-validation of the non-test images; validate on fold --fold
     fold: int = 0  # the validation fold, 0 .. K-1 (summarise the K runs with python crossval.py)
+    train_on_val: bool = False  # also train on the validation images (a final fit, once the recipe is chosen): validation then scores images the network has seen, so only the test split tells how it does
     skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
     num_workers: int = 0  # threads decoding files when the cache is built; 0: one per CPU this job may use
 
@@ -689,6 +690,9 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
     pairs = find_pairs(data_dir, skip_bad=config.skip_bad, log=log)
     assigned, description = split_samples(pairs, config.val_fraction, config.test_fraction, config.split_seed,
                                           config.folds, config.fold)
+    if config.train_on_val:
+        assigned = {**assigned, "train": assigned["train"] + assigned["val"]}
+        description += f"; --train-on-val: the {len(assigned['val'])} validation images are trained on as well"
     log(f"data: {data_dir}: {description}")
     cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir(data_dir)
     folder = cache_root / f"size{size}"

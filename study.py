@@ -99,6 +99,10 @@ RUNS = {
     "lovasz": ["--loss", "dice+bce+lovasz"],
     "lovasz-seed-1": ["--loss", "dice+bce+lovasz", "--seed", "1"],
     "lovasz-seed-2": ["--loss", "dice+bce+lovasz", "--seed", "2"],
+    # a final fit: the default recipe trained on the training and validation images (judged on test alone)
+    "train-on-val": ["--train-on-val"],
+    "train-on-val-seed-1": ["--train-on-val", "--seed", "1"],
+    "train-on-val-seed-2": ["--train-on-val", "--seed", "2"],
 }
 BASELINE = "dynunet"
 
@@ -112,9 +116,18 @@ COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_j
 
 def flags_of(budget: str, name: str) -> list[str]:
     """The budget's flags with the run's own laid over them (a run may change the size or the batch)."""
-    merged = dict(zip(BUDGETS[budget][::2], BUDGETS[budget][1::2]))
-    merged.update(zip(RUNS[name][::2], RUNS[name][1::2]))  # every flag here takes a value
-    return [item for pair in merged.items() for item in pair]
+    merged = {**flag_values(BUDGETS[budget]), **flag_values(RUNS[name])}
+    return [item for flag, value in merged.items() for item in (flag, value) if item is not None]
+
+
+def flag_values(flags: list[str]) -> dict[str, str | None]:
+    """{flag: its value, or None for a switch such as --train-on-val} of a flag list, in order."""
+    found, i = {}, 0
+    while i < len(flags):
+        takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+        found[flags[i]] = flags[i + 1] if takes_value else None
+        i += 2 if takes_value else 1
+    return found
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -182,14 +195,18 @@ PREDICTIONS = {
 
 # --scores tta: predict.py's defaults only (flip TTA), on both splits: a third of the prediction time
 TTA_ONLY = (("test", "_tta"), ("val", "_tta"))
+# --scores second-pass: predict.py --second-pass on both splits (after TTA_ONLY; see failure_table)
+SECOND_PASS = {("test", "_second"): ["--tta", "--second-pass"], ("val", "_second"): ["--split", "val", "--tta",
+                                                                                      "--second-pass"]}
+SCORES = {"all": None, "tta": TTA_ONLY, "second-pass": tuple(SECOND_PASS)}
 
 
 def score_run(run_dir: Path, log: Path, only=None) -> dict:
     """The run's prediction scores (the columns named by PREDICTIONS, or those in `only`) and the official
     scorer's on the test split (of the plain predictions, else of the TTA ones)."""
     scores = {}
-    for (split, suffix), extra in PREDICTIONS.items():
-        if only and (split, suffix) not in only:
+    for (split, suffix), extra in {**PREDICTIONS, **SECOND_PASS}.items():
+        if (split, suffix) not in (only or PREDICTIONS):
             continue
         out = run_dir / f"{split}{suffix}"
         run_logged(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--output", str(out), *extra], log)
@@ -221,7 +238,7 @@ def run_one(budget: str, name: str, args) -> dict:
     history = read_rows(run_dir / "metrics.csv")
     summary = json.loads((run_dir / "summary.json").read_text())
     best = history[summary["best_epoch"] - 1]
-    scores = score_run(run_dir, log, TTA_ONLY if args.scores == "tta" else None)
+    scores = score_run(run_dir, log, SCORES[args.scores])
     curves = Path(args.results).parent / "curves"
     curves.mkdir(parents=True, exist_ok=True)
     with utils.atomic_write(curves / f"{budget}-{name}.csv") as tmp:
@@ -239,6 +256,50 @@ def run_one(budget: str, name: str, args) -> dict:
                  f"thresholded Jaccard {row.get('test_threshold_jaccard_tta')}  failures (Jaccard < 0.65) "
                  f"{row.get('test_failure_share_tta')}  ({row['train_minutes']} min training)")
     return row
+
+
+def ensemble_one(budget: str, names: list[str], args) -> dict:
+    """The finished runs' best.pt averaged (predict.py with several --checkpoint), scored with flip TTA on the stored
+    validation and test splits: a row under the budget '<budget>x<N>', its training time the runs' sum."""
+    members = [Path(args.out_dir) / f"{budget}-{name}" for name in names]
+    missing = [str(m / "best.pt") for m in members if not (m / "best.pt").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{', '.join(missing)} missing; train the runs first: python study.py --budget "
+                                f"{budget} --only {' '.join(names)}")
+    name, ensemble = "+".join(names), f"{budget}x{len(names)}"
+    out = Path(args.out_dir) / f"{ensemble}-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoints = [str(m / "best.pt") for m in members]
+    scores = {}
+    for split in ("val", "test"):
+        folder = out / f"{split}_tta"
+        run_logged(["predict.py", "--checkpoint", *checkpoints, "--split", split, "--tta", "--output", str(folder),
+                    "--overwrite"], out / "study.log")
+        metrics = json.loads((folder / "metrics.json").read_text())
+        scores.update({f"{split}_dice_tta": round(metrics["dice"], 4),
+                       f"{split}_threshold_jaccard_tta": round(metrics["threshold_jaccard"], 4),
+                       f"{split}_failure_share_tta": round(metrics["failure_share"], 4)})
+    minutes = sum(sum(float(r["seconds"]) for r in read_rows(m / "metrics.csv")) for m in members) / 60
+    row = {"budget": ensemble, "name": name, "flags": " | ".join(" ".join(flags_of(budget, n)) for n in names),
+           "best_epoch": "", "val_dice": "", "val_threshold_jaccard": "", **scores,
+           "train_minutes": round(minutes, 2), "machine": devices.device_name(devices.select_device("auto")),
+           "date": datetime.date.today().isoformat(), "commit": commit()}
+    utils.print0(f"[{ensemble}/{name}] val Dice (TTA) {row['val_dice_tta']}  test Dice (TTA) {row['test_dice_tta']}  "
+                 f"thresholded Jaccard {row['test_threshold_jaccard_tta']}  failures {row['test_failure_share_tta']}")
+    return row
+
+
+def ensembles(args) -> None:
+    """--ensemble N: the --only runs of the budget in groups of N, in order, each group's mean scored (ensemble_one)."""
+    names = args.only or []
+    if not names or len(names) % args.ensemble:
+        raise SystemExit(f"error: --ensemble {args.ensemble} takes --only runs in groups of {args.ensemble}, "
+                         f"got {len(names)}")
+    results = Path(args.results)
+    for start in range(0, len(names), args.ensemble):
+        row = ensemble_one(args.budget, names[start:start + args.ensemble], args)
+        rows = [r for r in read_rows(results) if not (r["budget"] == row["budget"] and r["name"] == row["name"])]
+        write_rows(results, rows + [row])
 
 
 # ----------------------------------------------------------------------------- report
@@ -298,16 +359,20 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# failure_table's prediction options: column suffix -> what the table calls it
+FAILURE_PREDICTIONS = {"_tta": "flip TTA", "_second": "flip TTA, `--second-pass`"}
+
+
 def failure_table(rows: list[dict]) -> str:
-    """Per budget and recipe, the mean over its seeds (and the range, with several) of the validation and test
-    figures, failures included: the table that compares recipes aimed at the failed images. Test columns are
-    predict.py's defaults (flip TTA)."""
+    """Per budget, recipe and prediction option, the mean over its seeds (and the range, with several) of the
+    validation and test figures, failures included: the table that compares what is aimed at the failed images.
+    Both splits are scored alike, by predict.py at the images' own size."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["budget"], recipe_of(r["name"])), []).append(r)
-    head = ["budget", "recipe", "seeds", "val Dice", "val thr. Jaccard", "val failures", "test Dice",
+    head = ["budget", "recipe", "prediction", "seeds", "val Dice", "val thr. Jaccard", "val failures", "test Dice",
             "test thr. Jaccard", "test failures"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|" + "---:|" * (len(head) - 4)]
 
     def cell(runs, key, percent=False):
         values = [float(r[key]) for r in runs if r.get(key) not in (None, "")]
@@ -318,16 +383,20 @@ def failure_table(rows: list[dict]) -> str:
         return show(sum(values) / len(values)) + spread
 
     for (budget, recipe), runs in groups.items():
-        lines.append(f"| {budget} | `{recipe}` | {len(runs)} | {cell(runs, 'val_dice')} | "
-                     f"{cell(runs, 'val_threshold_jaccard')} | {cell(runs, 'val_failure_share', True)} | "
-                     f"{cell(runs, 'test_dice_tta')} | {cell(runs, 'test_threshold_jaccard_tta')} | "
-                     f"{cell(runs, 'test_failure_share_tta', True)} |")
+        for suffix, prediction in FAILURE_PREDICTIONS.items():
+            scored = [r for r in runs if r.get(f"test_dice{suffix}") not in (None, "")]
+            if not scored:
+                continue
+            figures = [cell(scored, f"{split}_{key}{suffix}", key == "failure_share") for split in ("val", "test")
+                       for key in ("dice", "threshold_jaccard", "failure_share")]
+            lines.append(f"| {budget} | `{recipe}` | {prediction} | {len(scored)} | " + " | ".join(figures) + " |")
     return "\n".join(lines)
 
 
 def recipe_of(name: str) -> str:
-    """A run's recipe: its name without a -seed-N suffix (seeds of one recipe are averaged)."""
-    return re.sub(r"-seed-\d+$", "", name)
+    """A run's recipe: its name without a -seed-N suffix (seeds of one recipe are averaged); an ensemble's
+    (names joined by +) is its first run's."""
+    return re.sub(r"-seed-\d+$", "", name.split("+")[0])
 
 
 # Validation Dice this close to the best counts as a tie: the recipe with fewer failed images (Jaccard under 0.65,
@@ -448,8 +517,10 @@ def rescore(args) -> None:
         if not (run_dir / "best.pt").is_file():
             utils.print0(f"[{row['budget']}/{row['name']}] {run_dir / 'best.pt'} is missing; left as it is")
             continue
-        row.update(score_run(run_dir, run_dir / "study.log"))
-        utils.print0(f"[{row['budget']}/{row['name']}] test Dice {row['test_dice']} (--tta {row['test_dice_tta']})")
+        scores = score_run(run_dir, run_dir / "study.log", SCORES[args.scores])
+        row.update(scores)
+        utils.print0(f"[{row['budget']}/{row['name']}] " + ", ".join(f"{k} {v}" for k, v in scores.items()
+                                                                       if k.startswith(("val_dice", "test_dice"))))
         write_rows(results, rows)
     report(args)
 
@@ -465,8 +536,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out-dir", default="runs/study", help="parent of the study's run folders")
     parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
     parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
-    parser.add_argument("--scores", choices=["all", "tta"], default="all",
-                        help="prediction columns to fill: all of PREDICTIONS, or predict.py's default (TTA) on val and test")
+    parser.add_argument("--scores", choices=list(SCORES), default="all",
+                        help="prediction columns to fill: all of PREDICTIONS, predict.py's default (TTA) on val and "
+                             "test, or --second-pass on both")
+    parser.add_argument("--ensemble", type=int, default=0, metavar="N",
+                        help="score finished runs averaged in groups of N (the --only runs of --budget, in order), "
+                             "without training; the rows go to --results under the budget '<budget>xN'")
     parser.add_argument("--report", action="store_true", help="only write the table, speed ratios and figure")
     parser.add_argument("--rescore", action="store_true",
                         help="score the budget's finished runs again (every PREDICTIONS column), without training")
@@ -475,6 +550,8 @@ def main(argv=None) -> None:
         return report(args)
     if args.rescore:
         return rescore(args)
+    if args.ensemble:
+        return ensembles(args)
     if not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir {args.data_dir} does not exist; the study needs real ISIC data "
                      f"(python download.py --root {args.data_dir})")

@@ -390,6 +390,18 @@ def test_mean_and_std_come_from_the_training_split_only(tmp_path):
     assert not np.allclose(splits.mean, both.mean(0), atol=1e-4)
 
 
+def test_train_on_val_trains_on_the_validation_images_and_keeps_the_test_split_out(tmp_path):
+    make_set(tmp_path / "data", 20)
+    held = dataset.prepare_splits(config(tmp_path / "data", tmp_path, val_fraction=0.25, test_fraction=0.25))
+    log = Log()
+    final = dataset.prepare_splits(config(tmp_path / "data", tmp_path, val_fraction=0.25, test_fraction=0.25,
+                                          train_on_val=True), log=log)
+    assert held.val.ids and sorted(final.train.ids) == sorted(held.train.ids + held.val.ids)
+    assert final.val.ids == held.val.ids and final.test.ids == held.test.ids  # still scored; the test split unseen
+    assert not set(final.train.ids) & set(final.test.ids)
+    assert log.has(f"the {len(held.val.ids)} validation images are trained on as well")
+
+
 def test_changed_file_makes_the_cache_stale(tmp_path):
     make_set(tmp_path / "data", 4)
     cfg = config(tmp_path / "data", tmp_path, val_fraction=0, test_fraction=0)

@@ -1,6 +1,7 @@
 """study.py: the recipe study's run list, its table, the official scorer's cross-check and the figure."""
 
 import csv
+import json
 import shutil
 
 import pytest
@@ -15,6 +16,8 @@ def test_run_flags_lay_over_the_budget():
     assert flags[flags.index("--batch-size") + 1] == "8" and flags.count("--batch-size") == 1
     flags = study.flags_of("long", "dynunet")
     assert flags[flags.index("--arch") + 1] == "dynunet" and flags[flags.index("--epochs") + 1] == "15"
+    assert study.flags_of("min10", "train-on-val-seed-1") == ["--minutes", "10", "--image-size", "96", "--batch-size",
+                                                               "16", "--train-on-val", "--seed", "1"]  # a switch
     for name in study.RUNS:  # every run is a valid train.py command
         import train
         config, _, _ = train.utils.parse_config(train.TrainConfig, study.flags_of("short", name), "", train.GROUPS,
@@ -78,6 +81,27 @@ def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
     study.main(["--data-dir", str(root), "--budget", "screen", "--only", "default", "--results", str(results),
                 "--out-dir", str(tmp_path / "runs"), "--figure", str(tmp_path / "fig.png"), "--train-flags", tiny])
     assert len(study.read_rows(results)) == 2
+    # --scores second-pass adds predict.py --second-pass on both splits, which the failure table shows on a line
+    study.main(["--budget", "screen", "--only", "default", "--rescore", "--scores", "second-pass", "--results",
+                str(results), "--out-dir", str(tmp_path / "runs"), "--figure", str(tmp_path / "fig.png")])
+    default = next(r for r in study.read_rows(results) if r["name"] == "default")
+    for column in ("val_dice_second", "test_dice_second", "test_failure_share_second"):
+        assert 0 <= float(default[column]) <= 1, column
+    assert (tmp_path / "runs" / "screen-default" / "test_second" / "predictions.json").is_file()
+    assert "| screen | `default` | flip TTA, `--second-pass` | 1 |" in study.failure_table(study.read_rows(results))
+    # --ensemble 2 scores the two runs averaged, without training: a row of its own, the runs' minutes summed
+    study.main(["--budget", "screen", "--only", "default", "dynunet", "--ensemble", "2", "--results", str(results),
+                "--out-dir", str(tmp_path / "runs")])
+    ensemble = next(r for r in study.read_rows(results) if r["budget"] == "screenx2")
+    assert ensemble["name"] == "default+dynunet" and study.recipe_of(ensemble["name"]) == "default"
+    assert float(ensemble["train_minutes"]) == pytest.approx(
+        float(scored["default"]["train_minutes"]) + float(scored["dynunet"]["train_minutes"]), abs=0.02)
+    for column in ("val_dice_tta", "test_dice_tta", "test_threshold_jaccard_tta", "test_failure_share_tta"):
+        assert 0 <= float(ensemble[column]) <= 1, column
+    record = json.loads((tmp_path / "runs" / "screenx2-default+dynunet" / "test_tta" / "predictions.json").read_text())
+    assert len(record["checkpoints"]) == 2
+    with pytest.raises(SystemExit, match="groups of 2"):
+        study.main(["--budget", "screen", "--only", "default", "--ensemble", "2", "--results", str(results)])
 
 
 def test_the_budget_table_reports_the_recipe_its_first_run_chose_over_all_its_seeds():
@@ -112,12 +136,18 @@ def test_a_tie_in_validation_dice_goes_to_the_recipe_with_fewer_failed_images():
 
 
 def test_the_failure_table_averages_each_recipe_over_its_seeds():
-    def row(name, val, fail):
-        return {"budget": "min10", "name": name, "val_dice": str(val), "val_threshold_jaccard": "0.78",
-                "val_failure_share": str(fail), "test_dice_tta": "0.9", "test_threshold_jaccard_tta": "0.8",
+    def row(name, val, fail, budget="min10"):
+        return {"budget": budget, "name": name, "val_dice_tta": str(val), "val_threshold_jaccard_tta": "0.78",
+                "val_failure_share_tta": str(fail), "test_dice_tta": "0.9", "test_threshold_jaccard_tta": "0.8",
                 "test_failure_share_tta": str(fail)}
-    rows = [row("size-96", 0.89, 0.11), row("lovasz", 0.893, 0.09), row("lovasz-seed-1", 0.891, 0.07)]
+    rows = [row("size-96", 0.89, 0.11), row("lovasz", 0.893, 0.09), row("lovasz-seed-1", 0.891, 0.07),
+            row("size-96+size-96-seed-1", 0.895, 0.06, "min5x2")]
+    rows[0].update(val_dice_second="0.9", val_threshold_jaccard_second="0.8", val_failure_share_second="0.05",
+                   test_dice_second="0.91", test_threshold_jaccard_second="0.81", test_failure_share_second="0.04")
     table = study.failure_table(rows).splitlines()
-    assert table[2] == "| min10 | `size-96` | 1 | 0.8900 | 0.7800 | 11.0% | 0.9000 | 0.8000 | 11.0% |"
-    assert table[3] == ("| min10 | `lovasz` | 2 | 0.8920 (0.8910-0.8930) | 0.7800 (0.7800-0.7800) | 8.0% (7.0%-9.0%) | "
-                        "0.9000 (0.9000-0.9000) | 0.8000 (0.8000-0.8000) | 8.0% (7.0%-9.0%) |")
+    assert table[2] == "| min10 | `size-96` | flip TTA | 1 | 0.8900 | 0.7800 | 11.0% | 0.9000 | 0.8000 | 11.0% |"
+    assert table[3] == ("| min10 | `size-96` | flip TTA, `--second-pass` | 1 | 0.9000 | 0.8000 | 5.0% | 0.9100 | "
+                        "0.8100 | 4.0% |")
+    assert table[4] == ("| min10 | `lovasz` | flip TTA | 2 | 0.8920 (0.8910-0.8930) | 0.7800 (0.7800-0.7800) | "
+                        "8.0% (7.0%-9.0%) | 0.9000 (0.9000-0.9000) | 0.8000 (0.8000-0.8000) | 8.0% (7.0%-9.0%) |")
+    assert table[5].startswith("| min5x2 | `size-96` | flip TTA | 1 | 0.8950 |")
