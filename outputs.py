@@ -19,9 +19,7 @@ class OutputError(RuntimeError):
 
 
 RECORD = "predictions.json"  # in the output folder: the checkpoints and settings its masks came from
-# with the checkpoints' contents (input size included), what decides a mask; each with the value a record written
-# before the setting existed stands for
-SETTINGS = {"threshold": None, "tta": None, "postprocess": None, "second_pass": False}
+SETTINGS = ("threshold", "tta", "postprocess")  # with the checkpoints' contents (input size included), what decides a mask
 
 
 def file_sha256(path: Path) -> str:
@@ -37,7 +35,7 @@ def output_record(paths: list[Path], loaded, config) -> dict:
     (`loaded`: predict.LoadedModel, `config`: predict.PredictConfig)."""
     return {"checkpoints": [{"path": str(path), "sha256": file_sha256(path)} for path in paths],
             "image_size": loaded.image_size, "threshold": config.threshold, "tta": config.tta,
-            "postprocess": config.postprocess, "second_pass": config.box_margin if config.second_pass else False}
+            "postprocess": config.postprocess}
 
 
 def record_differences(there: dict, here: dict) -> list[str]:
@@ -45,8 +43,7 @@ def record_differences(there: dict, here: dict) -> list[str]:
     if [c.get("sha256") for c in there.get("checkpoints", [])] != [c["sha256"] for c in here["checkpoints"]]:
         names = ", ".join(c.get("path", "?") for c in there.get("checkpoints", []))
         differences.append(f"another checkpoint ({names}, other contents than {here['checkpoints'][0]['path']})")
-    differences += [f"--{key.replace('_', '-')} {there.get(key, old)} (here {here[key]})"
-                    for key, old in SETTINGS.items() if there.get(key, old) != here[key]]
+    differences += [f"--{key} {there.get(key)} (here {here[key]})" for key in SETTINGS if there.get(key) != here[key]]
     return differences
 
 

@@ -1,5 +1,4 @@
-"""Post-processing of a lesion probability map: one region, its holes filled (`predict.py --postprocess`), and
-the lesion's box for a second look (`predict.py --second-pass`).
+"""Post-processing of a lesion probability map: one region, its holes filled (`predict.py --postprocess`).
 
 ISIC 2018's images hold one lesion each, so the mask keeps the largest 8-connected region and fills its
 holes. Everything here is numpy on the host, at the network's resolution, before the map is resized back.
@@ -73,30 +72,3 @@ def postprocess_probabilities(probs: np.ndarray, threshold: float) -> np.ndarray
     out[mask & ~kept] = 0.0
     out[kept & ~mask] = 1.0
     return out
-
-
-def lesion_box(probs: np.ndarray, threshold: float, margin: float) -> tuple[float, float, float, float] | None:
-    """The box around the largest region of a probability map (S, S), grown by `margin` times its height and
-    width on each side, as fractions of the image: (top, left, bottom, right) in [0, 1]; None when nothing is
-    above the threshold.
-
-    The map covers the whole image, so a box in fractions addresses the original at any decoded scale.
-    """
-    region = largest_region_filled(probs > threshold)
-    rows, cols = np.flatnonzero(region.any(1)), np.flatnonzero(region.any(0))
-    if rows.size == 0:
-        return None
-    size = probs.shape
-    top, bottom = rows[0] / size[0], (rows[-1] + 1) / size[0]
-    left, right = cols[0] / size[1], (cols[-1] + 1) / size[1]
-    grow_y, grow_x = margin * (bottom - top), margin * (right - left)
-    return (max(0.0, top - grow_y), max(0.0, left - grow_x), min(1.0, bottom + grow_y), min(1.0, right + grow_x))
-
-
-def box_pixels(box: tuple[float, float, float, float], height: int, width: int) -> tuple[int, int, int, int]:
-    """A box in fractions as pixel bounds (y0, x0, y1, x1) of an image (height, width), at least one pixel wide;
-    outward rounding, so the box never loses a pixel of the lesion."""
-    top, left, bottom, right = box
-    y0, x0 = int(np.floor(top * height)), int(np.floor(left * width))
-    y1, x1 = int(np.ceil(bottom * height)), int(np.ceil(right * width))
-    return y0, x0, max(y1, y0 + 1), max(x1, x0 + 1)

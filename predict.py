@@ -74,8 +74,6 @@ class PredictConfig:
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
     tta: bool = True  # test-time augmentation: the mean over the image and its horizontal, vertical and double flip (chosen on validation in the recipe study); --no-tta does a quarter of the forward passes (3-4x faster end to end)
     postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
-    second_pass: bool = False  # segment the lesion again: the first mask's box plus --box-margin, cropped from the image at up to 4x the network's detail, and pasted back
-    box_margin: float = 0.25  # with --second-pass: the box grows by this share of its height and width on each side
     amp: devices.Amp = "auto"  # autocast dtype of the forward pass; auto: bf16 on CUDA from compute capability 8.0, fp16 on older GPUs, off (float32) on CPU and MPS
     # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
@@ -120,8 +118,6 @@ def check_config(config: PredictConfig) -> list[str]:
         problems.append(f"--parts must be at least 1, got {config.parts}")
     elif not 1 <= config.part <= config.parts:
         problems.append(f"--part must be between 1 and --parts ({config.parts}), got {config.part}")
-    if config.box_margin < 0:
-        problems.append(f"--box-margin must not be negative, got {config.box_margin}")
     if config.worst < 0:
         problems.append(f"--worst must be 0 (off) or a number of images, got {config.worst}")
     return problems
@@ -485,21 +481,14 @@ class Loaded:
     size: tuple[int, int] | None = None  # original (H, W)
     small: np.ndarray | None = None  # uint8 (S, S, 3): what the network sees
     image: np.ndarray | None = None  # uint8 (H, W, 3), kept only for overlays
-    detail: np.ndarray | None = None  # uint8 (h, w, 3), the image at up to SECOND_PASS_DETAIL x the network's side
     truth: np.ndarray | None = None  # uint8 (H, W) {0, 1}
     error: str | None = None  # why the image could not be read
     truth_error: str | None = None  # why its ground truth could not be used
     seconds: float = 0.0  # spent decoding and resizing
 
 
-# --second-pass crops the lesion's box from the image decoded at this many times the network's side (JPEGs at a
-# reduced scale): a box down to a quarter of the image still gives the network as many pixels as it takes
-SECOND_PASS_DETAIL = 4
-
-
-def load_item(item: Item, image_size: int, keep_image: bool, detail: bool = False) -> Loaded:
-    """Decode and resize one image (and decode its ground truth); errors are recorded, not raised. With detail,
-    also keep the image at up to SECOND_PASS_DETAIL x image_size for --second-pass."""
+def load_item(item: Item, image_size: int, keep_image: bool) -> Loaded:
+    """Decode and resize one image (and decode its ground truth); errors are recorded, not raised."""
     start = time.perf_counter()
     out = Loaded(item)
     try:
@@ -508,8 +497,6 @@ def load_item(item: Item, image_size: int, keep_image: bool, detail: bool = Fals
         # overlays need full resolution: a second, full decode, since resizing that one instead of the
         # draft would give the network slightly different input than training did
         out.image = dataset.load_image(item.image) if keep_image else None
-        if detail:
-            out.detail = out.image if keep_image else dataset.load_image(item.image, SECOND_PASS_DETAIL * image_size)
         if item.mask is not None:
             try:
                 out.truth = dataset.load_mask(item.mask)
@@ -528,14 +515,14 @@ def load_item(item: Item, image_size: int, keep_image: bool, detail: bool = Fals
 class ImageFiles(torch.utils.data.Dataset):
     """The items, each decoded and resized by load_item (in DataLoader workers with --workers)."""
 
-    def __init__(self, items: list[Item], image_size: int, keep_image: bool, detail: bool = False):
-        self.items, self.image_size, self.keep_image, self.detail = items, image_size, keep_image, detail
+    def __init__(self, items: list[Item], image_size: int, keep_image: bool):
+        self.items, self.image_size, self.keep_image = items, image_size, keep_image
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Loaded:
-        return load_item(self.items[index], self.image_size, self.keep_image, self.detail)
+        return load_item(self.items[index], self.image_size, self.keep_image)
 
 
 class Writer:
@@ -646,7 +633,7 @@ class Segmenter:
         tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
 
     def __call__(self, items: list[Item]) -> None:
-        files = ImageFiles(items, self.loaded.image_size, self.config.overlay, self.config.second_pass)
+        files = ImageFiles(items, self.loaded.image_size, self.config.overlay)
         # collate_fn=list: a batch is the list of Loaded records (sizes differ, failures ride along)
         batches = torch.utils.data.DataLoader(files, batch_size=self.config.batch_size, num_workers=self.workers,
                                               collate_fn=list)
@@ -705,36 +692,8 @@ class Segmenter:
             with self.timer("postprocess"):
                 edited = [postprocess.postprocess_probabilities(p, self.config.threshold) for p in probs.cpu().numpy()]
                 probs = torch.from_numpy(np.stack(edited)).to(self.device)
-        crops = self.second_pass(good, probs) if self.config.second_pass else [None] * len(good)
-        for entry, prob, crop in zip(good, probs, crops):
-            self.finish(entry, prob, crop)
-
-    def second_pass(self, batch: list[Loaded], probs: torch.Tensor) -> list[tuple[tuple, torch.Tensor] | None]:
-        """Per image, (the box in fractions, the probabilities (S, S) of a second forward pass on it), or None
-        where the first pass found no lesion: the largest region's box plus --box-margin, cropped from the
-        detailed decode and resized to the network's input as the whole image was."""
-        size = self.loaded.image_size
-        boxes, crops = [], []
-        with self.timer("second pass"):
-            for entry, prob in zip(batch, probs.cpu().numpy()):
-                box = postprocess.lesion_box(prob, self.config.threshold, self.config.box_margin)
-                if box is not None:
-                    y0, x0, y1, x1 = postprocess.box_pixels(box, *entry.detail.shape[:2])
-                    # the box as actually cropped, so that pasting back lands where the pixels came from
-                    box = (y0 / entry.detail.shape[0], x0 / entry.detail.shape[1],
-                           y1 / entry.detail.shape[0], x1 / entry.detail.shape[1])
-                    crops.append(dataset.resize_image(entry.detail[y0:y1, x0:x1], size))
-                    entry.detail = None  # the batch's detailed decodes are large; done with this one
-                boxes.append(box)
-            if not crops:
-                return [None] * len(batch)
-            x = dataset.normalize(devices.copy_to(torch.from_numpy(np.stack(crops)), self.hw), self.mean, self.std)
-            refined = self.forward(x)  # (B', S, S)
-            if self.config.postprocess:
-                edited = [postprocess.postprocess_probabilities(p, self.config.threshold) for p in refined.cpu().numpy()]
-                refined = torch.from_numpy(np.stack(edited)).to(self.device)
-        refined = iter(refined)
-        return [None if box is None else (box, next(refined)) for box in boxes]
+        for entry, prob in zip(good, probs):
+            self.finish(entry, prob)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Probabilities for a batch, in passes of self.chunk images. Out of device memory (a smaller card, a
@@ -752,16 +711,11 @@ class Segmenter:
                 tqdm.write(f"out of device memory: going on with {self.chunk} image(s) a forward pass "
                            f"(--batch-size {self.chunk} next time)", file=sys.stderr)
 
-    def finish(self, entry: Loaded, prob: torch.Tensor, crop: tuple[tuple, torch.Tensor] | None = None) -> None:
-        """Resize one probability map (S, S) back to the original size (with the second pass's map pasted over its
-        box), threshold, queue its files, score."""
+    def finish(self, entry: Loaded, prob: torch.Tensor) -> None:
+        """Resize one probability map (S, S) back to the original size, threshold, queue its files, score."""
         config, item, name = self.config, entry.item, entry.item.image.name
         with self.timer("resize back"):
             full = resize_probabilities(prob, entry.size, self.hw.antialias_resize)  # (H, W) float32
-            if crop is not None:
-                box, refined = crop
-                y0, x0, y1, x1 = postprocess.box_pixels(box, *entry.size)
-                full[y0:y1, x0:x1] = resize_probabilities(refined, (y1 - y0, x1 - x0), self.hw.antialias_resize)
             predicted = full > config.threshold  # (H, W) bool, on the device
             prediction = predicted.cpu().numpy()
             probability = (full * 255).round().to(torch.uint8).cpu().numpy() if config.save_probabilities else None
@@ -852,9 +806,7 @@ def run(config: PredictConfig) -> PredictResult:
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "float32")
     print(f"Segmenting {len(todo)} images on {device} ({hw.name}, {precision}) with {models} "
           f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"
-          f"{', post-processing' if config.postprocess else ''}"
-          f"{f', second pass on the lesion box (margin {config.box_margin})' if config.second_pass else ''}) "
-          f"into {output_dir}/")
+          f"{', post-processing' if config.postprocess else ''}) into {output_dir}/")
 
     start = time.perf_counter()
     segmenter = Segmenter(loaded, config, output_dir, device, amp)

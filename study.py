@@ -195,18 +195,15 @@ PREDICTIONS = {
 
 # --scores tta: predict.py's defaults only (flip TTA), on both splits: a third of the prediction time
 TTA_ONLY = (("test", "_tta"), ("val", "_tta"))
-# --scores second-pass: predict.py --second-pass on both splits (after TTA_ONLY; see failure_table)
-SECOND_PASS = {("test", "_second"): ["--tta", "--second-pass"], ("val", "_second"): ["--split", "val", "--tta",
-                                                                                      "--second-pass"]}
-SCORES = {"all": None, "tta": TTA_ONLY, "second-pass": tuple(SECOND_PASS)}
+SCORES = {"all": None, "tta": TTA_ONLY}
 
 
 def score_run(run_dir: Path, log: Path, only=None) -> dict:
     """The run's prediction scores (the columns named by PREDICTIONS, or those in `only`) and the official
     scorer's on the test split (of the plain predictions, else of the TTA ones)."""
     scores = {}
-    for (split, suffix), extra in {**PREDICTIONS, **SECOND_PASS}.items():
-        if (split, suffix) not in (only or PREDICTIONS):
+    for (split, suffix), extra in PREDICTIONS.items():
+        if only and (split, suffix) not in only:
             continue
         out = run_dir / f"{split}{suffix}"
         run_logged(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--output", str(out), *extra], log)
@@ -359,20 +356,16 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-# failure_table's prediction options: column suffix -> what the table calls it
-FAILURE_PREDICTIONS = {"_tta": "flip TTA", "_second": "flip TTA, `--second-pass`"}
-
-
 def failure_table(rows: list[dict]) -> str:
-    """Per budget, recipe and prediction option, the mean over its seeds (and the range, with several) of the
-    validation and test figures, failures included: the table that compares what is aimed at the failed images.
-    Both splits are scored alike, by predict.py at the images' own size."""
+    """Per budget and recipe, the mean over its seeds (and the range, with several) of the validation and test
+    figures, failures included: the table that compares what is aimed at the failed images. Both splits are scored
+    alike, by predict.py's defaults (flip TTA) at the images' own size."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         groups.setdefault((r["budget"], recipe_of(r["name"])), []).append(r)
-    head = ["budget", "recipe", "prediction", "seeds", "val Dice", "val thr. Jaccard", "val failures", "test Dice",
+    head = ["budget", "recipe", "seeds", "val Dice", "val thr. Jaccard", "val failures", "test Dice",
             "test thr. Jaccard", "test failures"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---|---:|" + "---:|" * (len(head) - 4)]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
 
     def cell(runs, key, percent=False):
         values = [float(r[key]) for r in runs if r.get(key) not in (None, "")]
@@ -383,13 +376,11 @@ def failure_table(rows: list[dict]) -> str:
         return show(sum(values) / len(values)) + spread
 
     for (budget, recipe), runs in groups.items():
-        for suffix, prediction in FAILURE_PREDICTIONS.items():
-            scored = [r for r in runs if r.get(f"test_dice{suffix}") not in (None, "")]
-            if not scored:
-                continue
-            figures = [cell(scored, f"{split}_{key}{suffix}", key == "failure_share") for split in ("val", "test")
-                       for key in ("dice", "threshold_jaccard", "failure_share")]
-            lines.append(f"| {budget} | `{recipe}` | {prediction} | {len(scored)} | " + " | ".join(figures) + " |")
+        # a run with --train-on-val was trained on the validation images: its validation figures say nothing
+        scored = {"val": [r for r in runs if "--train-on-val" not in r.get("flags", "").split()], "test": runs}
+        figures = [cell(scored[split], f"{split}_{key}_tta", key == "failure_share") for split in ("val", "test")
+                   for key in ("dice", "threshold_jaccard", "failure_share")]
+        lines.append(f"| {budget} | `{recipe}` | {len(runs)} | " + " | ".join(figures) + " |")
     return "\n".join(lines)
 
 
@@ -537,8 +528,8 @@ def main(argv=None) -> None:
     parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
     parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
     parser.add_argument("--scores", choices=list(SCORES), default="all",
-                        help="prediction columns to fill: all of PREDICTIONS, predict.py's default (TTA) on val and "
-                             "test, or --second-pass on both")
+                        help="prediction columns to fill: all of PREDICTIONS, or predict.py's default (TTA) on val "
+                             "and test")
     parser.add_argument("--ensemble", type=int, default=0, metavar="N",
                         help="score finished runs averaged in groups of N (the --only runs of --budget, in order), "
                              "without training; the rows go to --results under the budget '<budget>xN'")

@@ -9,9 +9,9 @@ import pytest
 import outputs
 
 
-def record(sha="a" * 64, threshold=0.5, tta=True, postprocess=False, second_pass=False):
+def record(sha="a" * 64, threshold=0.5, tta=True, postprocess=False):
     return {"checkpoints": [{"path": "runs/x/best.pt", "sha256": sha}], "image_size": 96, "threshold": threshold,
-            "tta": tta, "postprocess": postprocess, "second_pass": second_pass}
+            "tta": tta, "postprocess": postprocess}
 
 
 def test_a_folder_is_claimed_once_and_then_recognised(tmp_path):
@@ -24,8 +24,7 @@ def test_a_folder_is_claimed_once_and_then_recognised(tmp_path):
 @pytest.mark.parametrize("other, named", [(record(sha="b" * 64), "another checkpoint"),
                                           (record(threshold=0.4), "--threshold 0.5 (here 0.4)"),
                                           (record(tta=False), "--tta True (here False)"),
-                                          (record(postprocess=True), "--postprocess False (here True)"),
-                                          (record(second_pass=0.25), "--second-pass False (here 0.25)")])
+                                          (record(postprocess=True), "--postprocess False (here True)")])
 def test_masks_of_another_checkpoint_or_setting_are_never_mixed_in(tmp_path, other, named):
     outputs.claim_output(tmp_path, record(), overwrite=False)
     with pytest.raises(outputs.OutputError, match="pass --overwrite") as err:
@@ -33,15 +32,6 @@ def test_masks_of_another_checkpoint_or_setting_are_never_mixed_in(tmp_path, oth
     assert named in str(err.value)
     outputs.claim_output(tmp_path, other, overwrite=True)  # --overwrite takes the folder over
     assert json.loads((tmp_path / outputs.RECORD).read_text()) == other
-
-
-def test_a_record_from_before_the_second_pass_is_the_same_run_without_it(tmp_path):
-    older = record()
-    del older["second_pass"]
-    (tmp_path / outputs.RECORD).write_text(json.dumps(older))
-    outputs.claim_output(tmp_path, record(), overwrite=False)  # recognised, not refused
-    with pytest.raises(outputs.OutputError, match="--second-pass False"):
-        outputs.claim_output(tmp_path, record(second_pass=0.25), overwrite=False)
 
 
 def test_masks_without_a_record_are_refused_and_an_unreadable_record_named(tmp_path):

@@ -601,8 +601,8 @@ def test_a_signal_stops_prediction_with_whole_masks_and_one_line(checkpoint, dat
     finish = predict.Segmenter.finish
     calls = []
 
-    def finish_then_signal(self, entry, prob, *crop):
-        finish(self, entry, prob, *crop)
+    def finish_then_signal(self, entry, prob):
+        finish(self, entry, prob)
         calls.append(entry.item.id)
         if len(calls) == 2:
             os.kill(os.getpid(), signal.SIGUSR1)
@@ -684,54 +684,3 @@ def test_the_shipped_weights_match_their_sha256_stay_small_and_segment_a_lesion(
     assert "shipped weights" in capsys.readouterr().out.splitlines()[0]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["dice"] > 0.8 and metrics["failures"] == 0
-
-
-def test_lesion_box_is_the_largest_region_grown_by_the_margin_and_clipped_to_the_image():
-    probs = np.zeros((32, 32), np.float32)
-    probs[8:16, 0:4] = 0.9  # the lesion: rows 8-15, columns 0-3
-    probs[30, 30] = 0.9  # a speck far away, not part of the box
-    top, left, bottom, right = postprocess.lesion_box(probs, 0.5, margin=0.25)
-    assert (top, bottom) == pytest.approx(((8 - 2) / 32, (16 + 2) / 32))  # 8 rows high: 2 more each side
-    assert (left, right) == pytest.approx((0.0, (4 + 1) / 32))  # 4 wide: 1 more each side, clipped at the left edge
-    assert postprocess.box_pixels((top, left, bottom, right), 64, 100) == (12, 0, 36, 16)  # outward rounding
-    assert postprocess.lesion_box(np.zeros((32, 32), np.float32), 0.5, margin=0.25) is None
-
-
-class Darkness(torch.nn.Module):
-    """Logits that rise where the normalised red channel is dark: a 'network' that segments a dark lesion as well
-    as its input's resolution lets it, so what a second look at higher detail buys is the resolution alone."""
-
-    def forward(self, x):
-        return -8.0 * (x[:, :1] - 0.4)
-
-
-def test_second_pass_on_the_lesion_box_segments_a_small_lesion_finer_and_leaves_the_rest(tmp_path, monkeypatch):
-    images, truth = tmp_path / "images", tmp_path / "truth"
-    images.mkdir()
-    truth.mkdir()
-    yy, xx = np.mgrid[:640, :640]
-    small = (yy - 300) ** 2 + (xx - 420) ** 2 < 26 ** 2  # a lesion 52 px across in a 640 px image
-    for name, mask in (("ISIC_0000001", small), ("ISIC_0000002", np.zeros_like(small))):  # the second has none
-        image = np.full((640, 640, 3), (220, 170, 150), np.uint8)
-        image[mask] = (90, 50, 40)
-        Image.fromarray(image).save(images / f"{name}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(truth / f"{name}_segmentation.png")
-    checkpoint = save_checkpoint(tmp_path / "model" / "best.pt")
-    darkness = predict.load_model(checkpoint, torch.device("cpu"))
-    monkeypatch.setattr(predict, "load_ensemble", lambda *a, **k: dataclasses.replace(darkness, model=Darkness()))
-
-    def dice(extra: list) -> tuple[float, dict[str, np.ndarray]]:
-        out = tmp_path / f"out{len(extra)}"
-        result = predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--masks", str(truth),
-                               "--output", str(out), "--amp", "off", *extra])
-        scores = {row["image_id"]: row["dice"] for row in result.per_image}
-        return scores["ISIC_0000001"], read_masks(out)
-
-    first, first_masks = dice([])
-    second, second_masks = dice(["--second-pass", "--box-margin", "0.25"])
-    assert first < 0.9 < second  # 32 px of network input: 20 px a network pixel, then about 2.5 on the box
-    y0, x0, y1, x1 = 274 - 13, 394 - 13, 326 + 13, 446 + 13  # the lesion's box, a quarter larger each side (about)
-    outside = np.ones((640, 640), bool)
-    outside[y0 - 20:y1 + 20, x0 - 20:x1 + 20] = False
-    np.testing.assert_array_equal(first_masks["ISIC_0000001"][outside], second_masks["ISIC_0000001"][outside])
-    assert not second_masks["ISIC_0000002"].any()  # no lesion found: no box, the first pass stands
