@@ -72,16 +72,17 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -
     return 1 - dice.mean()
 
 
-def dice_plus_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """Soft Dice loss plus cross-entropy, with equal weights: binary (on the logits) for one class, softmax
-    cross-entropy for more; both in float32. The cross-entropy term gives every pixel a gradient, where
-    Dice's gradient fades once the overlap is large."""
+def dice_plus_cross_entropy(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                            bce_weight: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss plus cross-entropy times bce_weight (equal weights by default): binary (on the logits) for
+    one class, softmax cross-entropy for more; both in float32. The cross-entropy term gives every pixel a
+    gradient, where Dice's gradient fades once the overlap is large."""
     loss = dice_loss(logits, target, smooth)
     logits = logits.float()
     target = _target_like(logits, target)
     if logits.shape[1] == 1:
-        return loss + F.binary_cross_entropy_with_logits(logits, target)
-    return loss + F.cross_entropy(logits, target)  # soft-label form takes the one-hot target
+        return loss + bce_weight * F.binary_cross_entropy_with_logits(logits, target)
+    return loss + bce_weight * F.cross_entropy(logits, target)  # soft-label form takes the one-hot target
 
 
 def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -108,15 +109,21 @@ def lovasz_hinge(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (F.relu(errors) * weights).sum(1).mean()
 
 
-def dice_cross_entropy_lovasz(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """The default loss (Dice plus cross-entropy) with a Lovasz hinge term, equal weights: aimed at the images
-    whose Jaccard falls under 0.65, which the challenge's ranking scores 0."""
-    return dice_plus_cross_entropy(logits, target, smooth) + lovasz_hinge(logits, target)
+def dice_cross_entropy_lovasz(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0,
+                              bce_weight: float = 1.0) -> torch.Tensor:
+    """The default loss (Dice plus cross-entropy) with a Lovasz hinge term of weight 1: aimed at the images whose
+    Jaccard falls under 0.65, which the challenge's ranking scores 0."""
+    return dice_plus_cross_entropy(logits, target, smooth, bce_weight) + lovasz_hinge(logits, target)
 
 
-# The training losses by --loss name: a new loss is one entry here, a function (logits, target, smooth) -> a
-# float32 scalar, and --loss offers it.
-LOSSES = {"dice+bce": dice_plus_cross_entropy, "dice": dice_loss, "dice+bce+lovasz": dice_cross_entropy_lovasz}
+def dice_only(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0, bce_weight: float = 1.0) -> torch.Tensor:
+    """The paper's loss, the soft Dice loss alone (it has no cross-entropy term for bce_weight to weigh)."""
+    return dice_loss(logits, target, smooth)
+
+
+# The training losses by --loss name: a new loss is one entry here, a function (logits, target, smooth, bce_weight)
+# -> a float32 scalar, and --loss offers it.
+LOSSES = {"dice+bce": dice_plus_cross_entropy, "dice": dice_only, "dice+bce+lovasz": dice_cross_entropy_lovasz}
 LossKind = typing.Literal[tuple(LOSSES)]
 
 
@@ -126,23 +133,35 @@ class LossConfig:
 
     # --- loss ---
     loss: LossKind = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy), "dice" (the paper's) or "dice+bce+lovasz" (plus a Lovasz hinge, a Jaccard surrogate)
+    bce_weight: float = 1.0  # weight of the cross-entropy term of "dice+bce" and "dice+bce+lovasz" (the Dice term's is 1)
+
+
+def check_config(config: LossConfig) -> list[str]:
+    """The loss settings that cannot work, as messages naming the flags (empty when usable)."""
+    problems = []
+    if config.bce_weight < 0:
+        problems.append(f"--bce-weight must not be negative, got {config.bce_weight}")
+    elif config.bce_weight != 1.0 and config.loss == "dice":
+        problems.append("--bce-weight weighs the cross-entropy term, and --loss dice has none; use --loss dice+bce")
+    return problems
 
 
 class SegmentationLoss(nn.Module):
     """The training loss that --loss names (see LOSSES), as a module."""
 
-    def __init__(self, kind: str = "dice", smooth: float = 1.0):
+    def __init__(self, kind: str = "dice", smooth: float = 1.0, bce_weight: float = 1.0):
         super().__init__()
         if kind not in LOSSES:
             raise ValueError(f"unknown loss {kind!r}; choose one of {', '.join(LOSSES)}")
         self.kind = kind
         self.smooth = smooth
+        self.bce_weight = bce_weight
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return LOSSES[self.kind](logits, target, self.smooth)
+        return LOSSES[self.kind](logits, target, self.smooth, self.bce_weight)
 
     def extra_repr(self) -> str:
-        return f"kind={self.kind!r}, smooth={self.smooth}"
+        return f"kind={self.kind!r}, smooth={self.smooth}, bce_weight={self.bce_weight}"
 
 
 def _confusion_counts(pred: torch.Tensor, target: torch.Tensor):

@@ -99,6 +99,10 @@ RUNS = {
     "lovasz": ["--loss", "dice+bce+lovasz"],
     "lovasz-seed-1": ["--loss", "dice+bce+lovasz", "--seed", "1"],
     "lovasz-seed-2": ["--loss", "dice+bce+lovasz", "--seed", "2"],
+    # the cross-entropy term weighed twice (the Dice-only loss was worse than the default in the screen)
+    "bce-2": ["--bce-weight", "2"],
+    "bce-2-seed-1": ["--bce-weight", "2", "--seed", "1"],
+    "bce-2-seed-2": ["--bce-weight", "2", "--seed", "2"],
     # a final fit: the default recipe trained on the training and validation images (judged on test alone)
     "train-on-val": ["--train-on-val"],
     "train-on-val-seed-1": ["--train-on-val", "--seed", "1"],

@@ -131,7 +131,8 @@ def config_table(cls=None, groups=None) -> str:
 def check_config(config: TrainConfig) -> list[str]:
     """Settings that cannot work, as messages (empty when the config is usable): the data's, the model's and
     the augmentation's from the files that own them, then the run's own."""
-    problems = dataset.check_config(config) + modules.check_config(config) + loader.check_augment(config)
+    problems = (dataset.check_config(config) + modules.check_config(config) + loader.check_augment(config)
+                + losses.check_config(config))
     if config.image_size >= 1 and config.image_size % modules.SIZE_MULTIPLE:
         nearest = max(modules.SIZE_MULTIPLE, round(config.image_size / modules.SIZE_MULTIPLE) * modules.SIZE_MULTIPLE)
         problems.append(f"--image-size must be a multiple of {modules.SIZE_MULTIPLE} (the network halves it four "
@@ -710,7 +711,7 @@ def setup_optimisation(config: TrainConfig, raw_model: nn.Module, steps_per_epoc
                                  fused=hw.fused_optimizer)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch, pace)
     return Optimisation(optimizer, scheduler, hw.autocast(dtype), hw.grad_scaler(dtype),
-                        losses.SegmentationLoss(config.loss))
+                        losses.SegmentationLoss(config.loss, bce_weight=config.bce_weight))
 
 
 # ----------------------------------------------------------------------------- the run

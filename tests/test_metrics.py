@@ -100,6 +100,18 @@ def test_dice_plus_bce_loss_matches_monai():
     assert losses.SegmentationLoss("dice+bce")(logits, target).item() == pytest.approx(reference.item(), abs=1e-5)
 
 
+def test_bce_weight_scales_the_cross_entropy_term_as_monai_lambda_ce_does():
+    monai_losses = pytest.importorskip("monai.losses")
+    logits = torch.randn(3, 1, 16, 16) * 3
+    target = (torch.rand(3, 1, 16, 16) > 0.6).float()
+    for weight in (0.5, 2.0):
+        reference = monai_losses.DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, lambda_ce=weight)(logits, target)
+        ours = losses.SegmentationLoss("dice+bce", bce_weight=weight)(logits, target)
+        assert ours.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert losses.check_config(losses.LossConfig(loss="dice", bce_weight=2.0))  # no cross-entropy term to weigh
+    assert "--bce-weight must not be negative" in losses.check_config(losses.LossConfig(bce_weight=-1))[0]
+
+
 def test_dice_loss_rejects_mismatched_target():
     with pytest.raises(ValueError, match="does not match logits"):
         losses.dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))

@@ -201,7 +201,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(isic_folder, tmp_path, m
     before = weights(tmp_path / "run" / "last.pt")
 
     class NanLoss(torch.nn.Module):
-        def __init__(self, kind):
+        def __init__(self, kind, **settings):
             super().__init__()
 
         def forward(self, logits, target):
