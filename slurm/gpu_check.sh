@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Check a GPU node before training on it: the GPU tests, a quick benchmark (images/s, MFU, memory),
-# a training run stopped by USR1 and resumed, and prediction (gpu_check.py).
+# a training run stopped by USR1 and resumed, fp32, bf16 and fp16 training, and prediction (gpu_check.py).
 #   mkdir -p logs && sbatch slurm/gpu_check.sh [gpu_check.py flags]
 #   sbatch --partition=a100 slurm/gpu_check.sh       # another partition's GPUs (here: no 20-minute limit)
 # It runs on a100-test, whose 20 minutes it fits: gpu_check.py ends every stage a minute before the job's
