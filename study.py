@@ -202,19 +202,24 @@ TTA_ONLY = (("test", "_tta"), ("val", "_tta"))
 SCORES = {"all": None, "tta": TTA_ONLY}
 
 
+def prediction_scores(checkpoints: list[Path], folder: Path, split: str, suffix: str, extra: list[str],
+                      log: Path) -> dict:
+    """predict.py with the checkpoints (several: their mean) and the flags `extra`, written to folder/<split><suffix>;
+    its Dice, thresholded Jaccard and failure share as the columns <split>_<figure><suffix>."""
+    out = folder / f"{split}{suffix}"
+    run_logged(["predict.py", "--checkpoint", *map(str, checkpoints), "--output", str(out), *extra], log)
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {f"{split}_{key}{suffix}": round(metrics[key], 4)
+            for key in ("dice", "threshold_jaccard", "failure_share")}
+
+
 def score_run(run_dir: Path, log: Path, only=None) -> dict:
     """The run's prediction scores (the columns named by PREDICTIONS, or those in `only`) and the official
     scorer's on the test split (of the plain predictions, else of the TTA ones)."""
     scores = {}
     for (split, suffix), extra in PREDICTIONS.items():
-        if only and (split, suffix) not in only:
-            continue
-        out = run_dir / f"{split}{suffix}"
-        run_logged(["predict.py", "--checkpoint", str(run_dir / "best.pt"), "--output", str(out), *extra], log)
-        metrics = json.loads((out / "metrics.json").read_text())
-        scores[f"{split}_dice{suffix}"] = round(metrics["dice"], 4)
-        scores[f"{split}_threshold_jaccard{suffix}"] = round(metrics["threshold_jaccard"], 4)
-        scores[f"{split}_failure_share{suffix}"] = round(metrics["failure_share"], 4)
+        if not only or (split, suffix) in only:
+            scores.update(prediction_scores([run_dir / "best.pt"], run_dir, split, suffix, extra, log))
     test = run_dir / "test" if (run_dir / "test").is_dir() else run_dir / "test_tta"
     scores.update(official_scores(test, test / "metrics.csv"))
     return scores
@@ -270,16 +275,11 @@ def ensemble_one(budget: str, names: list[str], args) -> dict:
     name, ensemble = "+".join(names), f"{budget}x{len(names)}"
     out = Path(args.out_dir) / f"{ensemble}-{name}"
     out.mkdir(parents=True, exist_ok=True)
-    checkpoints = [str(m / "best.pt") for m in members]
     scores = {}
-    for split in ("val", "test"):
-        folder = out / f"{split}_tta"
-        run_logged(["predict.py", "--checkpoint", *checkpoints, "--split", split, "--tta", "--output", str(folder),
-                    "--overwrite"], out / "study.log")
-        metrics = json.loads((folder / "metrics.json").read_text())
-        scores.update({f"{split}_dice_tta": round(metrics["dice"], 4),
-                       f"{split}_threshold_jaccard_tta": round(metrics["threshold_jaccard"], 4),
-                       f"{split}_failure_share_tta": round(metrics["failure_share"], 4)})
+    for split, suffix in TTA_ONLY:  # the same predictions as a run's --scores tta
+        extra = [*PREDICTIONS[(split, suffix)], "--overwrite"]
+        scores.update(prediction_scores([m / "best.pt" for m in members], out, split, suffix, extra,
+                                        out / "study.log"))
     minutes = sum(sum(float(r["seconds"]) for r in read_rows(m / "metrics.csv")) for m in members) / 60
     row = {"budget": ensemble, "name": name, "flags": " | ".join(" ".join(flags_of(budget, n)) for n in names),
            "best_epoch": "", "val_dice": "", "val_threshold_jaccard": "", **scores,
