@@ -38,6 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import budget
 import checkpoint
 import devices
+import predict
 import synthetic
 import utils
 
@@ -417,7 +418,7 @@ def stage_predict(config: CheckConfig, out: Path) -> StageResult:
     code = make_synthetic(config, data, log)
     if code != 0:
         return StageResult("predict", False, 0.0, f"synthetic.py failed ({status_text(code)})", str(log))
-    shipped = ["--checkpoint", str(ROOT / "weights" / "improved-unet-isic2018.pt"), "--input",
+    shipped = ["--checkpoint", str(predict.SHIPPED_WEIGHTS), "--input",
                str(data / synthetic.IMAGE_FOLDER), "--masks", str(data / synthetic.MASK_FOLDER)]
     here = predict_dice([*shipped, "--device", config.device], out / "predict-shipped-gpu", log, config.seconds())
     cpu = predict_dice([*shipped, "--device", "cpu", "--amp", "off"], out / "predict-shipped-cpu", log,
