@@ -134,6 +134,7 @@ class LossConfig:
     # --- loss ---
     loss: LossKind = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy), "dice" (the paper's) or "dice+bce+lovasz" (plus a Lovasz hinge, a Jaccard surrogate)
     bce_weight: float = 1.0  # weight of the cross-entropy term of "dice+bce" and "dice+bce+lovasz" (the Dice term's is 1)
+    deep_supervision_loss: bool = False  # also apply the loss to the Improved UNet's segmentation at 1/2 and 1/4 resolution, weighted 4:2:1 with the full one (nnU-Net's deep supervision)
 
 
 def check_config(config: LossConfig) -> list[str]:
@@ -146,8 +147,16 @@ def check_config(config: LossConfig) -> list[str]:
     return problems
 
 
+# nnU-Net's deep-supervision weights: each coarser output counts half the one above it, and the weights sum to 1.
+SCALE_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)
+
+
 class SegmentationLoss(nn.Module):
-    """The training loss that --loss names (see LOSSES), as a module."""
+    """The training loss that --loss names (see LOSSES), as a module, in float32 whatever the logits' dtype.
+
+    Given a tuple of logits, finest first (the Improved UNet's outputs under --deep-supervision-loss), the loss
+    is SCALE_WEIGHTS' weighted sum over them, each against the mask reduced to its size (nearest, so it stays
+    binary, as nnU-Net and MONAI reduce their targets)."""
 
     def __init__(self, kind: str = "dice", smooth: float = 1.0, bce_weight: float = 1.0):
         super().__init__()
@@ -157,8 +166,20 @@ class SegmentationLoss(nn.Module):
         self.smooth = smooth
         self.bce_weight = bce_weight
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return LOSSES[self.kind](logits, target, self.smooth, self.bce_weight)
+    def forward(self, logits: torch.Tensor | tuple[torch.Tensor, ...], target: torch.Tensor) -> torch.Tensor:
+        loss = LOSSES[self.kind]
+        if isinstance(logits, torch.Tensor):
+            return loss(logits.float(), target, self.smooth, self.bce_weight)
+        if len(logits) > len(SCALE_WEIGHTS):
+            raise ValueError(f"deep supervision takes at most {len(SCALE_WEIGHTS)} outputs, got {len(logits)}")
+        target = _target_like(logits[0], target)  # (B, C, H, W)
+        total = 0.0
+        for weight, scale in zip(SCALE_WEIGHTS, logits):
+            reduced = target
+            if scale.shape[2:] != target.shape[2:]:
+                reduced = F.interpolate(target, size=scale.shape[2:], mode="nearest-exact")
+            total = total + weight * loss(scale.float(), reduced, self.smooth, self.bce_weight)
+        return total / sum(SCALE_WEIGHTS[:len(logits)])
 
     def extra_repr(self) -> str:
         return f"kind={self.kind!r}, smooth={self.smooth}, bce_weight={self.bce_weight}"

@@ -230,11 +230,13 @@ class SegmentationHead(nn.Module):
         self.seg_half = nn.Conv2d(channels[1], num_classes, 1)
         self.seg_full = nn.Conv2d(channels[2], num_classes, 1)
 
-    def forward(self, quarter: torch.Tensor, half: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-        s = F.interpolate(self.seg_quarter(quarter), scale_factor=2, mode="nearest")  # (B, K, H/2, W/2)
-        s = s.add_(self.seg_half(half))  # (B, K, H/2, W/2)
-        s = F.interpolate(s, scale_factor=2, mode="nearest")  # (B, K, H, W)
-        return s.add_(self.seg_full(full))  # (B, K, H, W)
+    def forward(self, quarter: torch.Tensor, half: torch.Tensor, full: torch.Tensor,
+                scales: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The full-resolution logits; with scales=True also the sums at 1/2 and 1/4 resolution, finest first."""
+        s4 = self.seg_quarter(quarter)  # (B, K, H/4, W/4)
+        s2 = F.interpolate(s4, scale_factor=2, mode="nearest").add_(self.seg_half(half))  # (B, K, H/2, W/2)
+        s1 = F.interpolate(s2, scale_factor=2, mode="nearest").add_(self.seg_full(full))  # (B, K, H, W)
+        return (s1, s2, s4) if scales else s1
 
 
 class ImprovedUNet(nn.Module):
@@ -244,6 +246,9 @@ class ImprovedUNet(nn.Module):
     def __init__(self, config: ModelConfig | None = None):
         super().__init__()
         self.config = config = checked(config if config is not None else ModelConfig())
+        # In training, also return the segmentation at 1/2 and 1/4 resolution for losses there (nnU-Net's deep
+        # supervision); set by train.py --deep-supervision-loss. Not part of the weights or of ModelConfig.
+        self.scale_outputs = False
         c = config.base_channels
         self.level1 = ContextLevel(config.in_channels, c, 1, config)
         self.level2 = ContextLevel(c, 2 * c, 2, config)
@@ -309,7 +314,7 @@ class ImprovedUNet(nn.Module):
         l2 = self.loc2(torch.cat([x, c2], dim=1))  # (B, 4C, H/2, W/2) -> (B, 2C, H/2, W/2)
         x = self.up1(l2)  # (B, C, H, W)
         l1 = self.top(torch.cat([x, c1], dim=1))  # (B, 2C, H, W)
-        return self.head(l3, l2, l1)  # (B, K, H, W) logits
+        return self.head(l3, l2, l1, scales=self.scale_outputs and self.training)  # (B, K, H, W) logits
 
 
 def dynunet_baseline(config: ModelConfig, deep_supervision: bool = False) -> nn.Module:

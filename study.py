@@ -103,6 +103,10 @@ RUNS = {
     "bce-2": ["--bce-weight", "2"],
     "bce-2-seed-1": ["--bce-weight", "2", "--seed", "1"],
     "bce-2-seed-2": ["--bce-weight", "2", "--seed", "2"],
+    # nnU-Net's deep supervision: the loss also on the segmentation at 1/2 and 1/4 resolution, weighted 4:2:1
+    "deep-sup": ["--deep-supervision-loss"],
+    "deep-sup-seed-1": ["--deep-supervision-loss", "--seed", "1"],
+    "deep-sup-seed-2": ["--deep-supervision-loss", "--seed", "2"],
     # a final fit: the default recipe trained on the training and validation images (judged on test alone)
     "train-on-val": ["--train-on-val"],
     "train-on-val-seed-1": ["--train-on-val", "--seed", "1"],

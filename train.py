@@ -137,6 +137,9 @@ def check_config(config: TrainConfig) -> list[str]:
         nearest = max(modules.SIZE_MULTIPLE, round(config.image_size / modules.SIZE_MULTIPLE) * modules.SIZE_MULTIPLE)
         problems.append(f"--image-size must be a multiple of {modules.SIZE_MULTIPLE} (the network halves it four "
                         f"times); try {nearest}")
+    if config.deep_supervision_loss and config.arch != "improved-unet":
+        problems.append("--deep-supervision-loss needs --arch improved-unet, whose outputs at 1/2 and 1/4 "
+                        "resolution it weighs")
     for name in ("batch_size", "epochs", "synthetic_images"):
         if getattr(config, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
@@ -344,8 +347,8 @@ class EpochTrainer:
         a loss that is not finite counts 0 and as an overflow (see overflow_streak)."""
         config, optimizer, scaler = self.config, self.optimizer, self.scaler
         with self.autocast():
-            logits = self.model(images)
-        loss = self.loss_fn(logits.float(), masks)  # float32 loss even under autocast
+            logits = self.model(images)  # or, under --deep-supervision-loss, the segmentation at three scales
+        loss = self.loss_fn(logits, masks)  # float32 loss even under autocast
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -672,6 +675,7 @@ class Model:
 def setup_model(config: TrainConfig, state: dict | None, dist, hw: devices.Hardware, dtype) -> Model:
     model_config = utils.subconfig(modules.ModelConfig, config)
     model = modules.build_model(model_config)
+    model.scale_outputs = config.deep_supervision_loss
     if state is not None:
         checkpoint.check_model_config(state, model_config, config.resume)
         checkpoint.load_weights(state, model)

@@ -112,6 +112,20 @@ def test_bce_weight_scales_the_cross_entropy_term_as_monai_lambda_ce_does():
     assert "--bce-weight must not be negative" in losses.check_config(losses.LossConfig(bce_weight=-1))[0]
 
 
+def test_deep_supervision_loss_is_monais_deep_supervision_loss_normalised():
+    monai_losses = pytest.importorskip("monai.losses")
+    target = (torch.rand(2, 1, 32, 32) > 0.6).float()
+    scales = tuple(torch.randn(2, 1, s, s) * 3 for s in (32, 16, 8))  # finest first, as the network returns them
+    reference = monai_losses.DeepSupervisionLoss(
+        monai_losses.DiceCELoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0), weight_mode="exp")(list(scales), target)
+    ours = losses.SegmentationLoss("dice+bce")(scales, target)
+    assert ours.item() == pytest.approx(reference.item() / 1.75, abs=1e-5)  # MONAI sums 1 + 1/2 + 1/4 unnormalised
+    assert losses.SegmentationLoss("dice+bce")(scales[:1], target).item() == pytest.approx(
+        losses.SegmentationLoss("dice+bce")(scales[0], target).item())
+    lovasz = losses.SegmentationLoss("dice+bce+lovasz")(scales, target)  # the reduced masks stay binary
+    assert torch.isfinite(lovasz) and lovasz > ours
+
+
 def test_dice_loss_rejects_mismatched_target():
     with pytest.raises(ValueError, match="does not match logits"):
         losses.dice_loss(torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 4, 4))

@@ -370,6 +370,24 @@ def test_dynunet_baseline_returns_logits_in_training_and_evaluation(norm):
     assert model.eval()(x).shape == (2, 1, 32, 32)
 
 
+def test_scale_outputs_are_the_deep_supervision_sums_in_training_only():
+    model = modules.ImprovedUNet(modules.ModelConfig(base_channels=4, dropout=0.0)).train()
+    x = torch.randn(2, 3, 32, 32)
+    plain = model(x)
+    taps = {}
+    model.head.register_forward_hook(lambda m, args, out: taps.update(args=args))
+    model.scale_outputs = True
+    full, half, quarter = model(x)
+    assert (full.shape, half.shape, quarter.shape) == ((2, 1, 32, 32), (2, 1, 16, 16), (2, 1, 8, 8))
+    torch.testing.assert_close(full, plain)  # the network's output is unchanged
+    l3, l2, l1 = taps["args"]
+    head = model.head
+    torch.testing.assert_close(quarter, head.seg_quarter(l3))
+    torch.testing.assert_close(half, quarter.repeat_interleave(2, -1).repeat_interleave(2, -2) + head.seg_half(l2))
+    torch.testing.assert_close(full, half.repeat_interleave(2, -1).repeat_interleave(2, -2) + head.seg_full(l1))
+    assert model.eval()(x).shape == (2, 1, 32, 32)  # evaluation and prediction take the full map alone
+
+
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="--arch must be one of improved-unet, dynunet"):
         modules.build_model(ModelConfig(arch="resnet"))

@@ -225,6 +225,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(isic_folder, tmp_path, m
     (["--zoom", "1.5"], "--zoom must be in [0, 1)"),
     (["--affine-p", "2"], "--affine-p must be in [0, 1]"),
     (["--rotate-deg", "-5"], "--rotate-deg must not be negative"),
+    (["--deep-supervision-loss", "--arch", "dynunet"], "--deep-supervision-loss needs --arch improved-unet"),
 ])
 def test_nonsensical_flags_are_refused(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -626,3 +627,20 @@ def test_curves_are_redrawn_at_most_every_thirty_seconds_and_always_at_the_end(t
     run.write_epoch(history + [{"epoch": 6, "train_loss": 0.1, "val_dice": 0.6}, {"epoch": 7, "train_loss": 0.1}])
     run.close()  # the run ends (or is stopped): the last epochs are drawn
     assert drawn == [1, 6, 7]
+
+
+def test_deep_supervision_loss_trains_on_three_scales_and_saves_the_plain_network(isic_folder, tmp_path, monkeypatch):
+    seen = []
+    real = losses.SegmentationLoss.forward
+
+    def recording(self, logits, target):
+        seen.append(tuple(o.shape[-1] for o in logits) if isinstance(logits, tuple) else logits.shape[-1])
+        return real(self, logits, target)
+
+    monkeypatch.setattr(losses.SegmentationLoss, "forward", recording)
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "ds", "--deep-supervision-loss"))
+    assert (32, 16, 8) in seen and 32 in seen  # training weighs three scales; validation the full one
+    state = checkpoint.load_checkpoint(tmp_path / "ds" / "best.pt")
+    model = modules.build_model(modules.ModelConfig(**state["model_config"]))
+    model.load_state_dict(state["model"])  # no extra weights: the coarser maps come from the paper's own layers
+    assert model(torch.zeros(1, 3, 32, 32)).shape == (1, 1, 32, 32)
