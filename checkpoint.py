@@ -17,6 +17,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,55 @@ def save_checkpoint(state: dict, path) -> None:
             f"could not write checkpoint {path}: {_write_failure(err, path.parent)}. The previous checkpoint there "
             "(if any) is unchanged; free disk space or choose another --out-dir, then resume with --resume auto"
         ) from None
+
+
+def snapshot(value):
+    """A copy of a checkpoint's state that later training cannot change: every tensor copied to the CPU, every
+    dict and list rebuilt (the run appends to its history while the copy is written)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if type(value) in (dict, collections.OrderedDict):
+        return type(value)((key, snapshot(item)) for key, item in value.items())
+    if type(value) in (list, tuple):
+        return type(value)(snapshot(item) for item in value)
+    return value
+
+
+class BackgroundWriter:
+    """Writes checkpoints on a thread of their own, so that a fast GPU's next epoch need not wait for the disk.
+
+    save() takes a snapshot() on the calling thread (a copy to the CPU, milliseconds) and returns; the thread
+    writes it with save_checkpoint, atomically as ever, to each path in turn. One write is in flight at a
+    time: save() and wait() first let the previous one finish, and wait() raises its CheckpointError, if any,
+    on the training thread. The thread is not a daemon, so Python finishes a write before it exits, whatever
+    ended the run; a process killed during one keeps the previous checkpoint (save_checkpoint's rename)."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, state: dict, paths: list[Path]) -> None:
+        self.wait()
+        _check_plain(state, "", Path(paths[0]))  # refused here, on the training thread, naming the value
+        job = snapshot(state)
+        self._thread = threading.Thread(target=self._write, args=(job, list(paths)), name="checkpoint-writer")
+        self._thread.start()
+
+    def _write(self, state: dict, paths: list[Path]) -> None:
+        try:
+            for path in paths:
+                save_checkpoint(state, path)
+        except BaseException as err:  # raised again on the training thread by wait()
+            self._error = err
+
+    def wait(self) -> None:
+        """Until the write in flight is on disk; raises the error that stopped it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 # ----------------------------------------------------------------------------- reading
@@ -254,6 +304,7 @@ class CheckpointWriter:
     average: object = None  # train.WeightAverage or None
     steps_per_epoch: int = 0  # the units of "step", the scheduler's count and the budget plan: they depend on
     world_size: int = 1  # the number of processes, which a resumed run may change (train.follow_world_size)
+    background: BackgroundWriter = field(default_factory=BackgroundWriter)
 
     def state(self, progress: TrainState, *, epoch: int, step: int = 0, epoch_loss=(0.0, 0),
               rngs: list[dict] | None = None, used_seconds: float = 0.0) -> dict:
@@ -275,8 +326,13 @@ class CheckpointWriter:
             state |= {"online_model": self.model.state_dict(), "ema_updates": self.average.updates}
         return state
 
-    def write(self, path, progress: TrainState, **where) -> None:
-        save_checkpoint(self.state(progress, **where), path)
+    def write(self, paths, progress: TrainState, **where) -> None:
+        """One state to each of `paths` (last.pt, and best.pt when it improved), written in the background; call
+        wait() before reading them or exiting."""
+        self.background.save(self.state(progress, **where), [Path(p) for p in paths])
+
+    def wait(self) -> None:
+        self.background.wait()
 
 
 def check_model_config(state: dict, model_config: modules.ModelConfig, path) -> None:

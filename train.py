@@ -751,11 +751,12 @@ class Run:
     def main(self) -> bool:
         return self.dist.rank == 0
 
-    def save(self, name: str, epoch: int, step: int = 0, epoch_loss=(0.0, 0), rngs=None) -> None:
-        """Write a checkpoint on rank 0. `rngs`: every rank's RNG states, gathered by all ranks together."""
+    def save(self, names: tuple[str, ...], epoch: int, step: int = 0, epoch_loss=(0.0, 0), rngs=None) -> None:
+        """Start writing one checkpoint to each of `names` on rank 0 (see checkpoint.BackgroundWriter; wait()
+        for it). `rngs`: every rank's RNG states, gathered by all ranks together."""
         if self.main:
-            self.writer.write(self.record.dir / name, self.progress, epoch=epoch, step=step, epoch_loss=epoch_loss,
-                              rngs=rngs, used_seconds=self.pace.used_seconds())
+            self.writer.write([self.record.dir / name for name in names], self.progress, epoch=epoch, step=step,
+                              epoch_loss=epoch_loss, rngs=rngs, used_seconds=self.pace.used_seconds())
 
     def validate(self) -> dict:
         # the plain model: a DDP forward is a collective, and ranks may hold unequal batch counts
@@ -799,6 +800,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
                      f"{modules.count_parameters(model.raw):,} parameters"
                      + (f" | budget {config.minutes:g} min" if pace.budgeted else ""))
         train_epochs(run, resumed=state is not None)
+        run.writer.wait()  # last.pt and best.pt are on disk before the summary names them
         summary = {"run_dir": str(run.record.dir), "best_epoch": progress.best_epoch,
                    "best_val_dice": progress.best_metric, "epochs": len(progress.history), "data_dir": config.data_dir,
                    "synthetic": on_synthetic, "ema": config.ema,
@@ -811,6 +813,10 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
             run.record.write_summary(summary, preview, config.epochs)
         return summary
     finally:
+        try:
+            run.writer.wait()  # a write still in flight when something else ended the run
+        except checkpoint.CheckpointError as err:
+            print(f"error: {err}", file=sys.stderr)
         run.preemption.uninstall()
         run.record.close()
 
@@ -831,8 +837,9 @@ def train_epochs(run: Run, resumed: bool) -> None:
         epoch_started = time.perf_counter()
         result = trainer.train_epoch(epoch, progress.step, progress.loss_sum, progress.images)
         if result["stopped"]:
-            run.save("last.pt", epoch, result["step"], (result["loss_sum"], result["images"]),
+            run.save(("last.pt",), epoch, result["step"], (result["loss_sum"], result["images"]),
                      checkpoint.rank_rng_states(run.dist.is_distributed))
+            run.writer.wait()  # on disk before the job's grace period ends
             utils.print0(f"stopped by {signal.Signals(run.preemption.signum).name} at epoch {epoch + 1}, step "
                          f"{result['step']}; resume with --resume auto --name {config.name}")
             raise SystemExit(128 + (run.preemption.signum or 0))
@@ -849,11 +856,13 @@ def end_epoch(run: Run, epoch: int, result: dict, train_seconds: float) -> bool:
     """Validate, save last.pt (and best.pt on improvement), write the record; True when the run is done."""
     config, progress, pace = run.config, run.progress, run.pace
     progress.step, progress.loss_sum, progress.images = 0, 0.0, 0
+    started = time.perf_counter()
+    # the last epoch's checkpoints have had this epoch to reach the disk: a failed write ends the run here
+    run.writer.wait()
     if run.dist.is_distributed:
         # Each rank updated its own batch-norm statistics; evaluate (and save) rank 0's.
         for buffer in run.model.scored.buffers():
             torch.distributed.broadcast(buffer, src=0)
-    started = time.perf_counter()
     val = run.validate()
     lr = run.optim.optimizer.param_groups[0]["lr"]  # at the end of the epoch
     row = {"epoch": epoch + 1, "train_loss": result["loss_sum"] / max(result["images"], 1),
@@ -874,10 +883,8 @@ def end_epoch(run: Run, epoch: int, result: dict, train_seconds: float) -> bool:
     if run.main:
         row["seconds"] = round(train_seconds + time.perf_counter() - started, 2)
         progress.history.append(row)
-        run.save("last.pt", epoch + 1, rngs=rngs)
-        if improved:
-            run.save("best.pt", epoch + 1, rngs=rngs)
-        run.record.write_epoch(progress.history)
+        run.record.write_epoch(progress.history)  # before the checkpoints: their thread may fill a small disk
+        run.save(("last.pt", "best.pt") if improved else ("last.pt",), epoch + 1, rngs=rngs)
         limit = pace.describe(done_steps) if pace.budgeted else f"{epoch + 1:>3}/{config.epochs}"
         utils.print0(f"epoch {epoch + 1:>3}  loss {row['train_loss']:.4f}  "
                      f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "
@@ -922,11 +929,12 @@ def epoch_end_seconds(run: Run) -> float:
     run.validate()
     if run.main:
         probe = run.record.dir / ".pace-probe.pt"
-        for _ in range(2):
-            run.save(probe.name, run.progress.epoch)
-        probe.unlink()
+        run.save((probe.name, probe.name), run.progress.epoch)
         record.plot_curves(probe_history, run.record.dir / "curves.png")
-    seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started  # the training thread's share: the writes go on in the background
+    if run.main:
+        run.writer.wait()
+        probe.unlink()
     run.model.train.train()
     return seconds
 

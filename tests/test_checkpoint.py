@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -113,6 +114,35 @@ def test_save_refuses_values_weights_only_cannot_load(tmp_path):
     with pytest.raises(TypeError, match=r"\['best_metric'\] holds a numpy.float64"):
         checkpoint.save_checkpoint(state, tmp_path / "last.pt")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_background_write_holds_the_state_as_it_was_when_saved(tmp_path, monkeypatch):
+    """Training goes on while the writer thread writes: weights updated in place and a history appended to after
+    save() must not reach the file. The write is held back until both have changed."""
+    state = make_state(0) | {"history": [{"epoch": 1}]}
+    expected = {key: value.clone() for key, value in state["model"].items()}
+    release, real = threading.Event(), checkpoint.save_checkpoint
+
+    def held(state, path):
+        release.wait(timeout=30)
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", held)
+    writer = checkpoint.BackgroundWriter()
+    writer.save(state, [tmp_path / "last.pt", tmp_path / "best.pt"])
+    for value in state["model"].values():
+        value.add_(1)  # the next training step
+    state["history"].append({"epoch": 99})
+    release.set()
+    writer.wait()
+    for name in ("last.pt", "best.pt"):
+        saved = checkpoint.load_checkpoint(tmp_path / name)
+        assert all(torch.equal(saved["model"][key], value) for key, value in expected.items()), name
+        assert {"epoch": 99} not in saved["history"]
+    state["train_config"]["data_dir"] = tmp_path  # refused on the calling thread, before anything is written
+    with pytest.raises(TypeError, match=r"holds a pathlib"):
+        writer.save(state, [tmp_path / "next.pt"])
+    assert not (tmp_path / "next.pt").exists()
 
 
 def write_bad(kind: str, path: Path) -> Path:

@@ -181,6 +181,74 @@ def test_signal_mid_epoch_saves_and_resume_matches(isic_folder, tmp_path):
     assert_same_weights(weights(tmp_path / "reference" / "last.pt"), weights(tmp_path / "preempted" / "last.pt"))
 
 
+KILLED_MID_WRITE = """
+import sys, threading, time
+import torch
+marker, real = sys.argv[1], torch.save
+
+def save(state, path, *args, **kwargs):  # epoch 2's last.pt: written half, then the process is killed
+    real(state, path, *args, **kwargs)
+    if state.get("epoch") == 2:
+        with open(path, "r+b") as f:
+            f.truncate(f.seek(0, 2) // 2)
+        open(marker, "w").write(threading.current_thread().name)
+        time.sleep(300)
+
+torch.save = save
+import train
+train.main(sys.argv[2:])
+"""
+
+
+def test_a_run_killed_during_a_background_write_resumes_to_the_same_weights(isic_folder, tmp_path):
+    """train.py is killed (SIGKILL, no chance to clean up) while its writer thread is half-way through epoch 2's
+    last.pt: epoch 1's last.pt is still whole, and the resumed run ends with an uninterrupted run's weights."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    args = tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "killed")
+    marker = tmp_path / "writing"
+    process = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE, str(marker), *args], cwd=ROOT, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not marker.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), process.communicate()[0]
+    process.kill()
+    process.communicate(timeout=60)
+    assert marker.read_text() == "checkpoint-writer"  # not the training thread
+    run = tmp_path / "killed"
+    assert [p.name for p in run.glob(".last.*.tmp.pt")]  # the half-written file, never renamed
+    assert checkpoint.load_checkpoint(run / "last.pt")["epoch"] == 1
+
+    command = [sys.executable, str(ROOT / "train.py")]
+    resumed = subprocess.run([*command, *args, "--resume", "auto"], cwd=tmp_path, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    reference = tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "reference")
+    whole = subprocess.run([*command, *reference], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    assert_same_weights(weights(tmp_path / "reference" / "last.pt"), weights(run / "last.pt"))
+    assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2", "3"]
+
+
+def test_a_failed_background_write_ends_the_run_naming_the_file_and_keeps_the_last_checkpoint(
+        isic_folder, tmp_path, monkeypatch, capsys):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
+    before = weights(tmp_path / "run" / "last.pt")
+    real = checkpoint.save_checkpoint
+
+    def full_disk(state, path):
+        if state["epoch"] == 2:
+            raise checkpoint.CheckpointError(f"could not write checkpoint {path}: the disk is full")
+        real(state, path)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(isic_folder, tmp_path, "--epochs", "3", "--name", "run", "--resume", "auto"))
+    assert exit_info.value.code == 1
+    assert f"could not write checkpoint {tmp_path / 'run' / 'last.pt'}: the disk is full" in capsys.readouterr().err
+    assert_same_weights(before, weights(tmp_path / "run" / "last.pt"))
+
+
 def test_resume_from_a_checkpoint_path_extends_training(isic_folder, tmp_path):
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--resume", str(tmp_path / "run" / "last.pt")))
