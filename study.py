@@ -107,6 +107,10 @@ RUNS = {
     "deep-sup": ["--deep-supervision-loss"],
     "deep-sup-seed-1": ["--deep-supervision-loss", "--seed", "1"],
     "deep-sup-seed-2": ["--deep-supervision-loss", "--seed", "2"],
+    # the two that moved the failures most: deep supervision with the Lovasz hinge term
+    "deep-sup-lovasz": ["--deep-supervision-loss", "--loss", "dice+bce+lovasz"],
+    "deep-sup-lovasz-seed-1": ["--deep-supervision-loss", "--loss", "dice+bce+lovasz", "--seed", "1"],
+    "deep-sup-lovasz-seed-2": ["--deep-supervision-loss", "--loss", "dice+bce+lovasz", "--seed", "2"],
     # a final fit: the default recipe trained on the training and validation images (judged on test alone)
     "train-on-val": ["--train-on-val"],
     "train-on-val-seed-1": ["--train-on-val", "--seed", "1"],
