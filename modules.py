@@ -13,7 +13,9 @@ Survival Prediction: Contribution to the BRATS 2017 Challenge") and the authors'
                      1x1 conv halving the features); the top level ends in a 3x3 conv
     segmentation     1x1 segmentation layers on the localisation outputs at 1/4 and 1/2 resolution
                      and on the top level, upscaled (nearest) and summed (deep supervision); the
-                     network returns logits in training and evaluation alike
+                     network returns logits in training and evaluation alike (with `scale_outputs`,
+                     training also returns the sums at 1/2 and 1/4 resolution, for nnU-Net-style
+                     losses on them: train.py --deep-supervision-loss)
 
 Deviations from the paper, and why:
 - 2D instead of 3D: ISIC images are 2D dermoscopy photographs.
