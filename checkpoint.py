@@ -99,8 +99,11 @@ def snapshot(value):
     if isinstance(value, torch.Tensor):
         return value.detach().to("cpu", copy=True)
     if type(value) in (dict, collections.OrderedDict):
-        return type(value)((key, snapshot(item)) for key, item in value.items())
-    if type(value) in (list, tuple):
+        copy = type(value)((key, snapshot(item)) for key, item in value.items())
+        if hasattr(value, "_metadata"):  # a state_dict's per-module versions, which load_state_dict reads
+            copy._metadata = snapshot(value._metadata)
+        return copy
+    if type(value) in (list, tuple, set):
         return type(value)(snapshot(item) for item in value)
     return value
 

@@ -134,7 +134,7 @@ class LossConfig:
     # --- loss ---
     loss: LossKind = "dice+bce"  # "dice+bce" (Dice plus binary cross-entropy), "dice" (the paper's) or "dice+bce+lovasz" (plus a Lovasz hinge, a Jaccard surrogate)
     bce_weight: float = 1.0  # weight of the cross-entropy term of "dice+bce" and "dice+bce+lovasz" (the Dice term's is 1)
-    deep_supervision_loss: bool = False  # also apply the loss to the Improved UNet's segmentation at 1/2 and 1/4 resolution, weighted 4:2:1 with the full one (nnU-Net's deep supervision)
+    deep_supervision_loss: bool = False  # also apply the loss to the Improved UNet's segmentation at 1/2 and 1/4 resolution, weighted 4:2:1 with the full one (nnU-Net's deep supervision); the training loss is then that weighted mean, the validation loss the full resolution's alone
 
 
 def check_config(config: LossConfig) -> list[str]:

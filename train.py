@@ -526,6 +526,10 @@ def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Pat
     merged = TrainConfig(**{**saved, **{k: getattr(config, k) for k in explicit | {"resume"}}})
     if "name" not in explicit:
         merged = dataclasses.replace(merged, name=path.parent.name, out_dir=str(path.parent.parent))
+    problems = check_config(merged)  # the flags given now, checked alone in main(), may not suit the saved ones
+    if problems:
+        raise utils.ConfigError(f"{path}: the saved settings with the ones given now cannot work: "
+                                + "; ".join(problems))
     if config.resume == "auto":
         check_not_finished(state, merged, explicit, path)
     utils.print0(f"resuming from {path} (epoch {state['epoch'] + 1}, step {state.get('step', 0)})")
@@ -815,7 +819,7 @@ def _train(config: TrainConfig, explicit: set[str], dist) -> dict:
     finally:
         try:
             run.writer.wait()  # a write still in flight when something else ended the run
-        except checkpoint.CheckpointError as err:
+        except Exception as err:  # the run's own error, if any, is the one raised; this one is printed
             print(f"error: {err}", file=sys.stderr)
         run.preemption.uninstall()
         run.record.close()
@@ -884,7 +888,9 @@ def end_epoch(run: Run, epoch: int, result: dict, train_seconds: float) -> bool:
         row["seconds"] = round(train_seconds + time.perf_counter() - started, 2)
         progress.history.append(row)
         run.record.write_epoch(progress.history)  # before the checkpoints: their thread may fill a small disk
-        run.save(("last.pt", "best.pt") if improved else ("last.pt",), epoch + 1, rngs=rngs)
+        # best.pt first: were last.pt renamed and best.pt not (a kill, a full disk), the resumed run would hold
+        # this epoch's score as its best and never rewrite best.pt
+        run.save(("best.pt", "last.pt") if improved else ("last.pt",), epoch + 1, rngs=rngs)
         limit = pace.describe(done_steps) if pace.budgeted else f"{epoch + 1:>3}/{config.epochs}"
         utils.print0(f"epoch {epoch + 1:>3}  loss {row['train_loss']:.4f}  "
                      f"val Dice {row['val_dice']:.4f}  Jaccard {row['val_jaccard']:.4f}  lr {lr:.2e}  "

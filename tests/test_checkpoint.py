@@ -138,6 +138,7 @@ def test_a_background_write_holds_the_state_as_it_was_when_saved(tmp_path, monke
     for name in ("last.pt", "best.pt"):
         saved = checkpoint.load_checkpoint(tmp_path / name)
         assert all(torch.equal(saved["model"][key], value) for key, value in expected.items()), name
+        assert saved["model"]._metadata == state["model"]._metadata  # the modules' versions, for load_state_dict
         assert {"epoch": 99} not in saved["history"]
     state["train_config"]["data_dir"] = tmp_path  # refused on the calling thread, before anything is written
     with pytest.raises(TypeError, match=r"holds a pathlib"):

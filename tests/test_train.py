@@ -230,6 +230,18 @@ def test_a_run_killed_during_a_background_write_resumes_to_the_same_weights(isic
     assert [r["epoch"] for r in csv.DictReader(open(run / "metrics.csv"))] == ["1", "2", "3"]
 
 
+def test_flags_given_at_resume_are_checked_with_the_saved_ones(isic_folder, tmp_path, capsys):
+    train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "baseline", "--arch", "dynunet"))
+    with pytest.raises(SystemExit) as exit_info:  # alone the flag is fine; with the saved --arch dynunet it is not
+        train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "baseline", "--resume", "auto",
+                             "--deep-supervision-loss"))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'baseline' / 'last.pt'}: the saved settings with the ones given now cannot work" in err
+    assert "--deep-supervision-loss needs --arch improved-unet" in err
+    assert checkpoint.load_checkpoint(tmp_path / "baseline" / "last.pt")["epoch"] == 1
+
+
 def test_a_failed_background_write_ends_the_run_naming_the_file_and_keeps_the_last_checkpoint(
         isic_folder, tmp_path, monkeypatch, capsys):
     train.main(tiny_args(isic_folder, tmp_path, "--epochs", "1", "--name", "run"))
