@@ -926,21 +926,17 @@ def replan(run: Run, done_steps: int, result: dict) -> None:
 
 
 def epoch_end_seconds(run: Run) -> float:
-    """What an epoch's end costs here, timed by doing it: a validation, two checkpoints (last.pt and,
-    when the score improved, best.pt) and the curves."""
+    """What an epoch's end costs the training thread here, timed by doing it: a validation, a checkpoint's copy
+    for the writer thread (the write itself goes on beside the next epoch) and the curves."""
     probe_history = run.progress.history or record.EMPTY_HISTORY
     if run.main:  # once, untimed: importing matplotlib is a first-time cost, not an epoch's
         record.plot_curves(record.EMPTY_HISTORY, run.record.dir / "curves.png")
     started = time.perf_counter()
     run.validate()
     if run.main:
-        probe = run.record.dir / ".pace-probe.pt"
-        run.save((probe.name, probe.name), run.progress.epoch)
+        checkpoint.snapshot(run.writer.state(run.progress, epoch=run.progress.epoch))
         record.plot_curves(probe_history, run.record.dir / "curves.png")
-    seconds = time.perf_counter() - started  # the training thread's share: the writes go on in the background
-    if run.main:
-        run.writer.wait()
-        probe.unlink()
+    seconds = time.perf_counter() - started
     run.model.train.train()
     return seconds
 
