@@ -64,6 +64,7 @@ class DataConfig:
     fold: int = 0  # the validation fold, 0 .. K-1 (summarise the K runs with python crossval.py)
     train_on_val: bool = False  # also train on the validation images (a final fit, once the recipe is chosen): validation then scores images the network has seen, so only the test split tells how it does
     skip_bad: bool = False  # skip and count unreadable or mismatched pairs instead of stopping
+    shades_of_gray: bool = False  # colour constancy (Shades of Gray, p = 6): each image's illuminant, estimated as its channels' 6-norm, is made gray; predict.py does the same for a model trained with it
     num_workers: int = 0  # threads decoding files when the cache is built; 0: one per CPU this job may use
 
 
@@ -245,20 +246,40 @@ def resize_mask(mask: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return np.asarray(pil)
 
 
-def network_image(path, size: int) -> tuple[np.ndarray, tuple[int, int]]:
+SHADES_OF_GRAY_P = 6  # the Minkowski norm of Finlayson & Trezzi 2004; 6 is what they and ISIC entries found best
+
+
+def shades_of_gray(image: np.ndarray, p: int = SHADES_OF_GRAY_P) -> np.ndarray:
+    """Colour constancy by Shades of Gray (Finlayson & Trezzi 2004) of uint8 (H, W, 3) RGB.
+
+    The illuminant is estimated as each channel's p-norm over the pixels, e_c = mean(I_c ** p) ** (1/p):
+    p = 1 is the gray world, p = inf the white patch. Each channel is then divided by its share of it,
+    I_c * |e| / (sqrt(3) e_c), which turns the illuminant gray and keeps its length; values are clipped
+    to 255. Dermoscopes' light sources and cameras differ, and this removes their cast.
+    """
+    x = image.astype(np.float32) / 255.0
+    illuminant = np.power(np.mean(np.power(x, p, dtype=np.float32), axis=(0, 1)), 1.0 / p)  # (3,)
+    gain = np.linalg.norm(illuminant) / (math.sqrt(3.0) * np.maximum(illuminant, 1e-6))
+    return np.clip(x * gain * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def network_image(path, size: int, colour_constancy: bool = False) -> tuple[np.ndarray, tuple[int, int]]:
     """The network's view of an image file: uint8 (size, size, 3) RGB, and the file's full (height, width).
 
     The one preprocessing chain of the project (decode at a reduced JPEG scale, EXIF orientation,
-    conversion to RGB, Lanczos resize): the training cache and predict.py both call it, so a model
-    always sees new images exactly as it saw its training images. normalize() does the rest on the device.
+    conversion to RGB, Lanczos resize, then Shades of Gray with `colour_constancy`): the training cache
+    and predict.py both call it, so a model always sees new images exactly as it saw its training
+    images. normalize() does the rest on the device. The illuminant is estimated on the resized image,
+    which costs a fraction of the full one's and differs from it only by the resize's smoothing.
     """
     image, (width, height) = _read_image(path, size)
-    return resize_image(image, size), (height, width)
+    image = resize_image(image, size)
+    return (shades_of_gray(image) if colour_constancy else image), (height, width)
 
 
-def load_pair(sample: Sample, size: int) -> tuple[np.ndarray, np.ndarray, bool]:
+def load_pair(sample: Sample, size: int, colour_constancy: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
     """Decode, check and resize one pair: (image (S, S, 3), mask (S, S) {0, 1}, mask had other values)."""
-    image, image_hw = network_image(sample.image, size)
+    image, image_hw = network_image(sample.image, size, colour_constancy)
     mask, (mask_w, mask_h), nonbinary = _read_mask(sample.mask)
     if image_hw != (mask_h, mask_w):
         raise DataError(f"mask {sample.mask} is {mask_w}x{mask_h} but its image {sample.image} "
@@ -524,8 +545,8 @@ def split_samples(pairs: dict[str, list[Sample]], val_fraction: float, test_frac
 # The uint8 cache
 
 
-def _fingerprint(samples: Sequence[Sample], size: int, skip_bad: bool) -> str:
-    h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{skip_bad}\n".encode())
+def _fingerprint(samples: Sequence[Sample], size: int, skip_bad: bool, colour_constancy: bool = False) -> str:
+    h = hashlib.sha256(f"{CACHE_FORMAT}|{size}|{skip_bad}{'|shades-of-gray' if colour_constancy else ''}\n".encode())
     for s in samples:
         for p in (s.image, s.mask):
             st = os.stat(p)
@@ -594,7 +615,7 @@ def _empty_split(size: int) -> CachedSplit:
 
 
 def _build_split(folder: Path, name: str, samples: Sequence[Sample], size: int, workers: int,
-                 skip_bad: bool, log: Callable) -> dict:
+                 skip_bad: bool, log: Callable, colour_constancy: bool = False) -> dict:
     """Decode and resize every pair once into <name>_images.npy / <name>_masks.npy (atomic writes)."""
     n = len(samples)
     if n == 0:
@@ -620,7 +641,7 @@ def _build_split(folder: Path, name: str, samples: Sequence[Sample], size: int, 
 
     def work(sample):
         try:
-            return load_pair(sample, size)
+            return load_pair(sample, size, colour_constancy)
         except DataError as err:
             return err
 
@@ -695,7 +716,8 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
         description += f"; --train-on-val: the {len(assigned['val'])} validation images are trained on as well"
     log(f"data: {data_dir}: {description}")
     cache_root = Path(config.cache_dir) if config.cache_dir else _default_cache_dir(data_dir)
-    folder = cache_root / f"size{size}"
+    # a preprocessing of its own gets a folder of its own, so runs with and without it keep both caches
+    folder = cache_root / (f"size{size}-shades-of-gray" if config.shades_of_gray else f"size{size}")
     if not config.cache_dir and not cache_root.is_relative_to(data_dir):
         log(f"data: {data_dir} is read-only, so the cache goes to {folder} (--cache-dir chooses another folder)")
     workers = config.num_workers or devices.usable_cpus()  # the job's CPUs, not the whole node's
@@ -711,7 +733,7 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
         manifest = manifest or {"format": CACHE_FORMAT, "image_size": size, "splits": {}}
         for name in SPLITS:
             samples = assigned[name]
-            fingerprint = _fingerprint(samples, size, config.skip_bad)
+            fingerprint = _fingerprint(samples, size, config.skip_bad, config.shades_of_gray)
             entry = manifest["splits"].get(name)
             if entry and entry.get("fingerprint") == fingerprint:
                 try:
@@ -722,7 +744,7 @@ def prepare_splits(config: DataConfig, log: Callable = print) -> Splits:
             elif entry:
                 log(f"data: cache for {name} is stale (files, split or image size changed); rebuilding")
             start = time.perf_counter()
-            entry = _build_split(folder, name, samples, size, workers, config.skip_bad, log)
+            entry = _build_split(folder, name, samples, size, workers, config.skip_bad, log, config.shades_of_gray)
             entry["fingerprint"] = fingerprint
             if name == "train":
                 entry["mean"], entry["std"] = _channel_stats(np.load(folder / "train_images.npy", mmap_mode="r"))

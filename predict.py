@@ -195,6 +195,7 @@ class LoadedModel:
     splits: dict[str, list[str]] | None = None  # the run's train/val/test ids, as stored in the checkpoint
     num_classes: int = 1  # output channels
     mixed_test_splits: bool = False  # an ensemble whose runs held out different test splits
+    shades_of_gray: bool = False  # trained on colour-constant images (train.py --shades-of-gray): so is its input
 
 
 # The trained weights that ship with the repository (weights/README.md: how they were made, the data's licence).
@@ -232,7 +233,8 @@ def load_model(path: str | Path, device: torch.device, amp: torch.dtype | None =
     splits = state.get("splits")
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
                        None if splits is None else {k: list(v) for k, v in splits.items()},
-                       int(state["model_config"].get("num_classes", 1)))
+                       int(state["model_config"].get("num_classes", 1)),
+                       shades_of_gray=bool((state.get("train_config") or {}).get("shades_of_gray", False)))
 
 
 class Ensemble(torch.nn.Module):
@@ -268,6 +270,11 @@ def load_ensemble(paths: list[Path], device: torch.device, amp: torch.dtype | No
         if other.image_size != first.image_size:
             raise PredictError(f"{other.path} was trained at {other.image_size}px and {first.path} at "
                                f"{first.image_size}px; an ensemble needs one input size: pass checkpoints of one size")
+        if other.shades_of_gray != first.shades_of_gray:
+            trained = next(m for m in (first, other) if m.shades_of_gray)
+            raise PredictError(f"{trained.path} was trained with --shades-of-gray and "
+                               f"{(other if trained is first else first).path} without; an ensemble needs one "
+                               f"preprocessing: pass checkpoints trained alike")
         if other.splits is None or first.splits is None or sorted(other.splits["test"]) != sorted(first.splits["test"]):
             first = dataclasses.replace(first, mixed_test_splits=True)
     for member in members:
@@ -487,13 +494,13 @@ class Loaded:
     seconds: float = 0.0  # spent decoding and resizing
 
 
-def load_item(item: Item, image_size: int, keep_image: bool) -> Loaded:
+def load_item(item: Item, image_size: int, keep_image: bool, shades_of_gray: bool = False) -> Loaded:
     """Decode and resize one image (and decode its ground truth); errors are recorded, not raised."""
     start = time.perf_counter()
     out = Loaded(item)
     try:
         # the training cache's own chain (reduced-scale JPEG decode, then the same resize)
-        out.small, out.size = dataset.network_image(item.image, image_size)
+        out.small, out.size = dataset.network_image(item.image, image_size, shades_of_gray)
         # overlays need full resolution: a second, full decode, since resizing that one instead of the
         # draft would give the network slightly different input than training did
         out.image = dataset.load_image(item.image) if keep_image else None
@@ -515,14 +522,15 @@ def load_item(item: Item, image_size: int, keep_image: bool) -> Loaded:
 class ImageFiles(torch.utils.data.Dataset):
     """The items, each decoded and resized by load_item (in DataLoader workers with --workers)."""
 
-    def __init__(self, items: list[Item], image_size: int, keep_image: bool):
+    def __init__(self, items: list[Item], image_size: int, keep_image: bool, shades_of_gray: bool = False):
         self.items, self.image_size, self.keep_image = items, image_size, keep_image
+        self.shades_of_gray = shades_of_gray
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> Loaded:
-        return load_item(self.items[index], self.image_size, self.keep_image)
+        return load_item(self.items[index], self.image_size, self.keep_image, self.shades_of_gray)
 
 
 class Writer:
@@ -633,7 +641,7 @@ class Segmenter:
         tqdm.write(f"skipped {name}: {reason}", file=sys.stderr)
 
     def __call__(self, items: list[Item]) -> None:
-        files = ImageFiles(items, self.loaded.image_size, self.config.overlay)
+        files = ImageFiles(items, self.loaded.image_size, self.config.overlay, self.loaded.shades_of_gray)
         # collate_fn=list: a batch is the list of Loaded records (sizes differ, failures ride along)
         batches = torch.utils.data.DataLoader(files, batch_size=self.config.batch_size, num_workers=self.workers,
                                               collate_fn=list)
@@ -773,7 +781,9 @@ def run(config: PredictConfig) -> PredictResult:
         export_onnx(loaded, config.export_onnx)
         print(f"Wrote {config.export_onnx}: input 'image' float32 (batch, 3, height, width), normalised with "
               f"mean {loaded.mean} and std {loaded.std} (also in its metadata); output 'logits' (batch, 1, height, "
-              f"width); height and width multiples of 16, trained at {loaded.image_size}")
+              f"width); height and width multiples of 16, trained at {loaded.image_size}"
+              + ("; trained on colour-constant images: apply dataset.shades_of_gray before normalising"
+                 if loaded.shades_of_gray else ""))
         return PredictResult(None, 0, [Path(config.export_onnx)], [])
 
     items = gather_items(config, loaded)

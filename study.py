@@ -111,6 +111,10 @@ RUNS = {
     "deep-sup-lovasz": ["--deep-supervision-loss", "--loss", "dice+bce+lovasz"],
     "deep-sup-lovasz-seed-1": ["--deep-supervision-loss", "--loss", "dice+bce+lovasz", "--seed", "1"],
     "deep-sup-lovasz-seed-2": ["--deep-supervision-loss", "--loss", "dice+bce+lovasz", "--seed", "2"],
+    # colour constancy: each image's illuminant made gray (Shades of Gray, p = 6) in training and prediction
+    "shades-of-gray": ["--shades-of-gray"],
+    "shades-of-gray-seed-1": ["--shades-of-gray", "--seed", "1"],
+    "shades-of-gray-seed-2": ["--shades-of-gray", "--seed", "2"],
     # a final fit: the default recipe trained on the training and validation images (judged on test alone)
     "train-on-val": ["--train-on-val"],
     "train-on-val-seed-1": ["--train-on-val", "--seed", "1"],
