@@ -19,7 +19,8 @@ class OutputError(RuntimeError):
 
 
 RECORD = "predictions.json"  # in the output folder: the checkpoints and settings its masks came from
-SETTINGS = ("threshold", "tta", "postprocess")  # with the checkpoints' contents (input size included), what decides a mask
+SETTINGS = ("threshold", "tta", "tta_turns", "postprocess")  # with the checkpoints' contents (input size included), what decides a mask
+ADDED_LATER = {"tta_turns": False}  # settings that records written before them lack, as those runs had them
 
 
 def file_sha256(path: Path) -> str:
@@ -35,7 +36,7 @@ def output_record(paths: list[Path], loaded, config) -> dict:
     (`loaded`: predict.LoadedModel, `config`: predict.PredictConfig)."""
     return {"checkpoints": [{"path": str(path), "sha256": file_sha256(path)} for path in paths],
             "image_size": loaded.image_size, "threshold": config.threshold, "tta": config.tta,
-            "postprocess": config.postprocess}
+            "tta_turns": config.tta and config.tta_turns, "postprocess": config.postprocess}
 
 
 def record_differences(there: dict, here: dict) -> list[str]:
@@ -43,7 +44,8 @@ def record_differences(there: dict, here: dict) -> list[str]:
     if [c.get("sha256") for c in there.get("checkpoints", [])] != [c["sha256"] for c in here["checkpoints"]]:
         names = ", ".join(c.get("path", "?") for c in there.get("checkpoints", []))
         differences.append(f"another checkpoint ({names}, other contents than {here['checkpoints'][0]['path']})")
-    differences += [f"--{key} {there.get(key)} (here {here[key]})" for key in SETTINGS if there.get(key) != here[key]]
+    differences += [f"--{key.replace('_', '-')} {there.get(key, ADDED_LATER.get(key))} (here {here[key]})"
+                    for key in SETTINGS if there.get(key, ADDED_LATER.get(key)) != here[key]]
     return differences
 
 

@@ -533,3 +533,47 @@ def test_the_course_copy_trains_from_its_x2_folders_without_writing_into_it(tmp_
     pairs = dataset.find_pairs(data, log=lambda *_: None)
     assert len(pairs["train"]) == 12 and all(s.mask is None for s in pairs["test"])
     assert sorted(p.relative_to(source) for p in source.rglob("*")) == before
+
+
+# --- colour constancy -------------------------------------------------------------------------
+
+
+def test_shades_of_gray_removes_a_colour_cast():
+    rng = np.random.default_rng(0)
+    scene = rng.uniform(40, 200, (48, 48, 3))
+    scene[10:30, 12:36] *= (0.6, 0.45, 0.4)  # a brownish lesion on paler skin
+    cast = (1.15, 0.9, 0.7)  # a warm light source
+    under_cast = np.clip(scene * cast, 0, 255).astype(np.uint8)
+    neutral = scene.astype(np.uint8)
+    # the illuminant estimate (the channels' 6-norms) comes out gray
+    out = dataset.shades_of_gray(under_cast).astype(np.float64) / 255
+    illuminant = np.mean(out ** dataset.SHADES_OF_GRAY_P, axis=(0, 1)) ** (1 / dataset.SHADES_OF_GRAY_P)
+    assert np.ptp(illuminant) < 0.01 * illuminant.mean()
+    # the same scene under two lights gives the same colours: a cast is a gain per channel, which the
+    # correction divides out (up to one brightness factor and the uint8 rounding)
+    a, b = (dataset.shades_of_gray(x).astype(np.float64) + 1 for x in (under_cast, neutral))
+    chroma = lambda x: x / x.sum(axis=2, keepdims=True)  # noqa: E731
+    assert np.abs(chroma(a) - chroma(b)).mean() < 0.005
+    assert np.abs(chroma(under_cast.astype(np.float64) + 1) - chroma(neutral.astype(np.float64) + 1)).mean() > 0.05
+    assert dataset.shades_of_gray(neutral).dtype == np.uint8
+
+
+def test_a_colour_constant_cache_is_built_beside_the_plain_one(tmp_path):
+    make_set(tmp_path / "data", 6)
+    plain = dataset.prepare_splits(config(tmp_path / "data", tmp_path, val_fraction=0, test_fraction=0))
+    log = Log()
+    constant = dataset.prepare_splits(config(tmp_path / "data", tmp_path, val_fraction=0, test_fraction=0,
+                                             shades_of_gray=True), log=log)
+    assert log.has("cached 6 train pairs")  # built, not the plain cache reused
+    assert (tmp_path / "cache" / "size16").is_dir() and (tmp_path / "cache" / "size16-shades-of-gray").is_dir()
+    for i, ident in enumerate(constant.train.ids):
+        image = tmp_path / "data" / IMAGES / f"{ident}.jpg"
+        expected = dataset.shades_of_gray(dataset.network_image(image, 16)[0])
+        np.testing.assert_array_equal(constant.train.images[i], expected)
+        np.testing.assert_array_equal(plain.train.images[plain.train.ids.index(ident)],
+                                      dataset.network_image(image, 16)[0])
+    np.testing.assert_array_equal(constant.train.masks, plain.train.masks)
+    assert constant.mean != plain.mean  # the statistics are the corrected images'
+    again = Log()
+    dataset.prepare_splits(config(tmp_path / "data", tmp_path, val_fraction=0, test_fraction=0), log=again)
+    assert not again.has("cached")  # the plain cache is still there and still valid

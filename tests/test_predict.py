@@ -684,3 +684,82 @@ def test_the_shipped_weights_match_their_sha256_stay_small_and_segment_a_lesion(
     assert "shipped weights" in capsys.readouterr().out.splitlines()[0]
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["dice"] > 0.8 and metrics["failures"] == 0
+
+
+def test_turns_in_tta_average_the_eight_symmetries_of_the_square(checkpoint):
+    loaded = predict.load_model(checkpoint, torch.device("cpu"))
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+    # the dihedral group written another way: four quarter turns, each with and without a mirror, mapped back
+    expected = 0
+    with torch.no_grad():
+        for mirror in (False, True):
+            for k in range(4):
+                view = torch.rot90(x.flip(-1) if mirror else x, k, (-2, -1))
+                probs = torch.rot90(loaded.model(view)[:, 0].sigmoid(), -k, (-2, -1))
+                expected = expected + (probs.flip(-1) if mirror else probs)
+    expected = expected / 8
+    turned = predict.predict_probabilities(loaded.model, x, tta=True, turns=True)
+    torch.testing.assert_close(turned, expected, rtol=0, atol=1e-5)
+    flips_only = predict.predict_probabilities(loaded.model, x, tta=True)
+    assert (turned - flips_only).abs().max() > 1e-4  # the turned views add something of their own
+    assert predict.check_config(predict.PredictConfig(tta=False, tta_turns=True)) == [
+        "--tta-turns adds turned views to --tta; drop --no-tta or --tta-turns"]
+
+
+def test_a_threshold_chosen_on_validation_is_stored_and_used(checkpoint, data, tmp_path, capsys):
+    images, truth, _ = data
+    (images / "ISIC_0000009.jpg").unlink()
+    chosen_dir = tmp_path / "choose"
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", chosen_dir,
+                     "--choose-threshold", "--amp", "off"]) == 0
+    table = {float(r["threshold"]): r for r in csv.DictReader(open(chosen_dir / "thresholds.csv"))}
+    assert sorted(table) == list(predict.THRESHOLDS)
+    stored = torch.load(checkpoint, weights_only=True)
+    best = max(float(r["threshold_jaccard"]) for r in table.values())
+    assert float(table[stored["threshold"]]["threshold_jaccard"]) == best
+    assert stored["threshold_choice"]["images"] == 5 and "model" in stored  # the rest of the checkpoint kept
+    # each row is what predict.py scores with that threshold given outright
+    for level in (0.3, 0.7):
+        result = predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--masks", str(truth),
+                               "--output", str(tmp_path / f"at-{level}"), "--threshold", str(level), "--amp", "off"])
+        assert result.metrics["dice"] == pytest.approx(float(table[level]["dice"]), abs=1e-6)
+        assert result.metrics["threshold_jaccard"] == pytest.approx(float(table[level]["threshold_jaccard"]), abs=1e-6)
+    # later runs use the stored threshold, and say so
+    capsys.readouterr()
+    later = predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--masks", str(truth),
+                          "--output", str(tmp_path / "later"), "--amp", "off"])
+    assert f"Threshold {stored['threshold']}: chosen on validation images" in capsys.readouterr().out
+    record = json.loads((tmp_path / "later" / "predictions.json").read_text())
+    assert record["threshold"] == stored["threshold"]
+    assert later.metrics["dice"] == pytest.approx(float(table[stored["threshold"]]["dice"]), abs=1e-6)
+
+
+def test_choosing_a_threshold_needs_ground_truth_and_one_checkpoint(checkpoint, data, tmp_path, capsys):
+    images, _, _ = data
+    (images / "ISIC_0000009.jpg").unlink()
+    before = checkpoint.read_bytes()
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", tmp_path / "o",
+                     "--choose-threshold"]) == 2
+    assert "--choose-threshold needs ground truth" in capsys.readouterr().err
+    assert checkpoint.read_bytes() == before
+    other = save_checkpoint(tmp_path / "other" / "best.pt", seed=1)
+    assert predict.check_config(predict.PredictConfig(checkpoint=[str(checkpoint), str(other)],
+                                                      choose_threshold=True)) == [
+        "--choose-threshold stores a threshold in one checkpoint; pass one --checkpoint"]
+
+
+def test_a_model_trained_on_colour_constant_images_sees_its_input_so(data, tmp_path):
+    import dataset
+
+    images, _, _ = data
+    plain = predict.load_model(save_checkpoint(tmp_path / "a" / "best.pt"), torch.device("cpu"))
+    constant = predict.load_model(save_checkpoint(tmp_path / "b" / "best.pt", train_config={"shades_of_gray": True}),
+                                  torch.device("cpu"))
+    assert not plain.shades_of_gray and constant.shades_of_gray
+    path = images / "ISIC_0000001.jpg"
+    item = predict.Item("ISIC_0000001", path)
+    seen = predict.ImageFiles([item], IMAGE_SIZE, False, constant.shades_of_gray)[0].small
+    np.testing.assert_array_equal(seen, dataset.shades_of_gray(dataset.network_image(path, IMAGE_SIZE)[0]))
+    with pytest.raises(predict.PredictError, match="--shades-of-gray"):
+        predict.load_ensemble([tmp_path / "a" / "best.pt", tmp_path / "b" / "best.pt"], torch.device("cpu"))
