@@ -44,8 +44,9 @@ def record_differences(there: dict, here: dict) -> list[str]:
     if [c.get("sha256") for c in there.get("checkpoints", [])] != [c["sha256"] for c in here["checkpoints"]]:
         names = ", ".join(c.get("path", "?") for c in there.get("checkpoints", []))
         differences.append(f"another checkpoint ({names}, other contents than {here['checkpoints'][0]['path']})")
-    differences += [f"--{key.replace('_', '-')} {there.get(key, ADDED_LATER.get(key))} (here {here[key]})"
-                    for key in SETTINGS if there.get(key, ADDED_LATER.get(key)) != here[key]]
+    setting = lambda record, key: record.get(key, ADDED_LATER.get(key))  # noqa: E731
+    differences += [f"--{key.replace('_', '-')} {setting(there, key)} (here {setting(here, key)})"
+                    for key in SETTINGS if setting(there, key) != setting(here, key)]
     return differences
 
 

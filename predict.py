@@ -75,7 +75,7 @@ class PredictConfig:
     choose_threshold: bool = False  # with ground truth (such as --split val): score the thresholds 0.30 to 0.70 in steps of 0.05 on these images and store the one of the highest thresholded Jaccard in the checkpoint, for later runs; segments every image again
     tta: bool = True  # test-time augmentation: the mean over the image and its horizontal, vertical and double flip (chosen on validation in the recipe study); --no-tta does a quarter of the forward passes (3-4x faster end to end)
     tta_turns: bool = False  # with --tta, also those four views turned by 90 degrees: all eight flips and turns that training augments with, at twice the forward passes
-    postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
+    postprocess: bool = False  # keep one region, holes filled: the one with the most probability near the image's centre; an empty mask keeps the most probable region instead (at network resolution; every ISIC image holds one lesion)
     amp: devices.Amp = "auto"  # autocast dtype of the forward pass; auto: bf16 on CUDA from compute capability 8.0, fp16 on older GPUs, off (float32) on CPU and MPS
     # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
@@ -120,6 +120,10 @@ def check_config(config: PredictConfig) -> list[str]:
         problems.append("--tta-turns adds turned views to --tta; drop --no-tta or --tta-turns")
     if config.choose_threshold and len(config.checkpoint) > 1:
         problems.append("--choose-threshold stores a threshold in one checkpoint; pass one --checkpoint")
+    if config.choose_threshold and not config.checkpoint:
+        problems.append("--choose-threshold rewrites the checkpoint it stores the threshold in; name it with --checkpoint")
+    if config.choose_threshold and config.postprocess:
+        problems.append("--choose-threshold scores the probabilities as they are; drop --postprocess while choosing")
     if config.choose_threshold and config.parts > 1:
         problems.append("--choose-threshold needs every image at once; drop --parts")
     if config.parts < 1:
@@ -244,7 +248,19 @@ def load_model(path: str | Path, device: torch.device, amp: torch.dtype | None =
                        None if splits is None else {k: list(v) for k, v in splits.items()},
                        int(state["model_config"].get("num_classes", 1)),
                        shades_of_gray=bool((state.get("train_config") or {}).get("shades_of_gray", False)),
-                       threshold=state.get("threshold"))
+                       threshold=stored_threshold(state, path))
+
+
+def stored_threshold(state: dict, path: Path) -> float | None:
+    """The threshold that --choose-threshold stored in a checkpoint, None when there is none; PredictError when
+    it is not a number between 0 and 1."""
+    value = state.get("threshold")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise PredictError(f"{path} stores the threshold {value!r}, not a number between 0 and 1; pass --threshold, "
+                           f"or choose it again with --choose-threshold")
+    return float(value)
 
 
 class Ensemble(torch.nn.Module):
@@ -838,14 +854,15 @@ def run(config: PredictConfig) -> PredictResult:
         checkpoint_paths = [Path(c) for c in config.checkpoint]
         first = checkpoint_paths[0]
         loaded = load_ensemble(checkpoint_paths, device, amp)
+    if config.choose_threshold and first.resolve() == SHIPPED_WEIGHTS.resolve():
+        raise PredictError(f"{first} ships with its sha256 (weights/SHA256SUMS) and is not rewritten; copy it and pass "
+                           f"the copy to --choose-threshold")
     if config.threshold is None:
         stored = loaded.threshold is not None
         config = dataclasses.replace(config, threshold=loaded.threshold if stored else 0.5)
         if stored:
             print(f"Threshold {config.threshold}: chosen on validation images and stored in {first} "
                   f"(--threshold sets another)", flush=True)
-    if config.choose_threshold:
-        config = dataclasses.replace(config, overwrite=True)  # the sweep needs every image's probabilities
 
     if config.export_onnx:
         export_onnx(loaded, config.export_onnx)
@@ -865,7 +882,8 @@ def run(config: PredictConfig) -> PredictResult:
         print(f"Part {config.part} of {config.parts}: {len(items)} of the {whole} images, {items[0].id} to {items[-1].id}")
     split = config.split if config.input is None else "test"
     output_dir = Path(config.output) if config.output else (
-        Path("predict_out") if len(config.checkpoint) > 1 else default_output(first, config.runs_dir, split))
+        Path("predict_out" + ("-val" if split == "val" else "")) if len(config.checkpoint) > 1
+        else default_output(first, config.runs_dir, split))
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):
@@ -878,6 +896,9 @@ def run(config: PredictConfig) -> PredictResult:
         raise PredictError(f"cannot write in the output folder {output_dir}: {err}; choose another --output") from None
     done = [] if config.overwrite else [item for item in items
                                         if all(p.is_file() for p in outputs.output_paths(item, output_dir, config))]
+    if done and config.choose_threshold:
+        raise PredictError(f"--choose-threshold scores every image, and {len(done)} of them are in {output_dir}/ from an "
+                           f"earlier run: pass --overwrite to segment them again, or another --output")
     skipped = {item.id for item in done}
     todo = [item for item in items if item.id not in skipped]
     if done:

@@ -122,6 +122,7 @@ RUNS = {
     "train-on-val-seed-2": ["--train-on-val", "--seed", "2"],
 }
 BASELINE = "dynunet"
+DEFAULT_RESULTS = "results/recipes.csv"
 
 COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "val_failure_share",
            "test_dice", "test_threshold_jaccard", "official_test_dice", "official_test_threshold_jaccard",
@@ -304,14 +305,14 @@ def ensemble_one(budget: str, names: list[str], args) -> dict:
 
 
 # --options: predict.py's settings that act after training, each scored on finished runs' stored validation and
-# test splits. "threshold" chooses the threshold on validation (predict.py --choose-threshold, on a copy of best.pt)
-# and scores the test split with it.
+# test splits at threshold 0.5. "threshold" chooses the threshold on validation (predict.py --choose-threshold, on a
+# copy of best.pt) and scores both splits with the threshold stored.
 OPTIONS = {
-    "flips": [],  # predict.py's defaults: flip TTA, threshold 0.5
+    "flips": [],  # predict.py's defaults: flip TTA
     "flips+turns": ["--tta-turns"],
     "postprocess": ["--postprocess"],
     "flips+turns+postprocess": ["--tta-turns", "--postprocess"],
-    "threshold": [],
+    "threshold": None,
 }
 
 
@@ -324,20 +325,21 @@ def options_one(budget: str, name: str, args) -> list[dict]:
     out, rows = run_dir / "options", []
     out.mkdir(exist_ok=True)
     for option, flags in OPTIONS.items():
-        model_file = run_dir / "best.pt"
-        scores = {}
-        if option == "threshold":  # chosen on validation and stored in a copy, so best.pt stays as it was
-            model_file = out / "threshold.pt"
+        model_file, threshold = run_dir / "best.pt", 0.5
+        if flags is None:  # the threshold chosen on validation and stored in a copy, so best.pt stays as it was
+            model_file, flags = out / "threshold.pt", []
             shutil.copyfile(run_dir / "best.pt", model_file)
-            scores.update(prediction_scores([model_file], out, "val", f"_{option}",
-                                            ["--split", "val", "--choose-threshold"], out / "study.log"))
-            scores["threshold"] = checkpoint.load_checkpoint(model_file)["threshold"]
+            run_logged(["predict.py", "--checkpoint", str(model_file), "--split", "val", "--choose-threshold",
+                        "--overwrite", "--output", str(out / "val_choose")], out / "study.log")
+            threshold = checkpoint.load_checkpoint(model_file)["threshold"]
         else:
-            scores.update(prediction_scores([model_file], out, "val", f"_{option}",
-                                            ["--split", "val", "--overwrite", *flags], out / "study.log"))
-        scores.update(prediction_scores([model_file], out, "test", f"_{option}", ["--overwrite", *flags],
-                                        out / "study.log"))
-        row = {"budget": budget, "name": name, "option": option, "threshold": scores.pop("threshold", 0.5)}
+            flags = [*flags, "--threshold", "0.5"]  # whatever best.pt may store
+        scores = {}
+        for split in ("val", "test"):
+            scores.update(prediction_scores([model_file], out, split, f"_{option}",
+                                            [*(["--split", "val"] if split == "val" else []), "--overwrite", *flags],
+                                            out / "study.log"))
+        row = {"budget": budget, "name": name, "option": option, "threshold": threshold}
         row.update({f"{split}_{key}": scores[f"{split}_{key}_{option}"] for split in ("val", "test")
                     for key in ("dice", "threshold_jaccard", "failure_share")})
         row.update(date=datetime.date.today().isoformat(), commit=commit())
@@ -364,8 +366,11 @@ def options_table(rows: list[dict]) -> str:
 
 
 def options(args) -> None:
-    """--options: OPTIONS on the --only runs of --budget, finished; rows replace the runs' earlier ones in --results."""
+    """--options: OPTIONS on the --only runs of --budget, finished; rows replace the runs' earlier ones in --results
+    (by default results/failures/options-<budget>.csv, never the recipe table)."""
     results = Path(args.results)
+    if results == Path(DEFAULT_RESULTS):
+        results = Path("results") / "failures" / f"options-{args.budget}.csv"
     for name in args.only or []:
         fresh = options_one(args.budget, name, args)
         rows = [r for r in read_rows(results) if not (r["budget"] == args.budget and r["name"] == name)]
@@ -615,7 +620,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rerun", action="store_true", help="run again even when the table has the run")
     parser.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--device cuda'")
     parser.add_argument("--out-dir", default="runs/study", help="parent of the study's run folders")
-    parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
+    parser.add_argument("--results", default=DEFAULT_RESULTS, help="the table of runs")
     parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
     parser.add_argument("--scores", choices=list(SCORES), default="all",
                         help="prediction columns to fill: all of PREDICTIONS, or predict.py's default (TTA) on val "
@@ -626,7 +631,7 @@ def main(argv=None) -> None:
     parser.add_argument("--options", action="store_true",
                         help="score predict.py's options (turns in TTA, post-processing, a threshold chosen on "
                              "validation) on the --only runs of --budget, finished, without training; the rows go "
-                             "to --results and its table beside it (.md)")
+                             "to --results (default: results/failures/options-<budget>.csv), its table beside it (.md)")
     parser.add_argument("--report", action="store_true", help="only write the table, speed ratios and figure")
     parser.add_argument("--rescore", action="store_true",
                         help="score the budget's finished runs again (every PREDICTIONS column), without training")

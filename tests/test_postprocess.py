@@ -64,8 +64,9 @@ def test_an_empty_mask_keeps_the_most_probable_region():
     expected = np.zeros((16, 16), bool)
     expected[6:10, 6:10] = True
     np.testing.assert_array_equal(kept, expected)
-    # a map with a lesion above the threshold is not rescaled
-    probs[7, 7] = 0.6
+    # a map with a lesion above the threshold is not rescaled: the rest of the block stays below it
+    probs[6:10, 6:10] = 0.4
+    probs[7, 7] = 0.9
     np.testing.assert_array_equal(postprocess.postprocess_probabilities(probs, 0.5) > 0.5, probs > 0.5)
 
 

@@ -747,6 +747,40 @@ def test_choosing_a_threshold_needs_ground_truth_and_one_checkpoint(checkpoint, 
     assert predict.check_config(predict.PredictConfig(checkpoint=[str(checkpoint), str(other)],
                                                       choose_threshold=True)) == [
         "--choose-threshold stores a threshold in one checkpoint; pass one --checkpoint"]
+    assert predict.check_config(predict.PredictConfig(choose_threshold=True)) == [
+        "--choose-threshold rewrites the checkpoint it stores the threshold in; name it with --checkpoint"]
+    assert predict.check_config(predict.PredictConfig(checkpoint=[str(checkpoint)], choose_threshold=True,
+                                                      postprocess=True)) == [
+        "--choose-threshold scores the probabilities as they are; drop --postprocess while choosing"]
+
+
+def test_a_threshold_is_chosen_on_every_image_or_not_at_all(checkpoint, data, tmp_path, capsys):
+    images, truth, _ = data
+    (images / "ISIC_0000009.jpg").unlink()
+    out = tmp_path / "out"
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", out]) == 0
+    before = checkpoint.read_bytes()
+    # the masks already there would be skipped, and the sweep would see none of them
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", out,
+                     "--choose-threshold"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err and checkpoint.read_bytes() == before
+    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", out,
+                     "--choose-threshold", "--overwrite"]) == 0
+    assert checkpoint.read_bytes() != before
+
+
+def test_a_stored_threshold_goes_with_exported_weights_and_a_bad_one_is_named(checkpoint, tmp_path, capsys):
+    state = torch.load(checkpoint, weights_only=True)
+    save_checkpoint(checkpoint, threshold=0.4, threshold_choice={"images": 3})
+    exported = tmp_path / "small.pt"
+    predict.main(["--checkpoint", str(checkpoint), "--export-weights", str(exported)])
+    assert predict.load_model(exported, torch.device("cpu")).threshold == 0.4
+    for bad in (1.5, "high"):
+        save_checkpoint(checkpoint, threshold=bad)
+        assert run_main(["--checkpoint", checkpoint, "--input", tmp_path]) == 2
+        err = capsys.readouterr().err
+        assert str(checkpoint) in err and "not a number between 0 and 1" in err
+    assert "threshold" not in state  # train.py's checkpoints store none: 0.5 until one is chosen
 
 
 def test_a_model_trained_on_colour_constant_images_sees_its_input_so(data, tmp_path):

@@ -111,6 +111,11 @@ def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
     assert plain["test_dice"] == scored["default"]["test_dice_tta"]  # predict.py's defaults, as the run's own row
     chosen = next(r for r in found if r["option"] == "threshold")
     assert float(chosen["threshold"]) in predict.THRESHOLDS
+    # its validation figures are those of the threshold chosen, as the sweep scored them
+    sweep = study.read_rows(tmp_path / "runs" / "screen-default" / "options" / "val_choose" / "thresholds.csv")
+    at_choice = next(r for r in sweep if float(r["threshold"]) == float(chosen["threshold"]))
+    assert float(chosen["val_dice"]) == pytest.approx(float(at_choice["dice"]), abs=1e-4)
+    assert float(chosen["val_threshold_jaccard"]) == max(round(float(r["threshold_jaccard"]), 4) for r in sweep)
     assert best.read_bytes() == before
     assert "| `default` | threshold | 1 |" in options.with_suffix(".md").read_text()
 
