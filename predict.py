@@ -835,17 +835,10 @@ def export_weights(config: PredictConfig) -> PredictResult:
     return PredictResult(None, 0, [Path(config.export_weights)], [])
 
 
-def run(config: PredictConfig) -> PredictResult:
-    """Everything main() does after parsing: returns what was written, what failed and the scores."""
-    if config.export_weights:
-        return export_weights(config)
-    try:
-        device = devices.select_device(config.device)
-        hw = devices.hardware(device)
-        amp = devices.amp_dtype(config.amp, hw)
-    except (ValueError, devices.DeviceError) as err:
-        raise PredictError(str(err)) from None
-    devices.configure_backends(hw)  # cuDNN autotuning as in training: images of one size, batch after batch
+def load_models(config: PredictConfig, device: torch.device,
+                amp: torch.dtype | None) -> tuple[PredictConfig, LoadedModel, list[Path]]:
+    """The checkpoint(s) to use (the default one said in a line), loaded, and the config with its threshold
+    settled: --threshold, else the one the checkpoint stores (said in a line), else 0.5."""
     if not config.checkpoint:
         first, line = default_checkpoint(config.runs_dir)
         print(line, flush=True)
@@ -863,6 +856,22 @@ def run(config: PredictConfig) -> PredictResult:
         if stored:
             print(f"Threshold {config.threshold}: chosen on validation images and stored in {first} "
                   f"(--threshold sets another)", flush=True)
+    return config, loaded, checkpoint_paths
+
+
+def run(config: PredictConfig) -> PredictResult:
+    """Everything main() does after parsing: returns what was written, what failed and the scores."""
+    if config.export_weights:
+        return export_weights(config)
+    try:
+        device = devices.select_device(config.device)
+        hw = devices.hardware(device)
+        amp = devices.amp_dtype(config.amp, hw)
+    except (ValueError, devices.DeviceError) as err:
+        raise PredictError(str(err)) from None
+    devices.configure_backends(hw)  # cuDNN autotuning as in training: images of one size, batch after batch
+    config, loaded, checkpoint_paths = load_models(config, device, amp)
+    first = checkpoint_paths[0]
 
     if config.export_onnx:
         export_onnx(loaded, config.export_onnx)
