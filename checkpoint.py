@@ -223,8 +223,6 @@ def export_weights(state: dict, path, source: str) -> dict:
             "train_config": state.get("train_config") or {}, "splits": state.get("splits"),
             "exported_from": {"checkpoint": source, "epoch": state.get("epoch"),
                               "best_val_dice": None if best is None else float(best)}}
-    # a threshold chosen on validation (predict.py --choose-threshold) belongs to these weights: it goes with them
-    meta.update({key: state[key] for key in ("threshold", "threshold_choice") if key in state})
     save_checkpoint({**meta, "model": weights}, path)
     return meta
 

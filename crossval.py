@@ -74,8 +74,7 @@ def summarise(run_dirs: list[Path], device: str = "auto") -> dict:
     rows, pooled = [], []
     for fold in folds:
         result = predict.run(predict.PredictConfig(
-            # at 0.5: a threshold stored in best.pt may have been chosen on these very images
-            checkpoint=[str(fold["checkpoint"])], split="val", device=device, threshold=0.5,
+            checkpoint=[str(fold["checkpoint"])], split="val", device=device,
             output=str(fold["run_dir"] / "out-of-fold")))
         pooled.extend(result.per_image)
         rows.append({"fold": fold["split"]["fold"], "run_dir": str(fold["run_dir"]),

@@ -19,8 +19,7 @@ class OutputError(RuntimeError):
 
 
 RECORD = "predictions.json"  # in the output folder: the checkpoints and settings its masks came from
-SETTINGS = ("threshold", "tta", "tta_turns", "postprocess")  # with the checkpoints' contents (input size included), what decides a mask
-ADDED_LATER = {"tta_turns": False}  # settings that records written before them lack, as those runs had them
+SETTINGS = ("threshold", "tta", "postprocess")  # with the checkpoints' contents (input size included), what decides a mask
 
 
 def file_sha256(path: Path) -> str:
@@ -36,7 +35,7 @@ def output_record(paths: list[Path], loaded, config) -> dict:
     (`loaded`: predict.LoadedModel, `config`: predict.PredictConfig)."""
     return {"checkpoints": [{"path": str(path), "sha256": file_sha256(path)} for path in paths],
             "image_size": loaded.image_size, "threshold": config.threshold, "tta": config.tta,
-            "tta_turns": config.tta and config.tta_turns, "postprocess": config.postprocess}
+            "postprocess": config.postprocess}
 
 
 def record_differences(there: dict, here: dict) -> list[str]:
@@ -44,9 +43,7 @@ def record_differences(there: dict, here: dict) -> list[str]:
     if [c.get("sha256") for c in there.get("checkpoints", [])] != [c["sha256"] for c in here["checkpoints"]]:
         names = ", ".join(c.get("path", "?") for c in there.get("checkpoints", []))
         differences.append(f"another checkpoint ({names}, other contents than {here['checkpoints'][0]['path']})")
-    setting = lambda record, key: record.get(key, ADDED_LATER.get(key))  # noqa: E731
-    differences += [f"--{key.replace('_', '-')} {setting(there, key)} (here {setting(here, key)})"
-                    for key in SETTINGS if setting(there, key) != setting(here, key)]
+    differences += [f"--{key} {there.get(key)} (here {here[key]})" for key in SETTINGS if there.get(key) != here[key]]
     return differences
 
 

@@ -1,16 +1,10 @@
 """Post-processing of a lesion probability map: one region, its holes filled (`predict.py --postprocess`).
 
-ISIC 2018's images hold one lesion each, so the mask keeps one 8-connected region and fills its holes.
-The region kept is the one with the most probability near the image's centre, not the largest: a
-dermoscope's dark vignette in the corners can look like a large lesion, and lesions are photographed
-centred. A mask that comes out empty is never returned: every image holds a lesion, so its most probable
-region is kept instead. Everything here is numpy on the host, at the network's resolution, before the
-map is resized back.
+ISIC 2018's images hold one lesion each, so the mask keeps the largest 8-connected region and fills its
+holes. Everything here is numpy on the host, at the network's resolution, before the map is resized back.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 
@@ -53,27 +47,13 @@ def label_regions(mask: np.ndarray, connectivity: int = 8) -> tuple[np.ndarray, 
     return labels, len(roots)
 
 
-def centre_weights(shape: tuple[int, int]) -> np.ndarray:
-    """float32 (H, W): 1 at the image's centre, falling linearly with the distance to 0 at the corners."""
-    h, w = shape
-    y = (np.arange(h, dtype=np.float32) + 0.5) / h * 2 - 1  # -1 .. 1 across the image
-    x = (np.arange(w, dtype=np.float32) + 0.5) / w * 2 - 1
-    return 1 - np.sqrt(y[:, None] ** 2 + x[None, :] ** 2) / np.float32(math.sqrt(2))
-
-
-def lesion_region(mask: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """The 8-connected region of a boolean mask (H, W) with the most probability weighed by centre_weights:
-    sum(probs * weight) over its pixels. Empty stays empty."""
+def largest_region_filled(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected region of a boolean mask (H, W) with its holes filled; empty stays empty."""
     labels, count = label_regions(mask, connectivity=8)
     if count == 0:
         return mask.copy()
-    mass = np.bincount(labels.ravel(), weights=(probs * centre_weights(probs.shape)).ravel(), minlength=count + 1)
-    return labels == mass[1:].argmax() + 1
-
-
-def fill_holes(region: np.ndarray) -> np.ndarray:
-    """A boolean mask (H, W) with its holes filled: the background regions that do not touch the border."""
-    # background regions are 4-connected, the complement of the mask's 8-connectivity
+    region = labels == np.bincount(labels.ravel())[1:].argmax() + 1
+    # holes: background regions (4-connected, the complement of 8-connected) that do not touch the border
     background, _ = label_regions(~region, connectivity=4)
     border = np.unique(np.concatenate([background[0], background[-1], background[:, 0], background[:, -1]]))
     return region | ~np.isin(background, border)
@@ -84,15 +64,10 @@ def postprocess_probabilities(probs: np.ndarray, threshold: float) -> np.ndarray
 
     Other regions drop to 0 and holes rise to 1, while the kept region's own probabilities stay, so its
     outline after the bilinear resize to the original size is unchanged. (A link thinner than a network
-    pixel can still fall below the threshold in that resize and split the region.) When nothing is above
-    the threshold, the map divided by its maximum is thresholded instead: the most probable region, at the
-    same level relative to its peak.
+    pixel can still fall below the threshold in that resize and split the region.)
     """
     mask = probs > threshold
-    if not mask.any() and probs.max() > 0:
-        probs = probs / probs.max()
-        mask = probs > threshold
-    kept = fill_holes(lesion_region(mask, probs))
+    kept = largest_region_filled(mask)
     out = probs.copy()
     out[mask & ~kept] = 0.0
     out[kept & ~mask] = 1.0

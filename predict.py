@@ -71,11 +71,9 @@ class PredictConfig:
     masks: str | None = None  # ground truth to score against: a folder of <id>_segmentation.png, or an ISIC root
     output: str | None = None  # output folder; default: predictions/ in the checkpoint's run folder, else predict_out (with --split val: predictions-val/, predict_out-val)
     # --- inference ---
-    threshold: float | None = None  # a pixel is lesion where the predicted probability is above this; default: the checkpoint's own (--choose-threshold stores it), else 0.5
-    choose_threshold: bool = False  # with ground truth (such as --split val): score the thresholds 0.30 to 0.70 in steps of 0.05 on these images and store the one of the highest thresholded Jaccard in the checkpoint, for later runs; segments every image again
+    threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
     tta: bool = True  # test-time augmentation: the mean over the image and its horizontal, vertical and double flip (chosen on validation in the recipe study); --no-tta does a quarter of the forward passes (3-4x faster end to end)
-    tta_turns: bool = False  # with --tta, also those four views turned by 90 degrees: all eight flips and turns that training augments with, at twice the forward passes
-    postprocess: bool = False  # keep one region, holes filled: the one with the most probability near the image's centre; an empty mask keeps the most probable region instead (at network resolution; every ISIC image holds one lesion)
+    postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
     amp: devices.Amp = "auto"  # autocast dtype of the forward pass; auto: bf16 on CUDA from compute capability 8.0, fp16 on older GPUs, off (float32) on CPU and MPS
     # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
@@ -114,18 +112,8 @@ def check_config(config: PredictConfig) -> list[str]:
         problems.append(f"--batch-size must be at least 1, got {config.batch_size}")
     if config.workers is not None and config.workers < 0:
         problems.append(f"--workers must not be negative, got {config.workers}")
-    if config.threshold is not None and not 0 < config.threshold < 1:
+    if not 0 < config.threshold < 1:
         problems.append(f"--threshold must be between 0 and 1 (exclusive), got {config.threshold}")
-    if config.tta_turns and not config.tta:
-        problems.append("--tta-turns adds turned views to --tta; drop --no-tta or --tta-turns")
-    if config.choose_threshold and len(config.checkpoint) > 1:
-        problems.append("--choose-threshold stores a threshold in one checkpoint; pass one --checkpoint")
-    if config.choose_threshold and not config.checkpoint:
-        problems.append("--choose-threshold rewrites the checkpoint it stores the threshold in; name it with --checkpoint")
-    if config.choose_threshold and config.postprocess:
-        problems.append("--choose-threshold scores the probabilities as they are; drop --postprocess while choosing")
-    if config.choose_threshold and config.parts > 1:
-        problems.append("--choose-threshold needs every image at once; drop --parts")
     if config.parts < 1:
         problems.append(f"--parts must be at least 1, got {config.parts}")
     elif not 1 <= config.part <= config.parts:
@@ -208,7 +196,6 @@ class LoadedModel:
     num_classes: int = 1  # output channels
     mixed_test_splits: bool = False  # an ensemble whose runs held out different test splits
     shades_of_gray: bool = False  # trained on colour-constant images (train.py --shades-of-gray): so is its input
-    threshold: float | None = None  # the threshold stored in the checkpoint (predict.py --choose-threshold), if any
 
 
 # The trained weights that ship with the repository (weights/README.md: how they were made, the data's licence).
@@ -247,20 +234,7 @@ def load_model(path: str | Path, device: torch.device, amp: torch.dtype | None =
     return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
                        None if splits is None else {k: list(v) for k, v in splits.items()},
                        int(state["model_config"].get("num_classes", 1)),
-                       shades_of_gray=bool((state.get("train_config") or {}).get("shades_of_gray", False)),
-                       threshold=stored_threshold(state, path))
-
-
-def stored_threshold(state: dict, path: Path) -> float | None:
-    """The threshold that --choose-threshold stored in a checkpoint, None when there is none; PredictError when
-    it is not a number between 0 and 1."""
-    value = state.get("threshold")
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise PredictError(f"{path} stores the threshold {value!r}, not a number between 0 and 1; pass --threshold, "
-                           f"or choose it again with --choose-threshold")
-    return float(value)
+                       shades_of_gray=bool((state.get("train_config") or {}).get("shades_of_gray", False)))
 
 
 class Ensemble(torch.nn.Module):
@@ -308,68 +282,30 @@ def load_ensemble(paths: list[Path], device: torch.device, amp: torch.dtype | No
             raise PredictError(f"{member.path} predicts {member.num_classes} classes; an ensemble averages one "
                                f"lesion probability: pass checkpoints with one output channel")
     model = Ensemble(members).eval().to(device)
-    # each threshold was chosen for one model's probabilities, not for their mean
-    return dataclasses.replace(first, model=model, threshold=None)
+    return dataclasses.replace(first, model=model)
 
 
 @torch.no_grad()
 def predict_probabilities(model: torch.nn.Module, images: torch.Tensor, tta: bool = False,
-                          amp: torch.dtype | None = None, hw: devices.Hardware | None = None,
-                          turns: bool = False) -> torch.Tensor:
+                          amp: torch.dtype | None = None, hw: devices.Hardware | None = None) -> torch.Tensor:
     """Lesion probabilities in [0, 1], float32 (B, S, S), for normalised images float32 (B, 3, S, S).
 
-    With tta, the mean over the image and its horizontal, vertical and double flip (each mapped back);
-    with turns as well, over the same four views transposed: the eight symmetries of the square, every
-    90-degree turn and flip that training augments with.
+    With tta, the mean over the image and its horizontal, vertical and double flip (each mapped back).
     The network runs under autocast to `amp` when given (devices.amp_dtype chooses it); the sigmoid and the
     mean run in float32.
     """
     autocast = (hw or devices.hardware(images.device)).autocast(amp)()
     flips = [(), (-1,), (-2,), (-2, -1)] if tta else [()]
-    views = [(dims, transpose) for transpose in ((False, True) if tta and turns else (False,)) for dims in flips]
     total = None
-    for dims, transpose in views:
-        view = images.transpose(-2, -1) if transpose else images
+    for dims in flips:
         with autocast:
-            logits = model(view.flip(dims) if dims else view)  # (B, K, S, S)
+            logits = model(images.flip(dims) if dims else images)  # (B, K, S, S)
         logits = logits.float()
         # one output channel: sigmoid; several (background first): softmax, lesion = channel 1
         probs = logits[:, 0].sigmoid() if logits.shape[1] == 1 else logits.softmax(1)[:, 1]  # (B, S, S)
         probs = probs.flip(dims) if dims else probs
-        probs = probs.transpose(-2, -1) if transpose else probs
         total = probs if total is None else total + probs
-    return total / len(views)
-
-
-THRESHOLDS = tuple(round(0.30 + 0.05 * i, 2) for i in range(9))  # --choose-threshold's candidates
-
-
-def choose_threshold(sweep: list[dict[str, torch.Tensor]]) -> tuple[float, list[dict]]:
-    """(the threshold of the highest mean thresholded Jaccard, a row per threshold with its means and
-    failures). Among equal means the one nearest 0.5 wins, so that a threshold moves only where it pays."""
-    rows = []
-    for i, level in enumerate(THRESHOLDS):
-        jaccards = torch.stack([image["threshold_jaccard"][i] for image in sweep]).cpu()
-        dices = torch.stack([image["dice"][i] for image in sweep]).cpu()
-        rows.append({"threshold": level, "threshold_jaccard": float(jaccards.mean()), "dice": float(dices.mean()),
-                     "failures": int((jaccards == 0).sum())})
-    best = max(rows, key=lambda row: (round(row["threshold_jaccard"], 6), -abs(row["threshold"] - 0.5)))
-    return best["threshold"], rows
-
-
-def store_threshold(path: Path, threshold: float, rows: list[dict], images: int, source: str) -> None:
-    """Write the chosen threshold into the checkpoint (atomically, the rest unchanged), with what chose it."""
-    state = checkpoint.load_checkpoint(path)
-    state["threshold"] = threshold
-    state["threshold_choice"] = {"images": images, "source": source, "scores": rows}
-    checkpoint.save_checkpoint(state, path)
-
-
-def tta_words(config: PredictConfig) -> str:
-    """The test-time augmentation in the words of the run's first line."""
-    if not config.tta:
-        return ""
-    return ", flip and turn TTA (8 views)" if config.tta_turns else ", flip TTA"
+    return total / len(flips)
 
 
 def resize_probabilities(probs: torch.Tensor, size: tuple[int, int], antialias_here: bool = True) -> torch.Tensor:
@@ -700,8 +636,6 @@ class Segmenter:
         self.written: list[Path] = []
         self.rows: list[dict] = []
         self.averager = losses.MetricAverager()
-        # --choose-threshold: per image, the thresholded Jaccard and Dice at every threshold of THRESHOLDS
-        self.sweep: list[dict[str, torch.Tensor]] = []
         self.chunk = config.batch_size  # images a forward pass; halved when the device runs out of memory
 
     def fail(self, name: str, reason: str) -> None:
@@ -776,8 +710,8 @@ class Segmenter:
         shared GPU), the passes halve and the batch runs again; at one image a pass the error stands."""
         while True:
             try:
-                parts = [predict_probabilities(self.loaded.model, part, self.config.tta, self.amp, self.hw,
-                                               self.config.tta_turns) for part in x.split(self.chunk)]
+                parts = [predict_probabilities(self.loaded.model, part, self.config.tta, self.amp, self.hw)
+                         for part in x.split(self.chunk)]
                 return parts[0] if len(parts) == 1 else torch.cat(parts)  # one pass: no copy
             except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
                 if not devices.out_of_memory(err) or self.chunk == 1:
@@ -810,16 +744,6 @@ class Segmenter:
             self.fail(name, entry.truth_error)
         elif entry.truth is not None:
             self.score(item, prediction, entry.truth)
-            if config.choose_threshold:
-                self.score_thresholds(full, entry.truth)
-
-    def score_thresholds(self, full: torch.Tensor, truth: np.ndarray) -> None:
-        """The map (H, W) thresholded at each of THRESHOLDS and scored against the truth, on the device."""
-        with self.timer("score"):
-            levels = torch.tensor(THRESHOLDS, device=full.device).view(-1, 1, 1)
-            target = torch.from_numpy(truth > 0).to(full.device).expand(len(THRESHOLDS), -1, -1)
-            scores = losses.segmentation_metrics(full[None] > levels, target)
-        self.sweep.append({key: scores[key] for key in ("threshold_jaccard", "dice")})
 
 
 def export_weights(config: PredictConfig) -> PredictResult:
@@ -835,30 +759,6 @@ def export_weights(config: PredictConfig) -> PredictResult:
     return PredictResult(None, 0, [Path(config.export_weights)], [])
 
 
-def load_models(config: PredictConfig, device: torch.device,
-                amp: torch.dtype | None) -> tuple[PredictConfig, LoadedModel, list[Path]]:
-    """The checkpoint(s) to use (the default one said in a line), loaded, and the config with its threshold
-    settled: --threshold, else the one the checkpoint stores (said in a line), else 0.5."""
-    if not config.checkpoint:
-        first, line = default_checkpoint(config.runs_dir)
-        print(line, flush=True)
-        loaded, checkpoint_paths = load_model(first, device, amp), [first]
-    else:
-        checkpoint_paths = [Path(c) for c in config.checkpoint]
-        first = checkpoint_paths[0]
-        loaded = load_ensemble(checkpoint_paths, device, amp)
-    if config.choose_threshold and first.resolve() == SHIPPED_WEIGHTS.resolve():
-        raise PredictError(f"{first} ships with its sha256 (weights/SHA256SUMS) and is not rewritten; copy it and pass "
-                           f"the copy to --choose-threshold")
-    if config.threshold is None:
-        stored = loaded.threshold is not None
-        config = dataclasses.replace(config, threshold=loaded.threshold if stored else 0.5)
-        if stored:
-            print(f"Threshold {config.threshold}: chosen on validation images and stored in {first} "
-                  f"(--threshold sets another)", flush=True)
-    return config, loaded, checkpoint_paths
-
-
 def run(config: PredictConfig) -> PredictResult:
     """Everything main() does after parsing: returns what was written, what failed and the scores."""
     if config.export_weights:
@@ -870,8 +770,14 @@ def run(config: PredictConfig) -> PredictResult:
     except (ValueError, devices.DeviceError) as err:
         raise PredictError(str(err)) from None
     devices.configure_backends(hw)  # cuDNN autotuning as in training: images of one size, batch after batch
-    config, loaded, checkpoint_paths = load_models(config, device, amp)
-    first = checkpoint_paths[0]
+    if not config.checkpoint:
+        first, line = default_checkpoint(config.runs_dir)
+        print(line, flush=True)
+        loaded, checkpoint_paths = load_model(first, device, amp), [first]
+    else:
+        checkpoint_paths = [Path(c) for c in config.checkpoint]
+        first = checkpoint_paths[0]
+        loaded = load_ensemble(checkpoint_paths, device, amp)
 
     if config.export_onnx:
         export_onnx(loaded, config.export_onnx)
@@ -889,6 +795,7 @@ def run(config: PredictConfig) -> PredictResult:
         except outputs.OutputError as err:
             raise PredictError(str(err)) from None
         print(f"Part {config.part} of {config.parts}: {len(items)} of the {whole} images, {items[0].id} to {items[-1].id}")
+    # the record does not hold the split: each split's masks get a folder of their own
     split = config.split if config.input is None else "test"
     output_dir = Path(config.output) if config.output else (
         Path("predict_out" + ("-val" if split == "val" else "")) if len(config.checkpoint) > 1
@@ -905,9 +812,6 @@ def run(config: PredictConfig) -> PredictResult:
         raise PredictError(f"cannot write in the output folder {output_dir}: {err}; choose another --output") from None
     done = [] if config.overwrite else [item for item in items
                                         if all(p.is_file() for p in outputs.output_paths(item, output_dir, config))]
-    if done and config.choose_threshold:
-        raise PredictError(f"--choose-threshold scores every image, and {len(done)} of them are in {output_dir}/ from an "
-                           f"earlier run: pass --overwrite to segment them again, or another --output")
     skipped = {item.id for item in done}
     todo = [item for item in items if item.id not in skipped]
     if done:
@@ -916,7 +820,7 @@ def run(config: PredictConfig) -> PredictResult:
     models = f"{len(config.checkpoint)} models (mean probability)" if len(config.checkpoint) > 1 else first
     precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(amp, "float32")
     print(f"Segmenting {len(todo)} images on {device} ({hw.name}, {precision}) with {models} "
-          f"(network input {loaded.image_size}x{loaded.image_size}{tta_words(config)}"
+          f"(network input {loaded.image_size}x{loaded.image_size}{', flip TTA' if config.tta else ''}"
           f"{', post-processing' if config.postprocess else ''}) into {output_dir}/")
 
     start = time.perf_counter()
@@ -932,8 +836,6 @@ def run(config: PredictConfig) -> PredictResult:
     order = {item.id: index for index, item in enumerate(items)}
     rows = sorted(segmenter.rows, key=lambda row: order[row["image_id"]])
     metrics = report_scores(rows, segmenter.averager, items, output_dir, config)
-    if config.choose_threshold:
-        report_threshold(segmenter.sweep, first, output_dir)
     return PredictResult(output_dir, len(items), segmenter.written, segmenter.failures, metrics, rows, seconds,
                          skipped=[outputs.mask_path(item, output_dir) for item in done])
 
@@ -960,25 +862,6 @@ def report_scores(rows: list[dict], averager: losses.MetricAverager, items: list
         worst = plot_worst(rows, by_id, output_dir, config.worst)
         print(f"Wrote worst.png: the {len(worst)} images of lowest Jaccard, worst first: {', '.join(worst)}")
     return metrics
-
-
-def report_threshold(sweep: list[dict[str, torch.Tensor]], path: Path, output_dir: Path) -> None:
-    """--choose-threshold's end: the table of thresholds, the choice stored in the checkpoint, thresholds.csv."""
-    if not sweep:
-        raise PredictError("--choose-threshold needs ground truth: use --split val (the run's validation "
-                           "images) or --masks with the images' masks")
-    chosen, rows = choose_threshold(sweep)
-    print(f"{'threshold':<11}{'thr. Jaccard':>13}{'Dice':>8}{'failures':>10}")
-    for row in rows:
-        mark = "  <- chosen" if row["threshold"] == chosen else ""
-        print(f"{row['threshold']:<11.2f}{row['threshold_jaccard']:>13.4f}{row['dice']:>8.4f}{row['failures']:>10}{mark}")
-    utils.write_csv(output_dir / "thresholds.csv", rows, ["threshold", "threshold_jaccard", "dice", "failures"])
-    try:
-        store_threshold(path, chosen, rows, len(sweep), str(output_dir))
-    except checkpoint.CheckpointError as err:
-        raise PredictError(f"{err}; the table is in {output_dir / 'thresholds.csv'}") from None
-    print(f"Stored threshold {chosen} in {path} ({len(sweep)} images): predict.py uses it from now on "
-          f"unless --threshold is given. The table is in {output_dir / 'thresholds.csv'}")
 
 
 # ----------------------------------------------------------------------------- evaluation outputs

@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import checkpoint
 import dataset
 import devices
 import utils
@@ -122,7 +121,6 @@ RUNS = {
     "train-on-val-seed-2": ["--train-on-val", "--seed", "2"],
 }
 BASELINE = "dynunet"
-DEFAULT_RESULTS = "results/recipes.csv"
 
 COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "val_failure_share",
            "test_dice", "test_threshold_jaccard", "official_test_dice", "official_test_threshold_jaccard",
@@ -304,81 +302,6 @@ def ensemble_one(budget: str, names: list[str], args) -> dict:
     return row
 
 
-# --options: predict.py's settings that act after training, each scored on finished runs' stored validation and
-# test splits at threshold 0.5. "threshold" chooses the threshold on validation (predict.py --choose-threshold, on a
-# copy of best.pt) and scores both splits with the threshold stored.
-OPTIONS = {
-    "flips": [],  # predict.py's defaults: flip TTA
-    "flips+turns": ["--tta-turns"],
-    "postprocess": ["--postprocess"],
-    "flips+turns+postprocess": ["--tta-turns", "--postprocess"],
-    "threshold": None,
-}
-
-
-def options_one(budget: str, name: str, args) -> list[dict]:
-    """One finished run's rows for --options: each of OPTIONS scored on its validation and test splits."""
-    run_dir = Path(args.out_dir) / f"{budget}-{name}"
-    if not (run_dir / "best.pt").is_file():
-        raise FileNotFoundError(f"{run_dir / 'best.pt'} missing; train the run first: python study.py --budget "
-                                f"{budget} --only {name}")
-    out, rows = run_dir / "options", []
-    out.mkdir(exist_ok=True)
-    for option, flags in OPTIONS.items():
-        model_file, threshold = run_dir / "best.pt", 0.5
-        if flags is None:  # the threshold chosen on validation and stored in a copy, so best.pt stays as it was
-            model_file, flags = out / "threshold.pt", []
-            shutil.copyfile(run_dir / "best.pt", model_file)
-            run_logged(["predict.py", "--checkpoint", str(model_file), "--split", "val", "--choose-threshold",
-                        "--overwrite", "--output", str(out / "val_choose")], out / "study.log")
-            threshold = checkpoint.load_checkpoint(model_file)["threshold"]
-        else:
-            flags = [*flags, "--threshold", "0.5"]  # whatever best.pt may store
-        scores = {}
-        for split in ("val", "test"):
-            scores.update(prediction_scores([model_file], out, split, f"_{option}",
-                                            [*(["--split", "val"] if split == "val" else []), "--overwrite", *flags],
-                                            out / "study.log"))
-        row = {"budget": budget, "name": name, "option": option, "threshold": threshold}
-        row.update({f"{split}_{key}": scores[f"{split}_{key}_{option}"] for split in ("val", "test")
-                    for key in ("dice", "threshold_jaccard", "failure_share")})
-        row.update(date=datetime.date.today().isoformat(), commit=commit())
-        utils.print0(f"[{budget}/{name}/{option}] val Dice {row['val_dice']}  thr. J. {row['val_threshold_jaccard']}  "
-                     f"failures {row['val_failure_share']}  | test {row['test_dice']} {row['test_threshold_jaccard']} "
-                     f"{row['test_failure_share']}")
-        rows.append(row)
-    return rows
-
-
-def options_table(rows: list[dict]) -> str:
-    """Per recipe and option, the mean over its seeds (and the range) of validation and test figures."""
-    groups: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        groups.setdefault((recipe_of(r["name"]), r["option"]), []).append(r)
-    head = ["recipe", "prediction", "seeds", "val Dice", "val thr. Jaccard", "val failures", "test Dice",
-            "test thr. Jaccard", "test failures"]
-    lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
-    for (recipe, option), runs in groups.items():
-        figures = [mean_and_range(runs, f"{split}_{key}", key == "failure_share") for split in ("val", "test")
-                   for key in ("dice", "threshold_jaccard", "failure_share")]
-        lines.append(f"| `{recipe}` | {option} | {len(runs)} | " + " | ".join(figures) + " |")
-    return "\n".join(lines)
-
-
-def options(args) -> None:
-    """--options: OPTIONS on the --only runs of --budget, finished; rows replace the runs' earlier ones in --results
-    (by default results/failures/options-<budget>.csv, never the recipe table)."""
-    results = Path(args.results)
-    if results == Path(DEFAULT_RESULTS):
-        results = Path("results") / "failures" / f"options-{args.budget}.csv"
-    for name in args.only or []:
-        fresh = options_one(args.budget, name, args)
-        rows = [r for r in read_rows(results) if not (r["budget"] == args.budget and r["name"] == name)]
-        write_rows(results, rows + fresh)
-    with utils.atomic_write(results.with_suffix(".md")) as tmp:
-        tmp.write_text(options_table(read_rows(results)) + "\n")
-
-
 def ensembles(args) -> None:
     """--ensemble N: the --only runs of the budget in groups of N, in order, each group's mean scored (ensemble_one)."""
     names = args.only or []
@@ -449,16 +372,6 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def mean_and_range(runs: list[dict], key: str, percent: bool = False) -> str:
-    """The mean of a column over runs, with its range in brackets when there are several; '-' without values."""
-    values = [float(r[key]) for r in runs if r.get(key) not in (None, "")]
-    if not values:
-        return "-"
-    show = share if percent else (lambda v: f"{v:.4f}")
-    spread = f" ({show(min(values))}-{show(max(values))})" if len(values) > 1 else ""
-    return show(sum(values) / len(values)) + spread
-
-
 def failure_table(rows: list[dict]) -> str:
     """Per budget and recipe, the mean over its seeds (and the range, with several) of the validation and test
     figures, failures included: the table that compares what is aimed at the failed images. Both splits are scored
@@ -470,10 +383,18 @@ def failure_table(rows: list[dict]) -> str:
             "test thr. Jaccard", "test failures"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|" + "---:|" * (len(head) - 3)]
 
+    def cell(runs, key, percent=False):
+        values = [float(r[key]) for r in runs if r.get(key) not in (None, "")]
+        if not values:
+            return "-"
+        show = share if percent else (lambda v: f"{v:.4f}")
+        spread = f" ({show(min(values))}-{show(max(values))})" if len(values) > 1 else ""
+        return show(sum(values) / len(values)) + spread
+
     for (budget, recipe), runs in groups.items():
         # a run with --train-on-val was trained on the validation images: its validation figures say nothing
         scored = {"val": [r for r in runs if "--train-on-val" not in r.get("flags", "").split()], "test": runs}
-        figures = [mean_and_range(scored[split], f"{split}_{key}_tta", key == "failure_share") for split in ("val", "test")
+        figures = [cell(scored[split], f"{split}_{key}_tta", key == "failure_share") for split in ("val", "test")
                    for key in ("dice", "threshold_jaccard", "failure_share")]
         lines.append(f"| {budget} | `{recipe}` | {len(runs)} | " + " | ".join(figures) + " |")
     return "\n".join(lines)
@@ -620,7 +541,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rerun", action="store_true", help="run again even when the table has the run")
     parser.add_argument("--train-flags", default="", help="more train.py flags for every run, e.g. '--device cuda'")
     parser.add_argument("--out-dir", default="runs/study", help="parent of the study's run folders")
-    parser.add_argument("--results", default=DEFAULT_RESULTS, help="the table of runs")
+    parser.add_argument("--results", default="results/recipes.csv", help="the table of runs")
     parser.add_argument("--figure", default="images/recipes_time_to_dice.png", help="validation Dice against time")
     parser.add_argument("--scores", choices=list(SCORES), default="all",
                         help="prediction columns to fill: all of PREDICTIONS, or predict.py's default (TTA) on val "
@@ -628,10 +549,6 @@ def main(argv=None) -> None:
     parser.add_argument("--ensemble", type=int, default=0, metavar="N",
                         help="score finished runs averaged in groups of N (the --only runs of --budget, in order), "
                              "without training; the rows go to --results under the budget '<budget>xN'")
-    parser.add_argument("--options", action="store_true",
-                        help="score predict.py's options (turns in TTA, post-processing, a threshold chosen on "
-                             "validation) on the --only runs of --budget, finished, without training; the rows go "
-                             "to --results (default: results/failures/options-<budget>.csv), its table beside it (.md)")
     parser.add_argument("--report", action="store_true", help="only write the table, speed ratios and figure")
     parser.add_argument("--rescore", action="store_true",
                         help="score the budget's finished runs again (every PREDICTIONS column), without training")
@@ -642,8 +559,6 @@ def main(argv=None) -> None:
         return rescore(args)
     if args.ensemble:
         return ensembles(args)
-    if args.options:
-        return options(args)
     if not Path(args.data_dir).is_dir():
         parser.error(f"--data-dir {args.data_dir} does not exist; the study needs real ISIC data "
                      f"(python download.py --root {args.data_dir})")

@@ -9,9 +9,9 @@ import pytest
 import outputs
 
 
-def record(sha="a" * 64, threshold=0.5, tta=True, postprocess=False, tta_turns=False):
+def record(sha="a" * 64, threshold=0.5, tta=True, postprocess=False):
     return {"checkpoints": [{"path": "runs/x/best.pt", "sha256": sha}], "image_size": 96, "threshold": threshold,
-            "tta": tta, "tta_turns": tta_turns, "postprocess": postprocess}
+            "tta": tta, "postprocess": postprocess}
 
 
 def test_a_folder_is_claimed_once_and_then_recognised(tmp_path):
@@ -24,8 +24,7 @@ def test_a_folder_is_claimed_once_and_then_recognised(tmp_path):
 @pytest.mark.parametrize("other, named", [(record(sha="b" * 64), "another checkpoint"),
                                           (record(threshold=0.4), "--threshold 0.5 (here 0.4)"),
                                           (record(tta=False), "--tta True (here False)"),
-                                          (record(postprocess=True), "--postprocess False (here True)"),
-                                          (record(tta_turns=True), "--tta-turns False (here True)")])
+                                          (record(postprocess=True), "--postprocess False (here True)")])
 def test_masks_of_another_checkpoint_or_setting_are_never_mixed_in(tmp_path, other, named):
     outputs.claim_output(tmp_path, record(), overwrite=False)
     with pytest.raises(outputs.OutputError, match="pass --overwrite") as err:
@@ -58,12 +57,3 @@ def test_each_image_gets_its_mask_and_the_extra_files_asked_for(tmp_path):
     config = types.SimpleNamespace(save_probabilities=True, overlay=False)
     assert outputs.output_paths(item, tmp_path, config) == [tmp_path / "ISIC_0000001_segmentation.png",
                                                              tmp_path / "probabilities" / "ISIC_0000001_probability.png"]
-
-
-def test_a_record_written_before_turns_in_tta_reads_as_without_them(tmp_path):
-    older = record()
-    del older["tta_turns"]  # predictions.json as predict.py wrote it before --tta-turns
-    (tmp_path / outputs.RECORD).write_text(json.dumps(older))
-    outputs.claim_output(tmp_path, record(), overwrite=False)  # the same settings: the folder is this run's
-    with pytest.raises(outputs.OutputError, match="--tta-turns False \\(here True\\)"):
-        outputs.claim_output(tmp_path, record(tta_turns=True), overwrite=False)

@@ -308,6 +308,11 @@ def test_zero_argument_run_scores_the_held_out_test_split(tmp_path, monkeypatch,
     assert sorted(read_masks(output)) == test_ids
     assert (output / "metrics.json").is_file()
     assert "threshold_jaccard" in capsys.readouterr().out  # the scores are printed
+    # the validation split's masks go to a folder of their own, beside the test split's, which stays as it was
+    validation = predict.main(["--split", "val"])
+    assert sorted(row["image_id"] for row in validation.per_image) == sorted(splits.val.ids)
+    assert sorted(read_masks(Path("runs/synthetic/predictions-val"))) == sorted(splits.val.ids)
+    assert sorted(read_masks(output)) == test_ids
 
 
 def test_glob_input_and_duplicate_names(checkpoint, data, tmp_path, capsys):
@@ -686,103 +691,6 @@ def test_the_shipped_weights_match_their_sha256_stay_small_and_segment_a_lesion(
     assert metrics["dice"] > 0.8 and metrics["failures"] == 0
 
 
-def test_turns_in_tta_average_the_eight_symmetries_of_the_square(checkpoint):
-    loaded = predict.load_model(checkpoint, torch.device("cpu"))
-    torch.manual_seed(1)
-    x = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    # the dihedral group written another way: four quarter turns, each with and without a mirror, mapped back
-    expected = 0
-    with torch.no_grad():
-        for mirror in (False, True):
-            for k in range(4):
-                view = torch.rot90(x.flip(-1) if mirror else x, k, (-2, -1))
-                probs = torch.rot90(loaded.model(view)[:, 0].sigmoid(), -k, (-2, -1))
-                expected = expected + (probs.flip(-1) if mirror else probs)
-    expected = expected / 8
-    turned = predict.predict_probabilities(loaded.model, x, tta=True, turns=True)
-    torch.testing.assert_close(turned, expected, rtol=0, atol=1e-5)
-    flips_only = predict.predict_probabilities(loaded.model, x, tta=True)
-    assert (turned - flips_only).abs().max() > 1e-4  # the turned views add something of their own
-    assert predict.check_config(predict.PredictConfig(tta=False, tta_turns=True)) == [
-        "--tta-turns adds turned views to --tta; drop --no-tta or --tta-turns"]
-
-
-def test_a_threshold_chosen_on_validation_is_stored_and_used(checkpoint, data, tmp_path, capsys):
-    images, truth, _ = data
-    (images / "ISIC_0000009.jpg").unlink()
-    chosen_dir = tmp_path / "choose"
-    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", chosen_dir,
-                     "--choose-threshold", "--amp", "off"]) == 0
-    table = {float(r["threshold"]): r for r in csv.DictReader(open(chosen_dir / "thresholds.csv"))}
-    assert sorted(table) == list(predict.THRESHOLDS)
-    stored = torch.load(checkpoint, weights_only=True)
-    best = max(float(r["threshold_jaccard"]) for r in table.values())
-    assert float(table[stored["threshold"]]["threshold_jaccard"]) == best
-    assert stored["threshold_choice"]["images"] == 5 and "model" in stored  # the rest of the checkpoint kept
-    # each row is what predict.py scores with that threshold given outright
-    for level in (0.3, 0.7):
-        result = predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--masks", str(truth),
-                               "--output", str(tmp_path / f"at-{level}"), "--threshold", str(level), "--amp", "off"])
-        assert result.metrics["dice"] == pytest.approx(float(table[level]["dice"]), abs=1e-6)
-        assert result.metrics["threshold_jaccard"] == pytest.approx(float(table[level]["threshold_jaccard"]), abs=1e-6)
-    # later runs use the stored threshold, and say so
-    capsys.readouterr()
-    later = predict.main(["--checkpoint", str(checkpoint), "--input", str(images), "--masks", str(truth),
-                          "--output", str(tmp_path / "later"), "--amp", "off"])
-    assert f"Threshold {stored['threshold']}: chosen on validation images" in capsys.readouterr().out
-    record = json.loads((tmp_path / "later" / "predictions.json").read_text())
-    assert record["threshold"] == stored["threshold"]
-    assert later.metrics["dice"] == pytest.approx(float(table[stored["threshold"]]["dice"]), abs=1e-6)
-
-
-def test_choosing_a_threshold_needs_ground_truth_and_one_checkpoint(checkpoint, data, tmp_path, capsys):
-    images, _, _ = data
-    (images / "ISIC_0000009.jpg").unlink()
-    before = checkpoint.read_bytes()
-    assert run_main(["--checkpoint", checkpoint, "--input", images, "--output", tmp_path / "o",
-                     "--choose-threshold"]) == 2
-    assert "--choose-threshold needs ground truth" in capsys.readouterr().err
-    assert checkpoint.read_bytes() == before
-    other = save_checkpoint(tmp_path / "other" / "best.pt", seed=1)
-    assert predict.check_config(predict.PredictConfig(checkpoint=[str(checkpoint), str(other)],
-                                                      choose_threshold=True)) == [
-        "--choose-threshold stores a threshold in one checkpoint; pass one --checkpoint"]
-    assert predict.check_config(predict.PredictConfig(choose_threshold=True)) == [
-        "--choose-threshold rewrites the checkpoint it stores the threshold in; name it with --checkpoint"]
-    assert predict.check_config(predict.PredictConfig(checkpoint=[str(checkpoint)], choose_threshold=True,
-                                                      postprocess=True)) == [
-        "--choose-threshold scores the probabilities as they are; drop --postprocess while choosing"]
-
-
-def test_a_threshold_is_chosen_on_every_image_or_not_at_all(checkpoint, data, tmp_path, capsys):
-    images, truth, _ = data
-    (images / "ISIC_0000009.jpg").unlink()
-    out = tmp_path / "out"
-    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", out]) == 0
-    before = checkpoint.read_bytes()
-    # the masks already there would be skipped, and the sweep would see none of them
-    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", out,
-                     "--choose-threshold"]) == 2
-    assert "pass --overwrite" in capsys.readouterr().err and checkpoint.read_bytes() == before
-    assert run_main(["--checkpoint", checkpoint, "--input", images, "--masks", truth, "--output", out,
-                     "--choose-threshold", "--overwrite"]) == 0
-    assert checkpoint.read_bytes() != before
-
-
-def test_a_stored_threshold_goes_with_exported_weights_and_a_bad_one_is_named(checkpoint, tmp_path, capsys):
-    state = torch.load(checkpoint, weights_only=True)
-    save_checkpoint(checkpoint, threshold=0.4, threshold_choice={"images": 3})
-    exported = tmp_path / "small.pt"
-    predict.main(["--checkpoint", str(checkpoint), "--export-weights", str(exported)])
-    assert predict.load_model(exported, torch.device("cpu")).threshold == 0.4
-    for bad in (1.5, "high"):
-        save_checkpoint(checkpoint, threshold=bad)
-        assert run_main(["--checkpoint", checkpoint, "--input", tmp_path]) == 2
-        err = capsys.readouterr().err
-        assert str(checkpoint) in err and "not a number between 0 and 1" in err
-    assert "threshold" not in state  # train.py's checkpoints store none: 0.5 until one is chosen
-
-
 def test_a_model_trained_on_colour_constant_images_sees_its_input_so(data, tmp_path):
     import dataset
 
@@ -795,5 +703,6 @@ def test_a_model_trained_on_colour_constant_images_sees_its_input_so(data, tmp_p
     item = predict.Item("ISIC_0000001", path)
     seen = predict.ImageFiles([item], IMAGE_SIZE, False, constant.shades_of_gray)[0].small
     np.testing.assert_array_equal(seen, dataset.shades_of_gray(dataset.network_image(path, IMAGE_SIZE)[0]))
+    assert not np.array_equal(seen, predict.ImageFiles([item], IMAGE_SIZE, False)[0].small)
     with pytest.raises(predict.PredictError, match="--shades-of-gray"):
         predict.load_ensemble([tmp_path / "a" / "best.pt", tmp_path / "b" / "best.pt"], torch.device("cpu"))

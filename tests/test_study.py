@@ -6,7 +6,6 @@ import shutil
 
 import pytest
 
-import predict
 import study
 from conftest import write_isic_folder
 
@@ -95,29 +94,6 @@ def test_study_runs_trains_scores_and_reports(tmp_path, monkeypatch):
     assert len(record["checkpoints"]) == 2
     with pytest.raises(SystemExit, match="groups of 2"):
         study.main(["--budget", "screen", "--only", "default", "--ensemble", "2", "--results", str(results)])
-    # --options scores predict.py's options on a finished run, both splits; the threshold is chosen on validation
-    # in a copy of best.pt, which stays as it was
-    best = tmp_path / "runs" / "screen-default" / "best.pt"
-    before = best.read_bytes()
-    options = tmp_path / "results" / "options.csv"
-    study.main(["--budget", "screen", "--only", "default", "--options", "--results", str(options),
-                "--out-dir", str(tmp_path / "runs")])
-    found = study.read_rows(options)
-    assert [r["option"] for r in found] == list(study.OPTIONS)
-    for row in found:
-        for column in ("val_dice", "val_threshold_jaccard", "val_failure_share", "test_dice", "test_failure_share"):
-            assert 0 <= float(row[column]) <= 1, (row["option"], column)
-    plain = next(r for r in found if r["option"] == "flips")
-    assert plain["test_dice"] == scored["default"]["test_dice_tta"]  # predict.py's defaults, as the run's own row
-    chosen = next(r for r in found if r["option"] == "threshold")
-    assert float(chosen["threshold"]) in predict.THRESHOLDS
-    # its validation figures are those of the threshold chosen, as the sweep scored them
-    sweep = study.read_rows(tmp_path / "runs" / "screen-default" / "options" / "val_choose" / "thresholds.csv")
-    at_choice = next(r for r in sweep if float(r["threshold"]) == float(chosen["threshold"]))
-    assert float(chosen["val_dice"]) == pytest.approx(float(at_choice["dice"]), abs=1e-4)
-    assert float(chosen["val_threshold_jaccard"]) == max(round(float(r["threshold_jaccard"]), 4) for r in sweep)
-    assert best.read_bytes() == before
-    assert "| `default` | threshold | 1 |" in options.with_suffix(".md").read_text()
 
 
 def test_the_budget_table_reports_the_recipe_its_first_run_chose_over_all_its_seeds():
