@@ -74,7 +74,7 @@ class PredictConfig:
     threshold: float = 0.5  # a pixel is lesion where the predicted probability is above this
     tta: bool = True  # test-time augmentation: the mean over the image and its horizontal, vertical and double flip (chosen on validation in the recipe study); --no-tta does a quarter of the forward passes (3-4x faster end to end)
     postprocess: bool = False  # keep only the largest region, holes filled (at network resolution; lesions are one region)
-    amp: devices.Amp = "auto"  # autocast dtype of the forward pass; auto: bf16 on CUDA from compute capability 8.0, fp16 on older GPUs, off (float32) on CPU and MPS
+    amp: devices.Amp = "auto"  # autocast dtype of the forward pass; auto: bf16 on CUDA from compute capability 8.0 and on CPUs with AVX512_BF16 or AMX, fp16 on older GPUs, off (float32) elsewhere
     # --- extra outputs ---
     overlay: bool = False  # also write overlays/<id>_overlay.jpg: predicted contour in red, ground truth in green
     save_probabilities: bool = False  # also write probabilities/<id>_probability.png: the map that is thresholded, 0-255
