@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 import dataset
 import devices
 import utils
@@ -406,6 +408,57 @@ def recipe_of(name: str) -> str:
     return re.sub(r"-seed-\d+$", "", name.split("+")[0])
 
 
+def per_image(run_dirs: list[Path], split: str) -> dict[str, dict[str, float]]:
+    """{image id: its Dice and thresholded Jaccard, each the mean over the runs}, from the metrics.csv that --scores
+    tta wrote for the split (<run>/<split>_tta/); every run must have scored the same images."""
+    tables = []
+    for run_dir in run_dirs:
+        path = run_dir / f"{split}_tta" / "metrics.csv"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} missing; score the run first: python study.py --rescore or --scores tta")
+        tables.append({r["image_id"]: r for r in read_rows(path)})
+    if any(set(t) != set(tables[0]) for t in tables):
+        raise ValueError(f"the runs scored different {split} images; compare runs of one split")
+    return {i: {k: sum(float(t[i][k]) for t in tables) / len(tables) for k in ("dice", "threshold_jaccard")}
+            for i in sorted(tables[0])}
+
+
+def paired_difference(a: dict[str, float], b: dict[str, float], draws: int = 10_000, seed: int = 0) -> dict:
+    """B minus A on the same images: the mean difference, its 95% interval by the percentile bootstrap over images
+    (images drawn with replacement, both recipes keeping their pairing), and how many images each way."""
+    if set(a) != set(b):
+        raise ValueError("the two recipes scored different images")
+    diff = np.array([b[i] - a[i] for i in sorted(a)])
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (draws, len(diff)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return {"images": len(diff), "difference": float(diff.mean()), "low": float(low), "high": float(high),
+            "better": int((diff > 1e-9).sum()), "worse": int((diff < -1e-9).sum())}
+
+
+def compare(args) -> str:
+    """--compare A B: recipe B against recipe A on the images of each split, every seed of each averaged per image."""
+    runs = {recipe: sorted(Path(args.out_dir) / f"{args.budget}-{name}" for name in RUNS
+                           if recipe_of(name) == recipe and (Path(args.out_dir) / f"{args.budget}-{name}").is_dir())
+            for recipe in args.compare}
+    for recipe, found in runs.items():
+        if not found:
+            raise SystemExit(f"error: no finished {args.budget} run of {recipe} under {args.out_dir}")
+    lines = [f"{args.compare[1]} against {args.compare[0]} ({len(runs[args.compare[1]])} and "
+             f"{len(runs[args.compare[0]])} runs, each image's figures averaged over them; 95% interval by the "
+             f"bootstrap over images):",
+             "| split | figure | images | difference | 95% interval | images better / worse |", "|---|---|---:|---:|---:|---:|"]
+    for split in ("val", "test"):
+        a, b = (per_image(runs[recipe], split) for recipe in args.compare)
+        for key in ("dice", "threshold_jaccard"):
+            d = paired_difference({i: v[key] for i, v in a.items()}, {i: v[key] for i, v in b.items()})
+            lines.append(f"| {split} | {key} | {d['images']} | {d['difference']:+.4f} | "
+                         f"{d['low']:+.4f} to {d['high']:+.4f} | {d['better']} / {d['worse']} |")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
 # Validation Dice this close to the best counts as a tie: the recipe with fewer failed images (Jaccard under 0.65,
 # which score 0 in the challenge's ranking) wins it. 0.001 is below the spread of seeds of one recipe (0.002-0.005).
 DICE_TIE = 0.001
@@ -549,10 +602,17 @@ def main(argv=None) -> None:
     parser.add_argument("--ensemble", type=int, default=0, metavar="N",
                         help="score finished runs averaged in groups of N (the --only runs of --budget, in order), "
                              "without training; the rows go to --results under the budget '<budget>xN'")
+    parser.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                        help="recipe B against recipe A on the same images, from their finished runs of --budget "
+                             "(every seed) as --scores tta scored them: the mean difference per image and its 95%% "
+                             "interval, which says whether a gap is more than the images' chance")
     parser.add_argument("--report", action="store_true", help="only write the table, speed ratios and figure")
     parser.add_argument("--rescore", action="store_true",
                         help="score the budget's finished runs again (every PREDICTIONS column), without training")
     args = parser.parse_args(argv)
+    if args.compare:
+        compare(args)
+        return
     if args.report:
         return report(args)
     if args.rescore:

@@ -4,6 +4,7 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 import study
@@ -141,3 +142,47 @@ def test_the_failure_table_averages_each_recipe_over_its_seeds():
                         "0.9000 (0.9000-0.9000) | 0.8000 (0.8000-0.8000) | 8.0% (7.0%-9.0%) |")
     assert table[4].startswith("| min5x2 | `size-96` | 1 | 0.8950 |")  # an ensemble of two runs: its first run's recipe
     assert table[5].startswith("| min10 | `train-on-val` | 1 | - | - | - | 0.9000 |")  # validation was trained on
+
+
+def test_a_paired_difference_and_its_interval_over_images():
+    rng = np.random.default_rng(0)
+    a = {f"ISIC_{i:07d}": float(v) for i, v in enumerate(rng.uniform(0.6, 0.95, 200))}
+    shifted = study.paired_difference(a, {i: v + 0.01 for i, v in a.items()})
+    assert shifted["difference"] == pytest.approx(0.01)
+    assert shifted["low"] == pytest.approx(0.01) and shifted["high"] == pytest.approx(0.01)  # every image moved alike
+    assert (shifted["better"], shifted["worse"], shifted["images"]) == (200, 0, 200)
+    noisy = {i: v + rng.normal(0.002, 0.02) for i, v in a.items()}
+    ours = study.paired_difference(a, noisy)
+    stats = pytest.importorskip("scipy.stats")
+    diff = np.array([noisy[i] - a[i] for i in sorted(a)])
+    theirs = stats.bootstrap((diff,), np.mean, confidence_level=0.95, method="percentile", n_resamples=10_000,
+                             random_state=1).confidence_interval
+    assert ours["low"] == pytest.approx(theirs.low, abs=6e-4) and ours["high"] == pytest.approx(theirs.high, abs=6e-4)
+    assert ours["low"] < ours["difference"] < ours["high"]
+    with pytest.raises(ValueError, match="different images"):
+        study.paired_difference(a, {"ISIC_9999999": 0.5})
+
+
+def test_compare_averages_each_recipes_seeds_per_image(tmp_path, capsys):
+    def scored(name, split, dice):
+        folder = tmp_path / "runs" / f"min10-{name}" / f"{split}_tta"
+        folder.mkdir(parents=True)
+        with open(folder / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image_id", "dice", "threshold_jaccard"])
+            writer.writeheader()
+            writer.writerows({"image_id": f"ISIC_{i:07d}", "dice": d, "threshold_jaccard": d if d >= 0.65 else 0}
+                             for i, d in enumerate(dice))
+
+    for split in ("val", "test"):
+        scored("size-96", split, [0.8, 0.6, 0.9])
+        scored("size-96-seed-1", split, [0.8, 0.7, 0.9])  # the recipe's two seeds average to 0.8, 0.65, 0.9
+        scored("lovasz", split, [0.82, 0.66, 0.9])
+    study.main(["--budget", "min10", "--out-dir", str(tmp_path / "runs"), "--compare", "size-96", "lovasz"])
+    out = capsys.readouterr().out
+    assert "lovasz against size-96 (1 and 2 runs" in out
+    assert "| val | dice | 3 | +0.0100 |" in out and "| 2 / 0 |" in out
+    # thresholded Jaccard: the second image is 0.35 on average for size-96 (0.6 counts as 0, then 0.7) and 0.66
+    # for lovasz, so the differences are 0.02, 0.31 and 0
+    assert "| test | threshold_jaccard | 3 | +0.1100 |" in out
+    with pytest.raises(SystemExit, match="no finished min10 run of deep-sup"):
+        study.main(["--budget", "min10", "--out-dir", str(tmp_path / "runs"), "--compare", "size-96", "deep-sup"])
