@@ -261,7 +261,8 @@ class Ensemble(torch.nn.Module):
 
 
 def load_ensemble(paths: list[Path], device: torch.device, amp: torch.dtype | None = None) -> LoadedModel:
-    """One checkpoint as it is; several as an Ensemble, refused unless they see the same input size."""
+    """One checkpoint as it is; several as an Ensemble, refused unless they see the same input size and
+    preprocessing (Shades of Gray or not)."""
     members = [load_model(path, device, amp) for path in paths]
     if len(members) == 1:
         return members[0]
@@ -964,7 +965,10 @@ def export_onnx(loaded: LoadedModel, path: str | Path) -> None:
     exported = onnx.load(str(path))
     metadata = {"format": checkpoint.CHECKPOINT_FORMAT, "image_size": str(loaded.image_size),
                 "mean": json.dumps(loaded.mean), "std": json.dumps(loaded.std),
-                "preprocessing": "RGB uint8 resized to image_size x image_size, x = (uint8 / 255 - mean) / std",
+                "preprocessing": "RGB uint8 resized to image_size x image_size, "
+                                 + ("then Shades of Gray colour constancy (p = 6, dataset.shades_of_gray), "
+                                    if loaded.shades_of_gray else "") + "x = (uint8 / 255 - mean) / std",
+                "shades_of_gray": json.dumps(loaded.shades_of_gray),
                 "output": "logits; sigmoid gives the lesion probability"}
     for key, value in metadata.items():
         exported.metadata_props.add(key=key, value=value)

@@ -415,10 +415,13 @@ def per_image(run_dirs: list[Path], split: str) -> dict[str, dict[str, float]]:
     for run_dir in run_dirs:
         path = run_dir / f"{split}_tta" / "metrics.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} missing; score the run first: python study.py --rescore or --scores tta")
+            raise ValueError(f"{path} is missing: the run is unfinished or unscored (python study.py --budget ... "
+                             f"--rescore --only {run_dir.name.split('-', 1)[1]})")
         tables.append({r["image_id"]: r for r in read_rows(path)})
-    if any(set(t) != set(tables[0]) for t in tables):
-        raise ValueError(f"the runs scored different {split} images; compare runs of one split")
+    for run_dir, table in zip(run_dirs, tables):
+        if set(table) != set(tables[0]):
+            raise ValueError(f"{run_dir} scored other {split} images than {run_dirs[0]} (another split, or images "
+                             f"that failed); compare runs of one split, each scored whole")
     return {i: {k: sum(float(t[i][k]) for t in tables) / len(tables) for k in ("dice", "threshold_jaccard")}
             for i in sorted(tables[0])}
 
@@ -437,7 +440,12 @@ def paired_difference(a: dict[str, float], b: dict[str, float], draws: int = 10_
 
 
 def compare(args) -> str:
-    """--compare A B: recipe B against recipe A on the images of each split, every seed of each averaged per image."""
+    """--compare A B: recipe B against recipe A on the images of each split, every seed of each averaged per image.
+    A recipe trained on the validation images (--train-on-val) is compared on test alone."""
+    known = {recipe_of(name) for name in RUNS}
+    for recipe in args.compare:
+        if recipe not in known:
+            raise SystemExit(f"error: --compare {recipe}: no such recipe; choose from {', '.join(sorted(known))}")
     runs = {recipe: sorted(Path(args.out_dir) / f"{args.budget}-{name}" for name in RUNS
                            if recipe_of(name) == recipe and (Path(args.out_dir) / f"{args.budget}-{name}").is_dir())
             for recipe in args.compare}
@@ -448,8 +456,12 @@ def compare(args) -> str:
              f"{len(runs[args.compare[0]])} runs, each image's figures averaged over them; 95% interval by the "
              f"bootstrap over images):",
              "| split | figure | images | difference | 95% interval | images better / worse |", "|---|---|---:|---:|---:|---:|"]
-    for split in ("val", "test"):
-        a, b = (per_image(runs[recipe], split) for recipe in args.compare)
+    seen_val = any("--train-on-val" in RUNS[name] for name in RUNS if recipe_of(name) in args.compare)
+    for split in ("test",) if seen_val else ("val", "test"):
+        try:
+            a, b = (per_image(runs[recipe], split) for recipe in args.compare)
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
         for key in ("dice", "threshold_jaccard"):
             d = paired_difference({i: v[key] for i, v in a.items()}, {i: v[key] for i, v in b.items()})
             lines.append(f"| {split} | {key} | {d['images']} | {d['difference']:+.4f} | "

@@ -509,6 +509,9 @@ def resolve_data(config: TrainConfig, explicit: set[str], resuming: bool) -> tup
     return config, True
 
 
+INPUT_SETTINGS = ("image_size", "shades_of_gray")  # what the network's input is made of, fixed for a run's life
+
+
 def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Path | None):
     """The checkpoint to resume from (or None) and the config merged with it: the saved settings,
     overridden by the ones given now (e.g. more --epochs)."""
@@ -526,6 +529,11 @@ def load_resume_checkpoint(config: TrainConfig, explicit: set[str], run_dir: Pat
     merged = TrainConfig(**{**saved, **{k: getattr(config, k) for k in explicit | {"resume"}}})
     if "name" not in explicit:
         merged = dataclasses.replace(merged, name=path.parent.name, out_dir=str(path.parent.parent))
+    for key in INPUT_SETTINGS:  # the network's input: changed mid-run, the weights would meet images they never saw
+        if key in explicit and key in saved and saved[key] != getattr(config, key):
+            flag = "--" + key.replace("_", "-")
+            raise utils.ConfigError(f"{path} was trained with {flag} {saved[key]}, and a resumed run keeps its input "
+                                    f"as it was; drop {flag}, or start a new run with --name")
     problems = check_config(merged)  # the flags given now, checked alone in main(), may not suit the saved ones
     if problems:
         raise utils.ConfigError(f"{path}: the saved settings with the ones given now cannot work: "

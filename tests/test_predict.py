@@ -398,6 +398,7 @@ def test_onnx_export_matches_pytorch(checkpoint, tmp_path):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     metadata = session.get_modelmeta().custom_metadata_map
     assert json.loads(metadata["mean"]) == list(MEAN) and metadata["image_size"] == str(IMAGE_SIZE)
+    assert metadata["shades_of_gray"] == "false" and "Shades of Gray" not in metadata["preprocessing"]
     for shape in [(1, 3, 32, 32), (3, 3, 48, 64)]:  # batch, height and width all differ from the export's
         x = torch.randn(shape)
         with torch.no_grad():

@@ -186,3 +186,13 @@ def test_compare_averages_each_recipes_seeds_per_image(tmp_path, capsys):
     assert "| test | threshold_jaccard | 3 | +0.1100 |" in out
     with pytest.raises(SystemExit, match="no finished min10 run of deep-sup"):
         study.main(["--budget", "min10", "--out-dir", str(tmp_path / "runs"), "--compare", "size-96", "deep-sup"])
+
+
+def test_compare_says_what_it_cannot_compare(tmp_path):
+    runs = ["--budget", "min10", "--out-dir", str(tmp_path / "runs")]
+    with pytest.raises(SystemExit, match="--compare size96: no such recipe"):
+        study.main([*runs, "--compare", "size96", "lovasz"])
+    for name in ("size-96", "lovasz"):
+        (tmp_path / "runs" / f"min10-{name}").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="val_tta/metrics.csv is missing: the run is unfinished or unscored"):
+        study.main([*runs, "--compare", "size-96", "lovasz"])

@@ -240,6 +240,13 @@ def test_flags_given_at_resume_are_checked_with_the_saved_ones(isic_folder, tmp_
     assert f"{tmp_path / 'baseline' / 'last.pt'}: the saved settings with the ones given now cannot work" in err
     assert "--deep-supervision-loss needs --arch improved-unet" in err
     assert checkpoint.load_checkpoint(tmp_path / "baseline" / "last.pt")["epoch"] == 1
+    # the network's input stays as it was trained on: another preprocessing at resume is refused, naming it
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(tiny_args(isic_folder, tmp_path, "--epochs", "2", "--name", "baseline", "--resume", "auto",
+                             "--shades-of-gray"))
+    assert exit_info.value.code == 1
+    assert "was trained with --shades-of-gray False, and a resumed run keeps its input" in capsys.readouterr().err
+    assert checkpoint.load_checkpoint(tmp_path / "baseline" / "last.pt")["epoch"] == 1
 
 
 def test_a_failed_background_write_ends_the_run_naming_the_file_and_keeps_the_last_checkpoint(
