@@ -122,6 +122,12 @@ RUNS = {
     "train-on-val-seed-1": ["--train-on-val", "--seed", "1"],
     "train-on-val-seed-2": ["--train-on-val", "--seed", "2"],
 }
+# 5-fold cross-validation of the default and of the best recipe on validation so far: every non-test image is
+# validated once, out of fold, so --compare judges them on 1,950 images rather than 230
+CV_FOLDS = 5
+for _recipe in ("size-96", "deep-sup-lovasz"):
+    for _fold in range(CV_FOLDS):
+        RUNS[f"cv{CV_FOLDS}-{_recipe}-fold-{_fold}"] = [*RUNS[_recipe], "--folds", str(CV_FOLDS), "--fold", str(_fold)]
 BASELINE = "dynunet"
 
 COLUMNS = ["budget", "name", "flags", "best_epoch", "val_dice", "val_threshold_jaccard", "val_failure_share",
@@ -403,14 +409,15 @@ def failure_table(rows: list[dict]) -> str:
 
 
 def recipe_of(name: str) -> str:
-    """A run's recipe: its name without a -seed-N suffix (seeds of one recipe are averaged); an ensemble's
-    (names joined by +) is its first run's."""
-    return re.sub(r"-seed-\d+$", "", name.split("+")[0])
+    """A run's recipe: its name without a -seed-N or -fold-N suffix (seeds of one recipe are averaged, folds
+    pooled); an ensemble's (names joined by +) is its first run's."""
+    return re.sub(r"-(seed|fold)-\d+$", "", name.split("+")[0])
 
 
 def per_image(run_dirs: list[Path], split: str) -> dict[str, dict[str, float]]:
-    """{image id: its Dice and thresholded Jaccard, each the mean over the runs}, from the metrics.csv that --scores
-    tta wrote for the split (<run>/<split>_tta/); every run must have scored the same images."""
+    """{image id: its Dice and thresholded Jaccard, each the mean over the runs that scored it}, from the metrics.csv
+    that --scores tta wrote for the split (<run>/<split>_tta/). The runs scored the same images (seeds), or, for the
+    validation split of cross-validation folds, images of their own that together make the pool (out of fold)."""
     tables = []
     for run_dir in run_dirs:
         path = run_dir / f"{split}_tta" / "metrics.csv"
@@ -418,12 +425,14 @@ def per_image(run_dirs: list[Path], split: str) -> dict[str, dict[str, float]]:
             raise ValueError(f"{path} is missing: the run is unfinished or unscored (python study.py --budget ... "
                              f"--rescore --only {run_dir.name.split('-', 1)[1]})")
         tables.append({r["image_id"]: r for r in read_rows(path)})
+    disjoint = sum(len(t) for t in tables) == len(set().union(*tables))
     for run_dir, table in zip(run_dirs, tables):
-        if set(table) != set(tables[0]):
+        if set(table) != set(tables[0]) and not disjoint:
             raise ValueError(f"{run_dir} scored other {split} images than {run_dirs[0]} (another split, or images "
                              f"that failed); compare runs of one split, each scored whole")
-    return {i: {k: sum(float(t[i][k]) for t in tables) / len(tables) for k in ("dice", "threshold_jaccard")}
-            for i in sorted(tables[0])}
+    scored = {i: [t[i] for t in tables if i in t] for i in sorted(set().union(*tables))}
+    return {i: {k: sum(float(r[k]) for r in rows) / len(rows) for k in ("dice", "threshold_jaccard")}
+            for i, rows in scored.items()}
 
 
 def paired_difference(a: dict[str, float], b: dict[str, float], draws: int = 10_000, seed: int = 0) -> dict:

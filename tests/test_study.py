@@ -196,3 +196,26 @@ def test_compare_says_what_it_cannot_compare(tmp_path):
         (tmp_path / "runs" / f"min10-{name}").mkdir(parents=True)
     with pytest.raises(SystemExit, match="val_tta/metrics.csv is missing: the run is unfinished or unscored"):
         study.main([*runs, "--compare", "size-96", "lovasz"])
+
+
+def test_compare_pools_the_folds_validation_images_out_of_fold(tmp_path, capsys):
+    def scored(name, split, dice):
+        folder = tmp_path / "runs" / f"min10-{name}" / f"{split}_tta"
+        folder.mkdir(parents=True)
+        with open(folder / "metrics.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["image_id", "dice", "threshold_jaccard"])
+            writer.writeheader()
+            writer.writerows({"image_id": i, "dice": d, "threshold_jaccard": d} for i, d in dice.items())
+
+    assert study.recipe_of("cv5-deep-sup-lovasz-fold-3") == "cv5-deep-sup-lovasz"
+    assert study.flags_of("min10", "cv5-size-96-fold-3")[-4:] == ["--folds", "5", "--fold", "3"]
+    for fold in range(study.CV_FOLDS):  # each fold validates its own image; all share the test images
+        scored(f"cv5-size-96-fold-{fold}", "val", {f"ISIC_{fold:07d}": 0.8})
+        scored(f"cv5-deep-sup-lovasz-fold-{fold}", "val", {f"ISIC_{fold:07d}": 0.8 + 0.01 * fold})
+        scored(f"cv5-size-96-fold-{fold}", "test", {"ISIC_0000100": 0.9, "ISIC_0000101": 0.7})
+        scored(f"cv5-deep-sup-lovasz-fold-{fold}", "test", {"ISIC_0000100": 0.9, "ISIC_0000101": 0.7 + 0.01 * fold})
+    study.main(["--budget", "min10", "--out-dir", str(tmp_path / "runs"), "--compare", "cv5-size-96",
+                "cv5-deep-sup-lovasz"])
+    out = capsys.readouterr().out
+    assert "| val | dice | 5 | +0.0200 |" in out  # the pool of five images, one from each fold: 0, .01, .02, .03, .04
+    assert "| test | dice | 2 | +0.0100 |" in out  # the test images, each averaged over the five folds: 0 and .02
