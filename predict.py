@@ -231,10 +231,11 @@ def load_model(path: str | Path, device: torch.device, amp: torch.dtype | None =
     channels_last = devices.hardware(device).channels_last(norm, training=False, dtype=amp, size=image_size)
     model.eval().to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     splits = state.get("splits")
-    return LoadedModel(model, image_size, mean, std, dict(state.get("train_config") or {}), path,
+    train_config = dict(state.get("train_config") or {})
+    return LoadedModel(model, image_size, mean, std, train_config, path,
                        None if splits is None else {k: list(v) for k, v in splits.items()},
                        int(state["model_config"].get("num_classes", 1)),
-                       shades_of_gray=bool((state.get("train_config") or {}).get("shades_of_gray", False)))
+                       shades_of_gray=bool(train_config.get("shades_of_gray", False)))
 
 
 class Ensemble(torch.nn.Module):
@@ -272,10 +273,9 @@ def load_ensemble(paths: list[Path], device: torch.device, amp: torch.dtype | No
             raise PredictError(f"{other.path} was trained at {other.image_size}px and {first.path} at "
                                f"{first.image_size}px; an ensemble needs one input size: pass checkpoints of one size")
         if other.shades_of_gray != first.shades_of_gray:
-            trained = next(m for m in (first, other) if m.shades_of_gray)
-            raise PredictError(f"{trained.path} was trained with --shades-of-gray and "
-                               f"{(other if trained is first else first).path} without; an ensemble needs one "
-                               f"preprocessing: pass checkpoints trained alike")
+            raise PredictError(f"{first.path} and {other.path} differ in --shades-of-gray ({first.shades_of_gray} and "
+                               f"{other.shades_of_gray}); an ensemble needs one preprocessing: pass checkpoints "
+                               f"trained alike")
         if other.splits is None or first.splits is None or sorted(other.splits["test"]) != sorted(first.splits["test"]):
             first = dataclasses.replace(first, mixed_test_splits=True)
     for member in members:
@@ -447,15 +447,14 @@ def gather_items(config: PredictConfig, loaded: LoadedModel) -> list[Item]:
     return items
 
 
-def default_output(checkpoint: Path, runs_dir: str, split: str = "test") -> Path:
-    """predictions/ in the checkpoint's run folder when it is one, else predict_out; the validation split's
-    masks (--split val without --input) go to predictions-val/ and predict_out-val, beside the test split's."""
+def default_output(checkpoints: list[Path], runs_dir: str, split: str = "test") -> Path:
+    """predictions/ in the run folder of a single checkpoint that lies in one, else predict_out (an ensemble, or a
+    checkpoint elsewhere). The record does not hold the split, so the validation split's masks (--split val without
+    --input) go to predictions-val/ and predict_out-val, beside the test split's."""
     suffix = "-val" if split == "val" else ""
-    try:
-        checkpoint.resolve().relative_to(Path(runs_dir).resolve())
-        return checkpoint.parent / f"predictions{suffix}"
-    except ValueError:
-        return Path(f"predict_out{suffix}")
+    if len(checkpoints) == 1 and checkpoints[0].resolve().is_relative_to(Path(runs_dir).resolve()):
+        return checkpoints[0].parent / f"predictions{suffix}"
+    return Path(f"predict_out{suffix}")
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -796,11 +795,8 @@ def run(config: PredictConfig) -> PredictResult:
         except outputs.OutputError as err:
             raise PredictError(str(err)) from None
         print(f"Part {config.part} of {config.parts}: {len(items)} of the {whole} images, {items[0].id} to {items[-1].id}")
-    # the record does not hold the split: each split's masks get a folder of their own
-    split = config.split if config.input is None else "test"
-    output_dir = Path(config.output) if config.output else (
-        Path("predict_out" + ("-val" if split == "val" else "")) if len(config.checkpoint) > 1
-        else default_output(first, config.runs_dir, split))
+    output_dir = Path(config.output) if config.output else default_output(
+        checkpoint_paths, config.runs_dir, config.split if config.input is None else "test")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         for sub, wanted in (("overlays", config.overlay), ("probabilities", config.save_probabilities)):

@@ -707,3 +707,12 @@ def test_a_model_trained_on_colour_constant_images_sees_its_input_so(data, tmp_p
     assert not np.array_equal(seen, predict.ImageFiles([item], IMAGE_SIZE, False)[0].small)
     with pytest.raises(predict.PredictError, match="--shades-of-gray"):
         predict.load_ensemble([tmp_path / "a" / "best.pt", tmp_path / "b" / "best.pt"], torch.device("cpu"))
+
+
+def test_each_split_and_an_ensemble_get_an_output_folder_of_their_own(tmp_path):
+    runs = tmp_path / "runs"
+    one, other = runs / "a" / "best.pt", runs / "b" / "best.pt"
+    assert predict.default_output([one], str(runs)) == runs / "a" / "predictions"
+    assert predict.default_output([one], str(runs), "val") == runs / "a" / "predictions-val"
+    assert predict.default_output([one, other], str(runs), "val") == Path("predict_out-val")
+    assert predict.default_output([tmp_path / "elsewhere.pt"], str(runs)) == Path("predict_out")

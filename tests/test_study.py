@@ -3,6 +3,7 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,15 +164,20 @@ def test_a_paired_difference_and_its_interval_over_images():
         study.paired_difference(a, {"ISIC_9999999": 0.5})
 
 
+def write_scores(runs: Path, name: str, split: str, dice: dict[str, float]) -> None:
+    """A min10 run's <split>_tta/metrics.csv as --scores tta leaves it, for the given per-image Dice (the Jaccard
+    column is not read; the thresholded Jaccard is the Dice, or 0 under 0.65)."""
+    folder = runs / f"min10-{name}" / f"{split}_tta"
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image_id", "dice", "threshold_jaccard"])
+        writer.writeheader()
+        writer.writerows({"image_id": i, "dice": d, "threshold_jaccard": d if d >= 0.65 else 0} for i, d in dice.items())
+
+
 def test_compare_averages_each_recipes_seeds_per_image(tmp_path, capsys):
     def scored(name, split, dice):
-        folder = tmp_path / "runs" / f"min10-{name}" / f"{split}_tta"
-        folder.mkdir(parents=True)
-        with open(folder / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image_id", "dice", "threshold_jaccard"])
-            writer.writeheader()
-            writer.writerows({"image_id": f"ISIC_{i:07d}", "dice": d, "threshold_jaccard": d if d >= 0.65 else 0}
-                             for i, d in enumerate(dice))
+        write_scores(tmp_path / "runs", name, split, {f"ISIC_{i:07d}": d for i, d in enumerate(dice)})
 
     for split in ("val", "test"):
         scored("size-96", split, [0.8, 0.6, 0.9])
@@ -200,12 +206,7 @@ def test_compare_says_what_it_cannot_compare(tmp_path):
 
 def test_compare_pools_the_folds_validation_images_out_of_fold(tmp_path, capsys):
     def scored(name, split, dice):
-        folder = tmp_path / "runs" / f"min10-{name}" / f"{split}_tta"
-        folder.mkdir(parents=True)
-        with open(folder / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["image_id", "dice", "threshold_jaccard"])
-            writer.writeheader()
-            writer.writerows({"image_id": i, "dice": d, "threshold_jaccard": d} for i, d in dice.items())
+        write_scores(tmp_path / "runs", name, split, dice)
 
     assert study.recipe_of("cv5-deep-sup-lovasz-fold-3") == "cv5-deep-sup-lovasz"
     assert study.flags_of("min10", "cv5-size-96-fold-3")[-4:] == ["--folds", "5", "--fold", "3"]
